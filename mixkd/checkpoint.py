@@ -1,0 +1,192 @@
+"""Checkpoints: one safetensors file per run, written atomically and verified on load.
+
+A mixkd checkpoint holds the model weights (``model.*``), the optimizer state (``optim.*``) and the
+RNG states (``rng.*``) as tensors, and the epoch, model name, class count and optimizer layout as
+metadata, plus a SHA-256 of all tensor bytes so that a corrupt or truncated file is caught on load.
+RepDistiller checkpoints (``.pth`` files holding ``{"model": state_dict, ...}``) load too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mixkd.errors import MixkdError
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+FORMAT = "mixkd-checkpoint-1"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)``, then move the file into place in one step (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in layout["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_name: str, num_classes: int,
+                    epoch: int, optimizer: torch.optim.Optimizer | None = None,
+                    rng: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write weights (+ optimizer and RNG state) for a run that has finished ``epoch`` epochs."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"format": FORMAT, "model": model_name, "num_classes": num_classes, "epoch": epoch}
+    if optimizer is not None:
+        opt_tensors, layout = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        meta["optimizer"] = layout
+    for name, value in (rng or {}).items():
+        tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
+    meta.update(extra or {})
+    metadata = {"mixkd": json.dumps(meta), "sha256": _digest(tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class Checkpoint:
+    """A loaded checkpoint: ``state_dict``, ``meta`` (dict), optional optimizer and RNG state."""
+
+    def __init__(self, state_dict, meta, optimizer_state=None, rng=None):
+        self.state_dict = state_dict
+        self.meta = meta
+        self.optimizer_state = optimizer_state
+        self.rng = rng or {}
+
+    @property
+    def model_name(self) -> str | None:
+        return self.meta.get("model")
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta.get("epoch", 0))
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MixkdError(f"checkpoint {path} is corrupt or truncated ({e}); use another checkpoint or rerun") from None
+    if "mixkd" not in metadata or "sha256" not in metadata:
+        state = tensors
+        return Checkpoint(state, {})
+    if _digest(tensors) != metadata["sha256"]:
+        raise MixkdError(f"checkpoint {path} is corrupt: its contents do not match the checksum written with it")
+    meta = json.loads(metadata["mixkd"])
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    opt = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+    return Checkpoint(state, meta, opt, rng)
+
+
+def _load_torch(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt pickles and zips
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MixkdError(f"checkpoint {path} is corrupt, truncated or not a weights file ({first})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, meta = obj["model"], {k: v for k, v in obj.items() if k != "model" and isinstance(v, (int, float, str))}
+    elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise MixkdError(f"checkpoint {path} holds no state_dict: expected {{'model': state_dict, ...}} as RepDistiller saves")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    return Checkpoint(state, meta)
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory stands for its checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise MixkdError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a mixkd ``.safetensors`` checkpoint (or run directory) or a RepDistiller ``.pth``."""
+    p = resolve_checkpoint_path(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    return _load_torch(p) if is_zip_or_pickle else _load_safetensors(p)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and state_dict[k].shape != own[k].shape]
+
+    def few(keys):
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches (checkpoint vs model): {few(shapes)}")
+    if problems:
+        name = type(model).__name__
+        raise MixkdError(f"checkpoint {source} does not fit {name}: " + "; ".join(problems)
+                         + "; check --teacher-model / --model and the dataset's class count")
+    model.load_state_dict(state_dict, strict=True)

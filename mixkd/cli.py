@@ -1,0 +1,208 @@
+"""The ``mixkd`` command line: train, distill, eval, models, demo.
+
+Every run option is a key of :class:`mixkd.config.RunConfig`; flags, a ``--config`` YAML file and
+trailing ``key=value`` overrides (e.g. ``mix.fraction=0.1``) all set those keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mixkd.config import RunConfig, build_config, load_run_config
+from mixkd.errors import MixkdError
+
+_DEFAULTS = RunConfig.model_validate({}).model_dump()
+
+
+def _default(key: str) -> Any:
+    node: Any = _DEFAULTS
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 150,180,210, got {text!r}") from None
+
+
+# (option strings, config key, argparse keywords, help); the default shown comes from RunConfig.
+RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
+    (("--dataset",), "dataset", {"choices": ["cifar100", "cifar10", "digits", "imagefolder"]}, "dataset"),
+    (("--data-dir",), "data_dir", {}, "folder holding the dataset (cifar-100-python/, or train/ and val/ for imagefolder)"),
+    (("--download",), "download", {"action": "store_const", "const": True}, "download CIFAR if it is missing (checks the official MD5)"),
+    (("--image-size",), "image_size", {"type": int}, "crop size for imagefolder data (default 224)"),
+    (("--epochs",), "epochs", {"type": int}, "training epochs"),
+    (("--batch-size",), "batch_size", {"type": int}, "training batch size"),
+    (("--eval-batch-size",), "eval_batch_size", {"type": int}, "evaluation batch size"),
+    (("--lr",), "optim.lr", {"type": float}, "learning rate (default 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2)"),
+    (("--momentum",), "optim.momentum", {"type": float}, "SGD momentum"),
+    (("--weight-decay",), "optim.weight_decay", {"type": float}, "weight decay"),
+    (("--milestones",), "optim.milestones", {"type": _int_list}, "epochs where lr is multiplied by --lr-decay, e.g. 150,180,210 (default 62.5/75/87.5%% of --epochs)"),
+    (("--lr-decay",), "optim.lr_decay", {"type": float}, "lr factor at each milestone"),
+    (("--mix",), "mix.method", {"choices": ["none", "mixup", "cutmix"]}, "mixing of the training batch"),
+    (("--mix-alpha",), "mix.alpha", {"type": float}, "Beta(a, a) parameter of the mixing weight"),
+    (("--mix-fraction",), "mix.fraction", {"type": float}, "share of each batch mixed: 1 = full mixup, 0.1 = the study's partial mixup"),
+    (("--mix-sampling",), "mix.sampling", {"choices": ["exact", "reference"]}, "exact: round(f*B) samples; reference: the released code's with-replacement draw"),
+    (("--seed",), "seed", {"type": int}, "random seed"),
+    (("--device",), "device", {}, "auto, cpu, cuda or cuda:N"),
+    (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>)"),
+    (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
+    (("--workers",), "workers", {"type": int}, "data-loading processes for image folders"),
+    (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
+    (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
+]
+
+DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
+    (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, or a RepDistiller .pth"),
+    (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a RepDistiller .pth)"),
+    (("--kd",), "kd.method", {"choices": ["kd", "std"]}, "kd: Hinton KD at --temperature; std: standardized KD (the study's)"),
+    (("--temperature", "-T"), "kd.temperature", {"type": float}, "KD temperature (kd only)"),
+    (("--ce-weight",), "kd.ce_weight", {"type": float}, "gamma: weight of the cross-entropy term"),
+    (("--kd-weight",), "kd.kd_weight", {"type": float}, "alpha: weight of the distillation term"),
+]
+
+
+def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str]) -> None:
+    for names, key, kwargs, text in options:
+        dest = "opt_" + key.replace(".", "__")
+        default = _default(key)
+        shown = "" if default is None or kwargs.get("action") else f" (default: {default})"
+        if kwargs.get("action") == "store_const" and kwargs.get("const") is False:
+            shown = ""
+        p.add_argument(*names, dest=dest, default=None, help=text + shown, **kwargs)
+        dests[dest] = key
+
+
+def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog="Any config key can also be set as key=value after the flags, e.g. mix.fraction=0.1 optim.lr=0.1.")
+    p.add_argument("--config", "-c", help="YAML config file (flags and key=value override it); see configs/")
+    model_names = ("--student", "--model") if distill else ("--model",)
+    dests: dict[str, str] = {}
+    p.add_argument(*model_names, dest="opt_model", default=None,
+                   help=f"architecture to {'distill into' if distill else 'train'} (default: {_default('model')}; see 'mixkd models')")
+    dests["opt_model"] = "model"
+    if distill:
+        _add_run_options(p, DISTILL_OPTIONS, dests)
+    _add_run_options(p, RUN_OPTIONS, dests)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(handler=_cmd_run, task=name, dests=dests)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
+    from mixkd import __version__
+
+    parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
+    _run_parser(sub, "distill", "distill a student from a teacher checkpoint (Hinton or standardized KD)", True)
+
+    p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
+                       description="Test-set top-1, top-5 and NLL of a checkpoint.")
+    p.add_argument("checkpoint", help="a run directory, a checkpoint.safetensors, or a RepDistiller .pth")
+    p.add_argument("--model", help="architecture (needed for a RepDistiller .pth)")
+    p.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: cifar100)")
+    p.add_argument("--data-dir", default="./data", help="dataset folder (default: ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default 224)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("models", help="list the available architectures", description="List the model zoo.")
+    p.add_argument("--params", action="store_true", help="also count parameters (100 classes)")
+    p.set_defaults(handler=_cmd_models)
+
+    p = sub.add_parser("demo", help="a 5-minute CPU demo on the embedded digits dataset",
+                       description="Train a small teacher on scikit-learn's digits, then distill a student with KD, "
+                                   "KD + partial mixup and standardized KD + partial mixup; print a table.")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--device", default="cpu", help="device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    flags = {key: getattr(args, dest) for dest, key in args.dests.items()}
+    flags["task"] = args.task
+    if args.resume and flags.get("out") and (Path(flags["out"]) / "config.yaml").exists():
+        saved = load_run_config(Path(flags["out"]) / "config.yaml")
+        keep = {k: v for k, v in (("device", flags.get("device")), ("progress", flags.get("progress"))) if v is not None}
+        return saved.model_copy(update=keep)
+    return build_config(args.config, flags, args.overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mixkd.engine import Run
+
+    cfg = config_from_args(args)
+    run = Run(cfg, resume=args.resume)
+    try:
+        result = run.execute()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: mixkd {args.task} --out {run.dir} --resume", file=sys.stderr)
+        return 130
+    print(f"{args.task} {result['model']}: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
+          f"(epoch {result['best_epoch']}), top-5 {result['top5']:.2f}%; run written to {run.dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mixkd.engine import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
+                            download=args.download, batch_size=args.batch_size, image_size=args.image_size)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from mixkd.models import available_models, create_model, default_lr
+
+    for name in available_models():
+        if args.params:
+            n = sum(p.numel() for p in create_model(name, 100).parameters())
+            print(f"{name:14s} {n / 1e6:7.2f}M params  lr {default_lr(name)}")
+        else:
+            print(name)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mixkd.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, device=args.device, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MixkdError as e:
+        print(f"mixkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Run configuration: validated, loaded from YAML and flags, written back fully resolved.
+
+Precedence: defaults < ``--config`` YAML file < command-line flags < ``key=value`` overrides.
+Invalid values are rejected here, before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mixkd.errors import MixkdError
+
+# The study's step schedule (epochs 150, 180, 210 of 240) as fractions of the run, so a shorter run
+# keeps the same shape (80 epochs -> 50, 60, 70).
+MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(_Section):
+    lr: float | None = Field(None, gt=0, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] | None = Field(None, description="epochs at which lr is multiplied by lr_decay; default 62.5/75/87.5% of the run")
+    lr_decay: float = Field(0.1, gt=0, le=1)
+
+
+class MixConfig(_Section):
+    method: Literal["none", "mixup", "cutmix"] = "none"
+    alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) for lambda")
+    fraction: float = Field(1.0, ge=0, le=1, description="share of each batch that is mixed (1 = full mixup)")
+    sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
+
+
+class KDConfig(_Section):
+    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint or a RepDistiller .pth")
+    teacher_model: str | None = Field(None, description="teacher architecture (needed for a RepDistiller .pth)")
+    method: Literal["kd", "std"] = Field("kd", description="kd: Hinton KD at temperature; std: standardized KD")
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(0.1, ge=0, description="gamma: weight of the cross-entropy term")
+    kd_weight: float = Field(0.9, ge=0, description="alpha: weight of the distillation term")
+
+
+class RunConfig(_Section):
+    task: Literal["train", "distill"] = "train"
+    model: str = Field("resnet8x4", description="architecture trained (the student when distilling)")
+    dataset: Literal["cifar100", "cifar10", "digits", "imagefolder"] = "cifar100"
+    data_dir: str = "./data"
+    download: bool = False
+    image_size: int | None = Field(None, ge=8, description="imagefolder crop size (default 224)")
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=2)
+    eval_batch_size: int = Field(1024, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    out: str | None = Field(None, description="run directory")
+    save_every: int = Field(10, ge=1, description="checkpoint every N epochs (and at the end)")
+    workers: int = Field(4, ge=0, description="data-loading processes (image folders only)")
+    tensorboard: bool = False
+    progress: bool = True
+    optim: OptimConfig = OptimConfig()
+    mix: MixConfig = MixConfig()
+    kd: KDConfig = KDConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.task == "distill" and not self.kd.teacher:
+            raise ValueError("kd.teacher: distillation needs a teacher checkpoint (--teacher)")
+        m = self.optim.milestones
+        if m is not None and any(e < 1 for e in m):
+            raise ValueError("optim.milestones: epochs must be >= 1")
+        return self
+
+    def milestones(self) -> list[int]:
+        if self.optim.milestones is not None:
+            return sorted(self.optim.milestones)
+        return [round(f * self.epochs) for f in MILESTONE_FRACTIONS]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    given = first.get("input")
+    got = "" if first["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
+    more = f"; and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    return f"invalid {source}: {loc}: {msg}{got}{more}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MixkdError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MixkdError(f"config file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise MixkdError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree['a']['b'] = value for key 'a.b' (dashes in key parts read as underscores)."""
+    parts = [p.replace("-", "_") for p in key.split(".")]
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise MixkdError(f"override {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'mix.fraction=0.1' -> ('mix.fraction', 0.1); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise MixkdError(f"cannot read override '{text}': write key=value, e.g. mix.fraction=0.1")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """Merge defaults, a YAML file, flags (dotted keys -> values, None = not given) and overrides."""
+    tree: dict[str, Any] = read_yaml(file) if file else {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    for text in overrides or []:
+        set_dotted(tree, *parse_override(text))
+    source = f"config {file}" if file else "config"
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise MixkdError(_format_validation_error(e, source)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return build_config(file=path)
