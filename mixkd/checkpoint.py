@@ -176,7 +176,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
               if k in state_dict and state_dict[k].shape != own[k].shape]
 
     def few(keys):
-        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
     problems = []
     if missing:

@@ -1,0 +1,5 @@
+import sys
+
+from mixkd.cli import main
+
+sys.exit(main())

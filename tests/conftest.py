@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory):
+    """A tiny learnable CIFAR-10 in the official pickle layout (its parent folder is the --data-dir)."""
+    from cifar_fixture import write_fake_cifar
+
+    root = tmp_path_factory.mktemp("cifar10")
+    write_fake_cifar(root, num_classes=10, n_train=160, n_test=80, seed=0)
+    return root
