@@ -171,7 +171,15 @@ def test_unknown_model_lists_names() -> None:
         assert name in msg
 
 
-@pytest.mark.parametrize(("typo", "suggestion"), [("resnet32x5", "resnet32x4"), ("mobilenetv2", "MobileNetV2"), ("wrn_40_3", "wrn_40_2"), ("shufflev2", "ShuffleV2")])
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [
+        ("resnet32x5", "resnet32x4"),
+        ("mobilenetv2", "MobileNetV2"),
+        ("wrn_40_3", "wrn_40_2"),
+        ("shufflev2", "ShuffleV2"),
+    ],
+)
 def test_unknown_model_suggests_close_name(typo: str, suggestion: str) -> None:
     with pytest.raises(MixkdError, match=f"did you mean '{suggestion}'"):
         create_model(typo)
@@ -207,7 +215,9 @@ def test_forward_contract(name: str) -> None:
     assert [f.shape for f in pre_feats] == [f.shape for f in feats]
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "tv_resnet18"])
+@pytest.mark.parametrize(
+    "name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "tv_resnet18"]
+)
 def test_train_mode_backward(name: str) -> None:
     model = create_model(name, num_classes=5).train()
     feats, logits = model(torch.randn(2, 3, 32, 32), is_feat=True)

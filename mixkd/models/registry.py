@@ -1,0 +1,75 @@
+"""Name -> constructor registry for the model zoo."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mixkd.errors import MixkdError
+
+# What every model's ``forward(x, is_feat=False, preact=False)`` returns:
+# logits, or ``(features, logits)`` when ``is_feat`` is true.
+ModelOutput = Tensor | tuple[list[Tensor], Tensor]
+
+ModelFactory = Callable[[int], nn.Module]
+
+DEFAULT_LR = 0.05
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: ModelFactory
+    lr: float
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, lr: float = DEFAULT_LR) -> Callable[[ModelFactory], ModelFactory]:
+    """Register ``factory(num_classes) -> nn.Module`` under ``name``."""
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = _Entry(factory, lr)
+        return factory
+
+    return decorator
+
+
+def available_models() -> list[str]:
+    """All registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """Case-insensitive, numbers by value: resnet8 < resnet8x4 < resnet14 < ResNet50."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name.lower())]
+
+
+def _lookup(name: str) -> _Entry:
+    entry = _REGISTRY.get(name)
+    if entry is not None:
+        return entry
+    names = sorted(_REGISTRY, key=_natural_key)
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = f"; did you mean '{by_lower[close[0]]}'?" if close else ""
+    raise MixkdError(f"unknown model {name!r}{hint}; available: {', '.join(names)}")
+
+
+def create_model(name: str, num_classes: int = 100) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way classifier (random init)."""
+    entry = _lookup(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise MixkdError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return entry.factory(num_classes)
+
+
+def default_lr(name: str) -> float:
+    """RepDistiller's default learning rate for ``name``."""
+    return _lookup(name).lr
