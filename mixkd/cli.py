@@ -1,4 +1,4 @@
-"""The ``mixkd`` command line: train, distill, eval, models, demo.
+"""The ``mixkd`` command line: train, distill, eval, analyze, models, demo.
 
 Every run option is a key of :class:`mixkd.config.RunConfig`; flags, a ``--config`` YAML file and
 trailing ``key=value`` overrides (e.g. ``mix.fraction=0.1``) all set those keys.
@@ -52,6 +52,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--mix-sampling",), "mix.sampling", {"choices": ["exact", "reference"]}, "exact: round(f*B) samples; reference: the released code's with-replacement draw"),
     (("--seed",), "seed", {"type": int}, "random seed"),
     (("--device",), "device", {}, "auto, cpu, cuda or cuda:N"),
+    (("--precision",), "precision", {"choices": ["fp32", "bf16"]}, "bf16: forward passes under bf16 autocast with channels-last (losses in fp32)"),
+    (("--no-graph",), "graph", {"action": "store_const", "const": False}, "on CUDA, run the training step eagerly instead of replaying a CUDA graph"),
     (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>)"),
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders"),
@@ -121,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
+    p = sub.add_parser("analyze", help="calibration, smoothness, fidelity, t-SNE and adversarial robustness of a checkpoint",
+                       description="Analyze a checkpoint on the test set: top-1/top-5/NLL, ECE + reliability diagram, "
+                                   "confidence, entropy, logit std, agreement and KL with a teacher, vicinal (mixed-pair) "
+                                   "metrics, t-SNE of features, FGSM/PGD robustness. Writes analysis.json and PNGs.")
+    p.add_argument("checkpoint", help="a run directory, a checkpoint.safetensors, or a RepDistiller .pth")
+    p.add_argument("--model", help="architecture (default: the run's; needed for a RepDistiller .pth)")
+    p.add_argument("--teacher", help="teacher checkpoint for fidelity and teacher metrics (default: a distillation run's kd.teacher)")
+    p.add_argument("--teacher-model", help="teacher architecture (needed for a RepDistiller .pth)")
+    p.add_argument("--no-teacher", action="store_true", help="ignore the run's teacher")
+    p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default: the run's, else 224)")
+    p.add_argument("--out", help="output folder (default: the run directory)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1000, help="batch size of every pass, attacks included (default: 1000)")
+    p.add_argument("--subset", type=int, help="analyze N evenly spaced test images (the t-SNE set stays the same)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for all forward passes (faster on GPUs)")
+    p.add_argument("--json", action="store_true", help="print analysis.json to stdout")
+    p.set_defaults(handler=_cmd_analyze)
+
     p = sub.add_parser("models", help="list the available architectures", description="List the model zoo.")
     p.add_argument("--params", action="store_true", help="also count parameters (100 classes)")
     p.set_defaults(handler=_cmd_models)
@@ -170,6 +194,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(m))
     else:
         print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from mixkd.analysis import analyze_run
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    a = analyze_run(args.checkpoint, teacher=args.teacher, teacher_model=args.teacher_model, no_teacher=args.no_teacher,
+                    model=args.model, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                    image_size=args.image_size, device=args.device, out=args.out, subset=args.subset,
+                    batch_size=args.batch_size, seed=args.seed, amp=args.amp, log=None if args.json else log)
+    if args.json:
+        print(json.dumps(a))
+        return 0
+    s, rob = a["student"], a["robustness"]
+    fid = f"  agreement {a['fidelity']['agreement']:.2f}%  KL {a['fidelity']['kl']:.4f}" if a["fidelity"] else ""
+    print(f"{a['model']} on {a['dataset']} ({a['num_images']} images): top-1 {s['top1']:.2f}%  ECE {100 * s['ece']:.2f}%  "
+          f"entropy {s['entropy']:.3f}{fid}  PGD {rob['eps_255'][-1]}/255 {rob['pgd'][-1]:.2f}%; "
+          f"analysis.json and PNGs written to {a['out_dir']} in {a['seconds']:.1f} s")
     return 0
 
 

@@ -62,6 +62,8 @@ class RunConfig(_Section):
     out: str | None = Field(None, description="run directory")
     save_every: int = Field(10, ge=1, description="checkpoint every N epochs (and at the end)")
     workers: int = Field(4, ge=0, description="data-loading processes (image folders only)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward passes under bf16 autocast, channels-last; losses stay fp32")
+    graph: bool = Field(True, description="on CUDA, capture the training step as a CUDA graph (false: eager)")
     tensorboard: bool = False
     progress: bool = True
     optim: OptimConfig = OptimConfig()

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, load_weights, save_checkpoint
@@ -27,9 +26,10 @@ from mixkd.config import RunConfig, load_run_config
 from mixkd.data import load_dataset, make_loaders
 from mixkd.errors import MixkdError, TrainingDiverged
 from mixkd.losses import KDObjective, supervised_objective
-from mixkd.metrics import DeviceSums, evaluate
-from mixkd.mix import MixSpec, mix_batch
+from mixkd.metrics import evaluate
+from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
+from mixkd.step import SGD, GraphedTrainStep, TrainStep
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -49,7 +49,8 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
 
 
-def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device) -> tuple[torch.nn.Module, str]:
+def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device,
+                 channels_last: bool = False) -> tuple[torch.nn.Module, str]:
     """A frozen teacher in eval mode from a mixkd checkpoint/run directory or a RepDistiller ``.pth``."""
     ckpt = load_checkpoint(checkpoint)
     arch = arch or ckpt.model_name
@@ -57,7 +58,7 @@ def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device) ->
         raise MixkdError(f"teacher {checkpoint} does not say its architecture; pass --teacher-model (see 'mixkd models')")
     teacher = create_model(arch, num_classes)
     load_weights(teacher, ckpt.state_dict, str(checkpoint))
-    teacher.to(device).eval()
+    teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, arch
@@ -74,8 +75,11 @@ class Learner:
         if (teacher is None) != (objective is None):
             raise ValueError("a teacher needs a KD objective and vice versa")
         self.student, self.teacher, self.objective = student, teacher, objective
+        self.channels_last = False
 
     def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         student_logits = self.student(x)
         if self.teacher is None:
             return supervised_objective(student_logits, target)
@@ -136,18 +140,31 @@ class Run:
             raise MixkdError(f"batch size {cfg.batch_size} is larger than the {self.data.name} training set "
                              f"({self.train_loader.num_samples} images); lower --batch-size")
         torch.manual_seed(cfg.seed)
-        self.model = create_model(cfg.model, self.data.num_classes).to(self.device)
+        channels_last = cfg.precision == "bf16"
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
         self.teacher, self.teacher_arch, objective = None, None, None
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(cfg.kd.teacher, cfg.kd.teacher_model,
-                                                           self.data.num_classes, self.device)
+                                                           self.data.num_classes, self.device, channels_last)
             objective = KDObjective(cfg.kd.method, cfg.kd.temperature, cfg.kd.ce_weight, cfg.kd.kd_weight)
         self.learner = Learner(self.model, self.teacher, objective)
+        self.learner.channels_last = channels_last
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
+        self.optimizer = SGD(self.model.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
+                             weight_decay=cfg.optim.weight_decay)
         self.mix = MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
         self.mix_generator = torch.Generator(device=self.device)
+        step_cls = GraphedTrainStep if self.uses_graph else TrainStep
+        self.step = step_cls(self.learner, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
+                             cfg.precision)
+
+    @property
+    def uses_graph(self) -> bool:
+        """CUDA graphs need CUDA and fixed-size batches from the device-resident loader."""
+        from mixkd.data import DeviceLoader
+
+        return self.cfg.graph and self.device.type == "cuda" and isinstance(self.train_loader, DeviceLoader)
 
     def lr_at(self, epoch: int) -> float:
         passed = sum(1 for m in self.cfg.milestones() if epoch >= m)
@@ -195,23 +212,14 @@ class Run:
     def train_epoch(self, epoch: int, progress=None) -> dict[str, float]:
         self.model.train()
         lr = self.lr_at(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr(lr)
         self.train_loader.set_epoch_seed(epoch_seed(self.cfg.seed, epoch, 0))
         self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, epoch, 1))
-        sums = DeviceSums(self.device)
-        num_classes = self.data.num_classes
         for x, y in self.train_loader:
-            target = F.one_hot(y, num_classes).float()
-            x, target = mix_batch(x, target, self.mix, self.mix_generator)
-            losses = self.learner.losses(x, target)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            self.optimizer.step()
-            sums.add(losses, y.shape[0])
+            self.step(x, y)
             if progress is not None:
                 progress.update(1)
-        means = sums.means()
+        means = self.step.epoch_means()
         means["lr"] = lr
         return means
 
@@ -223,7 +231,8 @@ class Run:
         self._build()
         start, history = self._restore()
         cfg = self.cfg
-        teacher_metrics = evaluate(self.teacher, self.test_loader) if self.teacher is not None else None
+        precision = cfg.precision
+        teacher_metrics = evaluate(self.teacher, self.test_loader, precision) if self.teacher is not None else None
         writer = self._tensorboard()
         progress = self._progress_bar(start)
         wall_start = time.perf_counter()
@@ -243,7 +252,7 @@ class Run:
                 images = len(self.train_loader) * cfg.batch_size
                 train_seconds += seconds
                 train_images += images
-                test = evaluate(self.model, self.test_loader)
+                test = evaluate(self.model, self.test_loader, precision)
                 row = {"epoch": epoch + 1, "lr": train.pop("lr"),
                        **{f"train_{k}": v for k, v in train.items()},
                        "test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"],

@@ -6,32 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-class DeviceSums:
-    """Running sums kept as device tensors: adding never waits for the device."""
-
-    def __init__(self, device):
-        self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, torch.Tensor], n: int) -> None:
-        for k, v in values.items():
-            v = v.detach().float() * n
-            if k in self.sums:
-                self.sums[k] += v
-            else:
-                self.sums[k] = v.clone()
-        self.count += n
-
-    def means(self) -> dict[str, float]:
-        """Per-sample means; this is the one place values cross to the host."""
-        if not self.sums:
-            return {}
-        keys = list(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist()
-        return {k: v / max(self.count, 1) for k, v in zip(keys, values)}
-
-
 def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Summed (not averaged) top-1 / top-5 hits and NLL of a batch, as device tensors."""
     logits = logits.float()
@@ -46,14 +20,19 @@ def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) and mean NLL of ``model`` over ``loader``."""
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     n = 0
     for x, y in loader:
-        counts = batch_counts(model(x), y)
+        if precision == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                logits = model(x.contiguous(memory_format=torch.channels_last))
+        else:
+            logits = model(x)
+        counts = batch_counts(logits, y)
         for key, value in counts.items():
             totals[key] = totals[key] + value if key in totals else value
         n += y.shape[0]

@@ -74,9 +74,14 @@ def sample_beta(alpha: float, n: int, generator=None, device=None) -> torch.Tens
     return torch.sigmoid(g1 - g2)  # G1 / (G1 + G2), stable when both are tiny
 
 
+def random_permutation(n: int, generator=None, device=None) -> torch.Tensor:
+    """A uniformly random permutation of 0..n-1 (argsort of uniform keys: capturable in a CUDA graph)."""
+    return torch.rand(n, generator=generator, device=device).argsort()
+
+
 def random_partners(batch_size: int, generator=None, device=None) -> torch.Tensor:
     """partner[i] != i for every i (for batch_size >= 2), from one random cyclic ordering."""
-    order = torch.randperm(batch_size, generator=generator, device=device)
+    order = random_permutation(batch_size, generator, device)
     partner = torch.empty_like(order)
     partner[order] = order.roll(-1)
     return partner
@@ -96,7 +101,7 @@ def mixed_mask(batch_size: int, fraction: float, sampling: Sampling = "exact", g
     (expected mixed share (1 - 1/B) ** int(B * (1 - fraction)); about 41% at B = 64, fraction 0.1).
     """
     if sampling == "exact":
-        chosen = torch.randperm(batch_size, generator=generator, device=device)[: mixed_count(batch_size, fraction)]
+        chosen = random_permutation(batch_size, generator, device)[: mixed_count(batch_size, fraction)]
         mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
         mask[chosen] = True
         return mask

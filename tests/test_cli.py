@@ -128,7 +128,8 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, cif
     assert main([*args, "--out", str(reference)]) == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reduction order as this process
     proc = subprocess.Popen([sys.executable, "-m", "mixkd", *args, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
