@@ -273,3 +273,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(capsys, monke
     ckpt = load_checkpoint(out)
     assert ckpt.epoch == 1 and all(torch.isfinite(v.float()).all() for v in ckpt.state_dict.values())
     assert not (out / "result.json").exists()
+
+
+def test_tensorboard_scalars_are_written_when_asked_for(capsys, tmp_path, cifar10_dir):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    code, _, err = _mixkd(capsys, "train", "--model", "resnet8", "--data-dir", cifar10_dir, "--epochs", "1",
+                          "--out", out, "--tensorboard", *TINY)
+    assert code == 0, err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"test_top1", "train_loss", "lr"} <= set(events.Tags()["scalars"])
