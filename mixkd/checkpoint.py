@@ -161,10 +161,19 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a mixkd ``.safetensors`` checkpoint (or run directory) or a RepDistiller ``.pth``."""
     p = resolve_checkpoint_path(path)
-    with open(p, "rb") as f:
-        head = f.read(8)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    return _load_torch(p) if is_zip_or_pickle else _load_safetensors(p)
+    return _load_safetensors(p) if _looks_like_safetensors(p) else _load_torch(p)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return path.suffix == ".safetensors"
+    header_len = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and header_len < path.stat().st_size:
+        return True
+    return path.suffix == ".safetensors" and head[:2] != b"PK"  # a damaged safetensors file: report it as such
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -80,3 +80,19 @@ def test_pth_without_state_dict_is_rejected(tmp_path):
 def test_missing_checkpoint_is_reported(tmp_path):
     with pytest.raises(MixkdError, match="not found"):
         load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_safetensors_whose_header_length_starts_with_pickle_byte_is_not_misread(tmp_path):
+    # a safetensors header length with low byte 0x80 once made the file look like a pickle
+    for extra in range(0, 256):
+        path = tmp_path / f"c{extra}.safetensors"
+        save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1,
+                        extra={"pad": "x" * extra})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.skip("no header length with low byte 0x80 found")
+    assert load_checkpoint(path).model_name == "resnet8"
+    renamed = tmp_path / "weights.bin"  # the extension does not matter either
+    renamed.write_bytes(path.read_bytes())
+    assert load_checkpoint(renamed).model_name == "resnet8"
