@@ -54,6 +54,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed_steps(loader, step, device, batch, steps, warmup) -> float:
+    """images/s of ``step(x, y)`` over ``steps`` batches after ``warmup`` untimed ones (epochs wrap)."""
+    done, t0 = 0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            if done == warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            if done == warmup + steps:
+                break
+            step(x, y)
+            done += 1
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
 # ---- (a) the released code's style ------------------------------------------------------------
 class PILDataset(torch.utils.data.Dataset):
     def __init__(self, split: ArraySplit):
@@ -92,26 +108,19 @@ def bench_released(teacher, student, split, device, batch, steps, warmup, worker
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for x, y in loader:
-            if done == warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            if done == warmup + steps:
-                break
-            x, target = released_style_pmu(x, y, 100)
-            x, target = x.to(device), target.to(device)
-            with torch.no_grad():
-                t_logits = teacher(x)
-            s_logits = student(x)
-            loss = 0.1 * soft_cross_entropy(standardize(s_logits), target) + 0.9 * std_kd_loss(s_logits, t_logits)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-    _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+
+    def step(x, y):
+        x, target = released_style_pmu(x, y, 100)
+        x, target = x.to(device), target.to(device)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = student(x)
+        loss = 0.1 * soft_cross_entropy(standardize(s_logits), target) + 0.9 * std_kd_loss(s_logits, t_logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed_steps(loader, step, device, batch, steps, warmup)
 
 
 # ---- (b-e) mixkd's step ----------------------------------------------------------------------------
@@ -127,19 +136,7 @@ def bench_mixkd(teacher, student, split, device, batch, steps, warmup, graph, pr
     step = cls(learner, SGD(student.parameters(), lr=0.05), MixSpec("mixup", ALPHA, FRACTION), 100, gen, precision)
     loader = DeviceLoader(split, batch, device, CIFAR100_MEAN, CIFAR100_STD, shuffle=True, augment=True,
                           drop_last=True)
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for x, y in loader:
-            if done == warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            if done == warmup + steps:
-                break
-            step(x, y)
-            done += 1
-    step.epoch_means()
-    _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return timed_steps(loader, step, device, batch, steps, warmup)
 
 
 def models_for(pair: str, device):
