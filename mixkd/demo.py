@@ -1,51 +1,37 @@
-"""``mixkd demo``: the study in miniature, on scikit-learn's digits, on the CPU in a few minutes."""
+"""``mixkd demo``: the quickstart study (``configs/studies/quickstart.yaml``), on scikit-learn's
+digits, on the CPU in a few minutes: a plain and a mixup teacher, students over the study's methods
+and T = 1 and 4, then the report (table, heatmap, curves). Running it again trains nothing."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from mixkd.config import RunConfig
-from mixkd.engine import run
+from mixkd.errors import MixkdError
 
-TEACHER, STUDENT = "resnet20", "resnet8"
-DEMO_EPOCHS = 12
-
-# (run name, label in the table, config keys)
-DEMO_RUNS = [
-    ("teacher", f"teacher {TEACHER}", {"task": "train", "model": TEACHER}),
-    ("student", f"student {STUDENT} alone", {"task": "train"}),
-    ("kd", "KD (T=4)", {"task": "distill", "kd": {"method": "kd", "temperature": 4.0}}),
-    ("kd_pmu", "KD (T=4) + partial mixup 10%",
-     {"task": "distill", "kd": {"method": "kd", "temperature": 4.0}, "mix": {"method": "mixup", "fraction": 0.1}}),
-    ("std_pmu", "standardized KD + partial mixup 10%",
-     {"task": "distill", "kd": {"method": "std"}, "mix": {"method": "mixup", "fraction": 0.1}}),
-]
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "studies" / "quickstart.yaml"
 
 
-def demo_config(name: str, keys: dict, out: Path, epochs: int, device: str, seed: int) -> RunConfig:
-    tree = {"model": STUDENT, "dataset": "digits", "epochs": epochs, "batch_size": 64, "seed": seed,
-            "device": device, "out": str(out / name), "save_every": epochs, "eval_batch_size": 512,
-            "optim": {"lr": 0.05}, **keys}
-    if tree["task"] == "distill":
-        tree["kd"] = {**tree["kd"], "teacher": str(out / "teacher")}
-    return RunConfig.model_validate(tree)
+def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: str = "cpu", seed: int = 0,
+             workers: int | None = None) -> list[dict]:
+    """Run the quickstart study into ``out`` and write its report; returns one row per run
+    (as in ``results.csv``). ``epochs`` overrides every run's epochs; ``seed`` every group's seeds."""
+    from mixkd.study import collect, load_study, write_report
+    from mixkd.study.cli import run_and_report
+    from mixkd.study.report import paper_table
 
-
-def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: str = "cpu", seed: int = 0) -> list[dict]:
-    """Train the teacher and the student alone, distill three students, print the table."""
+    if not QUICKSTART.is_file():
+        raise MixkdError(f"the quickstart study file is missing ({QUICKSTART}); mixkd demo runs from a clone of the "
+                         "repository, or run: mixkd study run <path to quickstart.yaml>")
+    study = load_study(QUICKSTART, overrides=[f"epochs={epochs}"] if epochs else None,
+                       seeds=[seed] if seed else None)
     out = Path(out)
-    epochs = epochs or DEMO_EPOCHS
-    print(f"mixkd demo: digits (8x8 upsampled to 32x32, 10 classes), {epochs} epochs per run, device {device}")
-    results = []
-    for name, label, keys in DEMO_RUNS:
-        cfg = demo_config(name, keys, out, epochs, device, seed)
-        print(f"  [{len(results) + 1}/{len(DEMO_RUNS)}] {label} ...", flush=True)
-        result = run(cfg, resume=True)  # an interrupted demo picks up where it stopped
-        results.append({"run": name, "label": label, **result})
-    width = max(len(r["label"]) for r in results)
-    print()
-    print(f"{'run':<{width}}  top-1 (last)  best top-1  wall s")
-    for r in results:
-        print(f"{r['label']:<{width}}  {r['top1']:>11.2f}%  {r['best_top1']:>9.2f}%  {r['wall_seconds']:>6.1f}")
-    print(f"\nruns written to {out}/ (config.yaml, metrics.jsonl, checkpoint.safetensors, result.json in each)")
-    return results
+    print(f"mixkd demo: the quickstart study ({QUICKSTART.name}): {len(study.runs)} runs on digits "
+          f"(8x8 upsampled to 32x32, 10 classes), device {device}, into {out}/")
+    if run_and_report(study, out, workers=workers, device=device, progress=sys.stderr.isatty(), report=False) == 130:
+        raise KeyboardInterrupt  # the folder is resumable: run the demo again
+    report = write_report(out)
+    rows = collect(out)
+    print("\n" + paper_table(rows) + "\n")
+    print(f"report (table and figures): {report}; every run: {out / 'results.csv'}")
+    return rows

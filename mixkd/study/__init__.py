@@ -1,0 +1,44 @@
+"""Studies: grids of teacher and student runs from one YAML file, run locally or on Ray, resumable,
+reported as the study's table and figures.
+
+    mixkd study plan   configs/studies/quickstart.yaml --out runs/quickstart   # runs, status, compute
+    mixkd study run    configs/studies/quickstart.yaml --out runs/quickstart   # then the report
+    mixkd study report runs/quickstart                                         # results.csv, report.md
+
+A study file (see ``configs/studies/``)::
+
+    name: my-study
+    defaults: {dataset: cifar100, epochs: 240}       # RunConfig keys for every run
+    teachers:                                        # groups: models x mix settings x seeds
+      - {name: plain, models: [resnet56, resnet110]}
+      - {name: mixup, models: resnet56, mix: {method: mixup}, recipe: {epochs: 200}}
+      - {name: rd, checkpoint: ckpt_epoch_240.pth, model: resnet32x4}   # an existing teacher
+    students:                                        # groups: (models or pairs) x teachers x methods x ...
+      - teachers: [plain, mixup]                     # teacher group names
+        models: [resnet20, resnet32]                 # or pairs: ["resnet110 -> resnet20", ...]
+        methods: [alone, kd, kd_fmu, kd_pmu, std, std_pmu]
+        temperatures: [1, 4]                         # Hinton KD methods only
+        fractions: [0.1]                             # partial mixup (*_pmu) only
+        alphas: [1.0]                                # Beta(a, a) of mixup
+        mix_modes: [mixup]                           # or cutmix
+        seeds: [0, 1, 2]
+        recipe: {optim: {lr: 0.05}}                  # RunConfig keys for this group
+
+``mixkd study run --set KEY=VALUE`` sets a RunConfig key in every run (e.g. ``--set data_dir=/data``).
+
+Each run is an engine run directory ``DIR/<run id>`` (``teachers/resnet56_mixup-s0``,
+``students/resnet20-from-resnet56_mixup-kd_pmu-T4-f0.1-s0``, ...). Running again skips finished
+runs, resumes interrupted ones and retries failed ones; a run directory made with other settings
+than the file now says is reported, never silently reused. With ``--executor ray`` the study folder
+must be on storage that every node of the cluster mounts at the same path, and mixkd must be
+installed on every node (``pip install mixkd[ray]``).
+"""
+
+from mixkd.study.executors import LocalExecutor, RayExecutor, make_executor
+from mixkd.study.plan import format_plan
+from mixkd.study.report import collect, write_report
+from mixkd.study.runner import StudyOutcome, run_study
+from mixkd.study.spec import METHODS, PlannedRun, Study, load_study
+
+__all__ = ["METHODS", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome", "collect",
+           "format_plan", "load_study", "make_executor", "run_study", "write_report"]

@@ -1,0 +1,461 @@
+"""Study files: a validated grid of teacher and student runs, expanded into run ids and configs.
+
+A study file (YAML) holds ``name``, ``defaults`` (RunConfig keys shared by every run), ``teachers``
+(groups: ``models`` x ``mix`` settings x ``seeds``, or one external ``checkpoint`` + ``model``) and
+``students`` (groups: ``models`` or ``pairs`` x ``teachers`` (group names) x ``methods`` x
+``temperatures`` x ``fractions`` x ``alphas`` x ``mix_modes`` x ``seeds``). Each group may add a
+``recipe`` of RunConfig keys. See ``configs/studies/`` for examples.
+
+Every run gets a stable, readable id that is also its directory in the study folder, e.g.
+``teachers/resnet56_mixup-s0`` or ``students/resnet20-from-resnet56_mixup-kd_pmu-T4-f0.1-s0``.
+An axis appears in an id only where it applies (no temperature for standardized KD, no fraction
+without partial mixup), so the same run declared by two groups is one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from mixkd.config import RunConfig, parse_override, set_dotted
+from mixkd.errors import MixkdError
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # column title in the report
+    task: Literal["train", "distill"]
+    kd: Literal["kd", "std"] | None
+    mixing: Literal["none", "full", "partial"]
+
+
+METHODS: dict[str, Method] = {
+    "alone": Method("student alone", "train", None, "none"),
+    "kd": Method("KD", "distill", "kd", "none"),
+    "kd_fmu": Method("KD + full mixup", "distill", "kd", "full"),
+    "kd_pmu": Method("KD + partial mixup", "distill", "kd", "partial"),
+    "std": Method("standardized KD", "distill", "std", "none"),
+    "std_pmu": Method("standardized KD + partial mixup", "distill", "std", "partial"),
+}
+
+# Keys the grid sets; a recipe, the defaults or an override may not set them.
+GRID_KEYS = {
+    "task": "set by methods:", "model": "use models: or pairs:", "seed": "use seeds:", "out": "set by mixkd study run --out",
+    "kd.teacher": "use teachers:", "kd.teacher_model": "use teachers:", "kd.method": "use methods:",
+    "kd.temperature": "use temperatures:", "mix.method": "use methods: (students) or mix: (teachers)",
+    "mix.fraction": "use fractions: (students) or mix: (teachers)", "mix.alpha": "use alphas: (students) or mix: (teachers)",
+}
+# Keys that may differ between the planned config and a run directory's saved one (paths, placement).
+PLACEMENT_KEYS = {"out", "device", "progress", "data_dir", "download", "workers", "kd.teacher"}
+
+
+def _listify(value: Any) -> Any:
+    return value if isinstance(value, list) or value is None else [value]
+
+
+def _known_method(name: str) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+    return name
+
+
+def _pair(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split("->")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"expected 'teacher -> student', got {value!r}")
+        return tuple(parts)
+    return value
+
+
+def _name(pattern: str, allowed: str):
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"'{value}' is not a valid name: use {allowed}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+Name = _name(r"[A-Za-z0-9][A-Za-z0-9_.]*", "letters, digits, _ and . (it becomes part of run ids)")
+StudyName = _name(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, _, - and . (it names the study folder)")
+Floats = Annotated[list[Annotated[float, Field(gt=0)]], BeforeValidator(_listify), Field(min_length=1)]
+Ints = Annotated[list[int], BeforeValidator(_listify), Field(min_length=1)]
+Strs = Annotated[list[str], BeforeValidator(_listify), Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MixSetting(_Strict):
+    method: Literal["none", "mixup", "cutmix"] = "none"
+    alpha: float = Field(1.0, gt=0)
+    fraction: float = Field(1.0, gt=0, le=1)
+
+
+class TeacherGroup(_Strict):
+    name: Name
+    models: Strs | None = None
+    mix: Annotated[list[MixSetting], BeforeValidator(_listify), Field(min_length=1)] = [MixSetting()]
+    seeds: Ints = [0]
+    recipe: dict[str, Any] = {}
+    checkpoint: str | None = Field(None, description="an existing teacher: mixkd run dir/checkpoint or RepDistiller .pth")
+    model: str | None = Field(None, description="the architecture of checkpoint")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TeacherGroup:
+        if self.checkpoint is None:
+            if not self.models:
+                raise ValueError("give models: (teachers to train) or checkpoint: and model: (an existing teacher)")
+            if self.model is not None:
+                raise ValueError("model: goes with checkpoint:; to train teachers use models:")
+        else:
+            if not self.model:
+                raise ValueError("checkpoint: needs model:, the teacher's architecture")
+            extra = sorted({"models", "mix", "seeds", "recipe"} & self.model_fields_set)
+            if extra:
+                raise ValueError(f"an existing checkpoint is not trained; remove {', '.join(extra)}")
+        return self
+
+
+class StudentGroup(_Strict):
+    name: Name | None = None
+    teachers: Strs | None = None
+    models: Strs | None = None
+    pairs: Annotated[list[Annotated[tuple[str, str], BeforeValidator(_pair)]], BeforeValidator(_listify)] | None = None
+    methods: Annotated[list[Annotated[str, AfterValidator(_known_method)]], BeforeValidator(_listify), Field(min_length=1)]
+    temperatures: Floats = [4.0]
+    fractions: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_listify), Field(min_length=1)] = [0.1]
+    alphas: Floats = [1.0]
+    mix_modes: Annotated[list[Literal["mixup", "cutmix"]], BeforeValidator(_listify), Field(min_length=1)] = ["mixup"]
+    seeds: Ints = [0]
+    recipe: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _students(self) -> StudentGroup:
+        if (self.models is None) == (self.pairs is None):
+            raise ValueError("give either models: (crossed with every teacher) or pairs: ('teacher -> student')")
+        needs_teacher = [m for m in self.methods if METHODS[m].task == "distill"]
+        if (needs_teacher or self.pairs) and not self.teachers:
+            raise ValueError(f"methods {', '.join(needs_teacher) or 'with pairs:'} need teachers: (teacher group names)")
+        return self
+
+
+class StudyFile(_Strict):
+    name: StudyName
+    description: str = ""
+    defaults: dict[str, Any] = {}
+    teachers: list[TeacherGroup] = []
+    students: list[StudentGroup] = []
+
+
+@dataclass
+class PlannedRun:
+    """One run of a study: its id (= its directory in the study folder) and its config."""
+
+    id: str
+    role: Literal["teacher", "student"]
+    group: str  # where it was declared, e.g. "students[1]"
+    config: dict[str, Any]  # a RunConfig tree without out / kd.teacher
+    model: str
+    seed: int
+    teacher_run: str | None = None  # id of the teacher run it depends on
+    teacher_checkpoint: str | None = None  # an external teacher
+    teacher_model: str | None = None
+    method: str | None = None
+    temperature: float | None = None
+    fraction: float | None = None
+    alpha: float | None = None
+
+    def config_for(self, out: str | Path, device: str | None = None) -> dict[str, Any]:
+        """The full RunConfig tree of this run inside study folder ``out``."""
+        tree = copy.deepcopy(self.config)
+        tree["out"] = str(Path(out) / self.id)
+        tree["progress"] = False
+        if device:
+            tree["device"] = device
+        if self.teacher_run:
+            tree["kd"]["teacher"] = str(Path(out) / self.teacher_run)
+        elif self.teacher_checkpoint:
+            tree["kd"]["teacher"] = self.teacher_checkpoint
+        return tree
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    source: Path
+    text: str
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    def run(self, run_id: str) -> PlannedRun:
+        return next(r for r in self.runs if r.id == run_id)
+
+
+@dataclass(frozen=True)
+class _TeacherRef:
+    label: str  # the teacher's part of a student id
+    model: str
+    run_id: str | None
+    checkpoint: str | None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def mix_label(mix: MixSetting | dict[str, Any]) -> str:
+    """'plain', 'mixup', 'mixup-f0.5-a0.2', 'cutmix', ... for a mix setting."""
+    m = mix.model_dump() if isinstance(mix, MixSetting) else {**MixSetting().model_dump(), **mix}
+    if m["method"] == "none":
+        return "plain"
+    return "-".join([m["method"]] + ([f"f{_fmt(m['fraction'])}"] if m["fraction"] != 1 else [])
+                    + ([f"a{_fmt(m['alpha'])}"] if m["alpha"] != 1 else []))
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "study"
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        keys.extend(_flat_keys(v, key + ".") if isinstance(v, dict) else [key])
+    return keys
+
+
+def _merge(*trees: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for k, v in tree.items():
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class _Expander:
+    def __init__(self, spec: StudyFile, source: str, overrides: dict[str, Any]):
+        self.spec, self.source, self.overrides = spec, source, overrides
+        self.runs: dict[str, PlannedRun] = {}
+        self.teachers: dict[str, list[_TeacherRef]] = {}
+
+    def fail(self, where: str, message: str) -> MixkdError:
+        return MixkdError(f"invalid study file {self.source}: {where}: {message}")
+
+    def check_recipe(self, tree: dict[str, Any], where: str) -> None:
+        for key in _flat_keys(tree):
+            if key in GRID_KEYS:
+                raise self.fail(f"{where}.{key}", f"set by the study grid ({GRID_KEYS[key]})")
+        try:
+            RunConfig.model_validate(_merge(tree, {"task": "train"}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            raise self.fail(_where((where, *err["loc"])), msg) from None
+
+    def check_model(self, name: str, where: str) -> None:
+        from mixkd.models import default_lr
+
+        try:
+            default_lr(name)
+        except MixkdError as e:
+            raise self.fail(where, str(e)) from None
+
+    def recipe(self, group_recipe: dict[str, Any], where: str) -> dict[str, Any]:
+        self.check_recipe(group_recipe, f"{where}.recipe")
+        tree = _merge(self.spec.defaults, group_recipe, self.overrides)
+        if tree.get("data_dir"):
+            tree["data_dir"] = os.path.abspath(os.path.expanduser(tree["data_dir"]))
+        return tree
+
+    def add(self, run: PlannedRun) -> None:
+        try:
+            RunConfig.model_validate(run.config_for("/study"))
+        except ValidationError as e:
+            raise self.fail(run.group, f"run {run.id}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        first = self.runs.get(run.id)
+        if first is None:
+            self.runs[run.id] = run
+        elif first.config != run.config:
+            key = next(k for k in sorted(set(_flat_keys(first.config)) | set(_flat_keys(run.config)))
+                       if _get(first.config, k) != _get(run.config, k))
+            raise self.fail(run.group, f"run {run.id} is also declared by {first.group} with other settings "
+                                       f"({key}: {_get(first.config, key)!r} vs {_get(run.config, key)!r}); "
+                                       "give both groups the same recipe")
+
+    def expand_teachers(self) -> None:
+        for gi, g in enumerate(self.spec.teachers):
+            where = f"teachers[{gi}]"
+            if g.name in self.teachers:
+                raise self.fail(f"{where}.name", f"teacher group '{g.name}' is defined twice")
+            if g.checkpoint is not None:
+                self.check_model(g.model, f"{where}.model")
+                path = os.path.abspath(os.path.expanduser(g.checkpoint))
+                self.teachers[g.name] = [_TeacherRef(f"{g.model}_{g.name}", g.model, None, path)]
+                continue
+            base = self.recipe(g.recipe, where)
+            refs = []
+            for mi, model in enumerate(g.models):
+                self.check_model(model, f"{where}.models[{mi}]")
+                for mix in g.mix:
+                    name = f"{model}_{g.name}" + (f"-{mix_label(mix)}" if len(g.mix) > 1 else "")
+                    for seed in g.seeds:
+                        run_id = f"teachers/{name}-s{seed}"
+                        label = name + (f"-s{seed}" if len(g.seeds) > 1 else "")
+                        config = _merge(base, {"task": "train", "model": model, "seed": seed,
+                                               "mix": mix.model_dump()})
+                        self.add(PlannedRun(run_id, "teacher", where, config, model, seed))
+                        refs.append(_TeacherRef(label, model, run_id, None))
+            self.teachers[g.name] = refs
+
+    def expand_students(self) -> None:
+        for gi, g in enumerate(self.spec.students):
+            where = f"students[{gi}]"
+            refs: list[_TeacherRef] = []
+            for ti, name in enumerate(g.teachers or []):
+                if name not in self.teachers:
+                    known = ", ".join(self.teachers) or "none"
+                    raise self.fail(f"{where}.teachers[{ti}]", f"unknown teacher group '{name}'; defined: {known}")
+                refs.extend(self.teachers[name])
+            if g.pairs is not None:
+                combos = []
+                for pi, (t_model, s_model) in enumerate(g.pairs):
+                    found = [(ref, s_model) for ref in refs if ref.model == t_model]
+                    if not found:
+                        raise self.fail(f"{where}.pairs[{pi}]", f"no teacher {t_model} in teacher groups "
+                                                                f"{', '.join(g.teachers)}")
+                    combos.extend(found)
+                students = list(dict.fromkeys(s for _, s in g.pairs))
+            else:
+                students = g.models
+                combos = [(ref, s) for ref in refs for s in students]
+            for si, model in enumerate(students):
+                self.check_model(model, f"{where}.{'models' if g.models else 'pairs'}[{si}]")
+            base = self.recipe(g.recipe, where)
+            for method in g.methods:
+                if METHODS[method].task == "train":
+                    for model in students:
+                        for seed in g.seeds:
+                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
+                            self.add(PlannedRun(f"students/{model}-alone-s{seed}", "student", where, config, model,
+                                                seed, method=method))
+                    continue
+                for ref, model in combos:
+                    for run in self.distill_runs(g, where, base, method, ref, model):
+                        self.add(run)
+
+    def distill_runs(self, g: StudentGroup, where: str, base: dict, method: str, ref: _TeacherRef, model: str):
+        m = METHODS[method]
+        temps = g.temperatures if m.kd == "kd" else [None]
+        fractions = {"none": [None], "full": [1.0], "partial": g.fractions}[m.mixing]
+        mixing = m.mixing != "none"
+        for temp in temps:
+            for frac in fractions:
+                for alpha in (g.alphas if mixing else [None]):
+                    for mode in (g.mix_modes if mixing else [None]):
+                        for seed in g.seeds:
+                            parts = [method]
+                            parts += [f"T{_fmt(temp)}"] if temp is not None else []
+                            parts += [f"f{_fmt(frac)}"] if m.mixing == "partial" else []
+                            parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
+                            parts += ["cutmix"] if mode == "cutmix" else []
+                            run_id = f"students/{model}-from-{ref.label}-{'-'.join(parts)}-s{seed}"
+                            kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
+                            if ref.checkpoint:
+                                kd["teacher_model"] = ref.model
+                            mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
+                            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
+                            yield PlannedRun(run_id, "student", where, config, model, seed, teacher_run=ref.run_id,
+                                             teacher_checkpoint=ref.checkpoint, teacher_model=ref.model, method=method,
+                                             temperature=temp, fraction=frac, alpha=alpha)
+
+
+_ABSENT = object()
+
+
+def _get(tree: dict[str, Any], dotted: str, absent: Any = None) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return absent
+        node = node[part]
+    return node
+
+
+def parse_study(data: Any, source: str = "<study>") -> StudyFile:
+    if not isinstance(data, dict):
+        raise MixkdError(f"invalid study file {source}: it must hold a mapping (name:, teachers:, students:)")
+    try:
+        return StudyFile.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        got = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(given, (dict, list)) else f" (got {given!r})"
+        raise MixkdError(f"invalid study file {source}: {_where(err['loc'])}: {msg}{got}") from None
+
+
+def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None = None) -> list[PlannedRun]:
+    """All runs of a study, teachers first, each once; raises MixkdError naming the bad key."""
+    over: dict[str, Any] = {}
+    for text in overrides or []:
+        set_dotted(over, *parse_override(text))
+    ex = _Expander(spec, source, over)
+    ex.check_recipe(spec.defaults, "defaults")
+    for key in _flat_keys(over):
+        if key in GRID_KEYS:
+            raise MixkdError(f"--set {key}: set by the study grid ({GRID_KEYS[key]})")
+    try:
+        RunConfig.model_validate(_merge(spec.defaults, over, {"task": "train"}))
+    except ValidationError as e:
+        raise MixkdError(f"--set {_where(e.errors()[0]['loc'])}: {e.errors()[0]['msg']}") from None
+    ex.expand_teachers()
+    ex.expand_students()
+    return list(ex.runs.values())
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None) -> Study:
+    """Read, validate and expand a study file. ``overrides`` ('key=value') apply to every run;
+    ``seeds`` replaces every group's seeds (used by ``mixkd demo --seed``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MixkdError(f"study file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if seeds is not None and isinstance(data, dict):
+        for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:
+            if isinstance(group, dict) and "checkpoint" not in group:
+                group["seeds"] = list(seeds)
+    spec = parse_study(data, str(p))
+    runs = expand(spec, str(p), overrides)
+    return Study(spec.name, spec.description, p, text, runs)
+
+
+def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Path) -> str | None:
+    """The first setting (other than paths and placement) in which a run directory's saved
+    ``config.yaml`` differs from the plan, as 'key: saved -> planned', or None."""
+    planned = RunConfig.model_validate(run.config_for(out)).model_dump(mode="json")
+    for key in _flat_keys(planned):
+        old = _get(saved, key, _ABSENT)
+        if key in PLACEMENT_KEYS or old is _ABSENT:  # a key added to RunConfig since the run started
+            continue
+        if old != _get(planned, key):
+            return f"{key}: {old!r} -> {_get(planned, key)!r}"
+    return None
