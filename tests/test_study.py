@@ -123,6 +123,29 @@ BAD = [
     ({"students": [{"teachers": "plain", "models": "resnet8", "methods": "alone"},
                    {"teachers": "plain", "models": "resnet8", "methods": "alone", "recipe": {"epochs": 5}}]},
      "students[1]: run students/resnet8-alone-s0 is also declared by students[0] with other settings (epochs: 1 vs 5)"),
+    ({"analysis": {"subset": 0}}, "analysis.subset: Input should be greater than or equal to 1 (got 0)"),
+    ({"analysis": {"enabled": True, "subsett": 100}}, "analysis.subsett: unknown key"),
+    ({"analysis": "yes"}, "analysis: Input should be a valid dictionary or instance of StudyAnalysis"),
+    ({"students": [{"teachers": "plain", "models": "resnet8", "methods": "kd",
+                    "analysis": {"tsne_pair": {"teacher": "plain", "student": "resnet8"}}}]},
+     "students[0].analysis.tsne_pair: unknown key"),
+    ({"analysis": {"tsne_pair": {"teacher": "plain"}}}, "analysis.tsne_pair.student: Field required"),
+    ({"analysis": {"tsne_pair": {"teacher": "mixupp", "student": "resnet8"}},
+      "students": [{"teachers": "plain", "models": "resnet8", "methods": "kd"}]},
+     "analysis.tsne_pair.teacher: unknown teacher 'mixupp'; teacher groups: plain"),
+    ({"analysis": {"tsne_pair": {"teacher": "plain", "student": "resnet14"}},
+      "students": [{"teachers": "plain", "models": "resnet8", "methods": "kd"}]},
+     "analysis.tsne_pair.student: no student resnet14 is distilled from teacher 'plain'"),
+    ({"analysis": {"tsne_pair": {"teacher": "plain", "student": "resnet8"}},
+      "students": [{"teachers": "plain", "models": "resnet8", "methods": "kd", "analysis": False}]},
+     "analysis.tsne_pair: no student resnet8 of teacher 'plain' is analyzed"),
+    ({"teachers": [{"name": "rd", "checkpoint": "x.pth", "model": "resnet20", "analysis": True}]},
+     "teachers[0]: an existing checkpoint is not trained; remove analysis"),
+    ({"analysis": True, "students": [{"teachers": "plain", "models": "resnet8", "methods": "kd"},
+                                     {"teachers": "plain", "models": "resnet8", "methods": "kd",
+                                      "analysis": {"subset": 50}}]},
+     "students[1].analysis.subset: run students/resnet8-from-resnet20_plain-kd-T4-s0 is also declared by students[0] "
+     "with subset None"),
 ]
 
 
@@ -135,6 +158,36 @@ def test_invalid_study_files_get_one_line_naming_the_key(change, message):
     text = str(err.value)
     assert "\n" not in text
     assert text.startswith("invalid study file s.yaml: " + message), text
+
+
+def test_analysis_key_at_the_top_and_per_group():
+    students = [{"name": "methods", "teachers": ["plain", "mixup"], "models": "resnet8", "methods": ["alone", "kd"]},
+                {"name": "mixt", "teachers": ["plain", "mixup"], "models": ["resnet8", "resnet14"], "methods": "kd",
+                 "temperatures": [1, 4], "analysis": False},
+                {"name": "more", "teachers": "mixup", "models": "resnet20", "methods": "kd_pmu",
+                 "analysis": {"subset": 50}}]
+    data = _study(students=students, analysis={"subset": 200, "batch_size": 64,
+                                               "tsne_pair": {"teacher": "mixup", "student": "resnet8"}})
+    runs = {r.id: r for r in _expand(data)}
+    top = {"subset": 200, "batch_size": 64, "seed": 0}
+    assert runs["teachers/resnet20_plain-s0"].analysis == top
+    assert runs["students/resnet8-alone-s0"].analysis == top
+    assert runs["students/resnet8-from-resnet20_mixup-s1-kd-T4-s0"].analysis == top  # also declared by mixt
+    assert runs["students/resnet8-from-resnet20_mixup-s1-kd-T1-s0"].analysis is None  # mixt only
+    assert runs["students/resnet14-from-resnet32_plain-kd-T4-s0"].analysis is None
+    assert runs["students/resnet20-from-resnet20_mixup-s0-kd_pmu-T4-f0.1-s0"].analysis == {**top, "subset": 50}
+    # true / false are short for enabled; no top-level key: only the groups that ask
+    data = _study(students=[{**students[0], "analysis": True},
+                            {**students[1], "temperatures": 1, "analysis": {"seed": 3}}])
+    runs = {r.id: r for r in _expand(data)}
+    assert runs["teachers/resnet20_plain-s0"].analysis is None
+    assert runs["students/resnet8-alone-s0"].analysis == {"subset": None, "batch_size": 1000, "seed": 0}
+    assert runs["students/resnet14-from-resnet32_plain-kd-T1-s0"].analysis == {"subset": None, "batch_size": 1000,
+                                                                                 "seed": 3}
+    data = _study(analysis={"enabled": False, "subset": 10}, teachers=[{"name": "plain", "models": "resnet20",
+                                                                        "analysis": {}}], students=[])
+    assert [r.analysis for r in _expand(data)] == [{"subset": 10, "batch_size": 1000, "seed": 0}]
+    assert all(r.analysis is None for r in _expand(_study()))
 
 
 def test_overrides_apply_to_every_run_but_not_to_grid_keys(tmp_path):
@@ -237,14 +290,15 @@ class InlineExecutor:
     kind, description = "inline", "in this process (test)"
 
     def __init__(self, execute=True):
-        self.execute, self.submitted, self._done = execute, [], []
+        self.execute, self.submitted, self.analyzed, self._done = execute, [], [], []
 
     def capacity(self):
         return 1
 
-    def submit(self, run_id, config, run_dir):
-        self.submitted.append(run_id)
-        outcome = execute_run(config, run_dir) if self.execute else {"ok": False, "message": "not run in this test"}
+    def submit(self, run_id, config, run_dir, analysis=None):
+        (self.submitted if analysis is None else self.analyzed).append(run_id)
+        outcome = (execute_run(config, run_dir, analysis) if self.execute
+                   else {"ok": False, "message": "not run in this test"})
         self._done.append((run_id, outcome))
 
     def wait(self, timeout):
@@ -379,3 +433,83 @@ def test_demo_runs_the_quickstart_study_and_says_where_the_report_is(tmp_path, c
     assert f"report (table and figures): {out / 'report.md'}" in printed
     assert "| resnet8 (plain) → resnet8 |" in printed
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"} and {r["epochs"] for r in rows} == {1}
+
+
+# ---- analyses after each run ------------------------------------------------------------------
+
+def test_a_study_with_analyses_analyzes_each_run_once_and_reports_them(tmp_path, cifar10_dir):
+    """Teacher and students analyzed after their runs (a failed analysis leaves the run done and is
+    retried), then the report's analysis tables, robustness curves and t-SNE montage."""
+    import torch
+
+    from mixkd.study import write_report
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = tmp_path / "a.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "a", "defaults": {"dataset": "cifar10", "data_dir": str(cifar10_dir), "epochs": 1,
+                                      "batch_size": 32, "eval_batch_size": 80, "device": "cpu"},
+            "analysis": {"subset": 32, "batch_size": 40, "tsne_pair": {"teacher": "plain", "student": "resnet8"}},
+            "teachers": [{"name": "plain", "models": "resnet8"}],
+            "students": [{"teachers": "plain", "models": "resnet8", "methods": ["alone", "kd", "kd_pmu"]}]}))
+        study, out = load_study(path), tmp_path / "out"
+        assert "analyses (mixkd analyze after the run, test images: 32): 4 runs, 0 done" in format_plan(study, out)
+        kd = out / "students/resnet8-from-resnet8_plain-kd-T4-s0"
+        hidden = tmp_path / "teacher.safetensors"
+        lines = []
+
+        def hide_the_teacher(line):  # the kd student's analysis then cannot load its teacher
+            lines.append(line)
+            if line.startswith("done    students/resnet8-from-resnet8_plain-kd-T4"):
+                (out / "teachers/resnet8_plain-s0/checkpoint.safetensors").rename(hidden)
+
+        ex = InlineExecutor()
+        outcome = run_study(study, out, ex, progress=False, echo=hide_the_teacher)
+        assert outcome.counts["done"] == 4 and ex.analyzed  # every run done, whatever its analysis did
+        failed = set(outcome.analysis_failed)  # the students analyzed after their teacher's checkpoint went
+        assert failed == {"students/resnet8-from-resnet8_plain-kd-T4-s0", "students/resnet8-from-resnet8_plain-kd_pmu-T4-f0.1-s0"}
+        assert "teacher" in outcome.analysis_failed["students/resnet8-from-resnet8_plain-kd-T4-s0"]
+        for run_id in failed:
+            assert (out / run_id / "result.json").exists() and (out / run_id / "analysis-error.txt").exists()
+            assert not (out / run_id / "analysis.json").exists()
+        state = json.loads((out / "study-state.json").read_text())
+        assert state["analyses"]["failed"] == len(failed) and state["analyses"]["done"] == 4 - len(failed)
+        assert {k for k, v in state["runs"].items() if v["status"] == "done"} == {r.id for r in study.runs}
+        assert any(line.startswith("ANALYSIS FAILED") for line in lines)
+        text = write_report(out).read_text()
+        assert "### Analyses that failed" in text
+
+        hidden.rename(out / "teachers/resnet8_plain-s0/checkpoint.safetensors")
+        stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/analysis.json")}
+        ex = InlineExecutor()
+        outcome = run_study(study, out, ex, progress=False, echo=lambda *_: None)
+        assert ex.submitted == [] and sorted(ex.analyzed) == sorted(failed)  # only the failed analyses again
+        assert outcome.analyses == {"done": 4, "running": 0, "pending": 0, "failed": 0}
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+        for run in study.runs:
+            a = json.loads((out / run.id / "analysis.json").read_text())
+            assert a["num_images"] == 32 and (out / run.id / "tsne.npz").exists()
+            assert (a["fidelity"] is not None) == (run.method in ("kd", "kd_pmu"))
+        assert (kd / "tsne_teacher.npz").exists()
+        ex = InlineExecutor()
+        run_study(study, out, ex, progress=False, echo=lambda *_: None)
+        assert ex.submitted == [] and ex.analyzed == []  # nothing left to do
+
+        text = write_report(out).read_text()
+        assert "## Analyses" in text and "### Analyses that failed" not in text
+        assert "| teacher (plain) | 1 |" in text and "| student alone | 1 |" in text
+        for title in ("ECE (%), lower is better", "entropy", "agreement (%), higher is better",
+                      "PGD 8/255 (%), higher is better"):
+            assert f"### {title}" in text
+        assert "| resnet8 (plain) → resnet8 |" in text.split("### agreement")[1]
+        for png in ("analysis-robustness.png", "analysis-tsne.png"):
+            assert f"]({png})" in text and (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert ("Panels: teacher resnet8 (plain) | resnet8: student alone | resnet8: KD (T=4) | "
+                "resnet8: KD + partial mixup (T=4, f=0.1)") in text
+        with open(out / "results.csv") as f:
+            header = f.readline().strip().split(",")
+        assert {"analysis", "ece", "entropy", "agreement", "pgd_8"} <= set(header)
+    finally:
+        torch.set_num_threads(threads)

@@ -133,3 +133,103 @@ def test_cli_report_and_its_errors(study_folder, tmp_path, capsys):
     assert main(["study", "report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mixkd: error: no runs found in") and "\n" not in err
+
+
+# ---- analyses (analysis.json in mixkd.analysis's layout, fabricated) -----------------------------
+
+def _analysis(out, run_id, ece, entropy, pgd8, agreement=None):
+    import numpy as np
+    import torch
+
+    from mixkd.analysis.tsne import save_embedding
+
+    d = out / run_id
+    model = {"top1": 70.0, "top5": 90.0, "nll": 1.2, "ece": ece, "confidence": 0.8, "entropy": entropy,
+             "logit_std": {"mean": 3.0}}
+    vicinal = {"lambdas": [0.5, 0.9], "student": {str(lam): {"accuracy": 60.0, "entropy": 1.0, "linearity_gap": 0.2}
+                                                   for lam in (0.5, 0.9)}}
+    a = {"format": "mixkd-analysis-1", "num_images": 200, "num_test_images": 10000, "student": model,
+         "teacher": None, "fidelity": None if agreement is None else {"agreement": agreement, "kl": 0.3},
+         "vicinal": vicinal, "robustness": {"eps_255": [0, 1, 2, 4, 8], "fgsm": [70.0, 50.0, 40.0, 30.0, pgd8 + 5],
+                                            "pgd": [70.0, 45.0, 30.0, 20.0, pgd8], "pgd_steps": 10}}
+    (d / "analysis.json").write_text(json.dumps(a))
+    rng = np.random.default_rng(len(run_id))
+    labels = torch.arange(30) % 3
+    args = (labels, torch.arange(30), ["a", "b", "c"], run_id)
+    save_embedding(d / "tsne.npz", rng.normal(size=(30, 2)).astype("float32"), *args)
+    if agreement is not None:
+        save_embedding(d / "tsne_teacher.npz", rng.normal(size=(30, 2)).astype("float32"), *args)
+
+
+@pytest.fixture
+def analyzed_folder(study_folder):
+    """The fabricated study with the teachers, the students alone and the resnet20 students of the
+    resnet56 mixup teacher analyzed; one analysis failed."""
+    out = study_folder
+    for teacher in TEACHERS:
+        _analysis(out, f"teachers/{teacher}-s0", ece=0.05, entropy=0.5, pgd8=10.0)
+    for seed in (0, 1):
+        _analysis(out, f"students/resnet20-alone-s{seed}", ece=0.04, entropy=0.6, pgd8=5.0)
+        for method, temp, ece in (("kd", 1, 0.03), ("kd", 4, 0.02 + 0.02 * seed), ("kd_fmu", 4, 0.06),
+                                  ("kd_pmu", 4, 0.025), ("std_pmu", 4, 0.05)):
+            _analysis(out, f"students/resnet20-from-resnet56_mixup-{method}-T{temp}-s{seed}", ece=ece,
+                      entropy=0.7, pgd8=8.0 + seed, agreement=90.0 + seed)
+    (out / "students/resnet32-from-resnet56_plain-kd-T4-s0/analysis-error.txt").write_text("CUDA out of memory\n\n...")
+    (out / "study.yaml").write_text("name: fabricated\nanalysis: {tsne_pair: {teacher: mixup, student: resnet20}}\n")
+    return out
+
+
+def test_report_adds_the_analysis_tables_curves_and_tsne_montage(analyzed_folder):
+    out = analyzed_folder
+    text = write_report(out).read_text()
+    assert "## Analyses" in text and "200 of the 10000 test images" in text
+    summary = text.split("### Per method")[1].split("###")[0]
+    assert ("| method | runs | top-1 (%) | ECE (%) | entropy | agreement (%) | KL(T\\|\\|S) | FGSM 8/255 (%) | "
+            "PGD 2/255 (%) | PGD 8/255 (%) |") in summary
+    methods = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
+    assert methods == ["method", "teacher (plain)", "teacher (mixup)", "student alone", "KD T=1", "KD T=4",
+                       "KD+FMU T=4", "KD+PMU T=4 f=0.1", "STD+PMU f=0.1"]
+    assert "| KD T=4 | 2 | 70.00 | 3.00 | 0.70 | 90.50 | 0.30 | 13.50 | 30.00 | 8.50 |" in summary
+    assert "| student alone | 2 | 70.00 | 4.00 | 0.60 | – |" in summary
+
+    ece = text.split("### ECE (%), lower is better")[1].split("###")[0]
+    rows = [line for line in ece.splitlines() if line.startswith("| resnet")]
+    assert len(rows) == 1  # only the analyzed pair
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    # teacher 5.00; alone 4.00; KD T=1 3.00, KD T=4 (2, 4), FMU 6, PMU 2.5 (best: lowest), STD+PMU 5
+    assert cells == ["resnet56 (mixup) → resnet20", "5.00", "4.00 ± 0.00", "3.00 ± 0.00", "3.00 ± 1.41",
+                     "6.00 ± 0.00", "**2.50 ± 0.00**", "5.00 ± 0.00"]
+    agreement = text.split("### agreement (%), higher is better")[1].split("###")[0]
+    assert "| resnet56 (mixup) → resnet20 | – | – | **90.50 ± 0.71** |" in agreement
+    assert "### entropy" in text and "### PGD 8/255 (%), higher is better" in text
+
+    for png in ("analysis-robustness.png", "analysis-tsne.png"):
+        assert f"]({png})" in text and (out / png).read_bytes()[:8] == PNG
+    assert ("Panels: teacher resnet56 (mixup) | resnet20: student alone | resnet20: KD (T=1) | resnet20: KD (T=4) | "
+            "resnet20: KD + full mixup (T=4) | resnet20: KD + partial mixup (T=4, f=0.1) | "
+            "resnet20: standardized KD + partial mixup (f=0.1)") in text
+    assert "`students/resnet32-from-resnet56_plain-kd-T4-s0`: CUDA out of memory" in text
+
+    with open(out / "results.csv") as f:
+        by_id = {r["id"]: r for r in csv.DictReader(f)}
+    kd = by_id["students/resnet20-from-resnet56_mixup-kd-T4-s1"]
+    assert kd["analysis"] == "done" and float(kd["ece"]) == 0.04 and float(kd["agreement"]) == 91.0
+    assert float(kd["pgd_8"]) == 9.0 and float(kd["fgsm_8"]) == 14.0 and float(kd["pgd_2"]) == 30.0
+    failed = by_id["students/resnet32-from-resnet56_plain-kd-T4-s0"]
+    assert failed["analysis"] == "failed" and failed["analysis_error"] == "CUDA out of memory" and failed["ece"] == ""
+    assert by_id["students/resnet20-from-resnet56_plain-kd-T4-s0"]["analysis"] == ""
+
+
+def test_no_analysis_section_without_analyses_and_a_montage_from_the_students_view(analyzed_folder, study_folder):
+    out = analyzed_folder
+    for path in out.glob("teachers/*/analysis.json"):  # the teacher panel then comes from a student's analysis
+        path.unlink()
+    (out / "study.yaml").write_text("name: fabricated\n")  # no tsne_pair: the pair with the most methods
+    text = write_report(out).read_text()
+    assert "Panels: teacher resnet56 (mixup) | resnet20: student alone" in text
+    assert "teacher (mixup)" not in text.split("### Per method")[1].split("###")[0]
+    for path in out.glob("**/analysis.json"):
+        path.unlink()
+    (out / "students/resnet32-from-resnet56_plain-kd-T4-s0/analysis-error.txt").unlink()
+    text = write_report(out).read_text()
+    assert "Analys" not in text and not list(out.glob("analysis-*.png"))

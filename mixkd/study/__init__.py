@@ -23,6 +23,8 @@ A study file (see ``configs/studies/``)::
         mix_modes: [mixup]                           # or cutmix
         seeds: [0, 1, 2]
         recipe: {optim: {lr: 0.05}}                  # RunConfig keys for this group
+        analysis: false                              # (optional) not this group's runs
+    analysis: {subset: 1000, tsne_pair: {teacher: mixup, student: resnet20}}  # mixkd analyze after each run
 
 ``mixkd study run --set KEY=VALUE`` sets a RunConfig key in every run (e.g. ``--set data_dir=/data``).
 

@@ -77,9 +77,13 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
         return 130
     print(f"study {study.name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked "
           f"(errors in {out}/<run>/error.txt and {out}/study-state.json)")
+    a = outcome.analyses
+    if a:
+        print(f"analyses: {a['done']} of {sum(a.values())} done, {a['failed']} failed"
+              + (f" (errors in {out}/<run>/analysis-error.txt; run the study again to retry them)" if a["failed"] else ""))
     if report:
         print(f"report: {write_report(out)}")
-    return 0 if c["done"] == len(study.runs) else 1
+    return 0 if c["done"] == len(study.runs) and not outcome.analysis_failed else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

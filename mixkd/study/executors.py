@@ -2,7 +2,9 @@
 
 An executor takes runs (``submit``) while it has ``capacity()``, reports finished ones (``wait``)
 as ``(run id, outcome)`` pairs, outcome as returned by :func:`mixkd.study.worker.execute_run`,
-and stops (``shutdown``), killing what still runs when told to.
+and stops (``shutdown``), killing what still runs when told to. ``submit(..., analysis=options)``
+is the analysis of a finished run (a job of its own, so that students need not wait for their
+teacher's analysis).
 
 * ``LocalExecutor``: N long-lived worker processes (spawned, so each imports torch once). With
   GPUs, worker i sees GPU i mod G alone through ``CUDA_VISIBLE_DEVICES``, and the default N is
@@ -45,8 +47,8 @@ def _local_worker(env: dict[str, str], threads: int, tasks, results) -> None:
     from mixkd.study.worker import execute_run
 
     while (item := tasks.get()) is not None:
-        run_id, config, run_dir = item
-        results.put((run_id, execute_run(config, run_dir)))
+        run_id, config, run_dir, analysis = item
+        results.put((run_id, execute_run(config, run_dir, analysis)))
 
 
 class LocalExecutor:
@@ -84,14 +86,14 @@ class LocalExecutor:
     def capacity(self) -> int:
         return sum(1 for c in self._current if c is None)
 
-    def submit(self, run_id: str, config: dict[str, Any], run_dir: str) -> None:
+    def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
         if self.gpus and str(config.get("device", "")).startswith("cuda:"):
             config = {**config, "device": "cuda"}  # each worker sees its one GPU as cuda:0
         i = self._current.index(None)
         if self._procs[i] is None or not self._procs[i].is_alive():
             self._start(i)
         self._current[i] = run_id
-        self._tasks[i].put((run_id, config, run_dir))
+        self._tasks[i].put((run_id, config, run_dir, analysis))
 
     def wait(self, timeout: float) -> list[Completion]:
         done: list[Completion] = []
@@ -132,10 +134,10 @@ class LocalExecutor:
         return [p.pid for p in self._procs if p is not None]
 
 
-def _ray_task(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def _ray_task(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     from mixkd.study.worker import execute_run
 
-    return execute_run(config, run_dir)
+    return execute_run(config, run_dir, analysis)
 
 
 class RayExecutor:
@@ -172,8 +174,8 @@ class RayExecutor:
     def capacity(self) -> int:
         return self._limit - len(self._refs)
 
-    def submit(self, run_id: str, config: dict[str, Any], run_dir: str) -> None:
-        self._refs[self._task.remote(config, run_dir)] = run_id
+    def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
+        self._refs[self._task.remote(config, run_dir, analysis)] = run_id
 
     def wait(self, timeout: float) -> list[Completion]:
         if not self._refs:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from mixkd.config import RunConfig
-from mixkd.study.runner import check_run
+from mixkd.study.runner import analysis_status, check_run
 from mixkd.study.spec import PlannedRun, Study
 
 # Training images per epoch where no finished run has measured it.
@@ -83,7 +83,14 @@ def format_plan(study: Study, out: str | Path) -> str:
              f"{len(runs) - n_teachers} students",
              f"folder {out}: {counts['done']} done, {counts['started']} started, {counts['failed']} failed"
              + (f", {counts['mismatch']} made with other settings than this file (mismatch: 'mixkd study run' "
-                "reports them as failed; delete them to run them again)" if counts["mismatch"] else ""), ""]
+                "reports them as failed; delete them to run them again)" if counts["mismatch"] else "")]
+    analyzed = [r for r in runs if r.analysis is not None]
+    if analyzed:
+        subsets = sorted({str(r.analysis["subset"] or "all") for r in analyzed})
+        done = sum(analysis_status(out, r.id) == "done" for r in analyzed)
+        lines.append(f"analyses (mixkd analyze after the run, test images: {', '.join(subsets)}): {len(analyzed)} runs, "
+                     f"{done} done")
+    lines.append("")
     width = max(len(r.id) for r in runs) if runs else 10
     lines.append(f"{'#':>4}  {'run':<{width}}  {'epochs':>6}  {'estimate':>8}  status")
     for i, run in enumerate(runs, 1):

@@ -5,6 +5,11 @@ and ``study-state.json`` (each run's status and error, rewritten atomically afte
 Running again skips finished runs (``result.json`` present), resumes interrupted ones from their
 checkpoints and retries failed ones. A student whose teacher failed is marked ``blocked``.
 Ctrl-C stops the workers; the folder stays resumable.
+
+Where the study file asks for analyses, each finished run is then analyzed (``analysis.json`` in
+its directory) as a job of its own, after the runs that are ready to train. An analysis that fails
+(``analysis-error.txt``) leaves its run done; running the study again retries it, and skips runs
+analyzed already.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import yaml
 
 from mixkd.errors import MixkdError
 from mixkd.study.spec import PlannedRun, Study, saved_config_mismatch
-from mixkd.study.worker import ERROR_NAME
+from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 
 STATE_NAME = "study-state.json"
 LOCK_NAME = ".study.lock"
@@ -44,11 +49,23 @@ def run_status(out: Path, run_id: str) -> str:
     return "started" if (d / "config.yaml").exists() else "new"
 
 
+def analysis_status(out: Path, run_id: str) -> str:
+    """'done', 'failed' or 'new': the analysis of a run, from what its directory holds."""
+    from mixkd.analysis import ANALYSIS_FILE
+
+    d = out / run_id
+    if (d / ANALYSIS_FILE).exists():
+        return "done"
+    return "failed" if (d / ANALYSIS_ERROR_NAME).exists() else "new"
+
+
 @dataclass
 class StudyOutcome:
     counts: dict[str, int]
     failed: dict[str, str] = field(default_factory=dict)  # run id -> error (failed and blocked runs)
     interrupted: bool = False
+    analyses: dict[str, int] = field(default_factory=dict)  # analysis status -> runs (runs to analyze only)
+    analysis_failed: dict[str, str] = field(default_factory=dict)  # run id -> error of its analysis
 
 
 class _Lock:
@@ -87,6 +104,25 @@ class _State:
         self.status: dict[str, str] = {}
         self.error: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
+        self.analysis: dict[str, str] = {}  # runs to analyze: pending, running, done or failed
+        self.analysis_error: dict[str, str] = {}
+
+    def set_analysis(self, run_id: str, status: str, error: str | None = None) -> None:
+        self.analysis[run_id] = status
+        if error:
+            self.analysis_error[run_id] = error
+        else:
+            self.analysis_error.pop(run_id, None)
+
+    def analysis_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("done", "running", "pending", "failed"), 0)
+        for s in self.analysis.values():
+            counts[s] += 1
+        return counts
+
+    def outcome(self, interrupted: bool = False) -> StudyOutcome:
+        return StudyOutcome(self.counts(), dict(self.error), interrupted, self.analysis_counts() if self.analysis else {},
+                            dict(self.analysis_error))
 
     def set(self, run_id: str, status: str, error: str | None = None) -> None:
         self.status[run_id] = status
@@ -109,10 +145,15 @@ class _State:
                 entry["error"] = self.error[run.id]
             if run.id in self.seconds:
                 entry["seconds"] = round(self.seconds[run.id], 1)
+            if run.id in self.analysis:
+                entry["analysis"] = self.analysis[run.id]
+            if run.id in self.analysis_error:
+                entry["analysis_error"] = self.analysis_error[run.id]
             runs[run.id] = entry
         state = {"study": self.study.name, "source": str(self.study.source),
                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "interrupted": interrupted, "counts": self.counts(), "runs": runs}
+                 "interrupted": interrupted, "counts": self.counts(),
+                 **({"analyses": self.analysis_counts()} if self.analysis else {}), "runs": runs}
         atomic_write(self.out / STATE_NAME, json.dumps(state, indent=1) + "\n")
 
 
@@ -153,9 +194,13 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
         state = _State(study, out)
         for run in study.runs:
             state.set(run.id, *_initial_status(run, out))
+            if run.analysis is not None:  # a failed analysis is retried
+                state.set_analysis(run.id, "done" if analysis_status(out, run.id) == "done" else "pending")
         counts = state.counts()
-        echo(f"study {study.name}: {len(study.runs)} runs, {counts['done']} already finished; "
-             f"{executor.description}; folder {out}")
+        todo = sum(s != "done" for s in state.analysis.values())
+        echo(f"study {study.name}: {len(study.runs)} runs, {counts['done']} already finished"
+             + (f", {todo} of {len(state.analysis)} analyses to do" if state.analysis else "")
+             + f"; {executor.description}; folder {out}")
         for run_id, error in state.error.items():
             echo(f"FAILED  {run_id}: {error}")
         state.save()
@@ -166,9 +211,12 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
         except KeyboardInterrupt:
             executor.shutdown(terminate=True)
             for run_id in started:
-                state.set(run_id, "pending")
+                if state.analysis.get(run_id) == "running":
+                    state.set_analysis(run_id, "pending")
+                else:
+                    state.set(run_id, "pending")
             state.save(interrupted=True)
-            return StudyOutcome(state.counts(), dict(state.error), interrupted=True)
+            return state.outcome(interrupted=True)
         except BaseException:
             executor.shutdown(terminate=True)
             raise
@@ -177,7 +225,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
                 bar.close()
         executor.shutdown()
         state.save()
-        return StudyOutcome(state.counts(), dict(state.error))
+        return state.outcome()
 
 
 def _loop(study: Study, out: Path, executor, device, state: _State, bar, started: dict[str, float], echo) -> None:
@@ -187,7 +235,10 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
     def show() -> None:
         if bar is not None:
             c = state.counts()
-            bar.set_postfix_str(f"running {c['running']}, failed {c['failed']}, blocked {c['blocked']}", refresh=True)
+            a = state.analysis_counts()
+            analyses = f", analyzed {a['done']}/{len(state.analysis)}" if state.analysis else ""
+            bar.set_postfix_str(f"running {c['running']}, failed {c['failed']}, blocked {c['blocked']}{analyses}",
+                                refresh=True)
 
     changed = True
     while True:
@@ -206,6 +257,14 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
                 state.set(run.id, "running")
                 started[run.id] = time.perf_counter()
                 changed = True
+        for run in study.runs:  # then the analyses of finished runs
+            if executor.capacity() <= 0:
+                break
+            if state.status[run.id] == "done" and state.analysis.get(run.id) == "pending":
+                executor.submit(run.id, run.config_for(out, device), str(out / run.id), analysis=run.analysis)
+                state.set_analysis(run.id, "running")
+                started[run.id] = time.perf_counter()
+                changed = True
         if changed:
             state.save()
             changed = False
@@ -214,6 +273,9 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
             return
         for run_id, outcome in executor.wait(timeout=1.0):
             changed = True
+            if state.analysis.get(run_id) == "running":
+                _analyzed(out, state, run_id, outcome, time.perf_counter() - started.pop(run_id), note)
+                continue
             state.seconds[run_id] = time.perf_counter() - started.pop(run_id)
             if outcome["ok"] and not (out / run_id / "result.json").exists():
                 outcome = {"ok": False, "message": f"the run reported success but {out / run_id / 'result.json'} is not "
@@ -229,3 +291,20 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
                 note(f"FAILED  {run_id}: {outcome['message']}")
             if bar is not None:
                 bar.update(1)
+
+
+def _analyzed(out: Path, state: _State, run_id: str, outcome: dict[str, Any], seconds: float, note) -> None:
+    from mixkd.analysis import ANALYSIS_FILE
+
+    if outcome["ok"] and not (out / run_id / ANALYSIS_FILE).exists():
+        outcome = {"ok": False, "message": f"the analysis reported success but {out / run_id / ANALYSIS_FILE} is not "
+                                           "visible here: the study folder must be on storage every worker shares"}
+    if outcome["ok"]:
+        state.set_analysis(run_id, "done")
+        note(f"analyzed {run_id} ({seconds:.0f} s)")
+        return
+    state.set_analysis(run_id, "failed", outcome["message"])
+    if not (out / run_id / ANALYSIS_ERROR_NAME).exists():
+        (out / run_id / ANALYSIS_ERROR_NAME).write_text(outcome["message"] + "\n")
+    note(f"ANALYSIS FAILED  {run_id}: {outcome['message']} (the run's result stands; running the study again "
+         "retries the analysis)")

@@ -6,6 +6,17 @@ A study file (YAML) holds ``name``, ``defaults`` (RunConfig keys shared by every
 ``temperatures`` x ``fractions`` x ``alphas`` x ``mix_modes`` x ``seeds``). Each group may add a
 ``recipe`` of RunConfig keys. See ``configs/studies/`` for examples.
 
+``analysis`` (top level, and per group to override it) asks for ``mixkd analyze`` after each run::
+
+    analysis: {enabled: true, subset: 200, batch_size: 1000, seed: 0,
+               tsne_pair: {teacher: mixup, student: resnet8}}   # top level only: the report's t-SNE montage
+    students:
+      - {name: mixt, ..., analysis: false}                       # not this group's runs
+
+``analysis: true`` / ``false`` is short for ``{enabled: true / false}``; a group's ``analysis``
+mapping is merged over the top-level one and means ``enabled: true`` unless it says otherwise. A run
+declared by two groups is analyzed when either asks for it.
+
 Every run gets a stable, readable id that is also its directory in the study folder, e.g.
 ``teachers/resnet56_mixup-s0`` or ``students/resnet20-from-resnet56_mixup-kd_pmu-T4-f0.1-s0``.
 An axis appears in an id only where it applies (no temperature for standardized KD, no fraction
@@ -101,6 +112,36 @@ class MixSetting(_Strict):
     fraction: float = Field(1.0, gt=0, le=1)
 
 
+def _analysis_flag(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class AnalysisSetting(_Strict):
+    """What ``mixkd analyze`` does after each run (see :func:`mixkd.analysis.analyze_run`)."""
+
+    enabled: bool = True
+    subset: int | None = Field(None, ge=1, description="analyze N evenly spaced test images (None: all); t-SNE set fixed")
+    batch_size: int = Field(1000, ge=1)
+    seed: int = Field(0, ge=0, description="vicinal pairs, PGD random starts, t-SNE")
+
+    def options(self) -> dict[str, Any] | None:
+        """The keyword arguments of analyze_run, or None when disabled."""
+        return {"subset": self.subset, "batch_size": self.batch_size, "seed": self.seed} if self.enabled else None
+
+
+class TsnePair(_Strict):
+    teacher: str = Field(description="a teacher group name, or a teacher as named in student run ids (resnet56_mixup)")
+    student: str = Field(description="the student architecture")
+
+
+class StudyAnalysis(AnalysisSetting):
+    tsne_pair: TsnePair | None = Field(None, description="the pair of the report's t-SNE montage (default: the "
+                                                         "pair with the most analyzed methods)")
+
+
+GroupAnalysis = Annotated[AnalysisSetting | None, BeforeValidator(_analysis_flag)]
+
+
 class TeacherGroup(_Strict):
     name: Name
     models: Strs | None = None
@@ -109,6 +150,7 @@ class TeacherGroup(_Strict):
     recipe: dict[str, Any] = {}
     checkpoint: str | None = Field(None, description="an existing teacher: mixkd run dir/checkpoint or RepDistiller .pth")
     model: str | None = Field(None, description="the architecture of checkpoint")
+    analysis: GroupAnalysis = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> TeacherGroup:
@@ -120,7 +162,7 @@ class TeacherGroup(_Strict):
         else:
             if not self.model:
                 raise ValueError("checkpoint: needs model:, the teacher's architecture")
-            extra = sorted({"models", "mix", "seeds", "recipe"} & self.model_fields_set)
+            extra = sorted({"models", "mix", "seeds", "recipe", "analysis"} & self.model_fields_set)
             if extra:
                 raise ValueError(f"an existing checkpoint is not trained; remove {', '.join(extra)}")
         return self
@@ -138,6 +180,7 @@ class StudentGroup(_Strict):
     mix_modes: Annotated[list[Literal["mixup", "cutmix"]], BeforeValidator(_listify), Field(min_length=1)] = ["mixup"]
     seeds: Ints = [0]
     recipe: dict[str, Any] = {}
+    analysis: GroupAnalysis = None
 
     @model_validator(mode="after")
     def _students(self) -> StudentGroup:
@@ -155,6 +198,7 @@ class StudyFile(_Strict):
     defaults: dict[str, Any] = {}
     teachers: list[TeacherGroup] = []
     students: list[StudentGroup] = []
+    analysis: Annotated[StudyAnalysis | None, BeforeValidator(_analysis_flag)] = None
 
 
 @dataclass
@@ -174,6 +218,7 @@ class PlannedRun:
     temperature: float | None = None
     fraction: float | None = None
     alpha: float | None = None
+    analysis: dict[str, Any] | None = None  # analyze_run's options after the run, or None: no analysis
 
     def config_for(self, out: str | Path, device: str | None = None) -> dict[str, Any]:
         """The full RunConfig tree of this run inside study folder ``out``."""
@@ -196,6 +241,7 @@ class Study:
     source: Path
     text: str
     runs: list[PlannedRun] = field(default_factory=list)
+    tsne_pair: tuple[str, str] | None = None  # (teacher, student model) of the report's t-SNE montage
 
     def run(self, run_id: str) -> PlannedRun:
         return next(r for r in self.runs if r.id == run_id)
@@ -207,6 +253,7 @@ class _TeacherRef:
     model: str
     run_id: str | None
     checkpoint: str | None
+    group: str  # its teacher group
 
 
 def _fmt(value: float) -> str:
@@ -250,6 +297,7 @@ class _Expander:
         self.spec, self.source, self.overrides = spec, source, overrides
         self.runs: dict[str, PlannedRun] = {}
         self.teachers: dict[str, list[_TeacherRef]] = {}
+        self.labels: dict[str, tuple[str, str]] = {}  # distilled run id -> (teacher group, teacher label)
 
     def fail(self, where: str, message: str) -> MixkdError:
         return MixkdError(f"invalid study file {self.source}: {where}: {message}")
@@ -273,6 +321,15 @@ class _Expander:
         except MixkdError as e:
             raise self.fail(where, str(e)) from None
 
+    def analysis(self, group: AnalysisSetting | None) -> dict[str, Any] | None:
+        """A group's analysis options: its own ``analysis`` merged over the top-level one."""
+        top = self.spec.analysis
+        if group is None:
+            return top.options() if top is not None else None
+        base = top.model_dump(exclude={"tsne_pair"}) if top is not None else {}
+        merged = {**base, "enabled": True, **group.model_dump(include=group.model_fields_set)}
+        return AnalysisSetting(**merged).options()
+
     def recipe(self, group_recipe: dict[str, Any], where: str) -> dict[str, Any]:
         self.check_recipe(group_recipe, f"{where}.recipe")
         tree = _merge(self.spec.defaults, group_recipe, self.overrides)
@@ -288,7 +345,14 @@ class _Expander:
         first = self.runs.get(run.id)
         if first is None:
             self.runs[run.id] = run
-        elif first.config != run.config:
+            return
+        if first.analysis is None:  # analyzed when any group that declares it asks for it
+            first.analysis = run.analysis
+        elif run.analysis is not None and run.analysis != first.analysis:
+            key = next(k for k in first.analysis if first.analysis[k] != run.analysis[k])
+            raise self.fail(f"{run.group}.analysis.{key}", f"run {run.id} is also declared by {first.group} with "
+                                                           f"{key} {first.analysis[key]!r}; give both the same")
+        if first.config != run.config:
             key = next(k for k in sorted(set(_flat_keys(first.config)) | set(_flat_keys(run.config)))
                        if _get(first.config, k) != _get(run.config, k))
             raise self.fail(run.group, f"run {run.id} is also declared by {first.group} with other settings "
@@ -303,9 +367,10 @@ class _Expander:
             if g.checkpoint is not None:
                 self.check_model(g.model, f"{where}.model")
                 path = os.path.abspath(os.path.expanduser(g.checkpoint))
-                self.teachers[g.name] = [_TeacherRef(f"{g.model}_{g.name}", g.model, None, path)]
+                self.teachers[g.name] = [_TeacherRef(f"{g.model}_{g.name}", g.model, None, path, g.name)]
                 continue
             base = self.recipe(g.recipe, where)
+            analysis = self.analysis(g.analysis)
             refs = []
             for mi, model in enumerate(g.models):
                 self.check_model(model, f"{where}.models[{mi}]")
@@ -316,8 +381,8 @@ class _Expander:
                         label = name + (f"-s{seed}" if len(g.seeds) > 1 else "")
                         config = _merge(base, {"task": "train", "model": model, "seed": seed,
                                                "mix": mix.model_dump()})
-                        self.add(PlannedRun(run_id, "teacher", where, config, model, seed))
-                        refs.append(_TeacherRef(label, model, run_id, None))
+                        self.add(PlannedRun(run_id, "teacher", where, config, model, seed, analysis=analysis))
+                        refs.append(_TeacherRef(label, model, run_id, None, g.name))
             self.teachers[g.name] = refs
 
     def expand_students(self) -> None:
@@ -344,17 +409,37 @@ class _Expander:
             for si, model in enumerate(students):
                 self.check_model(model, f"{where}.{'models' if g.models else 'pairs'}[{si}]")
             base = self.recipe(g.recipe, where)
+            analysis = self.analysis(g.analysis)
             for method in g.methods:
                 if METHODS[method].task == "train":
                     for model in students:
                         for seed in g.seeds:
                             config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
                             self.add(PlannedRun(f"students/{model}-alone-s{seed}", "student", where, config, model,
-                                                seed, method=method))
+                                                seed, method=method, analysis=analysis))
                     continue
                 for ref, model in combos:
                     for run in self.distill_runs(g, where, base, method, ref, model):
+                        run.analysis = analysis
                         self.add(run)
+                        self.labels[run.id] = (ref.group, ref.label)
+
+    def check_tsne_pair(self) -> None:
+        """``analysis.tsne_pair`` must name a teacher (group or label) and a student of it that is analyzed."""
+        pair = self.spec.analysis.tsne_pair if self.spec.analysis is not None else None
+        if pair is None:
+            return
+        if pair.teacher not in self.teachers and not any(label == pair.teacher for _, label in self.labels.values()):
+            known = ", ".join(self.teachers) or "none"
+            raise self.fail("analysis.tsne_pair.teacher", f"unknown teacher '{pair.teacher}'; teacher groups: {known}")
+        found = [r for r in self.runs.values()
+                 if r.model == pair.student and r.id in self.labels and pair.teacher in self.labels[r.id]]
+        if not found:
+            raise self.fail("analysis.tsne_pair.student", f"no student {pair.student} is distilled from teacher "
+                                                          f"'{pair.teacher}'")
+        if not any(r.analysis is not None for r in found):
+            raise self.fail("analysis.tsne_pair", f"no student {pair.student} of teacher '{pair.teacher}' is analyzed "
+                                                  "(analysis is off for its groups)")
 
     def distill_runs(self, g: StudentGroup, where: str, base: dict, method: str, ref: _TeacherRef, model: str):
         m = METHODS[method]
@@ -423,6 +508,7 @@ def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None
         raise MixkdError(f"--set {_where(e.errors()[0]['loc'])}: {e.errors()[0]['msg']}") from None
     ex.expand_teachers()
     ex.expand_students()
+    ex.check_tsne_pair()
     return list(ex.runs.values())
 
 
@@ -445,7 +531,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
                 group["seeds"] = list(seeds)
     spec = parse_study(data, str(p))
     runs = expand(spec, str(p), overrides)
-    return Study(spec.name, spec.description, p, text, runs)
+    pair = spec.analysis.tsne_pair if spec.analysis is not None else None
+    return Study(spec.name, spec.description, p, text, runs, (pair.teacher, pair.student) if pair else None)
 
 
 def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Path) -> str | None:
