@@ -2,6 +2,10 @@
 # Every GPU measurement of the speed issue, in one go (about 8 minutes on an H100/H200).
 # Expects real CIFAR-100 in $DATA/cifar-100-python (default /tmp/data) and writes details to $OUT.
 #   DATA=/tmp/data OUT=/tmp/out bash bench/device.sh
+# The lent GPU machines' image has torch, torchvision, safetensors, PyYAML, tqdm, scikit-learn and
+# matplotlib but not pydantic: carry wheels of pydantic, pydantic-core, annotated-types and
+# typing-inspection (python 3.12, manylinux x86_64) in .whl/ and install them first (the device
+# tool's README gives the pip download / pip install --target recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/tmp/data}
@@ -28,7 +32,7 @@ save_checkpoint("/tmp/teacher-resnet32x4.safetensors", create_model("resnet32x4"
                 num_classes=100, epoch=0)
 PY
 rm -rf "$OUT/proj"
-mixkd distill --teacher /tmp/teacher-resnet32x4.safetensors --student resnet8x4 --kd std --mix mixup \
+python3 -m mixkd distill --teacher /tmp/teacher-resnet32x4.safetensors --student resnet8x4 --kd std --mix mixup \
   --mix-fraction 0.1 --precision bf16 --epochs 10 --data-dir "$DATA" \
   --out /tmp/proj --no-progress >"$OUT/projection.log" 2>&1
 python3 - "$OUT" <<'PY'
@@ -41,9 +45,9 @@ PY
 # 4. real-data check: vanilla resnet8x4, 80 epochs, batch 64, schedule x0.1 at 62.5/75/87.5%, fp32 and bf16
 #    run side by side (two runs on one GPU, which is also what the study runner's K-runs-per-GPU does)
 rm -rf /tmp/r8x4-fp32 /tmp/r8x4-bf16
-mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision fp32 --out /tmp/r8x4-fp32 --no-progress \
+python3 -m mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision fp32 --out /tmp/r8x4-fp32 --no-progress \
   >"$OUT/r8x4-fp32.log" 2>&1 &
-mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision bf16 --out /tmp/r8x4-bf16 --no-progress \
+python3 -m mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision bf16 --out /tmp/r8x4-bf16 --no-progress \
   >"$OUT/r8x4-bf16.log" 2>&1 &
 wait
 cp /tmp/r8x4-fp32/result.json "$OUT/r8x4-fp32.json"; cp /tmp/r8x4-bf16/result.json "$OUT/r8x4-bf16.json"
