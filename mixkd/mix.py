@@ -102,15 +102,11 @@ def mixed_mask(batch_size: int, fraction: float, sampling: Sampling = "exact", g
     """
     if sampling == "exact":
         chosen = random_permutation(batch_size, generator, device)[: mixed_count(batch_size, fraction)]
-        mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        mask[chosen] = True
-        return mask
+        return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill_(0, chosen, True)
     if sampling == "reference":
         n_unmixed = int(batch_size * (1.0 - fraction))
         unmixed = torch.randint(0, batch_size, (n_unmixed,), generator=generator, device=device)
-        mask = torch.ones(batch_size, dtype=torch.bool, device=device)
-        mask[unmixed] = False
-        return mask
+        return torch.ones(batch_size, dtype=torch.bool, device=device).index_fill_(0, unmixed, False)
     raise ValueError(f"sampling must be 'exact' or 'reference', got {sampling!r}")
 
 
