@@ -136,9 +136,6 @@ class Run:
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers)
-        if len(self.train_loader) == 0:
-            raise MixkdError(f"batch size {cfg.batch_size} is larger than the {self.data.name} training set "
-                             f"({self.train_loader.num_samples} images); lower --batch-size")
         torch.manual_seed(cfg.seed)
         channels_last = cfg.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format

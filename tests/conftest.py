@@ -17,3 +17,12 @@ def cifar10_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar10")
     write_fake_cifar(root, num_classes=10, n_train=160, n_test=80, seed=0)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the duration of a test (tiny tensors: faster, and steady on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

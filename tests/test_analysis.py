@@ -23,12 +23,7 @@ from mixkd.data import load_dataset
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster, and steady
 
 
 # ---- calibration ----------------------------------------------------------------------------

@@ -18,12 +18,7 @@ MODEL_KEYS = {"top1", "top5", "nll", "ece", "calibration", "confidence", "entrop
 VICINAL_KEYS = {"accuracy", "entropy", "confidence", "linearity_gap"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster, and steady
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
 from mixkd.study.spec import PlannedRun, Study, saved_config_mismatch
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
@@ -31,12 +32,6 @@ from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 STATE_NAME = "study-state.json"
 LOCK_NAME = ".study.lock"
 STUDY_COPY = "study.yaml"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_status(out: Path, run_id: str) -> str:
@@ -154,7 +149,7 @@ class _State:
                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "interrupted": interrupted, "counts": self.counts(),
                  **({"analyses": self.analysis_counts()} if self.analysis else {}), "runs": runs}
-        atomic_write(self.out / STATE_NAME, json.dumps(state, indent=1) + "\n")
+        atomic_write_text(self.out / STATE_NAME, json.dumps(state, indent=1) + "\n")
 
 
 def check_run(run: PlannedRun, out: Path) -> tuple[str, str | None]:
@@ -190,7 +185,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        atomic_write(out / STUDY_COPY, study.text)
+        atomic_write_text(out / STUDY_COPY, study.text)
         state = _State(study, out)
         for run in study.runs:
             state.set(run.id, *_initial_status(run, out))
