@@ -49,15 +49,24 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
 
 
-def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device,
-                 channels_last: bool = False) -> tuple[torch.nn.Module, str]:
-    """A frozen teacher in eval mode from a mixkd checkpoint/run directory or a RepDistiller ``.pth``."""
+def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model") -> tuple[torch.nn.Module, str]:
+    """A model with the weights of a mixkd checkpoint/run directory or a RepDistiller ``.pth``.
+
+    ``arch`` may be omitted when the checkpoint names its architecture (mixkd checkpoints do).
+    """
     ckpt = load_checkpoint(checkpoint)
     arch = arch or ckpt.model_name
     if not arch:
-        raise MixkdError(f"teacher {checkpoint} does not say its architecture; pass --teacher-model (see 'mixkd models')")
-    teacher = create_model(arch, num_classes)
-    load_weights(teacher, ckpt.state_dict, str(checkpoint))
+        raise MixkdError(f"{checkpoint} does not say its architecture; pass {flag} (see 'mixkd models')")
+    model = create_model(arch, num_classes)
+    load_weights(model, ckpt.state_dict, str(checkpoint))
+    return model, arch
+
+
+def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device,
+                 channels_last: bool = False) -> tuple[torch.nn.Module, str]:
+    """A frozen teacher in eval mode (see :func:`load_model`)."""
+    teacher, arch = load_model(checkpoint, arch, num_classes, flag="--teacher-model")
     teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -324,12 +333,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data_dir: str | None, mod
     """Test-set top-1/top-5/NLL of a mixkd checkpoint or a RepDistiller ``.pth``."""
     dev = resolve_device(device)
     data = load_dataset(dataset, data_dir, download=download, image_size=image_size)
-    ckpt = load_checkpoint(checkpoint)
-    arch = model or ckpt.model_name
-    if not arch:
-        raise MixkdError(f"{checkpoint} does not say its architecture; pass --model (see 'mixkd models')")
-    net = create_model(arch, data.num_classes)
-    load_weights(net, ckpt.state_dict, str(checkpoint))
+    net, arch = load_model(checkpoint, model, data.num_classes)
     _, test_loader = make_loaders(data, 2, dev, eval_batch_size=batch_size, workers=0)
     metrics = evaluate(net.to(dev), test_loader)
     return {"checkpoint": str(checkpoint), "model": arch, "dataset": dataset, **metrics}
