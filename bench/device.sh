@@ -1,58 +1,65 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed issue, in one go (about 8 minutes on an H100/H200).
-# Expects real CIFAR-100 in $DATA/cifar-100-python (default /tmp/data) and writes details to $OUT.
-#   DATA=/tmp/data OUT=/tmp/out bash bench/device.sh
-# The lent GPU machines' image has torch, torchvision, safetensors, PyYAML, tqdm, scikit-learn and
-# matplotlib but not pydantic: carry wheels of pydantic, pydantic-core, annotated-types and
-# typing-inspection (python 3.12, manylinux x86_64) in .whl/ and install them first (the device
-# tool's README gives the pip download / pip install --target recipe).
-set -euo pipefail
+# All the GPU work of issues 9 (packed runs) and 12 (compiled step) in one command: at most 7 minutes on
+# one H100/H200 (each step below has a time cap), at most 8 files under $OUT, the tables printed last.
+#   OUT=/tmp/out bash bench/device.sh
+# The lent GPU machines' image has torch 2.11, Triton, pytest, PyYAML, safetensors and tqdm but not
+# pydantic: carry wheels of pydantic, pydantic-core, annotated-types and typing-inspection (python 3.12,
+# manylinux x86_64) in .whl/ (the device tool's README gives the pip download line); they are installed
+# into /tmp/site here. mixkd runs from this checkout (PYTHONPATH), nothing else is installed.
+#
+# What it measures, on random uint8 images of CIFAR's shape (the step's cost does not depend on them):
+#  1. tests.txt (cap 110 s): pytest tests/test_step.py tests/test_compile.py, and tests/test_pack.py when
+#     present: graphed == eager over 20 steps (fp32, bf16); the compiled graphed step == the uncompiled one
+#     over 20 steps, losses and weights (fp32 and bf16 with teacher and student compiled; bf16 with the
+#     mixing and losses compiled too); TrainStep.measure leaves a graphed run as it was; packed == alone.
+#  2. bench.txt / bench.json / bench.log (cap 210 s): bench/step_bench.py, bf16 + channels-last, PMU 10% +
+#     standardized KD, batch 64, 200 steps after 20, for resnet32x4 -> resnet8x4, resnet56 -> resnet20 and
+#     wrn_40_2 -> wrn_16_2: d (one run, CUDA graph), e (batch 512, the ceiling), g / h (d / e with teacher
+#     and student compiled; compile seconds beside them), p / q (K = 2, 4, 8 runs of the pair in one
+#     mixkd.pack.Pack, each on its own CUDA stream; uncompiled / compiled), a mixed pack (one run of each
+#     pair), the warm-up of 1 and 8 compiled runs of the first pair from an empty dynamo cache, and the
+#     issues' targets as ratios: issue 9 best K >= 90% of e, mixed pack >= 80% of the mean e; issue 12
+#     g >= 20x the released loop on the same GPU kind (../shared/REFERENCE.md), best compiled K >= e,
+#     8 compiled runs' warm-up <= 2x one run's.
+#  3. try.txt / try.json / try.log (cap 85 s): issue 12's "also try", resnet32x4 -> resnet8x4: g beside
+#     s (one-hot labels, mixing and losses compiled too) and m (inductor mode max-autotune-no-cudagraphs).
+# inductor's cache is kept in /tmp/mixkd-compile-cache, so step 3 reuses what step 2 compiled.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-/tmp/data}
 OUT=${OUT:-/tmp/mixkd-bench}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps -e . 2>/dev/null || pip install -q --no-deps -e .
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/mixkd-compile-cache
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import pydantic" 2>/dev/null || { echo "pydantic is missing: carry its wheels in .whl/ (see above)"; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "cores: $(nproc)"; git log -1 --format='commit %h' 2>/dev/null; date -u; } | tee "$OUT/gpu.txt"
 
-# 1. graphed == eager over 20 steps (fp32 and bf16)
-python3 -m pytest -q tests/test_step.py 2>&1 | tail -3 | tee "$OUT/graph-test.txt"
+# 1. correctness on the GPU
+tests="tests/test_step.py tests/test_compile.py"
+[ -f tests/test_pack.py ] && tests="$tests tests/test_pack.py"
+timeout -k 5 110 python3 -m pytest -q -p no:cacheprovider $tests >"$OUT/tests.txt" 2>&1
+echo "pytest exit status $?" >>"$OUT/tests.txt"
 
-# 2. step throughput, variants a-f, the five pairs (about 3 minutes)
-python3 bench/step_bench.py --data-dir "$DATA" --steps 300 --json "$OUT/step_bench.json" 2>"$OUT/step_bench.log" \
-  | tee "$OUT/step_bench.txt"
+# 2. the benchmark (prints what it measured even when stopped by its cap)
+PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
+timeout -k 10 210 python3 bench/step_bench.py --pairs $PAIRS --variants deghpq --pack 2,4,8 --steps 200 --warmup 20 \
+  --json "$OUT/bench.json" >"$OUT/bench.txt" 2>"$OUT/bench.log"
+echo "step_bench exit status $?" >>"$OUT/bench.log"
 
-# 3. a 10-epoch resnet32x4 -> resnet8x4 distillation with per-epoch evaluation, projected to 240 epochs
-python3 - <<'PY'
-import torch
-from mixkd.checkpoint import save_checkpoint
-from mixkd.models import create_model
-torch.manual_seed(0)
-save_checkpoint("/tmp/teacher-resnet32x4.safetensors", create_model("resnet32x4", 100), model_name="resnet32x4",
-                num_classes=100, epoch=0)
-PY
-rm -rf "$OUT/proj"
-python3 -m mixkd distill --teacher /tmp/teacher-resnet32x4.safetensors --student resnet8x4 --kd std --mix mixup \
-  --mix-fraction 0.1 --precision bf16 --epochs 10 --data-dir "$DATA" \
-  --out /tmp/proj --no-progress >"$OUT/projection.log" 2>&1
-python3 - "$OUT" <<'PY'
-import json, sys
-r = json.load(open("/tmp/proj/result.json"))
-line = f"10 epochs resnet32x4 -> resnet8x4 (bf16, graph, eval each epoch): {r['wall_seconds']:.1f} s -> 240 epochs ~ {r['wall_seconds'] * 24 / 60:.1f} min"
-print(line); open(sys.argv[1] + "/projection.txt", "w").write(line + "\n")
-PY
-
-# 4. real-data check: vanilla resnet8x4, 80 epochs, batch 64, schedule x0.1 at 62.5/75/87.5%, fp32 and bf16
-#    run side by side (two runs on one GPU, which is also what the study runner's K-runs-per-GPU does)
-rm -rf /tmp/r8x4-fp32 /tmp/r8x4-bf16
-python3 -m mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision fp32 --out /tmp/r8x4-fp32 --no-progress \
-  >"$OUT/r8x4-fp32.log" 2>&1 &
-python3 -m mixkd train --model resnet8x4 --epochs 80 --data-dir "$DATA" --precision bf16 --out /tmp/r8x4-bf16 --no-progress \
-  >"$OUT/r8x4-bf16.log" 2>&1 &
-wait
-cp /tmp/r8x4-fp32/result.json "$OUT/r8x4-fp32.json"; cp /tmp/r8x4-bf16/result.json "$OUT/r8x4-bf16.json"
+# 3. what else issue 12 asks to try
+timeout -k 10 85 python3 bench/step_bench.py --pairs resnet32x4:resnet8x4 --variants gsm --steps 200 --warmup 20 \
+  --json "$OUT/try.json" >"$OUT/try.txt" 2>"$OUT/try.log"
+echo "step_bench (try) exit status $?" >>"$OUT/try.log"
 
 echo; echo "== summary =="
-cat "$OUT/gpu.txt" "$OUT/graph-test.txt" "$OUT/projection.txt"
-for p in fp32 bf16; do python3 -c "import json;r=json.load(open('$OUT/r8x4-$p.json'));print(f\"resnet8x4 80 ep $p: top-1 {r['top1']:.2f}% (best {r['best_top1']:.2f}) in {r['wall_seconds']:.0f} s\")"; done
-cat "$OUT/step_bench.txt"
+cat "$OUT/gpu.txt"
+echo "-- tests (tests.txt)"; tail -n 15 "$OUT/tests.txt"
+echo "-- also try (try.txt; its log ends: $(tail -n 1 "$OUT/try.log"))"; cat "$OUT/try.txt"
+echo "-- benchmark (bench.txt; its log ends: $(tail -n 1 "$OUT/bench.log"))"; cat "$OUT/bench.txt"

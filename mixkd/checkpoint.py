@@ -25,16 +25,34 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "mixkd-checkpoint-1"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux: /proc), since
+    setting it to read it back is not thread-safe."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)``, then move the file into place in one step (never a half-written file)."""
+    """Call ``write(tmp_path)``, then move the file into place in one step (never a half-written file).
+    The file gets the mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask (also
+    where it replaces a file that an older mixkd wrote with mode 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,8 +96,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_name: str, num_classes: int,
                     epoch: int, optimizer: torch.optim.Optimizer | None = None,
-                    rng: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write weights (+ optimizer and RNG state) for a run that has finished ``epoch`` epochs."""
+                    rng: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights (+ optimizer, RNG and other run ``state`` tensors) for a run that has finished
+    ``epoch`` epochs (and, mid-epoch, ``extra['step']`` steps of the next)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": FORMAT, "model": model_name, "num_classes": num_classes, "epoch": epoch}
     if optimizer is not None:
@@ -88,6 +108,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_name: str
         meta["optimizer"] = layout
     for name, value in (rng or {}).items():
         tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
+    for name, value in (state or {}).items():
+        tensors[f"state.{name}"] = value.detach().cpu().contiguous()
     meta.update(extra or {})
     metadata = {"mixkd": json.dumps(meta), "sha256": _digest(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -96,11 +118,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_name: str
 class Checkpoint:
     """A loaded checkpoint: ``state_dict``, ``meta`` (dict), optional optimizer and RNG state."""
 
-    def __init__(self, state_dict, meta, optimizer_state=None, rng=None):
+    def __init__(self, state_dict, meta, optimizer_state=None, rng=None, state=None):
         self.state_dict = state_dict
         self.meta = meta
         self.optimizer_state = optimizer_state
         self.rng = rng or {}
+        self.state = state or {}  # other run state (loss sums of a part-done epoch, ...)
 
     @property
     def model_name(self) -> str | None:
@@ -109,6 +132,11 @@ class Checkpoint:
     @property
     def epoch(self) -> int:
         return int(self.meta.get("epoch", 0))
+
+    @property
+    def step(self) -> int:
+        """Steps done into epoch ``epoch + 1`` (0 at an epoch boundary)."""
+        return int(self.meta.get("step", 0))
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
@@ -128,8 +156,9 @@ def _load_safetensors(path: Path) -> Checkpoint:
     meta = json.loads(metadata["mixkd"])
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    run_state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     opt = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
-    return Checkpoint(state, meta, opt, rng)
+    return Checkpoint(state, meta, opt, rng, run_state)
 
 
 def _load_torch(path: Path) -> Checkpoint:

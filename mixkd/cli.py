@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,13 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--mix-sampling",), "mix.sampling", {"choices": ["exact", "reference"]}, "exact: round(f*B) samples; reference: the released code's with-replacement draw"),
     (("--seed",), "seed", {"type": int}, "random seed"),
     (("--device",), "device", {}, "auto, cpu, cuda or cuda:N"),
-    (("--precision",), "precision", {"choices": ["fp32", "bf16"]}, "bf16: forward passes under bf16 autocast with channels-last (losses in fp32)"),
+    (("--precision",), "precision", {"choices": ["auto", "fp32", "bf16"]}, "auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast with channels-last (losses in fp32)"),
     (("--no-graph",), "graph", {"action": "store_const", "const": False}, "on CUDA, run the training step eagerly instead of replaying a CUDA graph"),
+    (("--compile",), "compile", {"choices": ["auto", "on", "off"]}, "torch.compile the teacher and student inside the step (about 20 s of compilation per teacher-student pair, cached on disk); auto: on for CUDA runs except imagefolder, off on the CPU"),
     (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>)"),
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
-    (("--workers",), "workers", {"type": int}, "data-loading processes for image folders"),
+    (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
+    (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]
@@ -94,7 +97,12 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     if distill:
         _add_run_options(p, DISTILL_OPTIONS, dests)
     _add_run_options(p, RUN_OPTIONS, dests)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (only machine-local flags such as "
+                        "--device, --data-dir, --workers, --no-progress may change)")
+    p.add_argument("--time-limit", metavar="DURATION",
+                   help="stop before DURATION (90s, 25m, 1:30:00) of wall time with a step-exact checkpoint and exit "
+                        "with status 75 (resumable with --resume); SIGTERM/SIGUSR1 do the same")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(handler=_cmd_run, task=name, dests=dests)
     return p
@@ -111,15 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub, "distill", "distill a student from a teacher checkpoint (Hinton or standardized KD)", True)
 
     p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
-                       description="Test-set top-1, top-5 and NLL of a checkpoint.")
+                       description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "
+                                   "Given a run directory, its dataset, data folder and image size are used unless "
+                                   "flags say otherwise.")
     p.add_argument("checkpoint", help="a run directory, a checkpoint.safetensors, or a RepDistiller .pth")
     p.add_argument("--model", help="architecture (needed for a RepDistiller .pth)")
-    p.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: cifar100)")
-    p.add_argument("--data-dir", default="./data", help="dataset folder (default: ./data)")
+    p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default 224)")
+    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--workers", type=int, help="data-loading processes for image folders (default: the cores available, at most 4)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -149,13 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", action="store_true", help="also count parameters (100 classes)")
     p.set_defaults(handler=_cmd_models)
 
-    p = sub.add_parser("demo", help="a 5-minute CPU demo on the embedded digits dataset",
+    p = sub.add_parser("demo", help="a 2-minute demo on the embedded digits dataset (CPU, or the GPU when there is one)",
                        description="Run the quickstart study (configs/studies/quickstart.yaml) on scikit-learn's "
                                    "digits: a plain and a mixup teacher, students over the study's methods at "
-                                   "T = 1 and 4; print the table and where the report (with figures) is.")
+                                   "T = 1 and 4, analyses; print the table and where the report (with figures) is.")
     p.add_argument("--out", default="runs/demo", help="study folder for the demo's runs (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
-    p.add_argument("--device", default="cpu", help="device (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_demo)
 
@@ -165,28 +176,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Keys a resumed run may change: they describe the machine, not the run (mixkd.engine.MACHINE_KEYS).
+def _given_keys(args: argparse.Namespace, flags: dict[str, Any]) -> list[str]:
+    """Dotted config keys set explicitly by flags, the --config file or key=value overrides."""
+    from mixkd.config import parse_override, read_yaml
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> list[str]:
+        keys = []
+        for k, v in tree.items():
+            keys += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+        return keys
+
+    keys = [k for k, v in flags.items() if v is not None and k not in ("task", "out")]
+    if args.config:
+        keys += flat(read_yaml(args.config))
+    keys += [parse_override(t)[0].replace("-", "_") for t in args.overrides or []]
+    return list(dict.fromkeys(keys))
+
+
+def _dotted(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config. With --resume: the saved one, where only machine-local keys (device, data
+    folder, progress, ...) may be changed; any other flag that differs from it is refused."""
+    from mixkd.engine import CONFIG_NAME, MACHINE_KEYS
+
     flags = {key: getattr(args, dest) for dest, key in args.dests.items()}
     flags["task"] = args.task
-    if args.resume and flags.get("out") and (Path(flags["out"]) / "config.yaml").exists():
-        saved = load_run_config(Path(flags["out"]) / "config.yaml")
-        keep = {k: v for k, v in (("device", flags.get("device")), ("progress", flags.get("progress"))) if v is not None}
-        return saved.model_copy(update=keep)
-    return build_config(args.config, flags, args.overrides)
+    if not args.resume:
+        return build_config(args.config, flags, args.overrides)
+    if not flags.get("out"):
+        raise MixkdError("--resume needs --out: the run directory to continue")
+    out = Path(flags["out"])
+    if not (out / CONFIG_NAME).is_file():
+        what = "holds no run (no config.yaml)" if out.is_dir() else "does not exist"
+        raise MixkdError(f"cannot resume {out}: it {what}; drop --resume to start a new run there")
+    saved = load_run_config(out / CONFIG_NAME)
+    if saved.task != args.task:
+        raise MixkdError(f"{out} holds a '{saved.task}' run: continue it with mixkd {saved.task} --out {out} --resume")
+    given = _given_keys(args, flags)
+    asked = build_config(args.config, {**flags, "kd.teacher": flags.get("kd.teacher") or saved.kd.teacher},
+                         args.overrides) if given else saved
+    conflicts = [f"{k} {_dotted(asked, k)!r} (saved: {_dotted(saved, k)!r})" for k in given
+                 if k not in MACHINE_KEYS and _dotted(asked, k) != _dotted(saved, k)]
+    if conflicts:
+        raise MixkdError(f"--resume continues the run saved in {out / CONFIG_NAME}, but these settings differ from it: "
+                         + ", ".join(conflicts) + f"; only {', '.join(MACHINE_KEYS)} may change on resume "
+                         "(start a new run with another --out to change the others)")
+    return saved.model_copy(update={k: _dotted(asked, k) for k in given if k in MACHINE_KEYS} | {"out": str(out)})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mixkd.engine import Run
+    from mixkd.control import StopControl, parse_duration
+    from mixkd.engine import StoppedRun, run_job
 
     cfg = config_from_args(args)
-    run = Run(cfg, resume=args.resume)
+    control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    control.install_signals()
     try:
-        result = run.execute()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: mixkd {args.task} --out {run.dir} --resume", file=sys.stderr)
-        return 130
+        job = run_job(cfg, resume=args.resume, control=control, echo=echo)
+    except StoppedRun as stopped:
+        job = stopped.run
+        why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
+               "interrupt": "interrupted"}[stopped.reason]
+        print(f"{why} at epoch {job.epoch + 1} step {job.step_in_epoch} of {job.steps_per_epoch} (checkpoint written); "
+              f"continue with: mixkd {args.task} --out {job.dir} --resume", file=sys.stderr)
+        return control.exit_status
+    finally:
+        control.restore_signals()
+    result = job.result
     print(f"{args.task} {result['model']}: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
-          f"(epoch {result['best_epoch']}), top-5 {result['top5']:.2f}%; run written to {run.dir}")
+          f"(epoch {result['best_epoch']}), top-5 {result['top5']:.2f}%; run in {job.dir}")
     return 0
 
 
@@ -194,7 +263,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mixkd.engine import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
-                            download=args.download, batch_size=args.batch_size, image_size=args.image_size)
+                            download=args.download, batch_size=args.batch_size, image_size=args.image_size,
+                            workers=args.workers)
     if args.json:
         print(json.dumps(m))
     else:
@@ -245,13 +315,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
     except MixkdError as e:
         print(f"mixkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    from mixkd.control import EXIT_STOPPED
+
+    if status == EXIT_STOPPED and argv is None:
+        # Stopped for a deadline: everything is written; leave at once rather than spend seconds in
+        # the interpreter's teardown (torch's, mostly), which a wall-time limit would count.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

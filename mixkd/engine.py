@@ -1,18 +1,32 @@
-"""Training and distillation: one resumable run, written to a run directory.
+"""Training and distillation: one resumable run, written to a run directory, advanced step by step.
 
 A run directory holds ``config.yaml`` (fully resolved), ``metrics.jsonl`` (one line per epoch),
-``checkpoint.safetensors`` (weights, optimizer, RNG, epoch; written atomically every ``save_every``
-epochs and at the end) and, once finished, ``result.json``.
+``checkpoint.safetensors``, ``log.txt`` (one line per epoch) and, once finished, ``result.json``.
 
-Every epoch's data order, augmentation and mixing are drawn from generators re-seeded from
-(seed, epoch), so a run resumed from a checkpoint computes exactly what an uninterrupted run would.
+A :class:`Run` is a state machine that a driver advances one action at a time: ``start()`` (build
+the models and data, restore the last checkpoint), then ``advance()`` (one training step, or at an
+epoch's end: evaluate, log, checkpoint) until it returns False, when ``result.json`` is written.
+``mixkd train``/``distill`` drive one run (:func:`run`); a :class:`mixkd.pack.Pack` drives several.
+
+Checkpoints are step-exact: mid-epoch (``stop()``, ``--save-every-minutes``) they also hold the
+step within the epoch, the mixing generator and the epoch's loss sums. Every epoch's data order and
+augmentation are drawn from generators re-seeded from (seed, epoch), so a run resumed from any
+checkpoint computes exactly what an uninterrupted run would (bit-exact on the same CPU and thread
+count). A finished run keeps only its weights (no momentum), so that study folders travel light.
+
+Nothing is written before everything was built and checked: a run that cannot start leaves
+``--out`` as it found it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import platform
+import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +37,7 @@ import torch
 from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, load_run_config
+from mixkd.control import StopControl, format_seconds
 from mixkd.data import load_dataset, make_loaders
 from mixkd.errors import MixkdError, TrainingDiverged
 from mixkd.losses import KDObjective, supervised_objective
@@ -34,6 +49,10 @@ from mixkd.step import SGD, GraphedTrainStep, TrainStep
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"
+LOG_NAME = "log.txt"
+# Keys that describe the machine, not the run: they may differ when a run is resumed (elsewhere).
+MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
+                "save_every_minutes")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +66,18 @@ def resolve_device(name: str) -> torch.device:
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A distinct, reproducible seed for each (run seed, epoch, random stream)."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
+
+
+def resolve_teacher_path(teacher: str, run_dir: str | Path | None) -> str:
+    """A saved ``kd.teacher``: absolute as it is; relative to the run directory (how studies write it),
+    else relative to the working directory (runs made by older versions)."""
+    p = Path(teacher)
+    if p.is_absolute() or run_dir is None:
+        return str(p)
+    beside = Path(os.path.normpath(Path(run_dir) / p))  # lexically: the run directory may not exist yet
+    if beside.exists() or not p.exists():
+        return str(beside)
+    return str(p)
 
 
 def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model") -> tuple[torch.nn.Module, str]:
@@ -115,43 +146,113 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}"
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path]:
-    """Create the run directory, or reopen it with ``resume``; the saved config wins on resume."""
+def _writable_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be (or become) a run directory, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose another --out"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {out} is below {probe}, which is a file; choose another --out"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write in {probe} (read-only or no permission); choose another --out"
+    return None
+
+
+def is_run_started(out: Path) -> bool:
+    """Whether ``out`` holds a run that has begun (a checkpoint or logged epochs), not only a config."""
+    return (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists() or (out / RESULT_NAME).exists()
+
+
+def open_run_config(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path, bool]:
+    """(config, run directory, fresh) without writing anything: the saved config (with ``cfg``'s
+    machine-local keys) when resuming, else ``cfg``. A folder holding only a config is not a run yet."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    problem = _writable_dir_problem(out)
+    if problem:
+        raise MixkdError(problem)
     saved = out / CONFIG_NAME
-    if saved.exists():
-        if not resume:
-            raise MixkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if resume:
+        if not saved.exists():
+            if out.exists() and any(out.iterdir()):
+                raise MixkdError(f"cannot resume {out}: it has no {CONFIG_NAME}; is it a mixkd run directory?")
+            raise MixkdError(f"cannot resume {out}: there is no run there; drop --resume to start one")
         saved_cfg = load_run_config(saved)
-        return saved_cfg.model_copy(update={"out": str(out), "device": cfg.device, "progress": cfg.progress}), out
-    if resume and out.exists() and any(out.iterdir()):
-        raise MixkdError(f"cannot resume {out}: it has no {CONFIG_NAME}; is it a mixkd run directory?")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.model_copy(update={"out": str(out)})
-    atomic_write_text(saved, cfg.to_yaml())
-    return cfg, out
+        local = {k: getattr(cfg, k) for k in MACHINE_KEYS if k in RunConfig.model_fields}
+        return saved_cfg.model_copy(update={**local, "out": str(out)}), out, False
+    if saved.exists() and is_run_started(out):
+        raise MixkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    return cfg.model_copy(update={"out": str(out)}), out, True
+
+
+def _precision(cfg: RunConfig, device: torch.device) -> str:
+    from mixkd import config
+
+    resolve = getattr(config, "resolve_precision", None)
+    if resolve is not None:
+        return resolve(cfg.precision, device.type)
+    return cfg.precision
 
 
 class Run:
-    """One training (``task='train'``) or distillation (``task='distill'``) run."""
+    """One training (``task='train'``) or distillation (``task='distill'``) run, advanced step by step.
 
-    def __init__(self, cfg: RunConfig, resume: bool = False):
-        self.cfg, self.dir = prepare_run_dir(cfg, resume)
+    ``paths_relative_to_run`` says that a relative ``kd.teacher`` in ``cfg`` is relative to the run
+    directory (study runs); otherwise it is relative to the working directory and saved absolute.
+    ``echo`` receives one line per epoch (besides ``log.txt``); None for silence.
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
+                 echo=None):
+        self.cfg, self.dir, self.fresh = open_run_config(cfg, resume)
+        self.relative_teacher = paths_relative_to_run or not self.fresh
         self.device = resolve_device(self.cfg.device)
+        self.precision = _precision(self.cfg, self.device)
+        self.echo = echo
+        self.phase = "new"  # new -> training -> finished | stopped | failed
+        self.result: dict[str, Any] | None = None
+        self.progress = None
+        self.writer = None
+
+    # ---- paths -----------------------------------------------------------------------------
+    @property
+    def teacher_path(self) -> str | None:
+        t = self.cfg.kd.teacher
+        if not t:
+            return None
+        return resolve_teacher_path(t, self.dir) if self.relative_teacher else str(Path(t).resolve())
+
+    def _saved_config(self) -> RunConfig:
+        """The config as written to ``config.yaml``: a CLI run's teacher as an absolute path."""
+        cfg = self.cfg.model_copy(update={"out": str(self.dir)})
+        if cfg.task == "distill" and not self.relative_teacher:
+            cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": self.teacher_path})})
+        return cfg
 
     # ---- building --------------------------------------------------------------------------
+    def _validate(self) -> None:
+        try:
+            from mixkd.validate import validate_run_config
+        except ImportError:
+            return
+        cfg = self.cfg
+        if cfg.task == "distill":
+            cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": self.teacher_path})})
+        validate_run_config(cfg)
+
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers)
         torch.manual_seed(cfg.seed)
-        channels_last = cfg.precision == "bf16"
+        channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
         self.teacher, self.teacher_arch, objective = None, None, None
         if cfg.task == "distill":
-            self.teacher, self.teacher_arch = load_teacher(cfg.kd.teacher, cfg.kd.teacher_model,
+            self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
             objective = KDObjective(cfg.kd.method, cfg.kd.temperature, cfg.kd.ce_weight, cfg.kd.kd_weight)
         self.learner = Learner(self.model, self.teacher, objective)
@@ -163,7 +264,8 @@ class Run:
         self.mix_generator = torch.Generator(device=self.device)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.learner, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             cfg.precision)
+                             self.precision)
+        self.steps_per_epoch = len(self.train_loader)
 
     @property
     def uses_graph(self) -> bool:
@@ -177,27 +279,52 @@ class Run:
         return self.base_lr * self.cfg.optim.lr_decay ** passed
 
     # ---- state -----------------------------------------------------------------------------
-    def _save(self, epoch: int) -> None:
+    def _save(self, final: bool = False, stopped: str | None = None) -> None:
+        """A checkpoint of the state now: ``self.epoch`` epochs done and ``self.step_in_epoch`` steps of
+        the next. ``final``: weights only."""
+        t0 = time.perf_counter()
+        meta = {"dataset": self.cfg.dataset, "task": self.cfg.task, "step": self.step_in_epoch,
+                "train_seconds": self.train_seconds, "train_images": self.train_images,
+                "epoch_seconds": self.epoch_seconds}
+        if stopped:
+            meta["stopped"] = stopped
+        state, rng = {}, {}
+        if not final:
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if self.step_in_epoch:
+                rng["mix"] = self.mix_generator.get_state()
+                state = {"loss_sums": self.step.sums}
         save_checkpoint(self.dir / CHECKPOINT_NAME, self.model, model_name=self.cfg.model,
-                        num_classes=self.data.num_classes, epoch=epoch, optimizer=self.optimizer,
-                        rng={"torch_cpu": torch.get_rng_state()},
-                        extra={"dataset": self.cfg.dataset, "task": self.cfg.task})
+                        num_classes=self.data.num_classes, epoch=self.epoch,
+                        optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
+        self.saved_at = time.monotonic()
+        self.checkpoint_seconds = max(self.checkpoint_seconds or 0.0, time.perf_counter() - t0)
 
-    def _restore(self) -> tuple[int, list[dict[str, Any]]]:
-        """Load the last checkpoint, if any; returns (first epoch to run, metrics of earlier epochs)."""
+    def _restore(self) -> None:
+        """Load the last checkpoint, if any, and the metrics logged up to it."""
+        self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
         path = self.dir / CHECKPOINT_NAME
-        if not path.exists():
-            (self.dir / METRICS_NAME).unlink(missing_ok=True)
-            return 0, []
+        if self.fresh or not path.exists():
+            return
         ckpt = load_checkpoint(path)
         load_weights(self.model, ckpt.state_dict, str(path))
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
+        elif ckpt.epoch < self.cfg.epochs:
+            raise MixkdError(f"{path} holds the final weights of a finished run (no optimizer state) but the run "
+                             f"has {self.cfg.epochs} epochs and the checkpoint {ckpt.epoch}; it cannot continue")
         if "torch_cpu" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch_cpu"])
-        history = [row for row in self._read_metrics() if row["epoch"] <= ckpt.epoch]
-        self._write_metrics(history)  # epochs logged after the checkpoint are run again
-        return ckpt.epoch, history
+        self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
+        self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
+        self.train_images = int(ckpt.meta.get("train_images", 0))
+        if self.step_in_epoch:
+            self.mix_generator.set_state(ckpt.rng["mix"])
+            self.step.sums.copy_(ckpt.state["loss_sums"].to(self.step.sums.device))
+            self.step.steps = self.step_in_epoch
+            self.epoch_seconds = float(ckpt.meta.get("epoch_seconds", 0.0))
+        self.history = [row for row in self._read_metrics() if row["epoch"] <= ckpt.epoch]
 
     def _read_metrics(self) -> list[dict[str, Any]]:
         path = self.dir / METRICS_NAME
@@ -214,76 +341,217 @@ class Run:
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
         atomic_write_text(self.dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in rows))
 
-    # ---- training --------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, progress=None) -> dict[str, float]:
-        self.model.train()
-        lr = self.lr_at(epoch)
-        self.optimizer.set_lr(lr)
-        self.train_loader.set_epoch_seed(epoch_seed(self.cfg.seed, epoch, 0))
-        self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, epoch, 1))
-        for x, y in self.train_loader:
-            self.step(x, y)
-            if progress is not None:
-                progress.update(1)
-        means = self.step.epoch_means()
-        means["lr"] = lr
-        return means
+    def _log(self, line: str) -> None:
+        with open(self.dir / LOG_NAME, "a") as f:
+            f.write(f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
+        if self.echo is not None:
+            if self.progress is not None:
+                self.progress.write(line, file=sys.stderr)
+            else:
+                self.echo(line)
 
-    def execute(self) -> dict[str, Any]:
-        """Run (or finish) the run; returns the contents of ``result.json``."""
-        result_path = self.dir / RESULT_NAME
-        if result_path.exists():
-            return json.loads(result_path.read_text())
+    # ---- the state machine -----------------------------------------------------------------
+    def start(self) -> None:
+        """Build everything and restore the last checkpoint; writes nothing yet. A finished run only
+        reads its result."""
+        if self.phase != "new":
+            return
+        if not self.fresh and (self.dir / RESULT_NAME).exists():
+            self.result = json.loads((self.dir / RESULT_NAME).read_text())
+            self.phase = "finished"
+            return
+        self._validate()
         self._build()
-        start, history = self._restore()
-        cfg = self.cfg
-        precision = cfg.precision
-        teacher_metrics = evaluate(self.teacher, self.test_loader, precision) if self.teacher is not None else None
-        writer = self._tensorboard()
-        progress = self._progress_bar(start)
-        wall_start = time.perf_counter()
-        train_seconds, train_images = 0.0, 0
-        last_saved = start
-        try:
-            for epoch in range(start, cfg.epochs):
-                t0 = time.perf_counter()
-                train = self.train_epoch(epoch, progress)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                seconds = time.perf_counter() - t0
-                if not all(math.isfinite(v) for v in train.values()):
-                    raise TrainingDiverged(
-                        f"the training loss became {train['loss']} in epoch {epoch + 1}; stopped, the last good "
-                        f"checkpoint (epoch {last_saved}) is kept in {self.dir}; try a lower --lr")
-                images = len(self.train_loader) * cfg.batch_size
-                train_seconds += seconds
-                train_images += images
-                test = evaluate(self.model, self.test_loader, precision)
-                row = {"epoch": epoch + 1, "lr": train.pop("lr"),
-                       **{f"train_{k}": v for k, v in train.items()},
-                       "test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"],
-                       "images_per_s": images / seconds, "epoch_seconds": seconds}
-                history.append(row)
-                self._write_metrics(history)
-                if writer is not None:
-                    for key, value in row.items():
-                        if key != "epoch":
-                            writer.add_scalar(key, value, epoch + 1)
-                if progress is not None:
-                    progress.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-                    progress.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{test['top1']:.2f}",
-                                         img_s=f"{row['images_per_s']:.0f}")
-                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                    self._save(epoch + 1)
-                    last_saved = epoch + 1
-        finally:
-            if progress is not None:
-                progress.close()
-            if writer is not None:
-                writer.close()
-        return self._finish(history, teacher_metrics, time.perf_counter() - wall_start, train_images, train_seconds)
+        self._restore()
+        self.checkpoint_seconds: float | None = None
+        self.step_seconds: float | None = None
+        self.eval_seconds: float | None = None
+        self.saved_at = time.monotonic()
+        self._batches = None
+        self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
+        self.created = False
+        self.wall_start = time.perf_counter()
+        self.teacher_metrics = None
+        if self.teacher is not None:
+            t0 = time.perf_counter()
+            self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
+            self.eval_seconds = time.perf_counter() - t0
+        self.phase = "training"
 
-    def _finish(self, history, teacher_metrics, wall, train_images, train_seconds) -> dict[str, Any]:
+    def _create(self) -> None:
+        """The first write: the run directory and its config (or, resuming, the log line)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.fresh:
+            atomic_write_text(self.dir / CONFIG_NAME, self._saved_config().to_yaml())
+            (self.dir / METRICS_NAME).unlink(missing_ok=True)
+            (self.dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
+        self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
+                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}, "
+                  f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
+        self.writer = self._tensorboard()
+        self.progress = self._progress_bar()
+        self.created = True
+
+    @property
+    def done(self) -> bool:
+        return self.phase in ("finished", "stopped", "failed")
+
+    def next_cost(self) -> float:
+        """Estimated seconds of the next :meth:`advance` (for deadlines)."""
+        if self.phase != "training":
+            return 0.0
+        step = self.step_seconds or 0.0
+        if self.step_in_epoch < self.steps_per_epoch:
+            return step
+        if self.eval_seconds is not None:
+            evaluation = self.eval_seconds
+        else:  # not measured yet: as long as training on the test set would take
+            evaluation = step * self.test_loader.num_samples / self.cfg.batch_size
+        saves = (self.epoch + 1) % self.cfg.save_every == 0 or self.epoch + 1 == self.cfg.epochs
+        return evaluation + (self.checkpoint_cost() if saves else 0.0)
+
+    def checkpoint_cost(self) -> float:
+        """Estimated seconds of a step-exact checkpoint."""
+        if self.phase != "training":
+            return 0.0
+        if self.checkpoint_seconds is None:
+            self.checkpoint_seconds = self._time_trial_checkpoint()
+        return self.checkpoint_seconds
+
+    def _time_trial_checkpoint(self) -> float:
+        """Time a checkpoint of this run written to the system's temporary folder (the run's own
+        folder stays untouched)."""
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="mixkd-ckpt-") as tmp:
+            save_checkpoint(Path(tmp) / CHECKPOINT_NAME, self.model, model_name=self.cfg.model,
+                            num_classes=self.data.num_classes, epoch=self.epoch, optimizer=self.optimizer,
+                            rng={"torch_cpu": torch.get_rng_state()}, state={"loss_sums": self.step.sums})
+        return 1.5 * (time.perf_counter() - t0) + 0.05
+
+    def measure_step(self) -> float:
+        """Seconds of one step, measured once without changing the run (budgeting a deadline)."""
+        if self.phase != "training" or self.step_seconds is not None:
+            return self.step_seconds or 0.0
+        measure = getattr(self.step, "measure", None)
+        if measure is None or self.step_in_epoch >= self.steps_per_epoch:
+            return 0.0
+        x, y = next(iter(self.train_loader))
+        self.step_seconds = measure(x, y)
+        return self.step_seconds
+
+    def _begin_epoch(self) -> None:
+        self.model.train()
+        lr = self.lr_at(self.epoch)
+        self.optimizer.set_lr(lr)
+        self.train_loader.set_epoch_seed(epoch_seed(self.cfg.seed, self.epoch, 0))
+        if self.step_in_epoch == 0:
+            self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, 1))
+            self.epoch_seconds = 0.0
+        iter_from = getattr(self.train_loader, "iter_from", None)
+        if iter_from is not None:
+            self._batches = iter_from(self.step_in_epoch)
+        else:
+            self._batches = itertools.islice(iter(self.train_loader), self.step_in_epoch, None)
+        self._clock = (time.perf_counter(), self.step_in_epoch)
+        if self.progress is not None:
+            self.progress.set_description(f"{self.cfg.task} {self.cfg.model} epoch {self.epoch + 1}/{self.cfg.epochs}")
+
+    def advance(self) -> bool:
+        """One action: a training step, or the end of an epoch. False once the run has finished."""
+        if self.phase == "new":
+            self.start()
+        if self.phase != "training":
+            return False
+        if not self.created:
+            self._create()
+        if self.epoch >= self.cfg.epochs:
+            self._finish()
+            return False
+        if self._batches is None:
+            self._begin_epoch()
+        if self.step_in_epoch < self.steps_per_epoch:
+            x, y = next(self._batches)
+            self.step(x, y)
+            self.step_in_epoch += 1
+            if self.progress is not None:
+                self.progress.update(1)
+            self._tick()
+            return True
+        self._end_epoch()
+        if self.epoch >= self.cfg.epochs:
+            self._finish()
+            return False
+        return True
+
+    def _tick(self) -> None:
+        """Per-step bookkeeping: step time (synchronized now and then on CUDA) and the timed checkpoint."""
+        t0, s0 = self._clock
+        steps = self.step_in_epoch - s0
+        cuda = self.device.type == "cuda"
+        if not cuda or steps >= 20 or self.step_in_epoch == self.steps_per_epoch:
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            now = time.perf_counter()
+            per_step = (now - t0) / max(steps, 1)
+            self.epoch_seconds += now - t0
+            self.step_seconds = per_step if self.step_seconds is None else max(per_step, 0.8 * self.step_seconds)
+            self._clock = (now, self.step_in_epoch)
+        minutes = self.cfg.save_every_minutes if hasattr(self.cfg, "save_every_minutes") else 10.0
+        if minutes and time.monotonic() - self.saved_at >= 60.0 * minutes and self.step_in_epoch < self.steps_per_epoch:
+            self._save()
+
+    def _end_epoch(self) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        means = self.step.epoch_means()
+        if not all(math.isfinite(v) for v in means.values()):
+            raise TrainingDiverged(
+                f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
+                f"checkpoint is kept in {self.dir}; try a lower --lr")
+        images = self.steps_per_epoch * cfg.batch_size
+        seconds = max(self.epoch_seconds, 1e-9)
+        self.train_seconds += seconds
+        self.train_images += images
+        if self.progress is not None:
+            self.progress.set_postfix_str("evaluating on the test set", refresh=True)
+        t0 = time.perf_counter()
+        test = evaluate(self.model, self.test_loader, self.precision)
+        self.eval_seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": self.lr_at(epoch), **{f"train_{k}": v for k, v in means.items()},
+               "test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"],
+               "images_per_s": images / seconds, "epoch_seconds": seconds}
+        self.history.append(row)
+        self.epoch, self.step_in_epoch, self._batches = epoch + 1, 0, None
+        self._write_metrics(self.history)
+        self._log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, test top-1 {test['top1']:.2f}%, "
+                  f"{row['images_per_s']:.0f} images/s, {seconds:.1f} s")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, epoch + 1)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{test['top1']:.2f}",
+                                      img_s=f"{row['images_per_s']:.0f}")
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            self._save(final=epoch + 1 == cfg.epochs)
+
+    def stop(self, reason: str) -> None:
+        """Write a step-exact checkpoint and stop here (``reason``: time, signal or interrupt)."""
+        if self.phase != "training":
+            return
+        if self.created:
+            self._save(stopped=reason)
+            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}"
+            self._log(f"stopped ({reason}) at {where}; the checkpoint continues from there")
+        self.phase = "stopped"
+        self.close()
+
+    def fail(self) -> None:
+        self.phase = "failed"
+        self.close()
+
+    def _finish(self) -> dict[str, Any]:
+        history = self.history
         last = history[-1]
         best = max(history, key=lambda r: r["test_top1"])
         result: dict[str, Any] = {
@@ -291,17 +559,33 @@ class Run:
             "epochs": self.cfg.epochs, "seed": self.cfg.seed,
             "top1": last["test_top1"], "top5": last["test_top5"], "nll": last["test_nll"],
             "best_top1": best["test_top1"], "best_epoch": best["epoch"],
-            "wall_seconds": wall,
-            "images_per_s": train_images / train_seconds if train_seconds else None,
-            "device": device_name(self.device), "versions": library_versions(),
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "images_per_s": self.train_images / self.train_seconds if self.train_seconds else None,
+            "device": device_name(self.device), "precision": self.precision,
+            "threads": torch.get_num_threads(), "versions": library_versions(),
         }
         if self.teacher is not None:
+            if self.teacher_metrics is None:
+                self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
             result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
-                          teacher_top1=teacher_metrics["top1"], kd_method=self.cfg.kd.method,
+                          teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.temperature)
         result["mix"] = self.cfg.mix.model_dump()
         atomic_write_text(self.dir / RESULT_NAME, json.dumps(result, indent=2) + "\n")
+        self._log(f"finished: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
+                  f"(epoch {result['best_epoch']})")
+        self.result = result
+        self.phase = "finished"
+        self.close()
         return result
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def _tensorboard(self):
         if not self.cfg.tensorboard:
@@ -312,28 +596,94 @@ class Run:
             raise MixkdError("--tensorboard needs TensorBoard: pip install tensorboard") from None
         return SummaryWriter(log_dir=str(self.dir / "tensorboard"))
 
-    def _progress_bar(self, start: int):
-        if not self.cfg.progress:
+    def _progress_bar(self):
+        if not self.cfg.progress or self.echo is None or not sys.stderr.isatty():
             return None
         from tqdm.auto import tqdm
 
-        steps = len(self.train_loader)
-        return tqdm(total=self.cfg.epochs * steps, initial=start * steps, unit="step", dynamic_ncols=True,
-                    desc=f"{self.cfg.task} {self.cfg.model}", leave=False)
+        steps = self.steps_per_epoch
+        return tqdm(total=self.cfg.epochs * steps, initial=self.epoch * steps + self.step_in_epoch, unit="step",
+                    dynamic_ncols=True, desc=f"{self.cfg.task} {self.cfg.model}", leave=False)
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Train or distill as ``cfg`` says; returns the run's result (also in ``result.json``)."""
-    return Run(cfg, resume=resume).execute()
+class StoppedRun(Exception):
+    """Raised by :func:`run` when the run stopped before finishing (deadline, signal, Ctrl-C)."""
+
+    def __init__(self, run: Run, reason: str):
+        super().__init__(reason)
+        self.run, self.reason = run, reason
 
 
-def evaluate_checkpoint(checkpoint: str, dataset: str, data_dir: str | None, model: str | None = None,
-                        device: str = "auto", download: bool = False, batch_size: int = 1024,
-                        image_size: int | None = None) -> dict[str, Any]:
-    """Test-set top-1/top-5/NLL of a mixkd checkpoint or a RepDistiller ``.pth``."""
+def run(cfg: RunConfig, resume: bool = False, control: StopControl | None = None, echo=None) -> dict[str, Any]:
+    """Train or distill as ``cfg`` says; returns the run's result (also in ``result.json``).
+    With ``control``, stops on its deadline or signals (raising :class:`StoppedRun` after a
+    step-exact checkpoint)."""
+    return run_job(cfg, resume, control, echo).result
+
+
+def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = None, echo=None) -> Run:
+    """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``)."""
+    from mixkd.pack import Pack
+
+    job = Run(cfg, resume=resume, echo=echo)
+    pack = Pack(job.device, 1)
+    ended = pack.admit(job)
+    if ended is not None and ended.get("error") is not None:
+        raise ended["error"]
+    control = control or StopControl()
+    if job.phase == "training" and control.deadline is not None:
+        budget_first_step(job, control)
+    while pack.live:
+        if control.should_stop(pack.next_cost() + pack.checkpoint_cost()):
+            pack.stop_all(control.reason)
+            raise StoppedRun(job, control.reason)
+        for _, outcome in pack.round():
+            if outcome.get("error") is not None:
+                raise outcome["error"]
+    return job
+
+
+def budget_first_step(job: Run, control: StopControl) -> None:
+    """Refuse a limit that cannot fit one step and a checkpoint, before anything is written."""
+    step = job.measure_step()
+    need = step + job.checkpoint_cost()
+    if not control.fits(need):
+        limit = format_seconds(control.limit) if control.limit else "the time limit"
+        raise MixkdError(
+            f"--time-limit {limit} is too short to take even one step: starting took "
+            f"{format_seconds(control.limit - control.remaining()) if control.limit else '?'}, one step takes about "
+            f"{format_seconds(step)} and its checkpoint {format_seconds(job.checkpoint_cost())}; "
+            f"give at least {format_seconds((control.limit or 0) - control.remaining() + need + control.exit_margin + 1)}")
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
+                        model: str | None = None, device: str = "auto", download: bool = False,
+                        batch_size: int = 1024, image_size: int | None = None,
+                        workers: int | None = None) -> dict[str, Any]:
+    """Test-set top-1/top-5/NLL of a mixkd checkpoint (or run directory) or a RepDistiller ``.pth``.
+
+    Unset ``dataset``, ``data_dir`` and ``image_size`` come from the run's ``config.yaml`` (a run
+    directory, or its checkpoint file), else from the checkpoint's metadata, else cifar100 in
+    ./data. Only the test split is loaded."""
+    from mixkd.data import make_test_loader
+    from mixkd.validate import checkpoint_header
+
+    p = Path(checkpoint)
+    run_dir = p if p.is_dir() else p.parent if p.name == CHECKPOINT_NAME else None
+    cfg = load_run_config(run_dir / CONFIG_NAME) if run_dir and (run_dir / CONFIG_NAME).is_file() else None
+    if cfg is not None and dataset in (None, cfg.dataset):
+        dataset, data_dir = cfg.dataset, data_dir or cfg.data_dir
+        image_size = image_size or cfg.image_size
+    if dataset is None:
+        ckpt_file = p / CHECKPOINT_NAME if p.is_dir() else p
+        try:
+            meta = checkpoint_header(ckpt_file) if ckpt_file.is_file() else {}
+        except MixkdError:
+            meta = {}  # load_model says what is wrong with it
+        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else "cifar100"
     dev = resolve_device(device)
-    data = load_dataset(dataset, data_dir, download=download, image_size=image_size)
+    data = load_dataset(dataset, data_dir or "./data", download=download, image_size=image_size, splits=("test",))
     net, arch = load_model(checkpoint, model, data.num_classes)
-    _, test_loader = make_loaders(data, 2, dev, eval_batch_size=batch_size, workers=0)
+    test_loader = make_test_loader(data, dev, batch_size, workers=workers)
     metrics = evaluate(net.to(dev), test_loader)
     return {"checkpoint": str(checkpoint), "model": arch, "dataset": dataset, **metrics}

@@ -1,21 +1,41 @@
-"""The training step, eager or captured as one CUDA graph.
+"""The training step, eager or captured as one CUDA graph, optionally compiled.
 
 One step: one-hot labels -> mixing -> teacher forward (no grad) -> student forward -> losses ->
 backward -> SGD update, with the losses summed on the device. Nothing in it reads a value back to
 the host, so a whole epoch runs without synchronization; :meth:`TrainStep.epoch_means` reads the
 sums once. On CUDA, :class:`GraphedTrainStep` records the step once and replays it, which removes the
 per-kernel launch cost that bounds a batch-64 step on a large GPU.
+
+With ``compile=True`` the teacher and the student are compiled with ``torch.compile`` (inductor,
+``dynamic=False``) for this step only (evaluation keeps the plain modules); inside the CUDA graph the
+fused kernels replace many small ones. Compilation happens in the first step (for the graphed step:
+in its warm-up, before capture). Runs of the same architectures in one process share the compiled
+code (dynamo caches per code object, and parameters are graph inputs), and the recompile limit is
+raised so that a pack of runs never falls back to eager; :func:`set_compile_cache` puts inductor's
+on-disk cache where every process of a study finds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from mixkd.errors import MixkdError
 from mixkd.mix import MixSpec, mix_batch
 
 LOSS_KEYS = ("loss", "ce", "kd")
+COMPILE_SETTINGS = ("auto", "on", "off")
+COMPILE_SCOPES = ("models", "step")
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # inductor's own CUDA graphs would nest in ours
+# Compiled variants kept per code object (each architecture x train/eval x precision x batch size is one);
+# far above what a process of a study meets, so a pack never falls back to eager.
+RECOMPILE_LIMIT = 1024
 
 
 class SGD:
@@ -69,28 +89,139 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.zeros(labels.shape[0], num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
 
 
+# ---- compilation ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileSpec:
+    """What ``torch.compile`` (inductor, ``dynamic=False``) covers in the step.
+
+    ``scope='models'``: the teacher and the student (the default, and what ``compile: on`` means).
+    ``scope='step'``: also the one-hot labels, the mixing and the losses, as one compiled function
+    (the mixing's draws from the run's generator stay eager, between compiled pieces).
+    ``mode``: inductor's mode; None is its default.
+    """
+
+    scope: str = "models"
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {self.scope!r}")
+        if self.mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {self.mode!r}")
+
+    def options(self) -> dict:
+        return {"backend": "inductor", "dynamic": False, "mode": None if self.mode == "default" else self.mode}
+
+
+def resolve_compile(setting: str, device_type: str, dataset: str) -> bool:
+    """The run config's ``compile: auto|on|off`` for a run on ``device_type`` ('cuda', 'cpu') and ``dataset``.
+
+    ``auto`` compiles CUDA runs of the device-resident (array) datasets, whose graphed step gained
+    24-37% on an H100 (BENCHMARKS.md); not CPU runs (compilation costs more than it saves there) nor
+    image-folder runs (bound by data loading, with a variable last batch).
+    """
+    if setting not in COMPILE_SETTINGS:
+        raise MixkdError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
+    if setting == "auto":
+        return device_type == "cuda" and dataset != "imagefolder"
+    return setting == "on"
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-code recompile limit to ``limit`` (never lower it), and make hitting it an error.
+
+    Every architecture of one class (all CIFAR ResNets, say) shares one ``forward`` code object, and
+    each (architecture, train/eval, precision, batch size) it meets is one compiled variant of it.
+    Past dynamo's default of 8 it would silently run the rest eagerly; a pack meeting many
+    architectures must not, and if the raised limit is ever hit, the run fails loudly instead.
+    """
+    cfg = torch._dynamo.config
+    for names, value in ((("recompile_limit", "cache_size_limit"), limit),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * limit)):
+        name = next(n for n in names if hasattr(cfg, n))  # the older name in older torch
+        setattr(cfg, name, max(getattr(cfg, name), value))
+    name = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n)), None)
+    if name is not None:
+        setattr(cfg, name, True)
+
+
+def set_compile_cache(directory: str | os.PathLike) -> Path:
+    """Keep inductor's on-disk cache (compiled kernels, FX and autograd graphs) in ``directory``.
+
+    Sets ``TORCHINDUCTOR_CACHE_DIR`` for this process and the processes it starts, so every process of
+    a study (``<study folder>/.compile-cache``) reuses what the first one compiled. Call it before the
+    first compilation. Returns the absolute directory.
+    """
+    path = Path(directory).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+class _CompiledModels:
+    """The learner as a compiled step sees it: compiled student and teacher of its own, every other
+    attribute the learner's (read live). The learner's modules stay plain for evaluation and checkpoints."""
+
+    def __init__(self, learner, options: dict):
+        self._learner = learner
+        self.student = torch.compile(learner.student, **options)
+        self.teacher = None if learner.teacher is None else torch.compile(learner.teacher, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._learner, name)
+
+    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return type(self._learner).losses(self, x, target)
+
+
+# ---- the step ---------------------------------------------------------------------------------------
 class TrainStep:
-    """The eager step. ``precision='bf16'`` runs the forward passes under bf16 autocast (losses in fp32)."""
+    """The eager step. ``precision='bf16'`` runs the forward passes under bf16 autocast (losses in fp32).
+
+    ``compile``: True (or a :class:`CompileSpec`) compiles the teacher and student for this step.
+    """
+
+    graph_owns_grads = False
 
     def __init__(self, learner, optimizer: SGD, mix: MixSpec, num_classes: int, generator: torch.Generator,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile: bool | CompileSpec | None = None):
         self.learner, self.optimizer, self.mix = learner, optimizer, mix
         self.num_classes, self.generator, self.precision = num_classes, generator, precision
         self.device = optimizer.params[0].device
         self.sums = torch.zeros(len(LOSS_KEYS), device=self.device)  # sums of per-batch mean losses
         self.steps = 0
+        self.compile_spec = CompileSpec() if compile is True else (compile or None)
+        self._compute = learner  # what computes the losses: the learner, or a copy with compiled models
+        self._forward = self._mixed_losses
+        self._warm = self.compile_spec is None  # False until the first step has compiled
+        if self.compile_spec is not None:
+            allow_recompiles()
+            opts = self.compile_spec.options()
+            if self.compile_spec.scope == "models":
+                self._compute = _CompiledModels(learner, opts)
+            else:
+                self._forward = torch.compile(self._mixed_losses, **opts)
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_spec is not None
 
     def autocast(self, cache_enabled: bool = True):
         if self.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _mixed_losses(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
         target = one_hot(y, self.num_classes)
         x, target = mix_batch(x, target, self.mix, self.generator)
+        with self.autocast(cache_enabled=cache_enabled):
+            return self._compute.losses(x, target)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # autocast's weight cache must be off while capturing; compiled code is specialized on that
+        # setting, so a compiled step keeps it off throughout (else the capture would compile again)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        with self.autocast(cache_enabled=not capturing):
-            losses = self.learner.losses(x, target)
+        losses = self._forward(x, y, not (capturing or self.compiled))
         losses["loss"].backward()
         self.optimizer.step()
         zero = losses["loss"].new_zeros(())
@@ -100,6 +231,7 @@ class TrainStep:
         self.optimizer.zero_grad()
         self._step(x, y)
         self.steps += 1
+        self._warm = True
 
     def epoch_means(self) -> dict[str, float]:
         """Mean losses over the steps since the last call (one device read), then reset."""
@@ -109,30 +241,82 @@ class TrainStep:
         keys = LOSS_KEYS if self.learner.teacher is not None else ("loss", "ce")
         return {k: v for k, v in zip(LOSS_KEYS, values) if k in keys}
 
+    # ---- state that a step changes ------------------------------------------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        tensors = list(self.learner.student.parameters()) + list(self.learner.student.buffers())
+        if self.learner.teacher is not None:
+            tensors += list(self.learner.teacher.buffers())
+        return tensors + self.optimizer.buffers + [self.sums]
+
+    def _snapshot(self) -> Callable[[], None]:
+        """Save everything a step changes; the returned function puts it back exactly."""
+        tensors = self._state_tensors()
+        saved = [t.detach().clone() for t in tensors]
+        grads = [p.grad for p in self.optimizer.params]
+        steps, mix_rng, cpu_rng = self.steps, self.generator.get_state(), torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+        def restore() -> None:
+            with torch.no_grad():
+                for t, s in zip(tensors, saved):
+                    t.copy_(s)
+            if not self.graph_owns_grads:
+                for p, g in zip(self.optimizer.params, grads):
+                    p.grad = g
+            self.steps = steps
+            self.generator.set_state(mix_rng)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+
+        return restore
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Seconds one step on this batch takes, leaving the run exactly as it was.
+
+        A first, untimed step compiles (and, graphed, captures) if that has not happened yet; then
+        one step is timed. Everything the steps change (weights, buffers, optimizer momentum, loss
+        sums, step count, the mixing generator's and torch's RNG states) is restored, so training
+        goes on bit-exactly as if ``measure`` had not run. The warm-up time is not in the result
+        (time the call to see it).
+        """
+        restore = self._snapshot()
+        try:
+            if not self._warm:
+                self(x, y)
+                self._sync()
+            t0 = time.perf_counter()
+            self(x, y)
+            self._sync()
+            return time.perf_counter() - t0
+        finally:
+            restore()
+
 
 class GraphedTrainStep(TrainStep):
     """The same step recorded once as a CUDA graph and replayed for every batch of a fixed size.
 
-    Warm-up steps (needed before capture) run on copies of the state, so training starts from exactly
-    the weights, buffers and RNG state the eager step would have used.
+    Warm-up steps (needed before capture, and where compilation happens) run on copies of the state,
+    so training starts from exactly the weights, buffers and RNG state the eager step would have used.
     """
 
     WARMUP_STEPS = 3
+    graph_owns_grads = True  # the captured backward writes them; nothing reads p.grad outside the graph
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
-
-    def _state_tensors(self) -> list[torch.Tensor]:
-        tensors = list(self.learner.student.parameters()) + list(self.learner.student.buffers())
-        return tensors + self.optimizer.buffers + [self.sums]
+        self._warm = False
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static_x, self.static_y = x.clone(), y.clone()
-        saved = [t.detach().clone() for t in self._state_tensors()]
-        rng = self.generator.get_state()
+        restore = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -140,15 +324,23 @@ class GraphedTrainStep(TrainStep):
                 self.optimizer.zero_grad()
                 self._step(self.static_x, self.static_y)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for t, s in zip(self._state_tensors(), saved):
-                t.copy_(s)
-        self.generator.set_state(rng)
+        restore()
         self.graph = torch.cuda.CUDAGraph()
         self.graph.register_generator_state(self.generator)
         self.optimizer.zero_grad()
         with torch.cuda.graph(self.graph):
             self._step(self.static_x, self.static_y)
+
+    def _snapshot(self) -> Callable[[], None]:
+        restore = super()._snapshot()
+        statics = [t.clone() for t in (self.static_x, self.static_y) if t is not None]
+
+        def restore_all() -> None:
+            restore()
+            for t, s in zip((self.static_x, self.static_y), statics):
+                t.copy_(s)
+
+        return restore_all
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.graph is None:
@@ -157,3 +349,4 @@ class GraphedTrainStep(TrainStep):
         self.static_y.copy_(y, non_blocking=True)
         self.graph.replay()
         self.steps += 1
+        self._warm = True

@@ -56,6 +56,45 @@ def test_train_writes_a_complete_run_directory(teacher_run):
     assert ckpt.epoch == 3 and ckpt.model_name == "resnet8" and ckpt.optimizer_state is not None
 
 
+def test_eval_of_a_run_folder_takes_dataset_and_data_from_the_run(capsys, teacher_run, monkeypatch):
+    import mixkd.data.catalog
+
+    asked = []
+    real = mixkd.data.catalog.load_cifar
+    monkeypatch.setattr(mixkd.data.catalog, "load_cifar",
+                        lambda *a, **kw: asked.append(a[3] if len(a) > 3 else kw.get("splits")) or real(*a, **kw))
+    result = json.loads((teacher_run / "result.json").read_text())
+    for target in (teacher_run, teacher_run / "checkpoint.safetensors"):  # a cifar10 run in its own data folder
+        code, stdout, err = _mixkd(capsys, "eval", target, "--device", "cpu", "--json")
+        assert code == 0, err
+        metrics = json.loads(stdout)
+        assert metrics["dataset"] == "cifar10" and metrics["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert asked == [("test",), ("test",)]  # only the test split is read
+    code, stdout, err = _mixkd(capsys, "eval", teacher_run, "--dataset", "digits", "--device", "cpu", "--json")
+    assert code == 0, err and json.loads(stdout)["dataset"] == "digits"  # flags still choose
+
+
+def test_an_unreadable_image_is_one_line_naming_the_file(capsys, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (32, 32), (40 * k, 90, 200)).save(tmp_path / "imgs" / split / cls / f"{k}.png")
+    bad = tmp_path / "imgs" / "train" / "b" / "2.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated jpeg")
+    for workers in ("0", "1"):
+        code, _, err = _mixkd(capsys, "train", "--model", "resnet8", "--dataset", "imagefolder", "--data-dir",
+                              tmp_path / "imgs", "--image-size", "32", "--epochs", "1", "--batch-size", "2",
+                              "--workers", workers, "--device", "cpu", "--no-progress", "--out", tmp_path / f"r{workers}")
+        errors = [line for line in err.splitlines() if line.startswith("mixkd: error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        assert errors[0] == (f"mixkd: error: cannot read image {bad}: not an image file PIL can identify; delete or "
+                             "replace the file (mixkd does not skip unreadable images, so that every epoch sees the "
+                             "same samples)")
+
+
 @pytest.mark.parametrize("method,extra", [("kd", ["-T", "4"]), ("std", ["--mix", "mixup", "--mix-fraction", "0.1"])])
 def test_distill_then_eval_through_the_cli(capsys, tmp_path, teacher_run, cifar10_dir, method, extra):
     out = tmp_path / f"student-{method}"

@@ -30,6 +30,7 @@ from mixkd.data import (
     load_dataset,
     make_loaders,
 )
+from mixkd.data.digits import DIGITS_TRAIN_SIZE
 from mixkd.errors import MixkdError
 
 try:
@@ -306,7 +307,7 @@ def test_digits():
     spec = load_dataset("digits", data_dir="/ignored/path")
     assert (spec.name, spec.num_classes, spec.image_size) == ("digits", 10, 32)
     assert spec.class_names == [str(i) for i in range(10)]
-    assert (len(spec.train), len(spec.test)) == (1437, 360)
+    assert (len(spec.train), len(spec.test)) == (DIGITS_TRAIN_SIZE, 360)  # the constant batch-size checks use
     for split in (spec.train, spec.test):
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 32, 32)
         assert split.labels.dtype == torch.int64
@@ -319,7 +320,9 @@ def test_digits():
     # fixed split: identical across calls, whatever the global seed
     torch.manual_seed(123)
     np.random.seed(123)
+    D.clear_cache()  # built again, not taken from the process cache
     again = load_dataset("digits")
+    assert again.train is not spec.train
     assert torch.equal(again.train.images, spec.train.images) and torch.equal(again.test.labels, spec.test.labels)
     # hard-coded normalization == statistics of the train split
     x = spec.train.images.double() / 255
@@ -610,3 +613,181 @@ def test_fake_cifar_is_learnable_through_the_loaders(tmp_path):
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test)
     accuracy = correct / test.num_samples
     assert accuracy > 0.5, accuracy  # chance: 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting an epoch mid-way (step-exact resume)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle,augment,drop_last", [(True, True, False), (True, False, True), (False, False, False)])
+def test_device_loader_iter_from_yields_the_same_batches_as_the_full_epoch(shuffle, augment, drop_last):
+    split = _split(torch.randint(0, 256, (53, 3, 32, 32), dtype=torch.uint8))
+    loader = DeviceLoader(split, 10, "cpu", (0.5,) * 3, (0.25,) * 3, shuffle=shuffle, augment=augment,
+                          drop_last=drop_last)
+    loader.set_epoch_seed(3)
+    full = list(loader)
+    assert len(full) == len(loader) == (5 if drop_last else 6)
+    for start in (0, 1, 4, len(loader)):
+        loader.set_epoch_seed(3)
+        part = list(loader.iter_from(start))
+        assert len(part) == len(full) - start
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(part, full[start:], strict=True))
+    # the generator moves on as after a full epoch: the next epoch is the same either way
+    loader.set_epoch_seed(3)
+    list(loader.iter_from(2))
+    after_part = next(iter(loader))
+    loader.set_epoch_seed(3)
+    list(loader)
+    after_full = next(iter(loader))
+    assert torch.equal(after_part[0], after_full[0])
+    for bad in (-1, len(loader) + 1, 1.0):
+        with pytest.raises(ValueError, match="start batch"):
+            loader.iter_from(bad)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_folder_loader_iter_from_yields_the_same_batches_as_the_full_epoch(tmp_path, workers):
+    spec = load_dataset("imagefolder", _write_image_folder(tmp_path, n=4), image_size=12)  # 8 training images
+    loader, _ = make_loaders(spec, batch_size=3, device="cpu", workers=workers, drop_last=False)
+    loader.set_epoch_seed(5)
+    full = list(loader)
+    assert len(full) == len(loader) == 3
+    for start in (1, 2, 3):
+        loader.set_epoch_seed(5)
+        part = list(loader.iter_from(start))
+        assert len(part) == 3 - start
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(part, full[start:], strict=True))
+    loader.set_epoch_seed(5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(loader, full, strict=True))  # iter() starts at 0 again
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets loaded once per process, one device copy per split
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_dataset_reads_each_split_once_and_rereads_a_changed_file(tmp_path):
+    write_fake_cifar(tmp_path, num_classes=10, n_train=40, n_test=20, seed=1)
+    a, b = load_dataset("cifar10", tmp_path), load_dataset("cifar10", tmp_path / "cifar-10-batches-py")
+    assert a is not b and a.train is b.train and a.test is b.test  # same tensors, separate specs
+    test_only = load_dataset("cifar10", tmp_path, splits=("test",))
+    assert test_only.train is None and test_only.test is a.test
+    write_fake_cifar(tmp_path, num_classes=10, n_train=40, n_test=30, seed=2)  # the files change
+    c = load_dataset("cifar10", tmp_path)
+    assert len(c.test) == 30 and c.test is not a.test and len(a.test) == 20
+
+
+def test_test_split_alone_reads_only_the_test_pickle(tmp_path):
+    folder = write_fake_cifar(tmp_path, num_classes=100, n_train=30, n_test=12)
+    (folder / "train").unlink()
+    spec = load_dataset("cifar100", tmp_path, splits=["test"])
+    assert spec.train is None and len(spec.test) == 12 and spec.num_classes == 100
+    test = D.make_test_loader(spec, "cpu", batch_size=5)
+    assert [x.shape[0] for x, _ in test] == [5, 5, 2]
+    with pytest.raises(MixkdError, match="missing train"):
+        load_dataset("cifar100", tmp_path)
+    with pytest.raises(ValueError, match="splits"):
+        load_dataset("cifar100", tmp_path, splits=("val",))
+    digits = load_dataset("digits", splits=("test",))
+    assert digits.train is None and len(digits.test) == 360
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loaders_of_one_split_share_its_device_copy_and_stay_independent(device):
+    first, second = load_dataset("digits"), load_dataset("digits")
+    kwargs = {"mean": DIGITS_MEAN, "std": DIGITS_STD, "shuffle": True, "augment": True, "drop_last": True}
+    a = DeviceLoader(first.train, 64, device, **kwargs)
+    b = DeviceLoader(second.train, 64, device, **kwargs)
+    assert a.images.device.type == torch.device(device).type
+    assert a.images.data_ptr() == b.images.data_ptr() and a.labels.data_ptr() == b.labels.data_ptr()
+    # a loader over a private copy of the same data gives the reference batches
+    private = ArraySplit(first.train.images.clone(), first.train.labels.clone())
+    ref = DeviceLoader(private, 64, device, **kwargs)
+    assert ref.images.data_ptr() != a.images.data_ptr()
+    a.set_epoch_seed(1)
+    b.set_epoch_seed(2)
+    ref.set_epoch_seed(1)
+    ia, ib, iref = iter(a), iter(b), iter(ref)
+    for _ in range(3):  # interleaved: one loader's epoch does not disturb the other's
+        (xa, ya), (_, yb), (xr, yr) = next(ia), next(ib), next(iref)
+        assert torch.equal(xa, xr) and torch.equal(ya, yr) and not torch.equal(ya, yb)
+    assert torch.equal(a.images.cpu(), first.train.images)  # nothing was written into the shared copy
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: what the machine has; unreadable images
+# ---------------------------------------------------------------------------------------------
+
+
+def test_workers_default_to_the_cores_available_without_a_torch_warning(tmp_path, monkeypatch):
+    import os
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-core machine
+    assert D.resolve_workers(None) == 2 and D.resolve_workers(0) == 0 and D.resolve_workers(7) == 7
+    spec = load_dataset("imagefolder", _write_image_folder(tmp_path, n=2), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns (UserWarning) when workers exceed the cores
+        train, test = make_loaders(spec, batch_size=2, device="cpu")
+        assert train.workers == test.workers == 2
+        assert len(list(train)) == 2
+    from mixkd.config import RunConfig
+
+    assert RunConfig().workers is None
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path, workers):
+    root = _write_image_folder(tmp_path, n=2)
+    bad = root / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    spec = load_dataset("imagefolder", root, image_size=8)  # listing the folder opens no image
+    train, _ = make_loaders(spec, batch_size=5, device="cpu", workers=workers, drop_last=False)
+    with pytest.raises(D.UnreadableImageError) as ei:
+        list(train)
+    msg = str(ei.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    assert msg.startswith(f"cannot read image {bad}: not an image file PIL can identify; delete or replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# check_dataset: what is missing, without loading or writing anything
+# ---------------------------------------------------------------------------------------------
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*"))
+
+
+def test_check_dataset_finds_missing_truncated_and_too_small_data_without_touching_it(tmp_path):
+    assert D.check_dataset("cifar100", tmp_path / "none") == [
+        f"dataset 'cifar100' not found in {tmp_path / 'none'}: expected {tmp_path / 'none' / 'cifar-100-python'}"
+        "/{train,test,meta} (CIFAR python-pickle layout) or cifar-100-python.tar.gz; pass --data-dir or --download"]
+    assert D.check_dataset("cifar100", tmp_path / "none", download=True) == []
+    assert D.check_dataset("cifar100", tmp_path / "none", download=True, batch_size=60_000)
+    folder = write_fake_cifar(tmp_path, num_classes=10, n_train=50, n_test=10)
+    data = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(data[: len(data) // 2])
+    before = _listing(tmp_path)
+    assert D.check_dataset("cifar10", tmp_path, batch_size=50, splits=("train",)) == []
+    [too_big] = D.check_dataset("cifar10", tmp_path, batch_size=128, splits=("train",))  # pixels alone: 80 at most
+    assert too_big.startswith("batch size 128 is larger than the at most ")
+    [cut] = D.check_dataset("cifar10", tmp_path)
+    assert f"{folder / 'test_batch'} is truncated" in cut
+    assert D.check_dataset("digits", batch_size=DIGITS_TRAIN_SIZE) == []
+    assert "1437 training samples" in D.check_dataset("digits", batch_size=DIGITS_TRAIN_SIZE + 1)[0]
+    assert D.check_dataset("mnist") == ["unknown dataset 'mnist': choose one of cifar100, cifar10, digits, imagefolder"]
+    assert "image_size=64" in D.check_dataset("cifar10", tmp_path, image_size=64)[0]
+    problems = D.check_dataset("imagefolder", tmp_path / "imgs")
+    assert len(problems) == 2 and "train is not a directory" in problems[0] and "val is not a directory" in problems[1]
+    assert _listing(tmp_path) == before  # nothing created
+    (folder / "data_batch_3").unlink()
+    assert "missing data_batch_3" in D.check_dataset("cifar10", tmp_path)[0]
+    assert D.check_dataset("imagefolder", _write_image_folder(tmp_path / "imgs")) == []
+    assert D.dataset_num_classes("imagefolder", tmp_path / "imgs") == 2 and D.dataset_num_classes("cifar100") == 100
+    # the archive is enough (it is extracted when the run starts), and checking it extracts nothing
+    archive_dir = tmp_path / "tgz"
+    make_fake_cifar_tar_gz(archive_dir, num_classes=100, n_train=20, n_test=10)
+    listed = _listing(archive_dir)
+    assert D.check_dataset("cifar100", archive_dir) == [] and _listing(archive_dir) == listed

@@ -64,7 +64,7 @@ def test_grid_expands_to_the_cartesian_product_with_readable_stable_ids():
     alone = by_id["students/resnet14-alone-s1"]
     assert alone.config["task"] == "train" and alone.teacher_run is None and alone.config["mix"] == {"method": "none"}
     cfg = pmu.config_for("/study")
-    assert cfg["kd"]["teacher"] == "/study/teachers/resnet20_mixup-s1" and cfg["out"] == f"/study/{pmu.id}"
+    assert cfg["kd"]["teacher"] == "../../teachers/resnet20_mixup-s1" and cfg["out"] == f"/study/{pmu.id}"
     assert cfg["dataset"] == "digits" and cfg["progress"] is False
     # stable: the same file expands to the same ids and configs
     assert [(r.id, r.config) for r in _expand(_study())] == [(r.id, r.config) for r in runs]
@@ -310,6 +310,7 @@ class InlineExecutor:
 
 
 def _write_study(path, data_dir, **changes):
+    (path.parent / "missing.pth").write_bytes(b"not a checkpoint")  # there (checked at plan time) but unreadable
     data = {"name": "t", "defaults": {"dataset": "cifar10", "data_dir": str(data_dir), "epochs": 1,
                                       "batch_size": 32, "eval_batch_size": 80, "device": "cpu"},
             "teachers": [{"name": "plain", "models": "resnet8"},

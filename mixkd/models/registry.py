@@ -51,15 +51,25 @@ def _natural_key(name: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name.lower())]
 
 
+def closest_models(name: str, n: int = 1) -> list[str]:
+    """Up to ``n`` registered names closest to ``name`` (case-insensitive, difflib), best first."""
+    by_lower = {m.lower(): m for m in sorted(_REGISTRY, key=_natural_key)}
+    return [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), list(by_lower), n=n, cutoff=0.6)]
+
+
+def unknown_model_message(name: str) -> str:
+    """"unknown model 'resnt8x4'; did you mean 'resnet8x4'? ..." when a name is close, else the list of names."""
+    close = closest_models(name)
+    if close:
+        return f"unknown model {name!r}; did you mean '{close[0]}'? ('mixkd models' lists them all)"
+    return f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY, key=_natural_key))}"
+
+
 def _lookup(name: str) -> _Entry:
     entry = _REGISTRY.get(name)
     if entry is not None:
         return entry
-    names = sorted(_REGISTRY, key=_natural_key)
-    by_lower = {n.lower(): n for n in names}
-    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
-    hint = f"; did you mean '{by_lower[close[0]]}'?" if close else ""
-    raise MixkdError(f"unknown model {name!r}{hint}; available: {', '.join(names)}")
+    raise MixkdError(unknown_model_message(name))
 
 
 def create_model(name: str, num_classes: int = 100) -> nn.Module:

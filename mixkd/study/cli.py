@@ -1,4 +1,4 @@
-"""``mixkd study plan | run | report``: the command-line side of studies."""
+"""``mixkd study plan | run | status | report``: the command-line side of studies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ DEFAULT_ROOT = Path("runs")
 
 
 def add_study_parser(sub) -> None:
-    study = sub.add_parser("study", help="grids of runs from one study file: plan, run, report",
+    study = sub.add_parser("study", help="grids of runs from one study file: plan, run, status, report",
                            description="Run a whole study (teachers, then students over methods, temperatures, "
                                        "mix fractions and seeds) from one YAML file; see configs/studies/.")
     commands = study.add_subparsers(dest="study_command", metavar="STUDY_COMMAND", required=True)
@@ -22,6 +22,8 @@ def add_study_parser(sub) -> None:
                                         "folder, and the compute they need, estimated from finished runs' throughput.")
     p.add_argument("file", help="study file (YAML)")
     p.add_argument("--out", help="study folder (default: runs/<study name>)")
+    p.add_argument("--pack", type=int, metavar="K", help="also estimate 'mixkd study run --pack K' (K runs in one "
+                                                           "process) on one H100, from measured figures")
     p.add_argument("--set", **over)
     p.set_defaults(handler=cmd_plan)
 
@@ -30,16 +32,36 @@ def add_study_parser(sub) -> None:
                                         "skipped, interrupted ones resumed, failed ones retried. Ctrl-C stops cleanly.")
     p.add_argument("file", help="study file (YAML)")
     p.add_argument("--out", help="study folder (default: runs/<study name>); with Ray, on storage every node shares")
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local worker processes (default) or Ray tasks")
-    p.add_argument("--workers", type=int, help="parallel runs (local default: GPUs x --runs-per-gpu, or min(cores, 4) on CPU; "
-                                               "Ray default: as many as the cluster takes)")
-    p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU (default: 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray actors (one pack per GPU of the cluster)")
+    p.add_argument("--pack", "--runs-per-gpu", dest="pack", type=int, metavar="K",
+                   help="runs trained together in one process (a pack), each on its own CUDA stream: K runs share "
+                        "a GPU far better than K processes (default: 8 on a GPU, 1 on the CPU). Image-folder runs, "
+                        "whose data streams from disk, run in a pack of their own")
+    p.add_argument("--workers", type=int, help="worker processes, each holding a pack (local default: one per GPU, "
+                                               "or min(cores / --threads, 4) on the CPU; Ray default: one per GPU, "
+                                               "or per CPU of a CPU-only cluster)")
+    p.add_argument("--threads", type=int, help="CPU threads of each CPU worker (default: 1; recorded in each "
+                                               "result.json: CPU results are bit-exact for the same thread count)")
+    p.add_argument("--time-limit", metavar="DURATION",
+                   help="stop before DURATION (90s, 25m, 1:30:00) of wall time: every running run writes a "
+                        "step-exact checkpoint and the command exits with status 75; run it again to continue. "
+                        "SIGTERM/SIGUSR1 do the same (SLURM's --signal)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray on this machine)")
     p.add_argument("--device", help="device for every run, overriding the study file: auto, cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="print one line per finished run instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--set", **over)
     p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("status", help="where a study folder stands: one line per run, totals, compute left",
+                            description="One line per run of a study folder (done with its top-1, running, stopped on "
+                                        "time at epoch e step s, failed with its reason, waiting for its teacher, "
+                                        "pending), the totals, and the compute left estimated from the throughput its "
+                                        "finished runs measured. Reads the folder alone (its study.yaml); changes "
+                                        "nothing.")
+    p.add_argument("dir", help="study folder")
+    p.set_defaults(handler=cmd_status)
 
     p = commands.add_parser("report", help="write results.csv and report.md (table and figures) for a study folder",
                             description="Write results.csv (one row per run) and report.md with PNG figures.")
@@ -56,25 +78,45 @@ def _out(args, study) -> Path:
 def cmd_plan(args: argparse.Namespace) -> int:
     from mixkd.study import format_plan, load_study
 
+    if args.pack is not None and args.pack < 1:
+        from mixkd.errors import MixkdError
+
+        raise MixkdError(f"--pack must be at least 1, got {args.pack}")
     study = load_study(args.file, args.overrides)
-    print(format_plan(study, _out(args, study)))
+    print(format_plan(study, _out(args, study), pack=args.pack))
     return 0
 
 
-def run_and_report(study, out: Path, executor: str = "local", workers: int | None = None, runs_per_gpu: int = 1,
+def run_and_report(study, out: Path, executor: str = "local", workers: int | None = None, pack: int | None = None,
                    address: str | None = None, device: str | None = None, progress: bool = True,
-                   report: bool = True) -> int:
-    """Run ``study`` into ``out`` and write its report; returns the exit status (0: every run finished)."""
+                   report: bool = True, threads: int | None = None, time_limit: float | None = None) -> int:
+    """Run ``study`` into ``out`` and write its report; returns the exit status (0: every run finished,
+    75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable)."""
+    from mixkd.control import StopControl
     from mixkd.study import make_executor, run_study, write_report
 
+    control = StopControl(time_limit)
     use_gpu = any((device or r.config.get("device", "auto")) != "cpu" for r in study.runs)
-    ex = make_executor(executor, workers, runs_per_gpu, address, use_gpu)
-    outcome = run_study(study, out, ex, device=device, progress=progress)
+    ex = make_executor(executor, workers, None, address, use_gpu, threads=threads, pack=pack,
+                       time_limit=time_limit, deadline=control.deadline, lock_dir=str(out))
+    control.install_signals()
+    try:
+        outcome = run_study(study, out, ex, device=device, progress=progress, control=control)
+    finally:
+        control.restore_signals()
     c = outcome.counts
-    if outcome.interrupted:
+    if outcome.interrupted and outcome.stopped is None:
         print(f"\ninterrupted: {c['done']} of {len(study.runs)} runs finished; the folder is resumable: "
               f"run the same command again", file=sys.stderr)
         return 130
+    if outcome.stopped is not None:
+        why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
+               "interrupt": "interrupted"}[outcome.stopped]
+        print(f"{why}: {c['done']} of {len(study.runs)} runs finished, {c['stopped']} stopped with a checkpoint; "
+              f"run the same command again to continue (mixkd study status {out})", file=sys.stderr)
+        if report:
+            print(f"report (so far): {write_report(out)}")
+        return control.exit_status
     print(f"study {study.name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked "
           f"(errors in {out}/<run>/error.txt and {out}/study-state.json)")
     a = outcome.analyses
@@ -87,11 +129,21 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mixkd.control import parse_duration
     from mixkd.study import load_study
 
+    limit = parse_duration(args.time_limit) if args.time_limit else None
     study = load_study(args.file, args.overrides)
-    return run_and_report(study, _out(args, study), args.executor, args.workers, args.runs_per_gpu, args.address,
-                          args.device, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report)
+    return run_and_report(study, _out(args, study), args.executor, args.workers, args.pack, args.address,
+                          args.device, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report,
+                          threads=args.threads, time_limit=limit)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mixkd.study.status import format_status
+
+    print(format_status(args.dir))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

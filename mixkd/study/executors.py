@@ -1,31 +1,41 @@
-"""Where the runs of a study execute: local worker processes, or tasks on a Ray cluster.
+"""Where the runs of a study execute: packs of runs in local worker processes, or in Ray actors.
 
-An executor takes runs (``submit``) while it has ``capacity()``, reports finished ones (``wait``)
-as ``(run id, outcome)`` pairs, outcome as returned by :func:`mixkd.study.worker.execute_run`,
-and stops (``shutdown``), killing what still runs when told to. ``submit(..., analysis=options)``
-is the analysis of a finished run (a job of its own, so that students need not wait for their
-teacher's analysis).
+An executor takes jobs (``submit``: a run, or with ``analysis=options`` the analysis of a finished
+run) while it has ``capacity()``, reports ended ones (``wait``) as ``(run id, outcome)`` pairs,
+passes a stop on to its workers (``stop``: each live run writes a step-exact checkpoint), shows
+what runs where (``progress``), and ends (``shutdown``), killing what still runs when told to.
 
-* ``LocalExecutor``: N long-lived worker processes (spawned, so each imports torch once). With
-  GPUs, worker i sees GPU i mod G alone through ``CUDA_VISIBLE_DEVICES``, and the default N is
-  G x runs-per-GPU; on the CPU the cores are split evenly between the workers.
-* ``RayExecutor``: each run is a Ray task asking for ``1 / runs-per-GPU`` of a GPU (none on a
-  CPU-only cluster). Tasks write to the study folder by its path, so the folder must be on storage
-  every node mounts at the same path (NFS, a shared volume, ...), and mixkd must be installed on
-  every node.
+Each worker holds a pack (:class:`mixkd.study.packworker.PackWorker`): up to K runs in one
+process, stepped in turn, each on its own CUDA stream, with a slot refilled as soon as a run ends.
+
+* ``LocalExecutor``: one worker process per GPU (worker i sees GPU i mod G alone through
+  ``CUDA_VISIBLE_DEVICES``), each with K slots (``--pack``, default 8 on a GPU); on the CPU, N
+  workers of K slots (default 1) and a fixed number of threads each (``--threads``, default 1,
+  recorded in each ``result.json``: on the CPU a run's numbers depend on its thread count). Workers
+  die with the study's main process (a parent-death signal, and a watch of the parent's pid) after
+  checkpointing their runs.
+* ``RayExecutor``: one actor per GPU of the cluster (per CPU on a CPU-only cluster, or ``--workers``),
+  each holding a pack. Actors write to the study folder by its path, so the folder must be on
+  storage every node mounts at the same path, and mixkd must be installed on every node.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
+import time
 from typing import Any
 
 from mixkd.errors import MixkdError
 
 Completion = tuple[str, dict[str, Any]]
+DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
+WORKERS_LOCK = ".study.workers.lock"
 
 
 def visible_gpus() -> list[str]:
@@ -38,80 +48,163 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _local_worker(env: dict[str, str], threads: int, tasks, results) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM (a graceful stop) when the parent process dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _local_worker(index: int, env: dict[str, str], threads: int, slots: int, limit: float | None,
+                  deadline: float | None, lock_path: str | None, tasks, results) -> None:
+    parent = os.getppid()
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells the workers
+    results.cancel_join_thread()  # never hang at exit on a pipe nobody reads
     os.environ.update(env)
     import torch
 
     torch.set_num_threads(threads)
-    from mixkd.study.worker import execute_run
+    from mixkd.control import StopControl
+    from mixkd.study.packworker import PackWorker
 
-    while (item := tasks.get()) is not None:
-        run_id, config, run_dir, analysis = item
-        results.put((run_id, execute_run(config, run_dir, analysis)))
+    lock = None
+    if lock_path:  # held (shared) while this worker lives: a new study run waits for it
+        lock = open(lock_path, "a")  # noqa: SIM115 - held for the process's life
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    control = StopControl(time_limit=limit, deadline=deadline)
+    control.install_signals(interrupt=False)
+    worker = PackWorker(slots, control)
+    closing, shown = False, time.monotonic()
+    if os.getppid() != parent:
+        control.request("signal")
+    while True:
+        if os.getppid() != parent:
+            control.request("signal")  # the study's main process is gone: checkpoint and leave
+        try:
+            while True:
+                idle = not worker.busy and not closing and control.reason is None
+                item = tasks.get(timeout=0.5) if idle else tasks.get_nowait()
+                if item is None:
+                    closing = True
+                    break
+                worker.submit(item)
+        except queue.Empty:
+            pass
+        for run_id, outcome in worker.work():
+            results.put(("done", index, run_id, outcome))
+        if time.monotonic() - shown > 2.0 and worker.live_runs():
+            results.put(("progress", index, worker.progress()))
+            shown = time.monotonic()
+        if not worker.busy and (closing or control.reason is not None):
+            break
 
 
 class LocalExecutor:
     kind = "local"
 
-    def __init__(self, workers: int | None = None, runs_per_gpu: int = 1, use_gpu: bool = True):
-        if runs_per_gpu < 1 or (workers is not None and workers < 1):
-            raise MixkdError("--workers and --runs-per-gpu must be at least 1")
+    def __init__(self, workers: int | None = None, runs_per_gpu: int | None = None, use_gpu: bool = True,
+                 threads: int | None = None, pack: int | None = None, time_limit: float | None = None,
+                 deadline: float | None = None, lock_dir: str | None = None):
+        pack = pack or runs_per_gpu
+        if (pack is not None and pack < 1) or (workers is not None and workers < 1) or (threads is not None and threads < 1):
+            raise MixkdError("--workers, --pack (--runs-per-gpu) and --threads must be at least 1")
         self.gpus = gpus = visible_gpus() if use_gpu else []
         cores = os.cpu_count() or 1
         if gpus:
-            n = workers or len(gpus) * runs_per_gpu
+            n = workers or len(gpus)
+            self.slots = pack or DEFAULT_GPU_PACK
             envs = [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
-            self.description = f"{n} local workers on {len(gpus)} GPU(s), up to {runs_per_gpu} run(s) per GPU"
+            self.threads = threads or max(1, cores // n)
+            self.description = (f"{n} local worker(s) on {len(gpus)} GPU(s), a pack of up to {self.slots} run(s) "
+                                f"in each")
         else:
-            n = workers or min(cores, 4)
+            self.threads = threads or 1
+            n = workers or max(1, min(cores // self.threads, 4))
+            self.slots = pack or 1
             envs = [{"CUDA_VISIBLE_DEVICES": ""} if use_gpu else {} for _ in range(n)]
-            self.description = f"{n} local worker(s) on the CPU, {max(1, cores // n)} thread(s) each"
-        self.threads = max(1, cores // n)
+            self.description = (f"{n} local worker(s) on the CPU, {self.threads} thread(s) each"
+                                + (f", a pack of up to {self.slots} runs in each" if self.slots > 1 else ""))
         for env in envs:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        self.limit, self.deadline = time_limit, deadline
+        self.lock_path = os.path.join(lock_dir, WORKERS_LOCK) if lock_dir else None
         self._ctx = mp.get_context("spawn")
         self._results = self._ctx.Queue()
         self._envs = envs
         self._procs: list[Any] = [None] * n
         self._tasks: list[Any] = [None] * n
-        self._current: list[str | None] = [None] * n
+        self._assigned: list[list[str]] = [[] for _ in range(n)]
+        self._progress: dict[int, dict[str, Any]] = {}
+        self.stopping: str | None = None
 
     def _start(self, i: int) -> None:
         self._tasks[i] = self._ctx.Queue()
-        self._procs[i] = self._ctx.Process(target=_local_worker, daemon=True, name=f"mixkd-study-worker-{i}",
-                                           args=(self._envs[i], self.threads, self._tasks[i], self._results))
+        self._procs[i] = self._ctx.Process(
+            target=_local_worker, daemon=True, name=f"mixkd-study-worker-{i}",
+            args=(i, self._envs[i], self.threads, self.slots, self.limit, self.deadline, self.lock_path,
+                  self._tasks[i], self._results))
         self._procs[i].start()
 
     def capacity(self) -> int:
-        return sum(1 for c in self._current if c is None)
+        if self.stopping:
+            return 0
+        return sum(self.slots - len(a) for a in self._assigned)
 
     def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
         if self.gpus and str(config.get("device", "")).startswith("cuda:"):
             config = {**config, "device": "cuda"}  # each worker sees its one GPU as cuda:0
-        i = self._current.index(None)
+        i = min(range(len(self._assigned)), key=lambda k: len(self._assigned[k]))  # spread runs over workers
         if self._procs[i] is None or not self._procs[i].is_alive():
             self._start(i)
-        self._current[i] = run_id
+        self._assigned[i].append(run_id)
         self._tasks[i].put((run_id, config, run_dir, analysis))
 
     def wait(self, timeout: float) -> list[Completion]:
         done: list[Completion] = []
+        messages = []
         try:
-            done.append(self._results.get(timeout=timeout))
+            messages.append(self._results.get(timeout=timeout))
             while True:
-                done.append(self._results.get_nowait())
+                messages.append(self._results.get_nowait())
         except queue.Empty:
             pass
-        for run_id, _ in done:
-            self._current[self._current.index(run_id)] = None
-        for i, run_id in enumerate(self._current):  # a worker that died (killed, out of memory, crashed)
-            if run_id is not None and not self._procs[i].is_alive():
-                code = self._procs[i].exitcode
-                done.append((run_id, {"ok": False, "seconds": None,
-                                      "message": f"the worker process running it died (exit code {code})"}))
-                self._current[i] = None
+        for message in messages:
+            if message[0] == "progress":
+                self._progress[message[1]] = message[2]
+                continue
+            _, i, run_id, outcome = message
+            if run_id in self._assigned[i]:
+                self._assigned[i].remove(run_id)
+            done.append((run_id, outcome))
+        for i, proc in enumerate(self._procs):  # a worker that died (killed, out of memory, crashed)
+            if proc is not None and not proc.is_alive() and self._assigned[i]:
+                for run_id in self._assigned[i]:
+                    if self.stopping:
+                        outcome = {"ok": False, "stopped": True, "not_started": True, "seconds": None,
+                                   "message": "not started before the stop"}
+                    else:
+                        outcome = {"ok": False, "seconds": None,
+                                   "message": f"the worker process running it died (exit code {proc.exitcode})"}
+                    done.append((run_id, outcome))
+                self._assigned[i] = []
+                self._progress.pop(i, None)
         return done
+
+    def in_flight(self) -> int:
+        return sum(len(a) for a in self._assigned)
+
+    def stop(self, reason: str) -> None:
+        """Every worker checkpoints its runs and leaves (at its next step)."""
+        self.stopping = reason
+        for proc in self._procs:
+            if proc is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGUSR1)
+
+    def progress(self) -> list[dict[str, Any]]:
+        return [self._progress[i] for i in sorted(self._progress)]
 
     def shutdown(self, terminate: bool = False) -> None:
         for i, proc in enumerate(self._procs):
@@ -123,34 +216,68 @@ class LocalExecutor:
                 self._tasks[i].put(None)
         for proc in self._procs:
             if proc is not None:
-                proc.join(timeout=10)
+                proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
         self._procs = [None] * len(self._procs)
-        self._current = [None] * len(self._current)
+        self._assigned = [[] for _ in self._assigned]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
 
 
-def _ray_task(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
-    from mixkd.study.worker import execute_run
+class _PackActor:
+    """A Ray actor holding one pack; its loop runs in a thread, ``submit``/``poll`` talk to it."""
 
-    return execute_run(config, run_dir, analysis)
+    def __init__(self, slots: int, threads: int | None, limit: float | None, deadline: float | None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from mixkd.control import StopControl
+        from mixkd.study.packworker import PackWorker
+
+        self.worker = PackWorker(slots, StopControl(time_limit=limit, deadline=deadline))
+        self.lock = threading.Lock()
+        self.done: list[Completion] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                busy = self.worker.busy
+                if busy:
+                    self.done += self.worker.work()
+            if not busy:
+                time.sleep(0.05)
+
+    def submit(self, job) -> None:
+        with self.lock:
+            self.worker.submit(tuple(job))
+
+    def poll(self) -> tuple[list[Completion], dict[str, Any]]:
+        with self.lock:
+            done, self.done = self.done, []
+            return done, self.worker.progress() if self.worker.live_runs() else {}
+
+    def stop(self, reason: str) -> None:
+        self.worker.control.request(reason)
 
 
 class RayExecutor:
     kind = "ray"
 
-    def __init__(self, address: str | None = None, workers: int | None = None, runs_per_gpu: int = 1,
-                 use_gpu: bool = True):
+    def __init__(self, address: str | None = None, workers: int | None = None, runs_per_gpu: int | None = None,
+                 use_gpu: bool = True, threads: int | None = None, pack: int | None = None,
+                 time_limit: float | None = None, deadline: float | None = None):
         try:
             import ray
         except ImportError:
             raise MixkdError("--executor ray needs Ray: pip install 'mixkd[ray]'") from None
-        if runs_per_gpu < 1 or (workers is not None and workers < 1):
-            raise MixkdError("--workers and --runs-per-gpu must be at least 1")
+        pack = pack or runs_per_gpu
+        if (pack is not None and pack < 1) or (workers is not None and workers < 1):
+            raise MixkdError("--workers and --pack (--runs-per-gpu) must be at least 1")
         self._ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:
@@ -162,50 +289,84 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise MixkdError(f"cannot start or reach the Ray cluster at {address or 'this machine'}: "
                                  f"{str(e).splitlines()[0]}") from None
-        gpus = ray.cluster_resources().get("GPU", 0) if use_gpu else 0
-        share = 1 / runs_per_gpu if gpus else 0
-        self._task = ray.remote(num_cpus=1, num_gpus=share, max_retries=0)(_ray_task)
-        self._limit = workers or 1_000_000
-        self._refs: dict[Any, str] = {}
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        self.description = (f"Ray cluster at {address or 'this machine'} ({cpus} CPUs, {gpus:g} GPUs), "
-                            f"{f'{share:g} GPU' if share else 'no GPU'} per run")
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if use_gpu else 0
+        cpus = int(resources.get("CPU", 0))
+        n = workers or (gpus if gpus else max(1, cpus))
+        self.slots = pack or (DEFAULT_GPU_PACK if gpus else 1)
+        actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0, max_concurrency=4)(_PackActor)
+        self._actors = [actor.remote(self.slots, None if gpus else (threads or 1), time_limit, deadline)
+                        for _ in range(n)]
+        self._assigned: list[list[str]] = [[] for _ in range(n)]
+        self._progress: dict[int, dict[str, Any]] = {}
+        self.stopping: str | None = None
+        self.description = (f"Ray cluster at {address or 'this machine'} ({cpus} CPUs, {gpus:g} GPUs), {n} pack(s) "
+                            f"of up to {self.slots} run(s)" + (", one per GPU" if gpus else ""))
 
     def capacity(self) -> int:
-        return self._limit - len(self._refs)
+        return 0 if self.stopping else sum(self.slots - len(a) for a in self._assigned)
 
     def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
-        self._refs[self._task.remote(config, run_dir, analysis)] = run_id
+        i = min(range(len(self._assigned)), key=lambda k: len(self._assigned[k]))
+        self._assigned[i].append(run_id)
+        self._actors[i].submit.remote((run_id, config, run_dir, analysis))
 
     def wait(self, timeout: float) -> list[Completion]:
-        if not self._refs:
-            return []
-        ready, _ = self._ray.wait(list(self._refs), num_returns=len(self._refs), timeout=timeout)
-        done = []
+        done: list[Completion] = []
+        refs = {self._actors[i].poll.remote(): i for i in range(len(self._actors)) if self._assigned[i]}
+        if not refs:
+            return done
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         for ref in ready:
-            run_id = self._refs.pop(ref)
+            i = refs[ref]
             try:
-                done.append((run_id, self._ray.get(ref)))
-            except Exception as e:  # noqa: BLE001 - the task's process died, or Ray lost it
+                completions, progress = self._ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the actor's process died, or Ray lost it
                 line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                done.append((run_id, {"ok": False, "seconds": None, "message": f"Ray task failed: {line}"}))
+                done += [(run_id, {"ok": False, "seconds": None, "message": f"Ray actor failed: {line}"})
+                         for run_id in self._assigned[i]]
+                self._assigned[i] = []
+                continue
+            for run_id, outcome in completions:
+                if run_id in self._assigned[i]:
+                    self._assigned[i].remove(run_id)
+                done.append((run_id, outcome))
+            if progress:
+                self._progress[i] = progress
+            else:
+                self._progress.pop(i, None)
+        if not done:
+            time.sleep(min(timeout, 0.2))
         return done
 
+    def in_flight(self) -> int:
+        return sum(len(a) for a in self._assigned)
+
+    def stop(self, reason: str) -> None:
+        self.stopping = reason
+        for a in self._actors:
+            a.stop.remote(reason)
+
+    def progress(self) -> list[dict[str, Any]]:
+        return [self._progress[i] for i in sorted(self._progress)]
+
     def shutdown(self, terminate: bool = False) -> None:
-        if terminate:
-            for ref in self._refs:
-                self._ray.cancel(ref, force=True)
-        self._refs.clear()
+        for a in self._actors:
+            self._ray.kill(a)
+        self._actors = []
+        self._assigned = []
         if self._owns:
             self._ray.shutdown()
 
 
-def make_executor(kind: str = "local", workers: int | None = None, runs_per_gpu: int = 1,
-                  address: str | None = None, use_gpu: bool = True):
+def make_executor(kind: str = "local", workers: int | None = None, runs_per_gpu: int | None = None,
+                  address: str | None = None, use_gpu: bool = True, threads: int | None = None,
+                  pack: int | None = None, time_limit: float | None = None, deadline: float | None = None,
+                  lock_dir: str | None = None):
     if kind == "local":
         if address:
             raise MixkdError("--address is for --executor ray")
-        return LocalExecutor(workers, runs_per_gpu, use_gpu)
+        return LocalExecutor(workers, runs_per_gpu, use_gpu, threads, pack, time_limit, deadline, lock_dir)
     if kind == "ray":
-        return RayExecutor(address, workers, runs_per_gpu, use_gpu)
+        return RayExecutor(address, workers, runs_per_gpu, use_gpu, threads, pack, time_limit, deadline)
     raise MixkdError(f"unknown executor '{kind}'; use local or ray")

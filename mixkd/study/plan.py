@@ -1,8 +1,10 @@
 """``mixkd study plan``: the runs a study expands to, their status, and the compute they need.
 
 Compute is estimated from throughput measured by finished runs in the study folder (``images_per_s``
-in ``result.json``) for the same dataset, model, teacher and batch size; where none has finished
-yet the estimate says "unknown" rather than guess.
+in ``result.json``) for the same dataset, model, teacher and batch size. Where none has finished yet,
+CIFAR-100 runs with a recipe that was measured on an H100 (:data:`H100_MEASURED`) get a labelled "H100
+estimate from measured figures", one run at a time and, with ``--pack K``, K runs packed in one process;
+everything else says "unknown" rather than guess.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ from mixkd.study.spec import PlannedRun, Study
 TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "digits": 1_437}
 
 Key = tuple[str, str, str | None, int]  # dataset, model, teacher model, batch size
+
+# Images/s measured on one NVIDIA H100 (torch 2.11) with mixkd: CIFAR-100-shaped 32x32 images, batch 64, the
+# training step captured in a CUDA graph; {K: aggregate images/s of K runs packed in one process, each on its
+# own CUDA stream}. Keyed by (model, teacher model or None for training alone, precision). Training only
+# (no evaluation) unless said. Sources: ../shared/REFERENCE.md "mixkd itself on one NVIDIA H100 (torch 2.11,
+# 2026-11-26, commit d0f2224)" and issue 11; nothing here is extrapolated.
+H100_MEASURED: dict[tuple[str, str | None, str], dict[int, float]] = {
+    # distillation steps, PMU 10% + standardized KD, random CIFAR-shaped data: one run (variant d, bf16 graph)
+    # and 2 / 4 / 8 runs packed (prototype ../shared/bench/multirun_prototype.py); KD steps cost about the same
+    ("resnet20", "resnet56", "bf16"): {1: 20_225, 2: 31_823, 4: 47_055, 8: 58_105},
+    ("resnet8x4", "resnet32x4", "bf16"): {1: 25_569, 2: 35_902, 4: 40_895, 8: 41_482},
+    ("wrn_16_2", "wrn_40_2", "bf16"): {1: 25_651},
+    # the same step in fp32 (variant c, graph)
+    ("resnet20", "resnet56", "fp32"): {1: 13_556},
+    ("resnet8x4", "resnet32x4", "fp32"): {1: 14_309},
+    ("wrn_16_2", "wrn_40_2", "fp32"): {1: 14_762},
+    # `mixkd train --model resnet8x4 --epochs 80` on real CIFAR-100, two runs side by side (two processes),
+    # evaluation included: 80 x 50,000 images in 171 s (bf16) / 242 s (fp32) per run. One run alone is at least
+    # as fast as with a neighbour, so K = 1 is a lower bound; K = 2 is the pair's sum (not packed in one process).
+    ("resnet8x4", None, "bf16"): {1: 23_392, 2: 46_784},
+    ("resnet8x4", None, "fp32"): {1: 16_529, 2: 33_058},
+}
+H100_SOURCE = "REFERENCE.md: mixkd on one NVIDIA H100, bf16/fp32 CUDA graph, batch 64, commit d0f2224"
 
 
 def _key(cfg: dict[str, Any], teacher_model: str | None) -> Key:
@@ -64,6 +89,46 @@ def estimate_seconds(runs: list[PlannedRun], out: Path) -> tuple[dict[str, float
     return estimates, devices
 
 
+def h100_rates(cfg: dict[str, Any], teacher_model: str | None) -> dict[int, float] | None:
+    """The measured H100 figures (:data:`H100_MEASURED`) for a run's config, or None where its recipe was
+    not measured (another dataset, batch size, precision or model; eager steps; the CPU)."""
+    if cfg["dataset"] != "cifar100" or cfg["batch_size"] != 64 or not cfg["graph"] or cfg["device"] == "cpu":
+        return None
+    return H100_MEASURED.get((cfg["model"], teacher_model if cfg["task"] == "distill" else None, cfg["precision"]))
+
+
+def packed_rate(rates: dict[int, float], k: int) -> float:
+    """Aggregate images/s of ``k`` packed runs: the figure measured at the largest K <= k (packing more runs
+    was never measured to lower the aggregate, so this errs on the slow side)."""
+    return rates[max(n for n in rates if n <= k)]
+
+
+def h100_estimate(runs: list[PlannedRun], out: Path, pack: int = 1) -> tuple[float, list[PlannedRun], list[str]]:
+    """Seconds of training on one H100 for ``runs`` from the measured figures, one pack of up to ``pack`` runs
+    of the same recipe at a time; the runs with no measured figure, and what they lack."""
+    groups: dict[tuple, list[PlannedRun]] = defaultdict(list)
+    unknown, lacking = [], []
+    for run in runs:
+        cfg = RunConfig.model_validate(run.config_for(out)).model_dump()
+        rates = h100_rates(cfg, run.teacher_model)
+        if rates is None:
+            unknown.append(run)
+            what = (f"distilling {run.teacher_model} -> {cfg['model']}" if cfg["task"] == "distill"
+                    else f"training {cfg['model']}") + f" ({cfg['dataset']}, {cfg['precision']}, batch {cfg['batch_size']})"
+            if what not in lacking:
+                lacking.append(what)
+            continue
+        groups[cfg["model"], run.teacher_model if cfg["task"] == "distill" else None, cfg["precision"],
+               cfg["epochs"]].append(run)
+    seconds = 0.0
+    for (model, teacher, precision, epochs), members in groups.items():
+        rates = H100_MEASURED[model, teacher, precision]
+        n = len(members)
+        for size in [pack] * (n // pack) + ([n % pack] if n % pack else []):
+            seconds += epochs * TRAIN_IMAGES["cifar100"] * size / packed_rate(rates, size)
+    return seconds, unknown, lacking
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -72,7 +137,8 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def format_plan(study: Study, out: str | Path) -> str:
+def format_plan(study: Study, out: str | Path, pack: int | None = None) -> str:
+    """The text of ``mixkd study plan``; ``pack``: also estimate ``mixkd study run --pack K`` on one H100."""
     out = Path(out)
     runs = study.runs
     status = {r.id: check_run(r, out)[0] for r in runs}
@@ -92,10 +158,20 @@ def format_plan(study: Study, out: str | Path) -> str:
                      f"{done} done")
     lines.append("")
     width = max(len(r.id) for r in runs) if runs else 10
+    h100 = {}  # runs with no measurement in the folder: one run's seconds on an H100, from measured figures
+    for run in runs:
+        if estimates[run.id] is None:
+            cfg = RunConfig.model_validate(run.config_for(out)).model_dump()
+            rates = h100_rates(cfg, run.teacher_model)
+            if rates is not None:
+                h100[run.id] = cfg["epochs"] * TRAIN_IMAGES["cifar100"] / rates[1]
     lines.append(f"{'#':>4}  {'run':<{width}}  {'epochs':>6}  {'estimate':>8}  status")
     for i, run in enumerate(runs, 1):
         epochs = run.config.get("epochs", RunConfig.model_fields["epochs"].default)
-        lines.append(f"{i:>4}  {run.id:<{width}}  {epochs:>6}  {_duration(estimates[run.id]):>8}  {status[run.id]}")
+        estimate = _duration(estimates[run.id]) if run.id not in h100 else "~" + _duration(h100[run.id])
+        lines.append(f"{i:>4}  {run.id:<{width}}  {epochs:>6}  {estimate:>8}  {status[run.id]}")
+    if h100:
+        lines.append(f"  ~: H100 estimate from measured figures, one run at a time ({H100_SOURCE}; training only)")
     todo = [r.id for r in runs if status[r.id] != "done"]
     known = [estimates[i] for i in todo if estimates[i] is not None]
     lines.append("")
@@ -111,4 +187,16 @@ def format_plan(study: Study, out: str | Path) -> str:
                      f"(training only, from throughput measured on {'; '.join(sorted(devices))})"
                      + (f"; unknown for {missing} runs with no finished run of the same model, teacher and "
                         "batch size yet" if missing else ""))
+    fallback = [r for r in runs if r.id in todo and r.id in h100]
+    if fallback:
+        unmeasured = [r for r in runs if r.id in todo and estimates[r.id] is None and r.id not in h100]
+        _, _, lacking = h100_estimate(unmeasured, out)
+        for k in sorted({1, pack or 1}):
+            seconds, _, _ = h100_estimate(fallback, out, k)
+            how = "one run at a time" if k == 1 else (f"with --pack {k} (packs of up to {k} runs of the same "
+                                                      "recipe, one pack at a time)")
+            lines.append(f"H100 estimate from measured figures, {how}: {_duration(seconds)} of training for "
+                         f"{len(fallback)} unfinished runs"
+                         + (f"; unknown for {len(unmeasured)} runs (no measured H100 figure for "
+                            f"{', '.join(lacking)})" if unmeasured else ""))
     return "\n".join(lines)

@@ -28,13 +28,15 @@ from typing import Any
 
 import yaml
 
+from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
+from mixkd.study.claims import claims_json, claims_markdown, evaluate_claims
 from mixkd.study.runner import STATE_NAME, STUDY_COPY, analysis_status, run_status
 from mixkd.study.spec import METHODS, mix_label
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 
 COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "teacher_model", "teacher_mix",
-           "temperature", "mix_method", "mix_fraction", "mix_alpha", "seed", "epochs", "batch_size", "lr",
+           "temperature", "mix_method", "mix_fraction", "mix_alpha", "mix_sampling", "seed", "epochs", "batch_size", "lr",
            "top1", "best_top1", "best_epoch", "top5", "nll", "teacher_top1", "wall_seconds", "images_per_s",
            "device", "error"]
 # From each run's analysis.json (mixkd.analysis.summary_row): ECE as a fraction, agreement and accuracies in %.
@@ -73,7 +75,8 @@ def _row(out: Path, run_id: str, cfg: dict[str, Any], result: dict[str, Any] | N
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(id=run_id, role=role, status=run_status(out, run_id), dataset=cfg.get("dataset"),
                model=cfg.get("model"), mix_method=mixing, mix_fraction=fraction,
-               mix_alpha=mix.get("alpha") if mixing != "none" else None, seed=cfg.get("seed"),
+               mix_alpha=mix.get("alpha") if mixing != "none" else None,
+               mix_sampling=mix.get("sampling", "exact") if mixing != "none" else None, seed=cfg.get("seed"),
                epochs=cfg.get("epochs"), batch_size=cfg.get("batch_size"), lr=(cfg.get("optim") or {}).get("lr"))
     if cfg.get("task") == "distill":
         base = kd.get("method", "kd")
@@ -595,6 +598,9 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
             lines += [f"## {title}", "", f"![{title}]({FIGURES[key]})", ""]
         else:
             target.unlink(missing_ok=True)
+    claims = evaluate_claims(rows, metric)
+    atomic_write_text(out / "claims.json", json.dumps(claims_json(claims, metric), indent=1, ensure_ascii=False) + "\n")
+    lines += claims_markdown(claims, METRICS[metric])
     lines += _analysis_section(out, rows, _wanted_pair(spec))
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:

@@ -14,6 +14,7 @@ analyzed already.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -24,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from mixkd import __version__
 from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
-from mixkd.study.spec import PlannedRun, Study, saved_config_mismatch
+from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, saved_config_mismatch
+from mixkd.study.executors import WORKERS_LOCK
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 
 STATE_NAME = "study-state.json"
@@ -61,36 +64,63 @@ class StudyOutcome:
     interrupted: bool = False
     analyses: dict[str, int] = field(default_factory=dict)  # analysis status -> runs (runs to analyze only)
     analysis_failed: dict[str, str] = field(default_factory=dict)  # run id -> error of its analysis
+    stopped: str | None = None  # "time", "signal" or "interrupt": the study stopped early, resumable
 
 
 class _Lock:
-    """One ``mixkd study run`` per study folder at a time."""
+    """One ``mixkd study run`` per study folder at a time: an exclusive ``flock`` on ``.study.lock``,
+    which the kernel releases when its holder dies (so a lock is honoured only while its holder
+    lives), and no live worker of an earlier run (they hold ``.study.workers.lock`` shared)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, wait_for_workers: float = 30.0):
         self.path = out / LOCK_NAME
+        self.workers = out / WORKERS_LOCK
+        self.wait = wait_for_workers
+        self._file = None
 
     def __enter__(self) -> _Lock:
-        for _ in range(2):
+        while True:
+            f = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise MixkdError(f"another 'mixkd study run' (pid {holder}) is using {self.path.parent}; wait for it "
+                                 "to finish or stop it (it checkpoints on SIGTERM)") from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # the file was replaced while we waited: lock the new one
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        self._await_old_workers()
+        return self
+
+    def _await_old_workers(self) -> None:
+        """Workers of an earlier run whose main process died stop (and checkpoint) on their own; wait
+        for them rather than train the same runs beside them."""
+        with open(self.workers, "a") as w:
+            deadline = time.monotonic() + self.wait
+            while True:
                 try:
-                    pid = int(self.path.read_text().strip() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # left by a process that is gone
-                    continue
-                except PermissionError:
-                    pass
-                raise MixkdError(f"another 'mixkd study run' (pid {pid}) is using {self.path.parent}; "
-                                 f"wait for it, or delete {self.path} if it is gone") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise MixkdError(f"cannot lock {self.path}")
+                    fcntl.flock(w, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(w, fcntl.LOCK_UN)
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        self.__exit__()
+                        raise MixkdError(f"worker processes of an earlier 'mixkd study run' still work in "
+                                         f"{self.path.parent}; wait for them to stop, or end them") from None
+                    time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+            self._file = None
 
 
 class _State:
@@ -115,9 +145,9 @@ class _State:
             counts[s] += 1
         return counts
 
-    def outcome(self, interrupted: bool = False) -> StudyOutcome:
+    def outcome(self, interrupted: bool = False, stopped: str | None = None) -> StudyOutcome:
         return StudyOutcome(self.counts(), dict(self.error), interrupted, self.analysis_counts() if self.analysis else {},
-                            dict(self.analysis_error))
+                            dict(self.analysis_error), stopped)
 
     def set(self, run_id: str, status: str, error: str | None = None) -> None:
         self.status[run_id] = status
@@ -127,7 +157,7 @@ class _State:
             self.error.pop(run_id, None)
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(("done", "running", "pending", "failed", "blocked"), 0)
+        counts = dict.fromkeys(("done", "running", "pending", "stopped", "failed", "blocked"), 0)
         for s in self.status.values():
             counts[s] += 1
         return counts
@@ -145,7 +175,8 @@ class _State:
             if run.id in self.analysis_error:
                 entry["analysis_error"] = self.analysis_error[run.id]
             runs[run.id] = entry
-        state = {"study": self.study.name, "source": str(self.study.source),
+        state = {"format": FOLDER_FORMAT, "mixkd_version": __version__, "overrides": self.study.overrides,
+                 "study": self.study.name, "source": str(self.study.source),
                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "interrupted": interrupted, "counts": self.counts(),
                  **({"analyses": self.analysis_counts()} if self.analysis else {}), "runs": runs}
@@ -180,10 +211,19 @@ def _progress(total: int, done: int, show: bool):
 
 
 def run_study(study: Study, out: str | Path, executor, device: str | None = None, progress: bool = True,
-              echo=print) -> StudyOutcome:
-    """Execute every unfinished run of ``study`` in folder ``out`` on ``executor``."""
+              echo=print, control=None) -> StudyOutcome:
+    """Execute every unfinished run of ``study`` in folder ``out`` on ``executor``.
+
+    With ``control`` (:class:`mixkd.control.StopControl`: a deadline, signals), the study stops
+    early: no run starts once a stop is due, every live run writes a step-exact checkpoint, and the
+    outcome's ``stopped`` says why; running the study again continues each run where it stopped."""
+    from mixkd.control import StopControl
+    from mixkd.study.status import check_folder
+
     out = Path(out)
+    check_folder(out)  # a folder of another mixkd version: an error before anything in it changes
     out.mkdir(parents=True, exist_ok=True)
+    control = control or StopControl()
     with _Lock(out):
         atomic_write_text(out / STUDY_COPY, study.text)
         state = _State(study, out)
@@ -202,7 +242,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
         bar = _progress(len(study.runs), counts["done"] + counts["failed"], progress)
         started: dict[str, float] = {}
         try:
-            _loop(study, out, executor, device, state, bar, started, echo)
+            _loop(study, out, executor, device, state, bar, started, echo, control)
         except KeyboardInterrupt:
             executor.shutdown(terminate=True)
             for run_id in started:
@@ -219,11 +259,25 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
             if bar is not None:
                 bar.close()
         executor.shutdown()
-        state.save()
-        return state.outcome()
+        state.save(interrupted=control.reason is not None)
+        return state.outcome(interrupted=control.reason == "interrupt", stopped=control.reason)
 
 
-def _loop(study: Study, out: Path, executor, device, state: _State, bar, started: dict[str, float], echo) -> None:
+def _slots_line(executor) -> str:
+    """Each pack slot's run, epoch and images/s, and the summed images/s."""
+    packs = getattr(executor, "progress", lambda: [])()
+    slots = [s for p in packs for s in p.get("slots", [])]
+    if not slots:
+        return ""
+    total = sum(p.get("images_per_s", 0.0) for p in packs)
+    shown = "; ".join(f"{(s['run'] or '?').rsplit('/', 1)[-1]} e{s['epoch']}/{s['epochs']} {s['images_per_s']:.0f}/s"
+                      for s in slots[:4])
+    more = f"; +{len(slots) - 4} more" if len(slots) > 4 else ""
+    return f" | {shown}{more} | {total:.0f} images/s"
+
+
+def _loop(study: Study, out: Path, executor, device, state: _State, bar, started: dict[str, float], echo,
+          control) -> None:
     def note(text: str) -> None:
         (bar.write if bar is not None else echo)(text)
 
@@ -232,11 +286,21 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
             c = state.counts()
             a = state.analysis_counts()
             analyses = f", analyzed {a['done']}/{len(state.analysis)}" if state.analysis else ""
-            bar.set_postfix_str(f"running {c['running']}, failed {c['failed']}, blocked {c['blocked']}{analyses}",
-                                refresh=True)
+            bar.set_postfix_str(f"running {c['running']}, failed {c['failed']}, blocked {c['blocked']}{analyses}"
+                                + _slots_line(executor), refresh=True)
 
     changed = True
+    told = False
     while True:
+        if control.reason is None:
+            control.should_stop(0.0)  # the deadline itself has come
+        if control.reason is not None and not told:  # a signal or the deadline: every worker checkpoints
+            told = True
+            stop = getattr(executor, "stop", None)
+            if stop is not None:
+                stop(control.reason)
+            note(f"stopping ({control.reason}): every running run writes a checkpoint; run the same command "
+                 "again to continue")
         for run in study.runs:  # students of a failed teacher cannot run
             dep = run.teacher_run
             if state.status[run.id] == "pending" and dep and state.status[dep] in ("failed", "blocked"):
@@ -245,7 +309,7 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
                 if bar is not None:
                     bar.update(1)
         for run in study.runs:  # teachers first: they come first in the plan
-            if executor.capacity() <= 0:
+            if control.reason is not None or executor.capacity() <= 0:
                 break
             if state.status[run.id] == "pending" and (not run.teacher_run or state.status[run.teacher_run] == "done"):
                 executor.submit(run.id, run.config_for(out, device), str(out / run.id))
@@ -253,7 +317,7 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
                 started[run.id] = time.perf_counter()
                 changed = True
         for run in study.runs:  # then the analyses of finished runs
-            if executor.capacity() <= 0:
+            if control.reason is not None or executor.capacity() <= 0:
                 break
             if state.status[run.id] == "done" and state.analysis.get(run.id) == "pending":
                 executor.submit(run.id, run.config_for(out, device), str(out / run.id), analysis=run.analysis)
@@ -269,9 +333,22 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
         for run_id, outcome in executor.wait(timeout=1.0):
             changed = True
             if state.analysis.get(run_id) == "running":
+                if outcome.get("stopped"):
+                    state.set_analysis(run_id, "pending")
+                    started.pop(run_id)
+                    continue
                 _analyzed(out, state, run_id, outcome, time.perf_counter() - started.pop(run_id), note)
                 continue
             state.seconds[run_id] = time.perf_counter() - started.pop(run_id)
+            if outcome.get("stopped") and control.reason is None:
+                control.request(outcome.get("reason", "time"))  # a worker met the deadline first
+            if outcome.get("stopped"):
+                if outcome.get("not_started"):
+                    state.set(run_id, "pending")
+                else:
+                    state.set(run_id, "stopped")
+                    note(f"stopped {run_id}: {outcome['message']} (checkpoint written)")
+                continue
             if outcome["ok"] and not (out / run_id / "result.json").exists():
                 outcome = {"ok": False, "message": f"the run reported success but {out / run_id / 'result.json'} is not "
                                                    "visible here: the study folder must be on storage every worker shares"}

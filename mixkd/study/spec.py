@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from mixkd import __version__
 from mixkd.config import RunConfig, parse_override, set_dotted
 from mixkd.errors import MixkdError
 
@@ -63,8 +64,14 @@ GRID_KEYS = {
     "kd.temperature": "use temperatures:", "mix.method": "use methods: (students) or mix: (teachers)",
     "mix.fraction": "use fractions: (students) or mix: (teachers)", "mix.alpha": "use alphas: (students) or mix: (teachers)",
 }
-# Keys that may differ between the planned config and a run directory's saved one (paths, placement).
-PLACEMENT_KEYS = {"out", "device", "progress", "data_dir", "download", "workers", "kd.teacher"}
+# Keys that may differ between the planned config and a run directory's saved one: the run's place
+# (its folder, its teacher's path: compared by teacher run id, see saved_config_mismatch) and the
+# machine-local keys that a resumed run takes from the new command (mixkd.engine.MACHINE_KEYS), so
+# that a study folder moved to another machine continues with ``--set data_dir=...`` there.
+PLACEMENT_KEYS = {"out", "kd.teacher", "device", "progress", "data_dir", "download", "workers", "tensorboard",
+                  "save_every", "save_every_minutes"}
+# What a study writes into its folder (study-state.json's "format"); another value is another layout.
+FOLDER_FORMAT = "mixkd-study-1"
 
 
 def _listify(value: Any) -> Any:
@@ -221,17 +228,25 @@ class PlannedRun:
     analysis: dict[str, Any] | None = None  # analyze_run's options after the run, or None: no analysis
 
     def config_for(self, out: str | Path, device: str | None = None) -> dict[str, Any]:
-        """The full RunConfig tree of this run inside study folder ``out``."""
+        """The full RunConfig tree of this run inside study folder ``out``. A teacher run of the study
+        is named relative to this run's directory (``../../teachers/<id>``), so that the folder
+        still holds together after it is moved or copied elsewhere."""
         tree = copy.deepcopy(self.config)
         tree["out"] = str(Path(out) / self.id)
         tree["progress"] = False
         if device:
             tree["device"] = device
         if self.teacher_run:
-            tree["kd"]["teacher"] = str(Path(out) / self.teacher_run)
+            tree["kd"]["teacher"] = self.teacher_path()
         elif self.teacher_checkpoint:
             tree["kd"]["teacher"] = self.teacher_checkpoint
         return tree
+
+    def teacher_path(self) -> str | None:
+        """The path of this run's teacher run relative to this run's directory, or None."""
+        if not self.teacher_run:
+            return None
+        return "/".join([".."] * len(Path(self.id).parts) + [self.teacher_run])
 
 
 @dataclass
@@ -242,6 +257,7 @@ class Study:
     text: str
     runs: list[PlannedRun] = field(default_factory=list)
     tsne_pair: tuple[str, str] | None = None  # (teacher, student model) of the report's t-SNE montage
+    overrides: list[str] = field(default_factory=list)  # the --set KEY=VALUE it was loaded with
 
     def run(self, run_id: str) -> PlannedRun:
         return next(r for r in self.runs if r.id == run_id)
@@ -310,12 +326,15 @@ class _Expander:
             RunConfig.model_validate(_merge(tree, {"task": "train"}))
         except ValidationError as e:
             err = e.errors()[0]
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             raise self.fail(_where((where, *err["loc"])), msg) from None
 
     def check_model(self, name: str, where: str) -> None:
         from mixkd.models import default_lr
 
+        if "->" in name:
+            raise self.fail(where, f"'{name}' is a teacher -> student pair: pairs go under a student group's "
+                                   "pairs: (with teachers:); models: lists architectures")
         try:
             default_lr(name)
         except MixkdError as e:
@@ -470,6 +489,16 @@ class _Expander:
 _ABSENT = object()
 
 
+def _unknown_key(loc: tuple) -> str:
+    """'unknown key', and the closest RunConfig key where one is close (epochz -> epochs)."""
+    import difflib
+
+    key = ".".join(str(part) for part in loc)
+    known = _flat_keys(RunConfig().model_dump())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+
+
 def _get(tree: dict[str, Any], dotted: str, absent: Any = None) -> Any:
     node: Any = tree
     for part in dotted.split("."):
@@ -505,16 +534,54 @@ def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None
     try:
         RunConfig.model_validate(_merge(spec.defaults, over, {"task": "train"}))
     except ValidationError as e:
-        raise MixkdError(f"--set {_where(e.errors()[0]['loc'])}: {e.errors()[0]['msg']}") from None
+        err = e.errors()[0]
+        msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise MixkdError(f"--set {_where(err['loc'])}: {msg}") from None
     ex.expand_teachers()
     ex.expand_students()
     ex.check_tsne_pair()
     return list(ex.runs.values())
 
 
-def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None) -> Study:
+def _line(text: str, loc: tuple) -> int | None:
+    """The line of the value at ``loc`` (keys and list indices) in a YAML text, or None."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return None
+        if node is None:
+            return None
+    return node.start_mark.line + 1
+
+
+def check_teacher_checkpoints(spec: StudyFile, source: str, text: str = "") -> None:
+    """Every existing teacher (``checkpoint:``) must be there: a file, or a run directory with its checkpoint."""
+    from mixkd.checkpoint import CHECKPOINT_NAME
+
+    for gi, g in enumerate(spec.teachers):
+        if g.checkpoint is None:
+            continue
+        path = Path(os.path.abspath(os.path.expanduser(g.checkpoint)))
+        if path.is_file() or (path / CHECKPOINT_NAME).is_file():
+            continue
+        line = _line(text, ("teachers", gi, "checkpoint"))
+        what = f"{path} holds no {CHECKPOINT_NAME}" if path.is_dir() else f"{path} does not exist"
+        raise MixkdError(f"invalid study file {source}: teachers[{gi}].checkpoint{f' (line {line})' if line else ''}: "
+                         f"teacher checkpoint not found: {what}")
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None,
+               check_files: bool = True) -> Study:
     """Read, validate and expand a study file. ``overrides`` ('key=value') apply to every run;
-    ``seeds`` replaces every group's seeds (used by ``mixkd demo --seed``)."""
+    ``seeds`` replaces every group's seeds (used by ``mixkd demo --seed``). A study without runs, and
+    (with ``check_files``) an existing teacher checkpoint that is not there, are errors."""
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
@@ -531,14 +598,31 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
                 group["seeds"] = list(seeds)
     spec = parse_study(data, str(p))
     runs = expand(spec, str(p), overrides)
+    if not runs:
+        raise MixkdError(f"study file {p} defines no runs: add teachers: and students: groups "
+                         "(see configs/studies/ for examples)")
+    if check_files:
+        check_teacher_checkpoints(spec, str(p), text)
     pair = spec.analysis.tsne_pair if spec.analysis is not None else None
-    return Study(spec.name, spec.description, p, text, runs, (pair.teacher, pair.student) if pair else None)
+    return Study(spec.name, spec.description, p, text, runs, (pair.teacher, pair.student) if pair else None,
+                 list(overrides or []))
 
 
 def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Path) -> str | None:
     """The first setting (other than paths and placement) in which a run directory's saved
-    ``config.yaml`` differs from the plan, as 'key: saved -> planned', or None."""
+    ``config.yaml`` differs from the plan, as 'key: saved -> planned', or None.
+
+    A teacher run is compared by its id: ``/old/place/teachers/x``, ``runs/s/teachers/x`` (older
+    versions) and ``../../teachers/x`` are the same teacher, so a moved folder matches its plan.
+    Keys this version does not know mean a run made by another mixkd version."""
     planned = RunConfig.model_validate(run.config_for(out)).model_dump(mode="json")
+    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS)
+    if unknown:
+        return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
+                "mixkd version")
+    teacher = _get(saved, "kd.teacher")
+    if run.teacher_run and isinstance(teacher, str) and Path(teacher).parts[-2:] != Path(run.teacher_run).parts:
+        return f"kd.teacher: {teacher!r} -> {run.teacher_path()!r}"
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)
         if key in PLACEMENT_KEYS or old is _ABSENT:  # a key added to RunConfig since the run started

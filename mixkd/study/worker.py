@@ -1,14 +1,19 @@
 """One study job, executed in the current process (a local worker process or a Ray task): a run,
 or the analysis of a finished run (``mixkd analyze``, when the study file asks for it).
 
-The output goes to ``<run dir>/log.txt``; a failure is written to ``<run dir>/error.txt`` (a run)
-or ``<run dir>/analysis-error.txt`` (an analysis): one line saying what went wrong, then the
-traceback. It is returned, never raised, so that one failure cannot stop the others; a failed
-analysis leaves its run's result as it was.
+The run logs itself to ``<run dir>/log.txt`` (a start line with its settings, one line per epoch,
+the result); anything else it prints (warnings) is appended there too, never to the study's
+terminal. A failure is written to ``<run dir>/error.txt`` (a run) or ``<run dir>/analysis-error.txt``
+(an analysis): one line saying what went wrong, then the traceback. It is returned, never raised,
+so that one failure cannot stop the others; a failed analysis leaves its run's result as it was.
+
+A student's ``kd.teacher`` is relative to its own run directory (``../../teachers/<id>``), so a
+study folder works from any working directory and after it has been moved.
 """
 
 from __future__ import annotations
 
+import io
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -30,6 +35,31 @@ def _failure(e: Exception, path: Path, start: float) -> dict[str, Any]:
     return {"ok": False, "message": message, "seconds": time.perf_counter() - start}
 
 
+class _LazyLog(io.TextIOBase):
+    """A text stream appending to a run's log file, opened at the first write only (a run that
+    cannot start leaves no log behind)."""
+
+    def __init__(self, path: Path):
+        self.path, self._file = path, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
+        n = self._file.write(text)
+        self._file.flush()
+        return n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
 def execute_run(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume, or find finished) the run ``config`` in ``run_dir``; with ``analysis``
     (:func:`mixkd.analysis.analyze_run`'s subset, batch_size, seed), analyze the finished run instead.
@@ -39,19 +69,23 @@ def execute_run(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] |
     if analysis is not None:
         return execute_analysis(config, run_dir, analysis)
     from mixkd.config import RunConfig
-    from mixkd.engine import Run
+    from mixkd.engine import Run, is_run_started
 
     out = Path(run_dir)
     (out / ERROR_NAME).unlink(missing_ok=True)
-    if not (out / "config.yaml").exists():
-        (out / LOG_NAME).unlink(missing_ok=True)  # the engine only resumes into an empty or complete run dir
     start = time.perf_counter()
+    run = None
+    log = _LazyLog(out / LOG_NAME)
     try:
-        run = Run(RunConfig.model_validate(config), resume=True)  # creates the run dir and its config.yaml
-        with open(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
-            result = run.execute()
-        return {"ok": True, "top1": result["top1"], "seconds": time.perf_counter() - start}
+        with log, redirect_stdout(log), redirect_stderr(log):
+            # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
+            run = Run(RunConfig.model_validate(config), resume=is_run_started(out), paths_relative_to_run=True)
+            while run.advance():
+                pass
+        return {"ok": True, "top1": run.result["top1"], "seconds": time.perf_counter() - start}
     except Exception as e:  # noqa: BLE001 - every failure is recorded, none stops the study
+        if run is not None:
+            run.fail()
         return _failure(e, out / ERROR_NAME, start)
 
 
@@ -66,10 +100,27 @@ def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, An
     if (out / ANALYSIS_FILE).exists():
         return {"ok": True, "seconds": 0.0, "skipped": True}
     try:
+        teacher = _saved_teacher(out)
         with open(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
             print(f"analysis ({', '.join(f'{k} {v}' for k, v in options.items())}):", flush=True)
             analyze_run(out, device=config.get("device") or "auto", log=lambda line: print(line, flush=True),
-                        **options)
+                        **teacher, **options)
         return {"ok": True, "seconds": time.perf_counter() - start}
     except Exception as e:  # noqa: BLE001 - recorded; the run's own result stays
         return _failure(e, out / ANALYSIS_ERROR_NAME, start)
+
+
+def _saved_teacher(run_dir: Path) -> dict[str, Any]:
+    """``teacher`` / ``teacher_model`` for :func:`mixkd.analysis.analyze_run` where the run's saved
+    ``kd.teacher`` is relative to its run directory (as a study writes it); else nothing (analyze_run
+    reads ``config.yaml`` itself)."""
+    import yaml
+
+    from mixkd.engine import CONFIG_NAME, resolve_teacher_path
+
+    cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {}
+    kd = cfg.get("kd") or {}
+    teacher = kd.get("teacher")
+    if cfg.get("task") != "distill" or not teacher or Path(teacher).is_absolute():
+        return {}
+    return {"teacher": resolve_teacher_path(teacher, run_dir), "teacher_model": kd.get("teacher_model")}

@@ -1,0 +1,127 @@
+"""When to stop: a wall-clock limit and the signals of schedulers and users.
+
+``--time-limit`` (``90s``, ``25m``, ``1:30:00``) counts from the start of the process. Before every
+step the driver asks :meth:`StopControl.should_stop` whether the next action, a step-exact checkpoint
+of every live run and the process's exit still fit before the limit; when they do not, every run
+writes its checkpoint and the process exits with :data:`EXIT_STOPPED` ("stopped on time, resumable").
+SIGTERM and SIGUSR1 (what SLURM's ``--signal`` and spot-instance reclaims send) do the same at the
+next step; SIGINT (Ctrl-C) stops the same way but exits with 130; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+from mixkd.errors import MixkdError
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on time or by SIGTERM/SIGUSR1; run the same command again to continue
+EXIT_INTERRUPTED = 130
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str = "--time-limit") -> float:
+    """Seconds in ``90``, ``90s``, ``25m``, ``1.5h``, ``1h30m``, ``1:30:00`` or ``30:00``; must be positive."""
+    raw = str(text).strip().lower()
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(\.\d+)?", raw):
+        seconds = float(raw)
+    elif re.fullmatch(r"(\d+(\.\d+)?[smhd])+", raw):
+        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", raw))
+    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}(\.\d+)?", raw):
+        parts = [float(p) for p in raw.split(":")]
+        if any(p >= 60 for p in parts[1:]):
+            raise MixkdError(f"{flag} {text!r}: minutes and seconds must be below 60")
+        seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+    elif re.fullmatch(r"-\s*\d.*", raw):
+        raise MixkdError(f"{flag} {text!r}: the limit must be positive")
+    if seconds is None:
+        raise MixkdError(f"{flag} {text!r} is not a duration: write e.g. 90s, 25m, 2h, 1h30m or 1:30:00")
+    if seconds <= 0:
+        raise MixkdError(f"{flag} {text!r}: the limit must be positive")
+    return seconds
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+class StopControl:
+    """The deadline (a ``time.time()`` instant, or None) and stop requests from signals."""
+
+    def __init__(self, time_limit: float | None = None, deadline: float | None = None):
+        self.limit = time_limit
+        if deadline is None and time_limit is not None:
+            deadline = time.time() - process_age() + time_limit
+        self.deadline = deadline
+        # Reserved for leaving the process (closing files, the interpreter's exit) after the last checkpoint.
+        self.exit_margin = 0.0 if deadline is None else min(5.0, 0.5 + 0.02 * (time_limit or 60.0))
+        self.reason: str | None = None  # "time", "signal" or "interrupt" once a stop is due
+        self._interrupts = 0
+        self._installed: dict[int, object] = {}
+
+    # ---- deadline --------------------------------------------------------------------------
+    def remaining(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    def fits(self, seconds: float) -> bool:
+        """Whether ``seconds`` of work, then leaving the process, end before the deadline."""
+        return seconds + self.exit_margin < self.remaining()
+
+    def should_stop(self, next_cost: float = 0.0) -> bool:
+        """True once a stop was requested, or when ``next_cost`` seconds no longer fit before the deadline."""
+        if self.reason is None and self.deadline is not None and not self.fits(next_cost):
+            self.reason = "time"
+        return self.reason is not None
+
+    def request(self, reason: str) -> None:
+        if self.reason is None or reason == "interrupt":
+            self.reason = reason
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_INTERRUPTED if self.reason == "interrupt" else EXIT_STOPPED
+
+    # ---- signals ---------------------------------------------------------------------------
+    def install_signals(self, interrupt: bool = True) -> None:
+        """SIGTERM/SIGUSR1 request a stop at the next step; with ``interrupt`` the first SIGINT too
+        (the second raises KeyboardInterrupt at once). Main thread only."""
+
+        def on_term(signum, frame):
+            self.request("signal")
+
+        def on_int(signum, frame):
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
+            self.request("interrupt")
+
+        handlers = {signal.SIGTERM: on_term, signal.SIGUSR1: on_term}
+        if interrupt:
+            handlers[signal.SIGINT] = on_int
+        for sig, handler in handlers.items():
+            self._installed[sig] = signal.signal(sig, handler)
+
+    def restore_signals(self) -> None:
+        for sig, previous in self._installed.items():
+            signal.signal(sig, previous)
+        self._installed.clear()

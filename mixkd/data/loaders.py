@@ -1,0 +1,341 @@
+"""Loaders: batches of a split on the training device, each epoch a pure function of its seed.
+
+* :class:`DeviceLoader`: an in-memory :class:`ArraySplit` moved once to the device (one copy per
+  split and device, shared by every loader in the process); shuffling, ``RandomCrop(32, padding=4)``
+  + ``RandomHorizontalFlip`` and normalization are batched tensor ops there.
+* :class:`FolderLoader`: a ``DataLoader`` over an ``ImageFolder`` with per-sample seeds.
+
+Both follow the :class:`Loader` protocol. ``set_epoch_seed(seed)`` fixes the next epoch's order and
+augmentation; ``iter_from(s)`` yields exactly batches ``s, s + 1, ...`` of that epoch (what a full
+iteration would yield from its batch ``s`` on), so a run stopped mid-epoch resumes step-exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mixkd.data.cache import shared_to_device
+from mixkd.data.spec import ArraySplit, DataSpec
+from mixkd.errors import MixkdError
+
+CROP_PADDING = 4  # RandomCrop(32, padding=4)
+MAX_DEFAULT_WORKERS = 4
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | None) -> int:
+    """Data-loading processes: ``workers``, or when None what the machine has (at most 4).
+
+    Never more than the cores available, which is what torch's DataLoader warns about."""
+    if workers is None:
+        return min(MAX_DEFAULT_WORKERS, available_cores())
+    if workers < 0:
+        raise MixkdError(f"workers must be 0 or more, got {workers}")
+    return int(workers)
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the engine needs from a loader."""
+
+    num_samples: int
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields (x float32 normalized (N, 3, H, W), y int64 (N,)), both on the loader's device."""
+        ...
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches ``start, start + 1, ...`` (``iter_from(0)`` is ``iter(loader)``)."""
+        ...
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Make the next epoch's order and augmentation a pure function of ``seed``."""
+        ...
+
+
+def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def _check_start(start: int, batches: int) -> int:
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= batches:
+        raise ValueError(f"start batch must be an integer in 0..{batches}, got {start!r}")
+    return start
+
+
+class DeviceLoader:
+    """Batches of an in-memory :class:`ArraySplit`, with everything done on ``device``.
+
+    The uint8 split is moved to ``device`` once (and shared with other loaders of the same split
+    on that device). At the start of each epoch (each ``iter()``), the permutation, the crop offsets
+    and the flips of every sample are drawn from the loader's own generator, which lives on
+    ``device``; the same code runs on CPU and CUDA.
+
+    Augmentation matches torchvision's ``RandomCrop(H, padding=4)`` (zero padding, offsets
+    uniform in 0..8) followed by ``RandomHorizontalFlip(p=0.5)``, sample by sample, and is done as
+    one gather per batch. Normalization is ``(x / 255 - mean) / std`` like ``ToTensor`` +
+    ``Normalize``.
+    """
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        batch_size: int,
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        shuffle: bool,
+        augment: bool,
+        drop_last: bool,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise MixkdError(f"batch size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.images = shared_to_device(split.images, self.device)  # read-only: never written into
+        self.labels = shared_to_device(split.labels, self.device)
+        self.num_samples = int(self.images.shape[0])
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(seed)
+        h, w = self.images.shape[-2:]
+        self._rows = torch.arange(h, device=self.device)
+        self._cols = torch.arange(w, device=self.device)
+
+    def __len__(self) -> int:
+        return _num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self._gen.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        _check_start(start, len(self))
+        return self._batches(start)
+
+    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The whole epoch's randomness is drawn first, whatever ``start``: batch b is the same
+        # tensor whether the epoch is iterated from 0 or from b.
+        n, dev, g = self.num_samples, self.device, self._gen
+        order = torch.randperm(n, generator=g, device=dev) if self.shuffle else None
+        if self.augment:
+            span = 2 * CROP_PADDING + 1
+            off_y = torch.randint(0, span, (n,), generator=g, device=dev)
+            off_x = torch.randint(0, span, (n,), generator=g, device=dev)
+            flip = torch.rand(n, generator=g, device=dev) < 0.5  # like RandomHorizontalFlip(p=0.5)
+            if order is None:
+                order = torch.arange(n, device=dev)
+        for b in range(start, len(self)):
+            s, e = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            if order is None:
+                xb, yb = self.images[s:e], self.labels[s:e]
+            else:
+                idx = order[s:e]
+                yb = self.labels.index_select(0, idx)
+                if self.augment:
+                    xb = self._crop_flip(idx, off_y[s:e], off_x[s:e], flip[s:e])
+                else:
+                    xb = self.images.index_select(0, idx)
+            yield self._normalize(xb), yb
+
+    def _crop_flip(
+        self, idx: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, flip: torch.Tensor
+    ) -> torch.Tensor:
+        """Zero-pad by CROP_PADDING, crop at the given offsets, then flip; no per-sample loop.
+
+        Output pixel (i, j) of sample k is padded[k, :, off_y + i, off_x + j'] with j' = j, or
+        W - 1 - j when the sample is flipped: two ``gather`` calls (rows, then columns).
+        """
+        x = F.pad(self.images.index_select(0, idx), (CROP_PADDING,) * 4)  # zeros: value 0
+        b, c, hp, wp = x.shape
+        h, w = hp - 2 * CROP_PADDING, wp - 2 * CROP_PADDING
+        rows = off_y[:, None] + self._rows[None, :]  # (B, H)
+        cols = off_x[:, None] + torch.where(flip[:, None], (w - 1) - self._cols[None, :], self._cols[None, :])  # (B, W)
+        x = x.gather(2, rows[:, None, :, None].expand(b, c, h, wp))
+        return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # a new tensor: .to copies
+
+
+class _SeededSampler(Sampler):
+    """Yields (index, sample_seed) pairs: the order and each sample's augmentation seed are drawn
+    in the main process from one generator, so they do not depend on worker count or state.
+    ``start`` skips the epoch's first ``start`` samples (after drawing the whole epoch)."""
+
+    def __init__(self, n: int, shuffle: bool, generator: torch.Generator) -> None:
+        self.n, self.shuffle, self.generator = n, shuffle, generator
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = self.generator
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        s = self.start
+        return iter(zip(order[s:].tolist(), seeds[s:].tolist(), strict=True))
+
+
+class _SeededFolder(Dataset):
+    """An ImageFolder whose transform runs under a per-sample seed, leaving global RNGs intact."""
+
+    def __init__(self, folder: torchvision.datasets.ImageFolder, transform: Any) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        path, target = self.folder.samples[index]
+        img = self.folder.loader(path)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                img = self.transform(img)
+        if self.folder.target_transform is not None:
+            target = self.folder.target_transform(target)
+        return img, target
+
+
+class FolderLoader:
+    """A ``DataLoader`` over an ``ImageFolder`` that moves batches to ``device``.
+
+    Shuffling and each sample's augmentation are seeded from ``set_epoch_seed``, so an epoch is
+    reproducible whatever the number of workers (persistent when ``workers > 0``; None: what the
+    machine has, see :func:`resolve_workers`). ``transform`` overrides the folder's own transform
+    (used for un-augmented training).
+    """
+
+    def __init__(
+        self,
+        folder: torchvision.datasets.ImageFolder,
+        batch_size: int,
+        device: torch.device | str,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        workers: int | None = None,
+        transform: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise MixkdError(f"batch size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.drop_last = drop_last
+        self.num_samples = len(folder)
+        self.workers = resolve_workers(workers)
+        self._gen = torch.Generator()
+        self._gen.manual_seed(seed)
+        self._sampler = _SeededSampler(self.num_samples, shuffle, self._gen)
+        dataset = _SeededFolder(folder, folder.transform if transform is None else transform)
+        self._loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            drop_last=drop_last,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0,
+            # The DataLoader draws worker base seeds from this one (not from the global RNG, and
+            # not from self._gen: with persistent workers it draws only on the first epoch).
+            # Worker seeds do not matter: each sample's transform runs under its own seed.
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self._gen.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        _check_start(start, len(self))
+        # Read when the DataLoader starts the epoch's sampler, i.e. at the first batch.
+        self._sampler.start = start * self.batch_size
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._loader:
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, dtype=torch.int64, non_blocking=True),
+            )
+
+
+def make_loaders(
+    spec: DataSpec,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    eval_batch_size: int = 1024,
+    augment: bool = True,
+    drop_last: bool = True,
+    workers: int | None = None,
+) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader]:
+    """(train_loader, test_loader) for ``spec``.
+
+    The train loader shuffles, augments when ``augment`` and drops the last partial batch when
+    ``drop_last``; the test loader keeps the dataset order, never augments and keeps every sample.
+    ``workers`` only matters for ``imagefolder`` (None: what the machine has).
+    """
+    if spec.train is None:
+        raise ValueError("make_loaders needs the train split: load the dataset with both splits")
+    train: DeviceLoader | FolderLoader
+    if isinstance(spec.train, ArraySplit):
+        train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
+                             drop_last=drop_last)
+    else:
+        test_tf = spec.test.transform if spec.test is not None else None
+        train = FolderLoader(spec.train, batch_size, device, shuffle=True, drop_last=drop_last, workers=workers,
+                             transform=None if augment else test_tf)
+    if len(train) == 0:
+        raise MixkdError(
+            f"batch size {batch_size} is larger than the {train.num_samples} training samples of "
+            f"{spec.name!r} (the last partial batch is dropped): use a smaller batch size"
+        )
+    return train, make_test_loader(spec, device, eval_batch_size, workers=workers)
+
+
+def make_test_loader(
+    spec: DataSpec, device: torch.device | str, batch_size: int = 1024, *, workers: int | None = None
+) -> DeviceLoader | FolderLoader:
+    """The test split in dataset order, un-augmented, every sample kept."""
+    if spec.test is None:
+        raise ValueError("make_test_loader needs the test split: load the dataset with splits including 'test'")
+    if isinstance(spec.test, ArraySplit):
+        return DeviceLoader(spec.test, batch_size, device, spec.mean, spec.std, shuffle=False, augment=False,
+                            drop_last=False)
+    return FolderLoader(spec.test, batch_size, device, shuffle=False, drop_last=False, workers=workers)

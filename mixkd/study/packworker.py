@@ -1,0 +1,143 @@
+"""The worker side of a study: one pack of runs (one process per GPU, or per CPU worker).
+
+A :class:`PackWorker` takes study jobs (a run, or the analysis of a finished run), admits runs into
+free slots of its :class:`mixkd.pack.Pack` as soon as a slot frees (continuous admission), advances
+every live run one step per round, and reports each job that ends: finished, failed (alone, with
+its one-line reason in ``error.txt``) or stopped (deadline or signal, after a step-exact
+checkpoint). Analyses run between rounds, in the worker's own process. An image-folder run, whose
+data streams from disk through loader processes, runs in a pack of its own.
+
+The same worker runs in a local process (:func:`mixkd.study.executors`) and in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mixkd.control import StopControl
+
+Job = tuple[str, dict[str, Any], str, dict[str, Any] | None]  # run id, config, run dir, analysis options
+
+
+def _record_failure(run_dir: Path, message: str, error: BaseException | None) -> None:
+    from mixkd.study.worker import ERROR_NAME
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(error)) if error is not None else ""
+    (run_dir / ERROR_NAME).write_text(message + "\n\n" + trace)
+
+
+class PackWorker:
+    def __init__(self, slots: int, control: StopControl | None = None):
+        self.slots = slots
+        self.control = control or StopControl()
+        self.pending: deque[Job] = deque()
+        self.pack = None
+        self.ids: dict[int, str] = {}  # id(run) -> run id
+        self.started: dict[str, float] = {}
+        self.exclusive = False  # an image-folder run holds the pack alone
+
+    # ---- intake ----------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.pending.append(job)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending) or (self.pack is not None and bool(self.pack.live))
+
+    def live_runs(self) -> list[Any]:
+        return self.pack.live if self.pack is not None else []
+
+    def _admit(self) -> list[tuple[str, dict[str, Any]]]:
+        from mixkd.config import RunConfig
+        from mixkd.engine import Run, is_run_started
+        from mixkd.pack import Pack, failure_message
+        from mixkd.study.worker import ERROR_NAME, execute_analysis
+
+        done = []
+        while self.pending:
+            run_id, config, run_dir, analysis = self.pending[0]
+            if analysis is not None:
+                self.pending.popleft()
+                done.append((run_id, execute_analysis(config, run_dir, analysis)))
+                continue
+            folder_data = config.get("dataset") == "imagefolder"
+            if self.pack is not None and (self.pack.free() == 0 or self.exclusive
+                                          or (folder_data and self.pack.live)):
+                break
+            self.pending.popleft()
+            out = Path(run_dir)
+            (out / ERROR_NAME).unlink(missing_ok=True)
+            start = time.perf_counter()
+            try:
+                # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
+                run = Run(RunConfig.model_validate(config), resume=is_run_started(out), paths_relative_to_run=True)
+            except Exception as e:  # noqa: BLE001 - recorded, the study goes on
+                message = failure_message(e)
+                _record_failure(out, message, e)
+                done.append((run_id, {"ok": False, "message": message, "seconds": 0.0}))
+                continue
+            if self.pack is None or self.pack.device != run.device or (self.pack.slots != self.slots and not self.pack.live):
+                self.pack = Pack(run.device, self.slots)
+            ended = self.pack.admit(run)
+            if ended is not None:
+                done.append((run_id, self._outcome(run_id, out, ended, start)))
+                continue
+            self.ids[id(run)] = run_id
+            self.started[run_id] = start
+            self.exclusive = folder_data
+        return done
+
+    def _outcome(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> dict[str, Any]:
+        outcome = {k: v for k, v in outcome.items() if k != "error"} | {"seconds": time.perf_counter() - start}
+        return outcome
+
+    # ---- work ------------------------------------------------------------------------------
+    def work(self) -> list[tuple[str, dict[str, Any]]]:
+        """Admit what fits, then one round (or, when a stop is due, checkpoint every live run).
+        Returns (run id, outcome) of the jobs that ended."""
+        done: list[tuple[str, dict[str, Any]]] = []
+        if self.control.reason is None and not self.control.should_stop(0.0):
+            done += self._admit()
+        if self.pack is None or not self.pack.live:
+            if self.control.reason is not None:
+                done += self.drop_pending()
+            return done
+        if self.control.should_stop(self.pack.next_cost() + self.pack.checkpoint_cost()):
+            for run, outcome in self.pack.stop_all(self.control.reason):
+                done.append(self._ended(run, outcome))
+            self.exclusive = False
+            done += self.drop_pending()
+            return done
+        for run, outcome in self.pack.round():
+            done.append(self._ended(run, outcome))
+        if not self.pack.live:
+            self.exclusive = False
+        return done
+
+    def _ended(self, run, outcome: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        run_id = self.ids.pop(id(run))
+        start = self.started.pop(run_id)
+        if not outcome["ok"] and not outcome.get("stopped"):
+            _record_failure(run.dir, outcome["message"], outcome.get("error"))
+        return run_id, self._outcome(run_id, run.dir, outcome, start)
+
+    def drop_pending(self) -> list[tuple[str, dict[str, Any]]]:
+        """Jobs not begun when a stop came: reported as stopped, untouched."""
+        dropped = [(job[0], {"ok": False, "stopped": True, "not_started": True, "seconds": 0.0,
+                             "message": "not started before the stop"}) for job in self.pending]
+        self.pending.clear()
+        return dropped
+
+    def progress(self) -> dict[str, Any]:
+        """Each slot's run, epoch and images/s, and the pack's sum, since the last call."""
+        if self.pack is None:
+            return {"slots": [], "images_per_s": 0.0}
+        per_slot, total = self.pack.throughput()
+        slots = [{"run": self.ids.get(id(run)), "epoch": run.epoch + 1, "epochs": run.cfg.epochs,
+                  "images_per_s": rate} for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
+        return {"slots": slots, "images_per_s": total}

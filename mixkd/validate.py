@@ -1,0 +1,189 @@
+"""Check a run's config before anything is created: every problem found, in one error.
+
+:func:`validate_run_config` runs the cheap checks first and collects what each finds, so that a
+user with several mistakes reads them all at once: config values, model names (with the closest
+names), the device, the teacher checkpoint named on the command line (its header only), the data
+(folders and files present, not loaded) and the batch size against the dataset's size where that
+is known cheaply. It reads a few bytes at most and creates nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from mixkd.checkpoint import CHECKPOINT_NAME
+from mixkd.config import RunConfig
+from mixkd.data import check_dataset, dataset_num_classes
+from mixkd.errors import MixkdError
+from mixkd.models import available_models
+from mixkd.models.registry import unknown_model_message
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Raise one :class:`MixkdError` listing every problem :func:`run_config_problems` finds."""
+    problems = run_config_problems(cfg)
+    if problems:
+        raise MixkdError(format_problems(problems))
+
+
+def format_problems(problems: list[str]) -> str:
+    """One line: the problem itself, or 'N problems: (1) ...; (2) ...'."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+
+
+def run_config_problems(cfg: RunConfig) -> list[str]:
+    """Every problem found in ``cfg``, cheapest checks first (see the module docstring)."""
+    problems = _value_problems(cfg)
+    problems += _model_problems(cfg)
+    problems += _device_problems(cfg.device)
+    problems += _out_problems(cfg.out)
+    if cfg.task == "distill" and cfg.kd.teacher:
+        problems += teacher_problems(cfg.kd.teacher, cfg.kd.teacher_model,
+                                     dataset_num_classes(cfg.dataset, cfg.data_dir), cfg.dataset)
+    problems += check_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                              batch_size=cfg.batch_size)
+    return problems
+
+
+# ---- config values ---------------------------------------------------------------------------
+
+def _value_problems(cfg: RunConfig) -> list[str]:
+    """The config's own rules, checked again (a config changed with ``model_copy`` skips them)."""
+    try:
+        RunConfig.model_validate(cfg.model_dump())
+    except ValidationError as e:
+        out = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            out.append(f"{loc}: {msg} (got {err['input']!r})" if not isinstance(err.get("input"), dict) else f"{loc}: {msg}")
+        return out
+    return []
+
+
+def _model_problems(cfg: RunConfig) -> list[str]:
+    known = set(available_models())
+    names = [cfg.model]
+    if cfg.task == "distill" and cfg.kd.teacher_model:
+        names.append(cfg.kd.teacher_model)
+    return [("" if i == 0 else "teacher: ") + unknown_model_message(n) for i, n in enumerate(names) if n not in known]
+
+
+# ---- device and output folder ----------------------------------------------------------------
+
+def _device_problems(device: str) -> list[str]:
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"device '{device}' asked for, but CUDA is not available here; use --device cpu (or auto)"]
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        return [f"device '{device}' asked for, but there are only {torch.cuda.device_count()} CUDA device(s) "
+                f"here (cuda:0..cuda:{torch.cuda.device_count() - 1})"]
+    return []
+
+
+def _out_problems(out: str | None) -> list[str]:
+    """--out must be a folder, or creatable as one, by this user."""
+    if not out:
+        return []
+    p = Path(out).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            return [f"--out {p} is a file, not a folder: choose another --out"]
+        return [] if os.access(p, os.W_OK | os.X_OK) else [f"--out {p} is not writable by this user"]
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"--out {p} cannot be created: {parent} is a file"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"--out {p} cannot be created: {parent} is not writable (a read-only file system?)"]
+    return []
+
+
+# ---- teacher checkpoint ----------------------------------------------------------------------
+
+def teacher_problems(teacher: str, teacher_model: str | None, num_classes: int | None,
+                     dataset: str) -> list[str]:
+    """Problems with a teacher checkpoint, read from its header only: a missing or unreadable file,
+    a truncated one, an architecture it does not name (then ``--teacher-model`` is needed), a class
+    count that is not the dataset's."""
+    p = Path(teacher).expanduser()
+    if not p.exists():
+        if teacher in available_models():
+            return [f"teacher {teacher!r} is an architecture name, not a checkpoint: pass a run directory, "
+                    ".safetensors or .pth as --teacher (and the architecture as --teacher-model)"]
+        return [f"teacher checkpoint not found: {p}"]
+    if p.is_dir():
+        if not (p / CHECKPOINT_NAME).is_file():
+            return [f"teacher {p} is a folder without {CHECKPOINT_NAME}: pass a finished mixkd run directory, "
+                    "a .safetensors or a RepDistiller .pth"]
+        p = p / CHECKPOINT_NAME
+    try:
+        meta = checkpoint_header(p)
+    except MixkdError as e:
+        return [f"teacher {e}"]
+    except OSError as e:
+        return [f"teacher checkpoint {p} cannot be read ({e.strerror or e})"]
+    problems = []
+    if not teacher_model and not meta.get("model"):
+        problems.append(f"teacher checkpoint {p} does not say its architecture: pass --teacher-model "
+                        "(see 'mixkd models')")
+    trained_for = meta.get("num_classes")
+    if isinstance(trained_for, int) and num_classes is not None and trained_for != num_classes:
+        problems.append(f"teacher checkpoint {p} was trained for {trained_for} classes but {dataset} has "
+                        f"{num_classes}: use a teacher trained on {dataset}")
+    return problems
+
+
+def checkpoint_header(path: Path) -> dict[str, Any]:
+    """The metadata of a checkpoint file, without reading its weights: a mixkd ``.safetensors``'s
+    model name and class count (``{}`` for other safetensors files and for ``.pth`` files, which
+    carry none). Raises :class:`MixkdError` for a file that is truncated or not a checkpoint."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8 and 0 < (n := int.from_bytes(head, "little")) <= min(MAX_HEADER_BYTES, size - 8):
+            first = f.read(1)
+            if first == b"{":
+                return _safetensors_meta(path, first + f.read(n - 1), 8 + n, size)
+    if head[:2] == b"PK":  # torch.save's zip format: the central directory at its end lists the entries
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise MixkdError(f"checkpoint {path} is corrupt or truncated ({e})") from None
+        return {}
+    if head[:1] == b"\x80":  # torch.save's legacy pickle format: cannot be checked without loading it
+        return {}
+    raise MixkdError(f"checkpoint {path} is not a checkpoint file (neither safetensors nor torch.save)")
+
+
+def _safetensors_meta(path: Path, header: bytes, data_start: int, size: int) -> dict[str, Any]:
+    try:
+        h = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MixkdError(f"checkpoint {path} is corrupt (its safetensors header is not valid JSON)") from None
+    ends = [v["data_offsets"][1] for k, v in h.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if data_start + max(ends, default=0) > size:
+        raise MixkdError(f"checkpoint {path} is truncated ({size} bytes, its header describes "
+                         f"{data_start + max(ends)}); use another checkpoint")
+    meta = h.get("__metadata__") or {}
+    try:
+        return json.loads(meta["mixkd"]) if "mixkd" in meta else {}
+    except (TypeError, json.JSONDecodeError):
+        raise MixkdError(f"checkpoint {path} has unreadable mixkd metadata") from None

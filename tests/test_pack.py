@@ -1,0 +1,162 @@
+"""Packs: several runs stepped in turn in one process compute exactly what each computes alone
+(bit-exact on the CPU; on CUDA, each on its own stream, within the graphed-vs-eager tolerance)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mixkd.checkpoint import load_checkpoint
+from mixkd.config import build_config
+from mixkd.engine import Run, run_job
+from mixkd.pack import Pack
+from mixkd.study.packworker import PackWorker
+
+TIMING = ("images_per_s", "epoch_seconds")
+CUDA = torch.cuda.is_available()
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def configs(root, device="cpu"):
+    base = {"dataset": "digits", "device": device, "progress": False, "optim.milestones": [1]}
+    teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1, "batch_size": 64,
+                                  "out": str(root / "teacher")})
+    return teacher, [
+        build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 2, "batch_size": 64,
+                            "mix.method": "mixup", "seed": 1, "out": str(root / "a")}),
+        build_config(flags={**base, "task": "distill", "model": "resnet8", "epochs": 1, "batch_size": 48,
+                            "kd.teacher": str(root / "teacher"), "kd.method": "std", "mix.method": "mixup",
+                            "mix.fraction": 0.1, "out": str(root / "b")}),
+        build_config(flags={**base, "task": "train", "model": "resnet14", "epochs": 1, "batch_size": 96,
+                            "mix.method": "cutmix", "seed": 2, "out": str(root / "c")}),
+    ]
+
+
+def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thread):
+    alone, packed = tmp_path / "alone", tmp_path / "packed"
+    teacher, runs = configs(alone)
+    run_job(teacher)
+    for cfg in runs:
+        run_job(cfg)
+    teacher_p, runs_p = configs(packed)
+    run_job(teacher_p)
+    pack = Pack("cpu", 3)
+    jobs = [Run(cfg) for cfg in runs_p]
+    for job in jobs:
+        assert pack.admit(job) is None
+    ended = []
+    while pack.live:
+        ended += pack.round()
+    assert len(ended) == 3 and all(outcome["ok"] for _, outcome in ended)
+    assert ended[-1][0] is jobs[0]  # the 2-epoch run ends last
+    for name in "abc":
+        assert metrics(alone / name) == metrics(packed / name), name
+        a, b = load_checkpoint(alone / name).state_dict, load_checkpoint(packed / name).state_dict
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path, one_thread):
+    teacher, runs = configs(tmp_path)
+    run_job(teacher)
+    bad = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "device": "cpu",
+                              "progress": False, "epochs": 2, "batch_size": 64, "optim.lr": 1e12,
+                              "out": str(tmp_path / "diverges")})
+    worker = PackWorker(2)
+    jobs = [runs[1], bad, runs[0], runs[2]]
+    for cfg in jobs:
+        worker.submit((Path(cfg.out).name, cfg.model_dump(), cfg.out, None))
+    ended, most_live = [], 0
+    while worker.busy:
+        ended += worker.work()
+        most_live = max(most_live, len(worker.live_runs()))
+    outcomes = dict(ended)
+    assert most_live == 2
+    assert outcomes["diverges"]["ok"] is False and "training loss became" in outcomes["diverges"]["message"]
+    assert "training loss became" in (tmp_path / "diverges" / "error.txt").read_text()
+    assert all(outcomes[n]["ok"] for n in "abc")
+    order = [run_id for run_id, _ in ended]
+    assert order.index("diverges") < order.index("c")  # its slot went to the next run at once
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_packed_runs_on_streams_match_alone_on_cuda(tmp_path):
+    alone, packed = tmp_path / "alone", tmp_path / "packed"
+    teacher, runs = configs(alone, "cuda")
+    run_job(teacher)
+    for cfg in runs:
+        run_job(cfg)
+    teacher_p, runs_p = configs(packed, "cuda")
+    run_job(teacher_p)
+    pack = Pack("cuda", 3)
+    for cfg in runs_p:
+        assert pack.admit(Run(cfg)) is None
+    while pack.live:
+        pack.round()
+    for name in "abc":
+        for ra, rb in zip(metrics(alone / name), metrics(packed / name)):
+            assert abs(ra["train_loss"] - rb["train_loss"]) < 2e-3 * max(1.0, abs(ra["train_loss"])), name
+            assert abs(ra["test_top1"] - rb["test_top1"]) <= 3.0, name
+
+
+def _study(path, epochs=1):
+    path.write_text(yaml.safe_dump({
+        "name": "p", "defaults": {"dataset": "digits", "device": "cpu", "epochs": epochs, "batch_size": 64,
+                                  "eval_batch_size": 512, "optim": {"lr": 0.1}},
+        "teachers": [{"name": "plain", "models": "resnet8"}],
+        "students": [{"teachers": "plain", "models": "resnet8", "methods": ["alone", "kd", "std_pmu"]}]}))
+    return path
+
+
+def _cli(*args, timeout=400):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "mixkd", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_killing_the_study_process_takes_its_workers_and_frees_the_folder(tmp_path):
+    path, out = _study(tmp_path / "p.yaml", epochs=200), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mixkd", "study", "run", str(path), "--out", str(out),
+                             "--workers", "1", "--pack", "2", "--no-progress", "--no-report"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("teachers/*/metrics.jsonl")) and not list(out.glob("teachers/*/log.txt")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert workers
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    for pid in workers:  # they checkpoint and leave on their own
+        t0 = time.monotonic()
+        while Path(f"/proc/{pid}").exists() and time.monotonic() - t0 < 60:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    again = _cli("study", "status", str(out))
+    assert again.returncode == 0, again.stderr
+
+
+def test_study_time_limit_stops_resumably_and_finishes_like_an_uninterrupted_study(tmp_path):
+    path = _study(tmp_path / "p.yaml", epochs=2)
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    common = ["--workers", "1", "--pack", "3", "--no-progress", "--no-report"]
+    assert _cli("study", "run", str(path), "--out", str(whole), *common).returncode == 0
+    first = _cli("study", "run", str(path), "--out", str(sliced), *common, "--time-limit", "35s")
+    assert first.returncode == 75, first.stdout + first.stderr
+    state = json.loads((sliced / "study-state.json").read_text())
+    assert state["interrupted"] is True
+    rest = _cli("study", "run", str(path), "--out", str(sliced), *common)
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    for run_dir in sorted(whole.glob("*/*/result.json")):
+        rel = run_dir.parent.relative_to(whole)
+        assert metrics(whole / rel) == metrics(sliced / rel), rel

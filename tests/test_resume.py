@@ -1,0 +1,162 @@
+"""Step-exact checkpoints, --time-limit and signals: a run stopped anywhere and resumed computes
+exactly what the uninterrupted run computes (CPU, one thread)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixkd.checkpoint import load_checkpoint
+from mixkd.config import build_config
+from mixkd.control import EXIT_STOPPED, StopControl, parse_duration
+from mixkd.engine import Run, StoppedRun, run_job
+from mixkd.errors import MixkdError
+
+TIMING = ("images_per_s", "epoch_seconds")
+
+
+def cfg_for(out, **extra):
+    flags = {"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 2, "batch_size": 64,
+             "device": "cpu", "progress": False, "out": str(out), "optim.milestones": [1], **extra}
+    return build_config(flags=flags)
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir).state_dict
+
+
+def assert_same_run(a, b):
+    assert metrics(a) == metrics(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_job(cfg_for(out))
+    return out
+
+
+@pytest.mark.parametrize("stops", [[5], [22, 30]])  # mid-epoch 1; the last step of epoch 1 then mid-epoch 2
+def test_stop_mid_epoch_and_resume_is_bit_exact(tmp_path, reference, one_thread, stops):
+    out = tmp_path / "run"
+    done = 0
+    for i, at in enumerate(stops):
+        job = Run(cfg_for(out), resume=i > 0)
+        job.start()
+        while job.epoch * job.steps_per_epoch + job.step_in_epoch < at:
+            job.advance()
+        job.stop("time")
+        ckpt = load_checkpoint(out)
+        assert ckpt.meta["stopped"] == "time"
+        assert ckpt.epoch * job.steps_per_epoch + ckpt.step == at
+        done = at
+    assert done and not (out / "result.json").exists()
+    run_job(cfg_for(out), resume=True)
+    assert_same_run(out, reference)
+    assert "optim.0.momentum_buffer" not in load_checkpoint(out).state_dict  # a finished run keeps weights only
+    assert load_checkpoint(out).optimizer_state is None
+
+
+def test_save_every_minutes_writes_mid_epoch_checkpoints(tmp_path, one_thread):
+    out = tmp_path / "run"
+    job = Run(cfg_for(out, save_every_minutes=1e-9), resume=False)
+    job.start()
+    for _ in range(4):
+        job.advance()
+    ckpt = load_checkpoint(out)
+    assert (ckpt.epoch, ckpt.step) == (0, 4)  # saved after every step
+    assert "stopped" not in ckpt.meta
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_at_a_random_step_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, reference, one_thread, sig,
+                                                                              monkeypatch):
+    at = random.Random(sig).randint(1, 40)
+    out = tmp_path / "run"
+    real = Run.advance
+    calls = {"n": 0}
+
+    def advance(self):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), sig)
+        return real(self)
+
+    monkeypatch.setattr(Run, "advance", advance)
+    control = StopControl()
+    control.install_signals()
+    try:
+        with pytest.raises(StoppedRun) as stopped:
+            run_job(cfg_for(out), control=control)
+    finally:
+        control.restore_signals()
+    assert stopped.value.reason == ("interrupt" if sig == signal.SIGINT else "signal")
+    assert control.exit_status == (130 if sig == signal.SIGINT else EXIT_STOPPED)
+    monkeypatch.setattr(Run, "advance", real)
+    run_job(cfg_for(out), resume=True)
+    assert_same_run(out, reference)
+
+
+def _cli(*args, cwd=None, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "mixkd", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def test_time_limit_stops_before_the_limit_with_status_75(tmp_path, reference):
+    out = tmp_path / "run"
+    # Long enough to start (a cold import of torch can take several seconds on a busy machine), far too
+    # short for 40 epochs.
+    limit = 40.0
+    t0 = time.perf_counter()
+    proc = _cli("train", "--model", "resnet8", "--dataset", "digits", "--epochs", "500", "--batch-size", "64",
+                "--device", "cpu", "--out", str(out), "--time-limit", f"{limit:g}s")
+    wall = time.perf_counter() - t0
+    assert proc.returncode == EXIT_STOPPED, proc.stderr
+    assert wall < limit, wall
+    assert "continue with" in proc.stderr and "--resume" in proc.stderr
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["stopped"] == "time" and not (out / "result.json").exists()
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("25m", 1500), ("1:30:00", 5400), ("2:05", 125),
+                                          ("1h30m", 5400), ("1.5h", 5400)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5x", "1:75", "-5m", "0", "0s", "0:00:00"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(MixkdError, match="--time-limit"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("limit,expect", [("soon", "not a duration"), ("0", "must be positive"),
+                                          ("-3m", "must be positive"), ("0.001s", "too short to take even one step")])
+def test_bad_time_limits_are_one_line_and_change_nothing(tmp_path, limit, expect):
+    out = tmp_path / "run"
+    proc = _cli("train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1", "--device", "cpu",
+                "--out", str(out), f"--time-limit={limit}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mixkd: error:") and expect in lines[0], proc.stderr
+    if "too short" in expect:
+        assert "one step takes about" in lines[0]
+    assert not out.exists()
