@@ -146,7 +146,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}"
 
 
-def _writable_dir_problem(out: Path) -> str | None:
+def writable_dir_problem(out: Path) -> str | None:
     """Why ``out`` cannot be (or become) a run directory, or None."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder; choose another --out"
@@ -169,7 +169,7 @@ def open_run_config(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path, bool
     """(config, run directory, fresh) without writing anything: the saved config (with ``cfg``'s
     machine-local keys) when resuming, else ``cfg``. A folder holding only a config is not a run yet."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    problem = _writable_dir_problem(out)
+    problem = writable_dir_problem(out)
     if problem:
         raise MixkdError(problem)
     saved = out / CONFIG_NAME
@@ -380,7 +380,10 @@ class Run:
 
     def _create(self) -> None:
         """The first write: the run directory and its config (or, resuming, the log line)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MixkdError(f"cannot create the run directory {self.dir}: {e.strerror or e}; choose another --out") from None
         if self.fresh:
             atomic_write_text(self.dir / CONFIG_NAME, self._saved_config().to_yaml())
             (self.dir / METRICS_NAME).unlink(missing_ok=True)

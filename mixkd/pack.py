@@ -123,9 +123,10 @@ class Pack:
         for i, job in enumerate(self.jobs):
             if job is None:
                 continue
+            begun = getattr(job, "created", True)
             with self._stream(i):
                 job.stop(reason)
-            stopped.append((job, {"ok": False, "stopped": True, "reason": reason,
+            stopped.append((job, {"ok": False, "stopped": True, "reason": reason, "not_started": not begun,
                                   "message": f"stopped ({reason}) at epoch {job.epoch + 1} step {job.step_in_epoch}"}))
             self.jobs[i] = None
         if self.cuda:

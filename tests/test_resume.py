@@ -160,3 +160,20 @@ def test_bad_time_limits_are_one_line_and_change_nothing(tmp_path, limit, expect
     if "too short" in expect:
         assert "one step takes about" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance(tmp_path, precision):
+    """On CUDA (graphed step) a resumed run follows the uninterrupted one within the graphed-vs-eager tolerance."""
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    run_job(cfg_for(whole, device="cuda", precision=precision))
+    job = Run(cfg_for(sliced, device="cuda", precision=precision))
+    job.start()
+    for _ in range(15):
+        job.advance()
+    job.stop("time")
+    run_job(cfg_for(sliced, device="cuda", precision=precision), resume=True)
+    for a, b in zip(metrics(whole), metrics(sliced)):
+        assert abs(a["train_loss"] - b["train_loss"]) < 2e-2 * max(1.0, abs(a["train_loss"]))
+        assert abs(a["test_top1"] - b["test_top1"]) <= 3.0

@@ -199,14 +199,17 @@ def test_overrides_apply_to_every_run_but_not_to_grid_keys(tmp_path):
         load_study(path, overrides=["kd.method=std"])
 
 
-def test_local_executor_assigns_gpus_round_robin_with_k_runs_per_gpu(monkeypatch):
+def test_local_executor_runs_one_pack_per_gpu_and_fixed_threads_on_the_cpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    ex = LocalExecutor(runs_per_gpu=2)  # worker processes start with their first run: none here
-    assert [env["CUDA_VISIBLE_DEVICES"] for env in ex._envs] == ["3", "5", "3", "5"] and ex.capacity() == 4
-    assert ex.description == "4 local workers on 2 GPU(s), up to 2 run(s) per GPU"
+    ex = LocalExecutor(pack=2)  # worker processes start with their first run: none here
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in ex._envs] == ["3", "5"] and ex.capacity() == 4
+    assert ex.description == "2 local worker(s) on 2 GPU(s), a pack of up to 2 run(s) in each"
+    assert LocalExecutor().slots == 8  # the best K measured on an H100
     assert [env["CUDA_VISIBLE_DEVICES"] for env in LocalExecutor(workers=3)._envs] == ["3", "5", "3"]
     cpu = LocalExecutor(workers=2, use_gpu=False)
     assert cpu.capacity() == 2 and all("CUDA_VISIBLE_DEVICES" not in env for env in cpu._envs)
+    assert cpu.threads == 1 and all(env["OMP_NUM_THREADS"] == "1" for env in cpu._envs)
+    assert LocalExecutor(workers=1, use_gpu=False, pack=3, threads=2).capacity() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert LocalExecutor(workers=1).description.startswith("1 local worker(s) on the CPU")
 

@@ -213,7 +213,7 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
     from mixkd.checkpoint import load_checkpoint, load_weights
     from mixkd.config import load_run_config
     from mixkd.data import load_dataset
-    from mixkd.engine import CONFIG_NAME, load_teacher, resolve_device
+    from mixkd.engine import CONFIG_NAME, load_teacher, resolve_device, resolve_teacher_path
     from mixkd.models import create_model
 
     p = Path(path)
@@ -230,7 +230,7 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
         image_size = image_size or cfg.image_size
     source = "--teacher"
     if not no_teacher and teacher is None and cfg is not None and cfg.task == "distill":
-        teacher, teacher_model = cfg.kd.teacher, teacher_model or cfg.kd.teacher_model
+        teacher, teacher_model = resolve_teacher_path(cfg.kd.teacher, run_dir), teacher_model or cfg.kd.teacher_model
         source = f"kd.teacher in {run_dir / CONFIG_NAME}"
     if no_teacher:
         teacher = None

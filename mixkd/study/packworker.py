@@ -85,11 +85,26 @@ class PackWorker:
                 self.pack = Pack(run.device, self.slots)
             ended = self.pack.admit(run)
             if ended is not None:
+                if not ended["ok"]:
+                    _record_failure(out, ended["message"], ended.get("error"))
                 done.append((run_id, self._outcome(run_id, out, ended, start)))
                 continue
             self.ids[id(run)] = run_id
             self.started[run_id] = start
             self.exclusive = folder_data
+            if self.control.deadline is not None:
+                try:
+                    run.measure_step()  # so that its first step is budgeted too (graph capture, compilation)
+                except Exception as e:  # noqa: BLE001 - this run fails alone
+                    from mixkd.pack import failure_message
+
+                    run.fail()
+                    self.pack.jobs[self.pack.jobs.index(run)] = None
+                    self.ids.pop(id(run))
+                    message = failure_message(e)
+                    _record_failure(out, message, e)
+                    done.append((run_id, {"ok": False, "message": message,
+                                          "seconds": time.perf_counter() - self.started.pop(run_id)}))
         return done
 
     def _outcome(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> dict[str, Any]:

@@ -28,8 +28,8 @@ import yaml
 from mixkd import __version__
 from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
-from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, saved_config_mismatch
 from mixkd.study.executors import WORKERS_LOCK
+from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, saved_config_mismatch
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 
 STATE_NAME = "study-state.json"
@@ -218,11 +218,18 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
     early: no run starts once a stop is due, every live run writes a step-exact checkpoint, and the
     outcome's ``stopped`` says why; running the study again continues each run where it stopped."""
     from mixkd.control import StopControl
+    from mixkd.engine import writable_dir_problem
     from mixkd.study.status import check_folder
 
     out = Path(out)
+    problem = writable_dir_problem(out)
+    if problem:
+        raise MixkdError(problem)
     check_folder(out)  # a folder of another mixkd version: an error before anything in it changes
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MixkdError(f"cannot create the study folder {out}: {e.strerror or e}; choose another --out") from None
     control = control or StopControl()
     with _Lock(out):
         atomic_write_text(out / STUDY_COPY, study.text)

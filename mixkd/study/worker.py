@@ -100,27 +100,11 @@ def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, An
     if (out / ANALYSIS_FILE).exists():
         return {"ok": True, "seconds": 0.0, "skipped": True}
     try:
-        teacher = _saved_teacher(out)
         with open(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
             print(f"analysis ({', '.join(f'{k} {v}' for k, v in options.items())}):", flush=True)
             analyze_run(out, device=config.get("device") or "auto", log=lambda line: print(line, flush=True),
-                        **teacher, **options)
+                        **options)
         return {"ok": True, "seconds": time.perf_counter() - start}
     except Exception as e:  # noqa: BLE001 - recorded; the run's own result stays
         return _failure(e, out / ANALYSIS_ERROR_NAME, start)
 
-
-def _saved_teacher(run_dir: Path) -> dict[str, Any]:
-    """``teacher`` / ``teacher_model`` for :func:`mixkd.analysis.analyze_run` where the run's saved
-    ``kd.teacher`` is relative to its run directory (as a study writes it); else nothing (analyze_run
-    reads ``config.yaml`` itself)."""
-    import yaml
-
-    from mixkd.engine import CONFIG_NAME, resolve_teacher_path
-
-    cfg = yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {}
-    kd = cfg.get("kd") or {}
-    teacher = kd.get("teacher")
-    if cfg.get("task") != "distill" or not teacher or Path(teacher).is_absolute():
-        return {}
-    return {"teacher": resolve_teacher_path(teacher, run_dir), "teacher_model": kd.get("teacher_model")}

@@ -1,0 +1,140 @@
+"""A run folder you can trust: saved paths independent of the working directory, nothing written by a
+start that fails, --resume that refuses what it would ignore, one-line errors for unusable --out."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixkd.cli import main
+from mixkd.config import build_config
+from mixkd.engine import Run
+
+TRAIN = ["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
+         "--device", "cpu"]
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mixkd: error:"), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    return out
+
+
+def test_a_distillation_resumes_from_another_directory_and_a_moved_run_writes_where_it_is(
+        tmp_path, teacher, capsys, monkeypatch, one_thread):
+    work = tmp_path / "work"
+    shutil.copytree(teacher, work / "runs" / "t")
+    monkeypatch.chdir(work)
+    cfg = build_config(flags={"task": "distill", "kd.teacher": "runs/t", "model": "resnet8", "dataset": "digits",
+                              "epochs": 2, "batch_size": 128, "device": "cpu", "progress": False, "out": "runs/dk"})
+    job = Run(cfg)
+    for _ in range(3):
+        job.advance()
+    job.stop("signal")  # stopped mid-epoch, as by SIGTERM
+    saved = yaml.safe_load((work / "runs/dk/config.yaml").read_text())
+    assert saved["kd"]["teacher"] == str(work / "runs" / "t")  # absolute: independent of the working directory
+    moved = tmp_path / "elsewhere" / "dk"
+    moved.parent.mkdir()
+    shutil.move(str(work / "runs/dk"), moved)
+    monkeypatch.chdir("/")
+    code, out, err = cli(capsys, "distill", "--out", str(moved), "--resume")
+    assert code == 0, err
+    assert f"run in {moved}" in out  # the folder actually used
+    assert (moved / "result.json").exists() and not (work / "runs/dk").exists() and not Path("/runs/dk").exists()
+    assert len((moved / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("case", ["model", "device", "teacher", "data", "batch"])
+def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(tmp_path, teacher, capsys, case, one_thread):
+    out = tmp_path / "run"
+    bad = {"model": ["--model", "nosuchnet"], "device": ["--device", "cuda"],
+           "teacher": ["--teacher", str(tmp_path / "nope")], "data": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nodata")],
+           "batch": ["--batch-size", "100000"]}[case]
+    if case == "device" and __import__("torch").cuda.is_available():
+        pytest.skip("CUDA is available here")
+    command = "distill" if case == "teacher" else "train"
+    base = ["--student" if command == "distill" else "--model", "resnet8", "--dataset", "digits", "--epochs", "1",
+            "--batch-size", "128", "--device", "cpu", "--out", str(out)]
+    if command == "distill" and case != "teacher":
+        base += ["--teacher", str(teacher)]
+    code, _, err = cli(capsys, command, *base, *bad)
+    assert code == 2
+    one_error(err)
+    assert not out.exists()
+    good = [*base, "--teacher", str(teacher)] if command == "distill" else base
+    code, _, err = cli(capsys, command, *good)
+    assert code == 0, err
+
+
+def test_resume_needs_a_run_and_refuses_flags_it_would_ignore(tmp_path, teacher, capsys):
+    code, _, err = cli(capsys, "train", "--out", str(tmp_path / "none"), "--resume")
+    assert code == 2 and "there is no run" in one_error(err) or "does not exist" in err
+    assert not (tmp_path / "none").exists()
+    run = tmp_path / "t"
+    shutil.copytree(teacher, run)
+    code, _, err = cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "10", "--lr", "0.2")
+    line = one_error(err)
+    assert code == 2 and "epochs 10 (saved: 1)" in line and "optim.lr" in line
+    code, _, err = cli(capsys, "distill", "--out", str(run), "--resume")
+    assert code == 2 and "mixkd train --out" in one_error(err)
+    code, out, err = cli(capsys, "train", "--out", str(run), "--resume", "--device", "cpu", "--no-progress",
+                         "--data-dir", str(tmp_path))
+    assert code == 0 and "top-1" in out, err  # machine-local flags may change
+
+
+def test_a_folder_with_only_a_config_is_not_a_run_yet(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("task: train\nmodel: nosuchnet\n")
+    code, _, err = cli(capsys, *TRAIN, "--out", str(out))
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "resnet8"
+
+
+def test_unusable_out_folders_are_one_line_errors(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    cases = [(a_file, "is a file"), (a_file / "below", "which is a file")]
+    if os.geteuid() != 0:  # root writes anywhere but on read-only mounts
+        cases.append((readonly / "run", "cannot write"))
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "defaults": {"dataset": "digits", "device": "cpu"},
+                                     "teachers": [{"name": "plain", "models": "resnet8"}]}))
+    for out, expect in cases:
+        code, _, err = cli(capsys, *TRAIN, "--out", str(out))
+        assert code == 2 and expect in one_error(err) and str(out) in err
+        code, _, err = cli(capsys, "study", "run", str(study), "--out", str(out), "--no-progress")
+        assert code == 2 and expect in one_error(err)
+    code, _, err = cli(capsys, *TRAIN, "--out", "/proc/mixkd-run")
+    assert code == 2 and "/proc/mixkd-run" in one_error(err)
+
+
+def test_result_records_threads_and_the_log_has_every_epoch(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *TRAIN, "--out", str(out))
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["threads"] == 1 and result["precision"] == "fp32"
+    log = (out / "log.txt").read_text()
+    assert "start: train resnet8" in log and "epoch 1/1" in log and "finished: top-1" in log
+    assert "\r" not in err  # no progress bar when stderr is not a terminal: one line per epoch instead
+    assert "epoch 1/1" in err
