@@ -191,7 +191,7 @@ class TrainStep:
         self.sums = torch.zeros(len(LOSS_KEYS), device=self.device)  # sums of per-batch mean losses
         self.steps = 0
         self.compile_spec = CompileSpec() if compile is True else (compile or None)
-        self._compute = learner  # what computes the losses: the learner, or a copy with compiled models
+        self._compute = learner  # what computes the losses: the learner, or a view of it with compiled models
         self._forward = self._mixed_losses
         self._warm = self.compile_spec is None  # False until the first step has compiled
         if self.compile_spec is not None:
@@ -205,6 +205,11 @@ class TrainStep:
     @property
     def compiled(self) -> bool:
         return self.compile_spec is not None
+
+    @property
+    def warm(self) -> bool:
+        """Whether the first step, which compiles (and, graphed, captures), has run."""
+        return self._warm
 
     def autocast(self, cache_enabled: bool = True):
         if self.precision != "bf16":

@@ -125,7 +125,32 @@ def test_claim_5_compares_exact_with_reference_sampling():
     claims = {c.number: c for c in evaluate_claims(rows)}
     assert [c.statement for c in claims[5].comparisons] == ["KD+PMU T=4 f=0.1 ≥ KD+PMU T=4 f=0.1 (reference sampling)"]
     assert claims[5].verdict == "holds"
-    assert [c.a.label for c in claims[2].comparisons] == ["KD+PMU T=4 f=0.1", "KD+PMU T=4 f=0.1 (reference sampling)"]
+    # both samplings in the folder: claim 2 compares the exact (the paper's 10%) PMU with FMU only
+    assert [c.statement for c in claims[2].comparisons] == ["KD+PMU T=4 f=0.1 > KD+FMU T=4"]
+
+
+def test_claims_2_and_3_leave_reference_sampling_out_when_the_folder_has_both():
+    rows = [_student(m, v + 2 * s - 1, s, teacher=t, sampling=sampling) for t in (MIXT, PLAIN) for s in (0, 1)
+            for m, v, sampling in (("kd", 66.0, "exact"), ("kd_fmu", 68.0, "exact"), ("std", 67.0, "exact"),
+                                   ("kd_pmu", 70.0, "exact"), ("kd_pmu", 65.0, "reference"),
+                                   ("std_pmu", 72.0, "exact"), ("std_pmu", 60.0, "reference"))]
+    claims = {c.number: c for c in evaluate_claims(rows)}
+    for number in (2, 3):
+        assert "only sampling: exact runs count here" in claims[number].text
+        sides = [side for c in claims[number].comparisons for side in (c.a, c.b)]
+        assert sides and not [s.label for s in sides if "reference" in s.label]
+    assert [c.statement for c in claims[2].comparisons] == ["KD+PMU T=4 f=0.1 > KD+FMU T=4"] * 2
+    assert claims[2].verdict == "holds"  # 70 vs 68; reference (65) would lose
+    best = [c for c in claims[3].comparisons if c.part == "STD+PMU best at T = 4"]
+    assert sorted(c.b.label for c in best) == sorted(["KD T=4", "KD+FMU T=4", "KD+PMU T=4 f=0.1", "STD"] * 2)
+    assert len(claims[3].comparisons) == 10 and claims[3].verdict == "holds"  # STD+PMU ref (60) would lose
+    assert len(claims[5].comparisons) == 4 and claims[5].verdict == "holds"  # the difference is claim 5's
+    # a folder whose PMU runs all have reference sampling: claims 2 and 3 use them as they are
+    rows = [r for r in rows if r["mix_sampling"] != "exact" or not r["method"].endswith("_pmu")]
+    claims = {c.number: c for c in evaluate_claims(rows)}
+    assert [c.statement for c in claims[2].comparisons] == ["KD+PMU T=4 f=0.1 (reference sampling) > KD+FMU T=4"] * 2
+    assert claims[2].verdict == "does not hold" and claims[3].verdict == "does not hold"
+    assert claims[5].verdict == "not tested"
 
 
 def _exact_percentile_interval(a, b):
@@ -208,22 +233,23 @@ def test_cifar100_claims_studies_expand_and_plan_shows_the_h100_estimate(tmp_pat
 
     mini = load_study(STUDIES / "cifar100-mini.yaml")
     full = load_study(STUDIES / "cifar100-resnet56-resnet20.yaml")
-    assert (len(mini.runs), len(full.runs)) == (15, 41)  # 2 teachers + 1 alone + 2 x 6; 2 + 3 + 2 x 6 x 3
+    assert (len(mini.runs), len(full.runs)) == (19, 53)  # 2 teachers + 1 alone + 2 x (6 + 2 -ref); 2 + 3 + 2 x 8 x 3
     assert {r.config["precision"] for r in mini.runs + full.runs} == {"bf16"}
     ids = {r.id for r in mini.runs}
     for teacher in ("plain", "mixup"):  # every claim's columns, from both teachers
         assert {f"students/resnet20-from-resnet56_{teacher}-{m}-s0" for m in
-                ("kd-T1", "kd-T4", "kd_fmu-T4", "kd_pmu-T4-f0.1", "std", "std_pmu-f0.1")} <= ids
+                ("kd-T1", "kd-T4", "kd_fmu-T4", "kd_pmu-T4-f0.1", "std", "std_pmu-f0.1", "kd_pmu-T4-f0.1-ref",
+                 "std_pmu-f0.1-ref")} <= ids  # claim 5: PMU with reference sampling too
     text = format_plan(mini, tmp_path / "mini", pack=8)
     kd = next(line for line in text.splitlines() if "resnet56_plain-kd-T4-s0" in line)
-    assert "~30 s" in kd  # 12 x 50,000 / 20,225 images/s, marked as an H100 estimate
-    # packed: 8 x 12 x 50,000 / 58,105 + 4 x 12 x 50,000 / 47,055 = 134 s; teachers and alone: not measured
+    assert "~25 s" in kd  # 10 x 50,000 / 20,225 images/s, marked as an H100 estimate
+    # packed: 2 x 8 x 10 x 50,000 / 58,105 = 138 s; teachers and alone: not measured
     packed = next(line for line in text.splitlines() if "--pack 8" in line)
-    assert "2 min of training for 12 unfinished runs" in packed
+    assert "2 min of training for 16 unfinished runs" in packed
     assert "unknown for 3 runs" in packed and "training resnet56" in packed and "training resnet20" in packed
-    assert "one run at a time: 6 min" in text  # 12 x 29.7 s
+    assert "one run at a time: 7 min" in text  # 16 x 24.7 s
     lines = format_plan(full, tmp_path / "full", pack=8).splitlines()
-    assert "2.1 h of training for 36 unfinished runs" in lines[-1]
+    assert "2.8 h of training for 48 unfinished runs" in lines[-1]  # 6 x 8 x 12M / 58,105 images/s
     assert main(["study", "plan", str(STUDIES / "cifar100-mini.yaml"), "--out", str(tmp_path / "m"),
                  "--pack", "0"]) == 2
     assert capsys.readouterr().err.strip() == "mixkd: error: --pack must be at least 1, got 0"

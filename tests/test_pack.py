@@ -3,6 +3,8 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,15 +31,15 @@ def metrics(run_dir):
 
 def configs(root, device="cpu"):
     base = {"dataset": "digits", "device": device, "progress": False, "optim.milestones": [1]}
-    teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1, "batch_size": 64,
+    teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1, "batch_size": 256,
                                   "out": str(root / "teacher")})
     return teacher, [
-        build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 2, "batch_size": 64,
+        build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 2, "batch_size": 128,
                             "mix.method": "mixup", "seed": 1, "out": str(root / "a")}),
-        build_config(flags={**base, "task": "distill", "model": "resnet8", "epochs": 1, "batch_size": 48,
+        build_config(flags={**base, "task": "distill", "model": "resnet8", "epochs": 1, "batch_size": 96,
                             "kd.teacher": str(root / "teacher"), "kd.method": "std", "mix.method": "mixup",
                             "mix.fraction": 0.1, "out": str(root / "b")}),
-        build_config(flags={**base, "task": "train", "model": "resnet14", "epochs": 1, "batch_size": 96,
+        build_config(flags={**base, "task": "train", "model": "resnet14", "epochs": 1, "batch_size": 160,
                             "mix.method": "cutmix", "seed": 2, "out": str(root / "c")}),
     ]
 
@@ -49,7 +51,7 @@ def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thr
     for cfg in runs:
         run_job(cfg)
     teacher_p, runs_p = configs(packed)
-    run_job(teacher_p)
+    shutil.copytree(alone / "teacher", packed / "teacher")
     pack = Pack("cpu", 3)
     jobs = [Run(cfg) for cfg in runs_p]
     for job in jobs:
@@ -69,7 +71,7 @@ def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path,
     teacher, runs = configs(tmp_path)
     run_job(teacher)
     bad = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "device": "cpu",
-                              "progress": False, "epochs": 2, "batch_size": 64, "optim.lr": 1e12,
+                              "progress": False, "epochs": 2, "batch_size": 256, "optim.lr": 1e12,
                               "out": str(tmp_path / "diverges")})
     worker = PackWorker(2)
     jobs = [runs[1], bad, runs[0], runs[2]]
@@ -110,7 +112,7 @@ def test_packed_runs_on_streams_match_alone_on_cuda(tmp_path):
 
 def _study(path, epochs=1):
     path.write_text(yaml.safe_dump({
-        "name": "p", "defaults": {"dataset": "digits", "device": "cpu", "epochs": epochs, "batch_size": 64,
+        "name": "p", "defaults": {"dataset": "digits", "device": "cpu", "epochs": epochs, "batch_size": 128,
                                   "eval_batch_size": 512, "optim": {"lr": 0.1}},
         "teachers": [{"name": "plain", "models": "resnet8"}],
         "students": [{"teachers": "plain", "models": "resnet8", "methods": ["alone", "kd", "std_pmu"]}]}))
@@ -146,17 +148,54 @@ def test_killing_the_study_process_takes_its_workers_and_frees_the_folder(tmp_pa
     assert again.returncode == 0, again.stderr
 
 
-def test_study_time_limit_stops_resumably_and_finishes_like_an_uninterrupted_study(tmp_path):
-    path = _study(tmp_path / "p.yaml", epochs=2)
+def test_a_stopped_study_finishes_like_an_uninterrupted_study(tmp_path, monkeypatch, one_thread):
+    """SIGTERM to the study (as SLURM sends before the wall time): its workers checkpoint, it exits with 75;
+    run again, it finishes with exactly the numbers of a study run in one go (here in this process)."""
+    from mixkd.study import load_study, run_study
+    from mixkd.study.packworker import PackWorker
+
+    path = _study(tmp_path / "p.yaml", epochs=3)
     whole, sliced = tmp_path / "whole", tmp_path / "sliced"
-    common = ["--workers", "1", "--pack", "3", "--no-progress", "--no-report"]
-    assert _cli("study", "run", str(path), "--out", str(whole), *common).returncode == 0
-    first = _cli("study", "run", str(path), "--out", str(sliced), *common, "--time-limit", "35s")
-    assert first.returncode == 75, first.stdout + first.stderr
+
+    class Inline:  # the same pack worker, in this process
+        kind, description = "inline", "inline"
+
+        def __init__(self):
+            self.worker, self.n = PackWorker(3), 0
+
+        def capacity(self):
+            return 3 - self.n
+
+        def submit(self, run_id, config, run_dir, analysis=None):
+            self.worker.submit((run_id, config, run_dir, analysis))
+            self.n += 1
+
+        def wait(self, timeout):
+            done = []
+            while self.worker.busy and not done:
+                done = self.worker.work()
+            self.n -= len(done)
+            return done
+
+        def shutdown(self, terminate=False):
+            pass
+
+    run_study(load_study(path), whole, Inline(), progress=False, echo=lambda *_: None)
+    common = ["study", "run", str(path), "--out", str(sliced), "--workers", "1", "--pack", "3", "--no-progress",
+              "--no-report"]
+    proc = subprocess.Popen([sys.executable, "-m", "mixkd", *common], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while "epoch 1/3" not in "".join(p.read_text() for p in sliced.glob("*/*/log.txt")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, output
     state = json.loads((sliced / "study-state.json").read_text())
-    assert state["interrupted"] is True
-    rest = _cli("study", "run", str(path), "--out", str(sliced), *common)
+    assert "stopped" in {r["status"] for r in state["runs"].values()}, state
+    rest = _cli(*common)
     assert rest.returncode == 0, rest.stdout + rest.stderr
-    for run_dir in sorted(whole.glob("*/*/result.json")):
-        rel = run_dir.parent.relative_to(whole)
+    for result in sorted(whole.glob("*/*/result.json")):
+        rel = result.parent.relative_to(whole)
         assert metrics(whole / rel) == metrics(sliced / rel), rel

@@ -25,6 +25,11 @@ positive, *does not hold* when decisive and negative, and is *inconclusive* othe
 least as well as B" (``sense="at least"``) holds unless A is decisively worse. A claim holds when
 every comparison it rests on holds, does not hold when any does not, is inconclusive otherwise, and
 is *not tested* when the folder has none of its comparisons (the parts it lacks are listed).
+
+Claims 2 and 3 are the paper's, about its partial mixup: exactly the fraction (10%) of each batch
+mixed, ``mix.sampling: exact``. In a folder with both samplings they use the exact-sampling PMU
+columns only; the exact-vs-reference difference is claim 5's. A folder whose PMU runs all have one
+sampling uses them as they are.
 """
 
 from __future__ import annotations
@@ -266,24 +271,29 @@ class ClaimSpec:
     text: str
     parts: dict[str, str]  # part name -> the runs it needs (said when the folder lacks them)
     pairs: Any  # (table, alone) -> iterable of (part, teacher, student, A, B, sense)
+    exact_only: bool = False  # with both PMU samplings in the folder, leave reference-sampling columns out
 
+
+_EXACT_ONLY = ("With both PMU samplings in the folder, only sampling: exact runs count here (the paper's partial "
+               "mixup: exactly the fraction of each batch mixed); claim 5 compares exact with reference.")
 
 CLAIMS: list[ClaimSpec] = [
     ClaimSpec(1, "Students of a mixup teacher (Mix-T) do better at T = 1 than at T = 4; from a plain teacher T = 4 "
                  "is better or equal.",
               {"Mix-T: T = 1 > T = 4": "KD students at T = 1 and T = 4 of a mixup (Mix-T) teacher",
                "plain teacher: T = 4 ≥ T = 1": "KD students at T = 1 and T = 4 of a plain teacher"}, _pairs_claim1),
-    ClaimSpec(2, "Partial mixup (PMU) in the student beats full mixup (FMU) under KD.",
-              {"PMU > FMU": "KD + PMU and KD + FMU students of the same teacher (same T)"}, _pairs_claim2),
-    ClaimSpec(3, "Standardized KD (STD) does at least as well as Hinton KD at T = 4; STD + PMU is best of all.",
+    ClaimSpec(2, "Partial mixup (PMU) in the student beats full mixup (FMU) under KD. " + _EXACT_ONLY,
+              {"PMU > FMU": "KD + PMU and KD + FMU students of the same teacher (same T)"}, _pairs_claim2, True),
+    ClaimSpec(3, "Standardized KD (STD) does at least as well as Hinton KD at T = 4; STD + PMU is best of all. "
+                 + _EXACT_ONLY,
               {"STD ≥ KD at T = 4": "STD and KD (T = 4) students of the same teacher",
                "STD+PMU best at T = 4": "STD + PMU and other distilled students (T = 4) of the same teacher"},
-              _pairs_claim3),
+              _pairs_claim3, True),
     ClaimSpec(4, "Any KD beats the student trained alone.",
               {"KD > alone": "the student alone and distilled students of the same architecture"}, _pairs_claim4),
     ClaimSpec(5, "(Ours, REFERENCE claim 5.) PMU as the paper's text defines it (sampling: exact, 10% mixed) does at "
                  "least as well as the released code's PMU (sampling: reference, about 41% mixed at batch 64); "
-                 "claim 2's rows show which of the two beats FMU.",
+                 "claims 2 and 3 use only the exact runs when the folder has both.",
               {"exact ≥ reference": "PMU students with sampling: exact and sampling: reference (same teacher, "
                                     "method, T and fraction)"}, _pairs_claim5),
 ]
@@ -334,16 +344,27 @@ def _tables(rows: list[dict[str, Any]], metric: str) -> tuple[Table, dict[str, d
     return table, alone
 
 
+def _exact_only(table: Table) -> Table:
+    """``table`` without its reference-sampling PMU columns when it also has exact-sampling ones."""
+    samplings = {cell.sampling for cells in table.values() for cell in cells}
+    if not {"exact", "reference"} <= samplings:
+        return table
+    return {ctx: {cell: side for cell, side in cells.items() if cell.sampling in (None, "exact")}
+            for ctx, cells in table.items()}
+
+
 def evaluate_claims(rows: list[dict[str, Any]], metric: str = "top1",
                     noise_floor: float = NOISE_FLOOR) -> list[Claim]:
     """Every claim of :data:`CLAIMS` on result rows (:func:`mixkd.study.report.collect`'s layout)."""
     table, alone = _tables(rows, metric)
+    exact_table = _exact_only(table)
     key = {c: i for i, c in enumerate(sorted(table, key=lambda c: (not _is_plain(c[0]), _natural(c[0]),
                                                                    _natural(c[1]))))}
     claims = []
     for spec in CLAIMS:
         comparisons = [compare(part, teacher, student, a, b, sense, noise_floor)
-                       for part, teacher, student, a, b, sense in spec.pairs(table, alone)]
+                       for part, teacher, student, a, b, sense in spec.pairs(exact_table if spec.exact_only
+                                                                             else table, alone)]
         order = list(spec.parts)
         comparisons.sort(key=lambda c: (order.index(c.part), key[c.teacher, c.student], c.a.label, c.b.label))
         tested = {c.part for c in comparisons}

@@ -5,7 +5,8 @@ for failures): the study file is not needed, so a folder copied from a cluster, 
 hand, reports the same. Runs under ``teachers/`` are teachers; every other run is a student.
 
 * the paper-style table: rows teacher -> student pairs, columns the distillation methods, cells
-  mean +- std over seeds, best per row in bold, teacher and student-alone accuracy beside;
+  mean +- std over seeds, best per row in bold, teacher and student-alone accuracy beside (partial
+  mixup with ``mix.sampling: reference`` in columns of its own, "(reference sampling)");
 * heatmaps of student top-1 over (teacher, student), one panel per temperature (the Mix-T figure);
 * top-1 against temperature, and against mix fraction (0 = no mixing, 1 = full mixup), when swept;
 * where runs were analyzed (``analysis.json``, see :mod:`mixkd.analysis`): per-method means of the
@@ -169,24 +170,39 @@ def teacher_name(row: dict[str, Any]) -> str:
 
 
 def column_key(row: dict[str, Any], with_temperature: bool = True) -> tuple:
+    """(order, method, temperature, fraction, alpha, "cutmix", sampling): a column of the table; each
+    setting None where it does not apply or is the default (alpha 1, mixup, sampling exact)."""
     order = list(SHORT).index(row["method"]) if row["method"] in SHORT else len(SHORT)
     temp = row["temperature"] if with_temperature else None
-    frac = row["mix_fraction"] if row["method"].endswith("_pmu") else None
+    pmu = row["method"].endswith("_pmu")
+    frac = row["mix_fraction"] if pmu else None
     alpha = row["mix_alpha"] if row["mix_alpha"] not in (None, 1.0) else None
-    return order, row["method"], temp, frac, alpha, row["mix_method"] if row["mix_method"] == "cutmix" else None
+    cutmix = row["mix_method"] if row["mix_method"] == "cutmix" else None
+    return order, row["method"], temp, frac, alpha, cutmix, _pmu_sampling(row)
+
+
+def _pmu_sampling(row: dict[str, Any]) -> str | None:
+    """A partial-mixup run's ``mix.sampling`` unless it is ``exact`` (the paper's: exactly the fraction
+    mixed); None for the other runs (full mixup mixes every sample under either sampling)."""
+    sampling = row.get("mix_sampling")
+    return sampling if row["method"].endswith("_pmu") and sampling not in (None, "", "exact") else None
 
 
 def _sortable(key: tuple) -> tuple:
-    return tuple((v is None, 0 if v is None else v) for v in key)
+    """A column key's sort key: settings left at their default (None) after the set ones, except the
+    sampling, whose default (exact) comes first, beside its reference-sampling twin."""
+    *head, sampling = key
+    return (*((v is None, 0 if v is None else v) for v in head), (sampling is not None, sampling or ""))
 
 
 def column_label(key: tuple) -> str:
-    _, method, temp, frac, alpha, cutmix = key
+    _, method, temp, frac, alpha, cutmix, sampling = key
     parts = [SHORT.get(method, method)]
     parts += [f"T={temp:g}"] if temp is not None else []
     parts += [f"f={frac:g}"] if frac is not None else []
     parts += [f"α={alpha:g}"] if alpha is not None else []
     parts += ["cutmix"] if cutmix else []
+    parts += [f"({sampling} sampling)"] if sampling else []
     return " ".join(parts)
 
 
@@ -335,13 +351,14 @@ def plot_temperature_curves(rows: list[dict[str, Any]], metric: str, path: Path)
 
 
 def plot_fraction_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
-    """Top-1 against the mixed share of the batch (0: no mixing, 1: full mixup), per KD loss."""
+    """Top-1 against the mixed share of the batch (0: no mixing, 1: full mixup), per KD loss. Partial
+    mixup with ``sampling: reference`` is left out: it mixes more than its fraction (REFERENCE claim 5)."""
     mixup = [r for r in rows if r["mix_method"] == "mixup" and r["teacher"] is not None]
     alpha = statistics.mode([r["mix_alpha"] for r in mixup]) if mixup else 1.0
     groups: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
         if (r["status"] != "done" or r["teacher"] is None or r[metric] is None or r["mix_method"] == "cutmix"
-                or r["mix_alpha"] not in (None, alpha)):
+                or r["mix_alpha"] not in (None, alpha) or _pmu_sampling(r)):
             continue
         loss = r["method"].split("_")[0]
         label = f"{teacher_name(r)} → {r['model']}" + (f" T={r['temperature']:g}" if r["temperature"] else "")
@@ -371,11 +388,12 @@ def _method_label(row: dict[str, Any], long: bool = False) -> str:
     key = column_key(row)
     if not long:
         return column_label(key)
-    _, method, temp, frac, alpha, cutmix = key
+    _, method, temp, frac, alpha, cutmix, sampling = key
     extra = [f"T={temp:g}"] if temp is not None else []
     extra += [f"f={frac:g}"] if frac is not None else []
     extra += [f"α={alpha:g}"] if alpha is not None else []
     extra += ["cutmix"] if cutmix else []
+    extra += [f"{sampling} sampling"] if sampling else []
     name = METHODS[method].label if method in METHODS else SHORT.get(method, method)
     return name + (f" ({', '.join(extra)})" if extra else "")
 

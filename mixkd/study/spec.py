@@ -3,8 +3,20 @@
 A study file (YAML) holds ``name``, ``defaults`` (RunConfig keys shared by every run), ``teachers``
 (groups: ``models`` x ``mix`` settings x ``seeds``, or one external ``checkpoint`` + ``model``) and
 ``students`` (groups: ``models`` or ``pairs`` x ``teachers`` (group names) x ``methods`` x
-``temperatures`` x ``fractions`` x ``alphas`` x ``mix_modes`` x ``seeds``). Each group may add a
-``recipe`` of RunConfig keys. See ``configs/studies/`` for examples.
+``temperatures`` x ``fractions`` x ``alphas`` x ``mix_modes`` x ``samplings`` x ``seeds``). Each group
+may add a ``recipe`` of RunConfig keys. See ``configs/studies/`` for examples.
+
+``samplings`` (``exact``, ``reference``: ``mix.sampling``, how partial mixup picks the samples it
+mixes) applies to the methods that mix partially (``kd_pmu``, ``std_pmu``) and multiplies only their
+runs: full mixup mixes every sample under either sampling (``reference`` draws int(B x 0) = 0 unmixed
+indices), and the other methods do not mix. A group without ``samplings:`` keeps the ``mix.sampling``
+of its ``defaults:`` / ``recipe:`` / ``--set`` (``exact`` unless set), as before the axis existed; a
+group with it may not also set ``recipe.mix.sampling``, and ``--set mix.sampling`` is then refused.
+Runs with ``exact`` sampling keep the ids they had before the axis (no sampling part); a partial-mixup
+run with ``reference`` sampling ends in ``-ref`` before its seed, whichever way it was asked for (so PMU
+runs made with ``reference`` through ``defaults:`` / ``--set`` before the axis existed, under ids without
+``-ref``, are planned anew). A run declared by two groups is compared as a validated RunConfig, so a key
+one group leaves at its default (``mix.sampling: exact``) does not make it another run.
 
 ``analysis`` (top level, and per group to override it) asks for ``mixkd analyze`` after each run::
 
@@ -20,12 +32,14 @@ declared by two groups is analyzed when either asks for it.
 Every run gets a stable, readable id that is also its directory in the study folder, e.g.
 ``teachers/resnet56_mixup-s0`` or ``students/resnet20-from-resnet56_mixup-kd_pmu-T4-f0.1-s0``.
 An axis appears in an id only where it applies (no temperature for standardized KD, no fraction
-without partial mixup), so the same run declared by two groups is one run.
+or sampling without partial mixup), so the same run declared by two groups is one run, e.g.
+``students/resnet20-from-resnet56_mixup-kd_pmu-T4-f0.1-ref-s0`` for reference sampling.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -185,9 +199,15 @@ class StudentGroup(_Strict):
     fractions: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], BeforeValidator(_listify), Field(min_length=1)] = [0.1]
     alphas: Floats = [1.0]
     mix_modes: Annotated[list[Literal["mixup", "cutmix"]], BeforeValidator(_listify), Field(min_length=1)] = ["mixup"]
+    samplings: Annotated[list[Literal["exact", "reference"]], BeforeValidator(_listify), Field(min_length=1)] = ["exact"]
     seeds: Ints = [0]
     recipe: dict[str, Any] = {}
     analysis: GroupAnalysis = None
+
+    @property
+    def sampling_axis(self) -> bool:
+        """Whether the group lists ``samplings:`` (else its PMU runs keep the recipe's mix.sampling)."""
+        return "samplings" in self.model_fields_set
 
     @model_validator(mode="after")
     def _students(self) -> StudentGroup:
@@ -225,6 +245,7 @@ class PlannedRun:
     temperature: float | None = None
     fraction: float | None = None
     alpha: float | None = None
+    sampling: str | None = None  # partial mixup only: exact or reference
     analysis: dict[str, Any] | None = None  # analyze_run's options after the run, or None: no analysis
 
     def config_for(self, out: str | Path, device: str | None = None) -> dict[str, Any]:
@@ -314,6 +335,7 @@ class _Expander:
         self.runs: dict[str, PlannedRun] = {}
         self.teachers: dict[str, list[_TeacherRef]] = {}
         self.labels: dict[str, tuple[str, str]] = {}  # distilled run id -> (teacher group, teacher label)
+        self.planned: dict[str, dict[str, Any]] = {}  # run id -> its validated RunConfig tree (at /study)
 
     def fail(self, where: str, message: str) -> MixkdError:
         return MixkdError(f"invalid study file {self.source}: {where}: {message}")
@@ -358,12 +380,13 @@ class _Expander:
 
     def add(self, run: PlannedRun) -> None:
         try:
-            RunConfig.model_validate(run.config_for("/study"))
+            planned = RunConfig.model_validate(run.config_for("/study")).model_dump(mode="json")
         except ValidationError as e:
             raise self.fail(run.group, f"run {run.id}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         first = self.runs.get(run.id)
         if first is None:
             self.runs[run.id] = run
+            self.planned[run.id] = planned
             return
         if first.analysis is None:  # analyzed when any group that declares it asks for it
             first.analysis = run.analysis
@@ -371,11 +394,11 @@ class _Expander:
             key = next(k for k in first.analysis if first.analysis[k] != run.analysis[k])
             raise self.fail(f"{run.group}.analysis.{key}", f"run {run.id} is also declared by {first.group} with "
                                                            f"{key} {first.analysis[key]!r}; give both the same")
-        if first.config != run.config:
-            key = next(k for k in sorted(set(_flat_keys(first.config)) | set(_flat_keys(run.config)))
-                       if _get(first.config, k) != _get(run.config, k))
+        old = self.planned[run.id]  # compared as RunConfigs: a key left at its default is the same run
+        if old != planned:
+            key = next(k for k in _flat_keys(old) if _get(old, k) != _get(planned, k))
             raise self.fail(run.group, f"run {run.id} is also declared by {first.group} with other settings "
-                                       f"({key}: {_get(first.config, key)!r} vs {_get(run.config, key)!r}); "
+                                       f"({key}: {_get(old, key)!r} vs {_get(planned, key)!r}); "
                                        "give both groups the same recipe")
 
     def expand_teachers(self) -> None:
@@ -427,6 +450,8 @@ class _Expander:
                 combos = [(ref, s) for ref in refs for s in students]
             for si, model in enumerate(students):
                 self.check_model(model, f"{where}.{'models' if g.models else 'pairs'}[{si}]")
+            if g.sampling_axis and _get(g.recipe, "mix.sampling") is not None:
+                raise self.fail(f"{where}.recipe.mix.sampling", "set by this group's samplings:; remove one of the two")
             base = self.recipe(g.recipe, where)
             analysis = self.analysis(g.analysis)
             for method in g.methods:
@@ -465,25 +490,28 @@ class _Expander:
         temps = g.temperatures if m.kd == "kd" else [None]
         fractions = {"none": [None], "full": [1.0], "partial": g.fractions}[m.mixing]
         mixing = m.mixing != "none"
-        for temp in temps:
-            for frac in fractions:
-                for alpha in (g.alphas if mixing else [None]):
-                    for mode in (g.mix_modes if mixing else [None]):
-                        for seed in g.seeds:
-                            parts = [method]
-                            parts += [f"T{_fmt(temp)}"] if temp is not None else []
-                            parts += [f"f{_fmt(frac)}"] if m.mixing == "partial" else []
-                            parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
-                            parts += ["cutmix"] if mode == "cutmix" else []
-                            run_id = f"students/{model}-from-{ref.label}-{'-'.join(parts)}-s{seed}"
-                            kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
-                            if ref.checkpoint:
-                                kd["teacher_model"] = ref.model
-                            mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
-                            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
-                            yield PlannedRun(run_id, "student", where, config, model, seed, teacher_run=ref.run_id,
-                                             teacher_checkpoint=ref.checkpoint, teacher_model=ref.model, method=method,
-                                             temperature=temp, fraction=frac, alpha=alpha)
+        inherited = _get(base, "mix.sampling") or "exact"  # defaults: / recipe: / --set, as before the axis
+        samplings = [None] if m.mixing != "partial" else g.samplings if g.sampling_axis else [inherited]
+        for temp, frac, alpha, mode, sampling, seed in itertools.product(
+                temps, fractions, g.alphas if mixing else [None], g.mix_modes if mixing else [None], samplings,
+                g.seeds):
+            parts = [method]
+            parts += [f"T{_fmt(temp)}"] if temp is not None else []
+            parts += [f"f{_fmt(frac)}"] if m.mixing == "partial" else []
+            parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
+            parts += ["cutmix"] if mode == "cutmix" else []
+            parts += ["ref"] if sampling == "reference" else []
+            run_id = f"students/{model}-from-{ref.label}-{'-'.join(parts)}-s{seed}"
+            kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
+            if ref.checkpoint:
+                kd["teacher_model"] = ref.model
+            mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
+            if sampling is not None and sampling != inherited:
+                mix["sampling"] = sampling
+            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
+            yield PlannedRun(run_id, "student", where, config, model, seed, teacher_run=ref.run_id,
+                             teacher_checkpoint=ref.checkpoint, teacher_model=ref.model, method=method,
+                             temperature=temp, fraction=frac, alpha=alpha, sampling=sampling)
 
 
 _ABSENT = object()
@@ -531,6 +559,9 @@ def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None
     for key in _flat_keys(over):
         if key in GRID_KEYS:
             raise MixkdError(f"--set {key}: set by the study grid ({GRID_KEYS[key]})")
+    axis = next((gi for gi, g in enumerate(spec.students) if g.sampling_axis), None)
+    if _get(over, "mix.sampling") is not None and axis is not None:
+        raise MixkdError(f"--set mix.sampling: set by the study grid (students[{axis}].samplings:)")
     try:
         RunConfig.model_validate(_merge(spec.defaults, over, {"task": "train"}))
     except ValidationError as e:
