@@ -44,7 +44,7 @@ from mixkd.losses import KDObjective, supervised_objective
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
-from mixkd.step import SGD, GraphedTrainStep, TrainStep
+from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -264,7 +264,7 @@ class Run:
         self.mix_generator = torch.Generator(device=self.device)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.learner, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             self.precision)
+                             self.precision, compile=resolve_compile(cfg.compile, self.device.type, cfg.dataset))
         self.steps_per_epoch = len(self.train_loader)
 
     @property
@@ -298,6 +298,7 @@ class Run:
                         num_classes=self.data.num_classes, epoch=self.epoch,
                         optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
         self.saved_at = time.monotonic()
+        self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
         self.checkpoint_seconds = max(self.checkpoint_seconds or 0.0, time.perf_counter() - t0)
 
     def _restore(self) -> None:
@@ -367,6 +368,8 @@ class Run:
         self.step_seconds: float | None = None
         self.eval_seconds: float | None = None
         self.saved_at = time.monotonic()
+        self.last_saved = (f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
+                           if not self.fresh and (self.dir / CHECKPOINT_NAME).exists() else "none yet")
         self._batches = None
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         self.created = False
@@ -475,6 +478,9 @@ class Run:
             self._begin_epoch()
         if self.step_in_epoch < self.steps_per_epoch:
             x, y = next(self._batches)
+            if getattr(self.step, "compiled", False) and not self.step.warm:
+                self._compile_step(x, y)
+                return True
             self.step(x, y)
             self.step_in_epoch += 1
             if self.progress is not None:
@@ -486,6 +492,21 @@ class Run:
             self._finish()
             return False
         return True
+
+    def _compile_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The first step of a compiled run: compilation (and graph capture), shown as its own phase."""
+        if self.progress is not None:
+            self.progress.set_postfix_str("compiling the models (once per architecture and process)", refresh=True)
+        t0 = time.perf_counter()
+        self.step(x, y)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.compile_seconds = time.perf_counter() - t0
+        self._log(f"compiled in {self.compile_seconds:.1f} s (inductor; cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})")
+        self.step_in_epoch += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        self._clock = (time.perf_counter(), self.step_in_epoch)  # compilation is not a step's time
 
     def _tick(self) -> None:
         """Per-step bookkeeping: step time (synchronized now and then on CUDA) and the timed checkpoint."""
@@ -510,7 +531,7 @@ class Run:
         if not all(math.isfinite(v) for v in means.values()):
             raise TrainingDiverged(
                 f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
-                f"checkpoint is kept in {self.dir}; try a lower --lr")
+                f"checkpoint ({self.last_saved}) is kept in {self.dir}; try a lower --lr")
         images = self.steps_per_epoch * cfg.batch_size
         seconds = max(self.epoch_seconds, 1e-9)
         self.train_seconds += seconds

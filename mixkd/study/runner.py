@@ -219,6 +219,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
     outcome's ``stopped`` says why; running the study again continues each run where it stopped."""
     from mixkd.control import StopControl
     from mixkd.engine import writable_dir_problem
+    from mixkd.step import set_compile_cache
     from mixkd.study.status import check_folder
 
     out = Path(out)
@@ -231,6 +232,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
     except OSError as e:
         raise MixkdError(f"cannot create the study folder {out}: {e.strerror or e}; choose another --out") from None
     control = control or StopControl()
+    set_compile_cache(out / ".compile-cache")  # compiled runs of every worker share inductor's cache
     with _Lock(out):
         atomic_write_text(out / STUDY_COPY, study.text)
         state = _State(study, out)
