@@ -138,3 +138,21 @@ def test_result_records_threads_and_the_log_has_every_epoch(tmp_path, capsys, on
     assert "start: train resnet8" in log and "epoch 1/1" in log and "finished: top-1" in log
     assert "\r" not in err  # no progress bar when stderr is not a terminal: one line per epoch instead
     assert "epoch 1/1" in err
+
+
+def test_a_moved_study_whose_teacher_run_is_missing_is_refused_untouched(tmp_path, capsys, one_thread):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "s", "defaults": {"dataset": "digits", "device": "cpu", "epochs": 1, "batch_size": 256},
+        "teachers": [{"name": "plain", "models": "resnet8"}],
+        "students": [{"teachers": "plain", "models": "resnet8", "methods": ["kd"]}]}))
+    out = tmp_path / "out"
+    assert main(["study", "run", str(study), "--out", str(out), "--workers", "1", "--no-progress", "--no-report"]) == 0
+    student = next(out.glob("students/*"))
+    (student / "result.json").unlink()  # as if stopped before its end
+    shutil.rmtree(out / "teachers")  # moved without the teacher's run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    code, _, err = cli(capsys, "study", "run", str(study), "--out", str(out), "--no-progress")
+    assert code == 2 and "teacher run that is not finished" in one_error(err)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

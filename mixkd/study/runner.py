@@ -227,6 +227,7 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
     if problem:
         raise MixkdError(problem)
     check_folder(out)  # a folder of another mixkd version: an error before anything in it changes
+    _check_teacher_runs(study, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -270,6 +271,21 @@ def run_study(study: Study, out: str | Path, executor, device: str | None = None
         executor.shutdown()
         state.save(interrupted=control.reason is not None)
         return state.outcome(interrupted=control.reason == "interrupt", stopped=control.reason)
+
+
+def _check_teacher_runs(study: Study, out: Path) -> None:
+    """A student that has begun (a checkpoint, logged epochs) needs its teacher run finished in the
+    folder: a folder moved or copied without it would otherwise train a new teacher under the student."""
+    from mixkd.engine import RESULT_NAME, is_run_started
+
+    lost = [f"{run.id} (teacher {run.teacher_run})" for run in study.runs
+            if run.teacher_run and is_run_started(out / run.id) and not (out / run.id / RESULT_NAME).exists()
+            and not (out / run.teacher_run / RESULT_NAME).exists()]
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise MixkdError(f"{out}: student {lost[0]}{more} began training from a teacher run that is not finished "
+                         "in this folder (moved or copied without it?); bring the teacher's run directory along, or "
+                         "delete the student's to start it again")
 
 
 def _slots_line(executor) -> str:
