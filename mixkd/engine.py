@@ -207,6 +207,8 @@ class Run:
                  echo=None):
         self.cfg, self.dir, self.fresh = open_run_config(cfg, resume)
         self.relative_teacher = paths_relative_to_run or not self.fresh
+        if self.fresh or not (self.dir / RESULT_NAME).exists():
+            self._validate()  # every problem in one line, before anything is built or written
         self.device = resolve_device(self.cfg.device)
         self.precision = _precision(self.cfg, self.device)
         self.echo = echo
@@ -361,7 +363,6 @@ class Run:
             self.result = json.loads((self.dir / RESULT_NAME).read_text())
             self.phase = "finished"
             return
-        self._validate()
         self._build()
         self._restore()
         self.checkpoint_seconds: float | None = None

@@ -691,6 +691,12 @@ def test_test_split_alone_reads_only_the_test_pickle(tmp_path):
         load_dataset("cifar100", tmp_path, splits=("val",))
     digits = load_dataset("digits", splits=("test",))
     assert digits.train is None and len(digits.test) == 360
+    root = _write_image_folder(tmp_path / "imgs")
+    import shutil
+
+    shutil.rmtree(root / "train")  # evaluating an image folder needs only val/
+    folder = load_dataset("imagefolder", root, image_size=8, splits=("test",))
+    assert folder.train is None and len(folder.test) == 4 and folder.class_names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -80,7 +80,7 @@ def split_labels(spec: DataSpec) -> torch.Tensor:
     return torch.tensor(spec.test.targets, dtype=torch.int64)
 
 
-def load_images(spec: DataSpec, indices: torch.Tensor, device: torch.device, workers: int = 4) -> PixelImages:
+def load_images(spec: DataSpec, indices: torch.Tensor, device: torch.device, workers: int | None = None) -> PixelImages:
     """The test images at ``indices`` as uint8 pixels."""
     if isinstance(spec.test, ArraySplit):
         images = spec.test.images[indices].to(device)
@@ -89,10 +89,13 @@ def load_images(spec: DataSpec, indices: torch.Tensor, device: torch.device, wor
     return _load_folder(spec, indices, device, workers)
 
 
-def _load_folder(spec: DataSpec, indices: torch.Tensor, device: torch.device, workers: int) -> PixelImages:
+def _load_folder(spec: DataSpec, indices: torch.Tensor, device: torch.device, workers: int | None) -> PixelImages:
     from torch.utils.data import DataLoader, Subset
 
-    loader = DataLoader(Subset(spec.test, indices.tolist()), batch_size=256, shuffle=False, num_workers=workers)
+    from mixkd.data import resolve_workers
+
+    loader = DataLoader(Subset(spec.test, indices.tolist()), batch_size=256, shuffle=False,
+                        num_workers=resolve_workers(workers))
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     images, labels = [], []

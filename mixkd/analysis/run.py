@@ -56,7 +56,7 @@ class AnalysisOptions:
     ece_bins: int = ECE_BINS
     tsne_classes: int = TSNE_CLASSES
     tsne_per_class: int = TSNE_PER_CLASS
-    workers: int = 4  # image folders only
+    workers: int | None = None  # image folders only; None: what the machine has (at most 4)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -58,11 +58,10 @@ def closest_models(name: str, n: int = 1) -> list[str]:
 
 
 def unknown_model_message(name: str) -> str:
-    """"unknown model 'resnt8x4'; did you mean 'resnet8x4'? ..." when a name is close, else the list of names."""
+    """"unknown model 'resnt8x4'; did you mean 'resnet8x4'?; available: ..." (the hint when a name is close)."""
     close = closest_models(name)
-    if close:
-        return f"unknown model {name!r}; did you mean '{close[0]}'? ('mixkd models' lists them all)"
-    return f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY, key=_natural_key))}"
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown model {name!r}{hint}; available: {', '.join(sorted(_REGISTRY, key=_natural_key))}"
 
 
 def _lookup(name: str) -> _Entry:

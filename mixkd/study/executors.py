@@ -120,7 +120,9 @@ class LocalExecutor:
         if (pack is not None and pack < 1) or (workers is not None and workers < 1) or (threads is not None and threads < 1):
             raise MixkdError("--workers, --pack (--runs-per-gpu) and --threads must be at least 1")
         self.gpus = gpus = visible_gpus() if use_gpu else []
-        cores = os.cpu_count() or 1
+        from mixkd.data.loaders import available_cores
+
+        cores = available_cores()
         if gpus:
             n = workers or len(gpus)
             self.slots = pack or DEFAULT_GPU_PACK
@@ -249,22 +251,30 @@ class _PackActor:
         self.worker = PackWorker(slots, StopControl(time_limit=limit, deadline=deadline))
         self.lock = threading.Lock()
         self.done: list[Completion] = []
+        self.crash: str | None = None
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
-        while True:
-            with self.lock:
-                busy = self.worker.busy
-                if busy:
-                    self.done += self.worker.work()
-            if not busy:
-                time.sleep(0.05)
+        try:
+            while True:
+                with self.lock:
+                    busy = self.worker.busy
+                    if busy:
+                        self.done += self.worker.work()
+                if not busy:
+                    time.sleep(0.05)
+        except BaseException as e:  # noqa: BLE001 - reported by the next poll
+            import traceback
+
+            self.crash = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
 
     def submit(self, job) -> None:
         with self.lock:
             self.worker.submit(tuple(job))
 
     def poll(self) -> tuple[list[Completion], dict[str, Any]]:
+        if self.crash is not None:
+            raise RuntimeError(f"the pack's loop stopped: {self.crash}")
         with self.lock:
             done, self.done = self.done, []
             return done, self.worker.progress() if self.worker.live_runs() else {}
@@ -306,6 +316,7 @@ class RayExecutor:
         self._actors = [actor.remote(self.slots, None if gpus else (threads or 1), time_limit, deadline)
                         for _ in range(n)]
         self._assigned: list[list[str]] = [[] for _ in range(n)]
+        self._polls: dict[Any, int] = {}
         self._progress: dict[int, dict[str, Any]] = {}
         self.stopping: str | None = None
         self.description = (f"Ray cluster at {address or 'this machine'} ({cpus} CPUs, {gpus:g} GPUs), {n} pack(s) "
@@ -321,12 +332,14 @@ class RayExecutor:
 
     def wait(self, timeout: float) -> list[Completion]:
         done: list[Completion] = []
-        refs = {self._actors[i].poll.remote(): i for i in range(len(self._actors)) if self._assigned[i]}
-        if not refs:
+        for i in range(len(self._actors)):  # a poll not answered yet stays outstanding: its answer holds results
+            if self._assigned[i] and i not in self._polls.values():
+                self._polls[self._actors[i].poll.remote()] = i
+        if not self._polls:
             return done
-        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        ready, _ = self._ray.wait(list(self._polls), num_returns=len(self._polls), timeout=timeout)
         for ref in ready:
-            i = refs[ref]
+            i = self._polls.pop(ref)
             try:
                 completions, progress = self._ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the actor's process died, or Ray lost it
