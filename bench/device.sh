@@ -8,10 +8,12 @@
 # into /tmp/site here. mixkd runs from this checkout (PYTHONPATH), nothing else is installed.
 #
 # What it measures, on random uint8 images of CIFAR's shape (the step's cost does not depend on them):
-#  1. tests.txt (cap 110 s): pytest tests/test_step.py tests/test_compile.py, and tests/test_pack.py when
-#     present: graphed == eager over 20 steps (fp32, bf16); the compiled graphed step == the uncompiled one
-#     over 20 steps, losses and weights (fp32 and bf16 with teacher and student compiled; bf16 with the
-#     mixing and losses compiled too); TrainStep.measure leaves a graphed run as it was; packed == alone.
+#  1. tests.txt (cap 110 s): pytest tests/test_step.py tests/test_compile.py and the CUDA tests of
+#     tests/test_pack.py and tests/test_resume.py: graphed == eager over 20 steps (fp32, bf16); the compiled
+#     graphed step == the uncompiled one over 20 steps, losses and weights (fp32 and bf16 with teacher and
+#     student compiled; bf16 with the mixing and losses compiled too); TrainStep.measure leaves a graphed run
+#     as it was; three different runs packed on streams == the same runs alone; a run stopped mid-epoch and
+#     resumed == the uninterrupted run (fp32, bf16), all within the graphed-vs-eager tolerance.
 #  2. bench.txt / bench.json / bench.log (cap 220 s): bench/step_bench.py, bf16 + channels-last, PMU 10% +
 #     standardized KD, batch 64, 200 steps after 20, for resnet32x4 -> resnet8x4, resnet56 -> resnet20 and
 #     wrn_40_2 -> wrn_16_2: d (one run, CUDA graph), e (batch 512, the ceiling), g / h (d / e with teacher
@@ -43,8 +45,8 @@ python3 -c "import pydantic" 2>/dev/null || { echo "pydantic is missing: carry i
   echo "cores: $(nproc)"; git log -1 --format='commit %h' 2>/dev/null; date -u; } | tee "$OUT/gpu.txt"
 
 # 1. correctness on the GPU
-tests="tests/test_step.py tests/test_compile.py"
-[ -f tests/test_pack.py ] && tests="$tests tests/test_pack.py"
+tests="tests/test_step.py tests/test_compile.py tests/test_pack.py::test_packed_runs_on_streams_match_alone_on_cuda"
+tests="$tests tests/test_resume.py::test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance"
 timeout -k 5 110 python3 -m pytest -v -p no:cacheprovider $tests >"$OUT/tests.txt" 2>&1
 echo "pytest exit status $?" >>"$OUT/tests.txt"
 

@@ -30,7 +30,8 @@ def metrics(run_dir):
 
 
 def configs(root, device="cpu"):
-    base = {"dataset": "digits", "device": device, "progress": False, "optim.milestones": [1]}
+    # compile off: packing is under test here (tests/test_compile.py tests compilation)
+    base = {"dataset": "digits", "device": device, "progress": False, "optim.milestones": [1], "compile": "off"}
     teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1, "batch_size": 256,
                                   "out": str(root / "teacher")})
     return teacher, [
@@ -56,6 +57,7 @@ def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thr
     jobs = [Run(cfg) for cfg in runs_p]
     for job in jobs:
         assert pack.admit(job) is None
+    assert jobs[0].train_loader.images.data_ptr() == jobs[2].train_loader.images.data_ptr()  # one copy of the data
     ended = []
     while pack.live:
         ended += pack.round()
@@ -77,10 +79,17 @@ def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path,
     jobs = [runs[1], bad, runs[0], runs[2]]
     for cfg in jobs:
         worker.submit((Path(cfg.out).name, cfg.model_dump(), cfg.out, None))
-    ended, most_live = [], 0
+    ended, most_live, shown = [], 0, None
     while worker.busy:
         ended += worker.work()
         most_live = max(most_live, len(worker.live_runs()))
+        if shown is None and len(worker.live_runs()) == 2:
+            worker.work()
+            shown = worker.progress()
+    from mixkd.study.runner import _slots_line
+
+    assert {s["run"] for s in shown["slots"]} <= {"a", "b", "c", "diverges"} and len(shown["slots"]) == 2
+    assert shown["images_per_s"] > 0 and "images/s" in _slots_line(type("E", (), {"progress": lambda self: [shown]})())
     outcomes = dict(ended)
     assert most_live == 2
     assert outcomes["diverges"]["ok"] is False and "training loss became" in outcomes["diverges"]["message"]

@@ -24,7 +24,7 @@ TIMING = ("images_per_s", "epoch_seconds")
 
 def cfg_for(out, **extra):
     flags = {"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 2, "batch_size": 128,
-             "device": "cpu", "progress": False, "out": str(out), "optim.milestones": [1], **extra}
+             "device": "cpu", "progress": False, "out": str(out), "optim.milestones": [1], "compile": "off", **extra}
     return build_config(flags=flags)
 
 

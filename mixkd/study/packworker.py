@@ -154,5 +154,7 @@ class PackWorker:
             return {"slots": [], "images_per_s": 0.0}
         per_slot, total = self.pack.throughput()
         slots = [{"run": self.ids.get(id(run)), "epoch": run.epoch + 1, "epochs": run.cfg.epochs,
-                  "images_per_s": rate} for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
+                  "images_per_s": rate,
+                  "compiling": bool(getattr(run.step, "compiled", False) and not getattr(run.step, "warm", True))}
+                 for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
         return {"slots": slots, "images_per_s": total}

@@ -295,8 +295,8 @@ def _slots_line(executor) -> str:
     if not slots:
         return ""
     total = sum(p.get("images_per_s", 0.0) for p in packs)
-    shown = "; ".join(f"{(s['run'] or '?').rsplit('/', 1)[-1]} e{s['epoch']}/{s['epochs']} {s['images_per_s']:.0f}/s"
-                      for s in slots[:4])
+    shown = "; ".join(f"{(s['run'] or '?').rsplit('/', 1)[-1]} e{s['epoch']}/{s['epochs']} "
+                      + ("compiling" if s.get("compiling") else f"{s['images_per_s']:.0f}/s") for s in slots[:4])
     more = f"; +{len(slots) - 4} more" if len(slots) > 4 else ""
     return f" | {shown}{more} | {total:.0f} images/s"
 
