@@ -77,6 +77,19 @@ def measurements(out: Path) -> tuple[dict[Key, list[float]], dict[str, float], s
     return speed, images, devices
 
 
+def compute_line(what: str, todo: int, known: list[float], devices: set[str], out: Path) -> str:
+    """'<what> the N unfinished runs: X GPU-hours (...)', or why it is unknown."""
+    if not known:
+        return (f"{what} the {todo} unfinished runs: unknown (no finished run in {out} of the same model, teacher "
+                "and batch size to measure throughput from yet)")
+    unit = "CPU-hours" if all(d.startswith("cpu") for d in devices) else "GPU-hours"
+    missing = todo - len(known)
+    return (f"{what} the {todo} unfinished runs: {sum(known) / 3600:.2f} {unit} "
+            f"(training only, from throughput measured on {'; '.join(sorted(devices))})"
+            + (f"; unknown for {missing} runs with no finished run of the same model, teacher and batch size yet"
+               if missing else ""))
+
+
 def estimate_seconds(runs: list[PlannedRun], out: Path) -> tuple[dict[str, float | None], set[str]]:
     """Estimated training seconds of each run (None where unknown) and the devices measured."""
     speed, images, devices = measurements(out)
@@ -177,16 +190,8 @@ def format_plan(study: Study, out: str | Path, pack: int | None = None) -> str:
     lines.append("")
     if not todo:
         lines.append("every run is finished; write the report with: mixkd study report " + str(out))
-    elif not known:
-        lines.append(f"estimated compute for the {len(todo)} unfinished runs: unknown (no finished run in {out} "
-                     "to measure throughput from yet)")
     else:
-        unit = "CPU-hours" if all(d.startswith("cpu") for d in devices) else "GPU-hours"
-        missing = len(todo) - len(known)
-        lines.append(f"estimated compute for the {len(todo)} unfinished runs: {sum(known) / 3600:.2f} {unit} "
-                     f"(training only, from throughput measured on {'; '.join(sorted(devices))})"
-                     + (f"; unknown for {missing} runs with no finished run of the same model, teacher and "
-                        "batch size yet" if missing else ""))
+        lines.append(compute_line("estimated compute for", len(todo), known, devices, out))
     fallback = [r for r in runs if r.id in todo and r.id in h100]
     if fallback:
         unmeasured = [r for r in runs if r.id in todo and estimates[r.id] is None and r.id not in h100]

@@ -25,7 +25,7 @@ from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME
 from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
-from mixkd.study.plan import H100_SOURCE, TRAIN_IMAGES, estimate_seconds, h100_rates, measurements
+from mixkd.study.plan import H100_SOURCE, TRAIN_IMAGES, compute_line, estimate_seconds, h100_rates, measurements
 from mixkd.study.runner import LOCK_NAME, STATE_NAME, STUDY_COPY, analysis_status, check_run, run_status
 from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, load_study
 from mixkd.study.worker import ERROR_NAME
@@ -232,16 +232,7 @@ def format_status(out: str | Path) -> str:
     estimates, devices = estimate_seconds([s.run for s in todo], out)
     known = [estimates[s.run.id] * (1 - s.done_fraction) for s in todo if estimates.get(s.run.id) is not None]
     h100 = _h100_left([s for s in todo if estimates.get(s.run.id) is None], out)
-    if not known:
-        lines.append(f"compute left for the {len(todo)} unfinished runs: unknown from this folder (no finished run "
-                     "in it of the same model, teacher and batch size to measure throughput from yet)")
-    else:
-        unit = "CPU-hours" if all(d.startswith("cpu") for d in devices) else "GPU-hours"
-        missing = len(todo) - len(known)
-        lines.append(f"estimated compute left for the {len(todo)} unfinished runs: {sum(known) / 3600:.2f} {unit} "
-                     f"(training only, from throughput measured on {'; '.join(sorted(devices))})"
-                     + (f"; unknown for {missing} runs with no finished run of the same model, teacher and batch "
-                        "size yet" if missing else ""))
+    lines.append(compute_line("estimated compute left for", len(todo), known, devices, out))
     if h100:
         lines.append(f"H100 estimate from measured figures for {len(h100)} of the runs not measured here, one run "
                      f"at a time: {sum(h100) / 3600:.2f} GPU-hours ({H100_SOURCE}; training only)")
