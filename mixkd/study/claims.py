@@ -15,7 +15,9 @@ claim's way. It is *decisive* when it stands out of the seed noise:
   10,000 resamples, numpy generator seed 0; the 2.5th and 97.5th percentiles) excludes 0, and
   ``|difference| > NOISE_FLOOR``;
 * fewer seeds: ``|difference| > max(pooled seed std of the two sides, NOISE_FLOOR)`` (pooled std:
-  ``sqrt(((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2))``, 0 with one seed a side).
+  ``sqrt(((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2))``);
+* one seed a side: no spread is measured at all, so the threshold is ``SINGLE_SEED_FLOOR`` (1 point,
+  twice the top of CIFAR-100's run-to-run spread) and the rule says "single seed".
 
 ``NOISE_FLOOR`` is 0.3 points, the low end of the run-to-run spread of CIFAR-100 top-1 (about +-0.3
 to 0.5 points, RepDistiller / the study): a difference that small is never decisive.
@@ -44,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 NOISE_FLOOR = 0.3  # points of top-1: the low end of CIFAR-100's run-to-run spread (REFERENCE: +-0.3 to 0.5)
+SINGLE_SEED_FLOOR = 1.0  # one seed a side: the spread is unmeasured; twice the top of that spread
 BOOTSTRAP_MIN_SEEDS = 3
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -150,7 +153,7 @@ class Comparison:
     difference: float
     interval: tuple[float, float] | None  # bootstrap 95% interval, with >= 3 seeds a side
     noise: float  # the threshold |difference| must pass
-    rule: Literal["bootstrap", "noise"]
+    rule: Literal["bootstrap", "noise", "single seed"]
     verdict: str
 
     @property
@@ -172,9 +175,13 @@ def compare(part: str, teacher: str, student: str, a: Side, b: Side, sense: Sens
         interval: tuple[float, float] | None = bootstrap_interval(a.values, b.values)
         noise, rule = noise_floor, "bootstrap"
         decisive = (interval[0] > 0 or interval[1] < 0) and abs(diff) > noise + _EPS
-    else:
+    elif a.n + b.n > 2:
         interval, rule = None, "noise"
         noise = max(pooled_std(a.values, b.values), noise_floor)
+        decisive = abs(diff) > noise + _EPS
+    else:
+        interval, rule = None, "single seed"
+        noise = max(SINGLE_SEED_FLOOR, noise_floor)
         decisive = abs(diff) > noise + _EPS
     if decisive:
         verdict = "holds" if diff > 0 else "does not hold"
@@ -382,6 +389,8 @@ RULES = [
     f"numpy seed {BOOTSTRAP_SEED}, 2.5th and 97.5th percentiles) and |difference| > {NOISE_FLOOR:g}",
     f"decisive, with fewer seeds: |difference| > max(pooled seed std of A and B, {NOISE_FLOOR:g}); {NOISE_FLOOR:g} "
     "points is the noise floor, the low end of CIFAR-100's run-to-run spread (±0.3 to 0.5)",
+    f"decisive, with one seed a side (no spread measured): |difference| > {SINGLE_SEED_FLOOR:g}, twice the top of "
+    "that spread",
     "'A > B' holds when decisive and positive, does not hold when decisive and negative, else is inconclusive; "
     "'A ≥ B' holds unless A is decisively worse",
     "a claim holds when all its comparisons hold, does not hold when any does not, else is inconclusive; not "
