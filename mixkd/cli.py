@@ -176,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Keys a resumed run may change: they describe the machine, not the run (mixkd.engine.MACHINE_KEYS).
 def _given_keys(args: argparse.Namespace, flags: dict[str, Any]) -> list[str]:
     """Dotted config keys set explicitly by flags, the --config file or key=value overrides."""
     from mixkd.config import parse_override, read_yaml
@@ -202,9 +201,10 @@ def _dotted(cfg: RunConfig, key: str) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run's config. With --resume: the saved one, where only machine-local keys (device, data
+    """The run's config. With --resume: the saved one, where only machine-local keys (config.MACHINE_KEYS: device, data
     folder, progress, ...) may be changed; any other flag that differs from it is refused."""
-    from mixkd.engine import CONFIG_NAME, MACHINE_KEYS
+    from mixkd.config import MACHINE_KEYS
+    from mixkd.engine import CONFIG_NAME
 
     flags = {key: getattr(args, dest) for dest, key in args.dests.items()}
     flags["task"] = args.task

@@ -17,6 +17,9 @@ from mixkd.errors import MixkdError
 # The study's step schedule (epochs 150, 180, 210 of 240) as fractions of the run, so a shorter run
 # keeps the same shape (80 epochs -> 50, 60, 70).
 MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
+# Keys that describe the machine, not the run: a run resumed (elsewhere) takes them from the new command.
+MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
+                "save_every_minutes")
 
 
 class _Section(BaseModel):

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 
 from mixkd.errors import MixkdError
 
@@ -87,10 +88,12 @@ class StopControl:
         """Whether ``seconds`` of work, then leaving the process, end before the deadline."""
         return seconds + self.exit_margin < self.remaining()
 
-    def should_stop(self, next_cost: float = 0.0) -> bool:
-        """True once a stop was requested, or when ``next_cost`` seconds no longer fit before the deadline."""
-        if self.reason is None and self.deadline is not None and not self.fits(next_cost):
-            self.reason = "time"
+    def should_stop(self, next_cost: float | Callable[[], float] = 0.0) -> bool:
+        """True once a stop was requested, or when ``next_cost`` seconds (a function, called only when
+        there is a deadline: costs are measured lazily) no longer fit before the deadline."""
+        if self.reason is None and self.deadline is not None:
+            if not self.fits(next_cost() if callable(next_cost) else next_cost):
+                self.reason = "time"
         return self.reason is not None
 
     def request(self, reason: str) -> None:

@@ -20,7 +20,6 @@ Nothing is written before everything was built and checked: a run that cannot st
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch
 
 from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, load_weights, save_checkpoint
-from mixkd.config import RunConfig, load_run_config
+from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, resolve_precision
 from mixkd.control import StopControl, format_seconds
 from mixkd.data import load_dataset, make_loaders
 from mixkd.errors import MixkdError, TrainingDiverged
@@ -45,14 +44,12 @@ from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
+from mixkd.validate import validate_run_config
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"
 LOG_NAME = "log.txt"
-# Keys that describe the machine, not the run: they may differ when a run is resumed (elsewhere).
-MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
-                "save_every_minutes")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,20 +176,11 @@ def open_run_config(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path, bool
                 raise MixkdError(f"cannot resume {out}: it has no {CONFIG_NAME}; is it a mixkd run directory?")
             raise MixkdError(f"cannot resume {out}: there is no run there; drop --resume to start one")
         saved_cfg = load_run_config(saved)
-        local = {k: getattr(cfg, k) for k in MACHINE_KEYS if k in RunConfig.model_fields}
+        local = {k: getattr(cfg, k) for k in MACHINE_KEYS}
         return saved_cfg.model_copy(update={**local, "out": str(out)}), out, False
     if saved.exists() and is_run_started(out):
         raise MixkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     return cfg.model_copy(update={"out": str(out)}), out, True
-
-
-def _precision(cfg: RunConfig, device: torch.device) -> str:
-    from mixkd import config
-
-    resolve = getattr(config, "resolve_precision", None)
-    if resolve is not None:
-        return resolve(cfg.precision, device.type)
-    return cfg.precision
 
 
 class Run:
@@ -210,9 +198,10 @@ class Run:
         if self.fresh or not (self.dir / RESULT_NAME).exists():
             self._validate()  # every problem in one line, before anything is built or written
         self.device = resolve_device(self.cfg.device)
-        self.precision = _precision(self.cfg, self.device)
+        self.precision = resolve_precision(self.cfg.precision, self.device.type)
         self.echo = echo
         self.phase = "new"  # new -> training -> finished | stopped | failed
+        self.created = False  # whether anything was written for this process's part of the run
         self.result: dict[str, Any] | None = None
         self.progress = None
         self.writer = None
@@ -234,10 +223,6 @@ class Run:
 
     # ---- building --------------------------------------------------------------------------
     def _validate(self) -> None:
-        try:
-            from mixkd.validate import validate_run_config
-        except ImportError:
-            return
         cfg = self.cfg
         if cfg.task == "distill":
             cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": self.teacher_path})})
@@ -373,7 +358,6 @@ class Run:
                            if not self.fresh and (self.dir / CHECKPOINT_NAME).exists() else "none yet")
         self._batches = None
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
-        self.created = False
         self.wall_start = time.perf_counter()
         self.teacher_metrics = None
         if self.teacher is not None:
@@ -440,11 +424,10 @@ class Run:
         """Seconds of one step, measured once without changing the run (budgeting a deadline)."""
         if self.phase != "training" or self.step_seconds is not None:
             return self.step_seconds or 0.0
-        measure = getattr(self.step, "measure", None)
-        if measure is None or self.step_in_epoch >= self.steps_per_epoch:
+        if self.step_in_epoch >= self.steps_per_epoch:
             return 0.0
         x, y = next(iter(self.train_loader))
-        self.step_seconds = measure(x, y)
+        self.step_seconds = self.step.measure(x, y)
         return self.step_seconds
 
     def _begin_epoch(self) -> None:
@@ -455,11 +438,7 @@ class Run:
         if self.step_in_epoch == 0:
             self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, 1))
             self.epoch_seconds = 0.0
-        iter_from = getattr(self.train_loader, "iter_from", None)
-        if iter_from is not None:
-            self._batches = iter_from(self.step_in_epoch)
-        else:
-            self._batches = itertools.islice(iter(self.train_loader), self.step_in_epoch, None)
+        self._batches = self.train_loader.iter_from(self.step_in_epoch)
         self._clock = (time.perf_counter(), self.step_in_epoch)
         if self.progress is not None:
             self.progress.set_description(f"{self.cfg.task} {self.cfg.model} epoch {self.epoch + 1}/{self.cfg.epochs}")
@@ -479,7 +458,7 @@ class Run:
             self._begin_epoch()
         if self.step_in_epoch < self.steps_per_epoch:
             x, y = next(self._batches)
-            if getattr(self.step, "compiled", False) and not self.step.warm:
+            if self.step.compiled and not self.step.warm:
                 self._compile_step(x, y)
                 return True
             self.step(x, y)
@@ -522,7 +501,7 @@ class Run:
             self.epoch_seconds += now - t0
             self.step_seconds = per_step if self.step_seconds is None else max(per_step, 0.8 * self.step_seconds)
             self._clock = (now, self.step_in_epoch)
-        minutes = self.cfg.save_every_minutes if hasattr(self.cfg, "save_every_minutes") else 10.0
+        minutes = self.cfg.save_every_minutes
         if minutes and time.monotonic() - self.saved_at >= 60.0 * minutes and self.step_in_epoch < self.steps_per_epoch:
             self._save()
 
@@ -659,7 +638,7 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
     if job.phase == "training" and control.deadline is not None:
         budget_first_step(job, control)
     while pack.live:
-        if control.should_stop(pack.next_cost() + pack.checkpoint_cost()):
+        if control.should_stop(lambda: pack.next_cost() + pack.checkpoint_cost()):
             pack.stop_all(control.reason)
             raise StoppedRun(job, control.reason)
         for _, outcome in pack.round():

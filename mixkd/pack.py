@@ -123,7 +123,7 @@ class Pack:
         for i, job in enumerate(self.jobs):
             if job is None:
                 continue
-            begun = getattr(job, "created", True)
+            begun = job.created
             with self._stream(i):
                 job.stop(reason)
             stopped.append((job, {"ok": False, "stopped": True, "reason": reason, "not_started": not begun,

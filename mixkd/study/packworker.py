@@ -122,7 +122,7 @@ class PackWorker:
             if self.control.reason is not None:
                 done += self.drop_pending()
             return done
-        if self.control.should_stop(self.pack.next_cost() + self.pack.checkpoint_cost()):
+        if self.control.should_stop(lambda: self.pack.next_cost() + self.pack.checkpoint_cost()):
             for run, outcome in self.pack.stop_all(self.control.reason):
                 done.append(self._ended(run, outcome))
             self.exclusive = False
@@ -155,6 +155,6 @@ class PackWorker:
         per_slot, total = self.pack.throughput()
         slots = [{"run": self.ids.get(id(run)), "epoch": run.epoch + 1, "epochs": run.cfg.epochs,
                   "images_per_s": rate,
-                  "compiling": bool(getattr(run.step, "compiled", False) and not getattr(run.step, "warm", True))}
+                  "compiling": run.step.compiled and not run.step.warm}
                  for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
         return {"slots": slots, "images_per_s": total}

@@ -50,7 +50,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
-from mixkd.config import RunConfig, parse_override, set_dotted
+from mixkd.config import MACHINE_KEYS, RunConfig, parse_override, set_dotted
 from mixkd.errors import MixkdError
 
 
@@ -80,10 +80,9 @@ GRID_KEYS = {
 }
 # Keys that may differ between the planned config and a run directory's saved one: the run's place
 # (its folder, its teacher's path: compared by teacher run id, see saved_config_mismatch) and the
-# machine-local keys that a resumed run takes from the new command (mixkd.engine.MACHINE_KEYS), so
+# machine-local keys that a resumed run takes from the new command (config.MACHINE_KEYS), so
 # that a study folder moved to another machine continues with ``--set data_dir=...`` there.
-PLACEMENT_KEYS = {"out", "kd.teacher", "device", "progress", "data_dir", "download", "workers", "tensorboard",
-                  "save_every", "save_every_minutes"}
+PLACEMENT_KEYS = {"out", "kd.teacher", *MACHINE_KEYS}
 # What a study writes into its folder (study-state.json's "format"); another value is another layout.
 FOLDER_FORMAT = "mixkd-study-1"
 

@@ -61,32 +61,24 @@ class _LazyLog(io.TextIOBase):
 
 
 def execute_run(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume, or find finished) the run ``config`` in ``run_dir``; with ``analysis``
-    (:func:`mixkd.analysis.analyze_run`'s subset, batch_size, seed), analyze the finished run instead.
+    """Run (or resume, or find finished) the run ``config`` in ``run_dir`` in this process, as a pack of
+    one (:class:`mixkd.study.packworker.PackWorker`, the same path as every study worker); with
+    ``analysis`` (:func:`mixkd.analysis.analyze_run`'s subset, batch_size, seed), analyze the finished
+    run instead.
 
     Returns ``{"ok": True, "top1": ..., "seconds": ...}`` or ``{"ok": False, "message": ..., "seconds": ...}``.
     """
     if analysis is not None:
         return execute_analysis(config, run_dir, analysis)
-    from mixkd.config import RunConfig
-    from mixkd.engine import Run, is_run_started
+    from mixkd.study.packworker import PackWorker
 
-    out = Path(run_dir)
-    (out / ERROR_NAME).unlink(missing_ok=True)
-    start = time.perf_counter()
-    run = None
-    log = _LazyLog(out / LOG_NAME)
-    try:
-        with log, redirect_stdout(log), redirect_stderr(log):
-            # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
-            run = Run(RunConfig.model_validate(config), resume=is_run_started(out), paths_relative_to_run=True)
-            while run.advance():
-                pass
-        return {"ok": True, "top1": run.result["top1"], "seconds": time.perf_counter() - start}
-    except Exception as e:  # noqa: BLE001 - every failure is recorded, none stops the study
-        if run is not None:
-            run.fail()
-        return _failure(e, out / ERROR_NAME, start)
+    worker = PackWorker(1)
+    worker.submit((run_dir, config, run_dir, None))
+    done: list = []
+    with _LazyLog(Path(run_dir) / LOG_NAME) as log, redirect_stdout(log), redirect_stderr(log):
+        while not done:
+            done = worker.work()
+    return done[0][1]
 
 
 def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, Any]) -> dict[str, Any]:
