@@ -75,6 +75,23 @@ class Pack:
         self.jobs[i] = job
         return None
 
+    def measure(self, job) -> dict[str, Any] | None:
+        """Time one step of the live ``job`` (its ``measure_step()``, for a deadline's budget), leaving it
+        exactly as it was. The step and the restore of its state are queued on the job's own stream, and
+        the device is synchronized before the pack goes on, so no other stream sees a half-restored run.
+        Returns None, or the outcome of a job that failed doing so (it stops alone; its slot is free)."""
+        i = self.jobs.index(job)
+        try:
+            with self._stream(i):
+                job.measure_step()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001 - reported as this job's outcome
+            job.fail()
+            self._release(i)
+            return {"ok": False, "message": failure_message(e), "error": e}
+        return None
+
     def next_cost(self) -> float:
         """Estimated seconds of the next round (an upper bound: streams overlap)."""
         return sum(j.next_cost() for j in self.live)

@@ -99,6 +99,65 @@ def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path,
     assert order.index("diverges") < order.index("c")  # its slot went to the next run at once
 
 
+def _measured_pack(root, data_dir, device, measure_at):
+    """Two different runs in one pack; ``Pack.measure`` on every run before rounds ``measure_at``. Returns
+    how many measurements left a run's state (weights, buffers, optimizer, loss sums, step count, RNGs)
+    other than it was."""
+    base = {"dataset": "cifar10", "data_dir": str(data_dir), "device": device, "progress": False, "compile": "off",
+            "task": "train", "epochs": 1, "mix.method": "mixup"}
+    cfgs = [build_config(flags={**base, "model": "resnet8", "batch_size": 32, "seed": 1, "out": str(root / "a")}),
+            build_config(flags={**base, "model": "resnet14", "batch_size": 40, "seed": 2, "mix.method": "cutmix",
+                                "out": str(root / "c")})]
+    pack = Pack(device, 2)
+    for cfg in cfgs:
+        assert pack.admit(Run(cfg)) is None
+
+    def state(job):
+        step = job.step
+        return ([t.detach().clone() for t in step._state_tensors()], step.steps, step.generator.get_state(),
+                torch.get_rng_state(), job.step_in_epoch)
+
+    def same(a, b):
+        return (all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+                and all(torch.equal(x, y) for x, y in zip(a[2:4], b[2:4])) and a[4] == b[4])
+
+    changed, rounds = 0, 0
+    while pack.live:
+        if rounds in measure_at:
+            for job in pack.live:
+                job.step_seconds = None  # measured again (a run measures once, then keeps its figure)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # the last round's steps on the runs' streams are done
+                before = state(job)
+                assert pack.measure(job) is None and job.step_seconds > 0
+                changed += not same(before, state(job))
+        pack.round()
+        rounds += 1
+    return changed
+
+
+def test_pack_measure_leaves_every_run_as_it_was(tmp_path, cifar10_dir, one_thread):
+    """Measured before the first step and mid-epoch, each run's state is unchanged, and the runs end
+    bit-exactly as the same runs unmeasured."""
+    assert _measured_pack(tmp_path / "measured", cifar10_dir, "cpu", (0, 3)) == 0
+    assert _measured_pack(tmp_path / "plain", cifar10_dir, "cpu", ()) == 0
+    for name in "ac":
+        assert metrics(tmp_path / "measured" / name) == metrics(tmp_path / "plain" / name), name
+        a = load_checkpoint(tmp_path / "measured" / name).state_dict
+        b = load_checkpoint(tmp_path / "plain" / name).state_dict
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_pack_measure_on_streams_leaves_every_run_as_it_was_on_cuda(tmp_path, cifar10_dir):
+    """On CUDA the measured step and its restore run on the run's own stream (graph capture included)."""
+    assert _measured_pack(tmp_path / "measured", cifar10_dir, "cuda", (0, 3)) == 0
+    assert _measured_pack(tmp_path / "plain", cifar10_dir, "cuda", ()) == 0
+    for name in "ac":
+        for ra, rb in zip(metrics(tmp_path / "measured" / name), metrics(tmp_path / "plain" / name), strict=True):
+            assert abs(ra["train_loss"] - rb["train_loss"]) < 2e-3 * max(1.0, abs(ra["train_loss"])), name
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_packed_runs_on_streams_match_alone_on_cuda(tmp_path):
     alone, packed = tmp_path / "alone", tmp_path / "packed"

@@ -92,19 +92,13 @@ class PackWorker:
             self.ids[id(run)] = run_id
             self.started[run_id] = start
             self.exclusive = folder_data
-            if self.control.deadline is not None:
-                try:
-                    run.measure_step()  # so that its first step is budgeted too (graph capture, compilation)
-                except Exception as e:  # noqa: BLE001 - this run fails alone
-                    from mixkd.pack import failure_message
-
-                    run.fail()
-                    self.pack.jobs[self.pack.jobs.index(run)] = None
+            if self.control.deadline is not None:  # so that its first step is budgeted too (capture, compilation)
+                failed = self.pack.measure(run)
+                if failed is not None:
                     self.ids.pop(id(run))
-                    message = failure_message(e)
-                    _record_failure(out, message, e)
-                    done.append((run_id, {"ok": False, "message": message,
-                                          "seconds": time.perf_counter() - self.started.pop(run_id)}))
+                    self.exclusive = False  # its slot is free again, and the pack holds no folder run
+                    _record_failure(out, failed["message"], failed.get("error"))
+                    done.append((run_id, self._outcome(run_id, out, failed, self.started.pop(run_id))))
         return done
 
     def _outcome(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> dict[str, Any]:
