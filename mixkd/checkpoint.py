@@ -2,7 +2,9 @@
 
 A mixkd checkpoint holds the model weights (``model.*``), the optimizer state (``optim.*``) and the
 RNG states (``rng.*``) as tensors, and the epoch, model name, class count and optimizer layout as
-metadata, plus a SHA-256 of all tensor bytes so that a corrupt or truncated file is caught on load.
+metadata, plus a SHA-256 of everything ``--resume`` trusts (the metadata JSON, every tensor's name,
+dtype, shape and bytes), so that a corrupt, truncated or edited file is refused on load. Checkpoints
+of older mixkd versions (format 1, whose SHA-256 covers the tensors only) still load.
 RepDistiller checkpoints (``.pth`` files holding ``{"model": state_dict, ...}``) load too.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,53 +22,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write, atomic_write_text  # noqa: F401 - atomic_write_text: the name callers import
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-FORMAT = "mixkd-checkpoint-1"
+FORMAT = "mixkd-checkpoint-2"  # the SHA-256 covers the metadata, dtypes and shapes too
+OLD_FORMAT = "mixkd-checkpoint-1"  # the SHA-256 covers the tensors' bytes only (mixkd before 2026-12)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the system says it (Linux: /proc), since
-    setting it to read it back is not thread-safe."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)``, then move the file into place in one step (never a half-written file).
-    The file gets the mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask (also
-    where it replaces a file that an older mixkd wrote with mode 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta_json: str | None = None) -> str:
+    """SHA-256 of the tensors (names and bytes) and, from format 2 on, of the metadata JSON and each
+    tensor's dtype and shape: everything that loading and ``--resume`` trust."""
     h = hashlib.sha256()
+    if meta_json is not None:
+        h.update(FORMAT.encode() + b"\0" + meta_json.encode() + b"\0")
     for name in sorted(tensors):
         h.update(name.encode())
+        if meta_json is not None:
+            h.update(f"\0{tensors[name].dtype}\0{tuple(tensors[name].shape)}\0".encode())
         h.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -111,8 +83,20 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_name: str
     for name, value in (state or {}).items():
         tensors[f"state.{name}"] = value.detach().cpu().contiguous()
     meta.update(extra or {})
-    metadata = {"mixkd": json.dumps(meta), "sha256": _digest(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    meta_json = json.dumps(meta)
+    metadata = {"mixkd": meta_json, "sha256": _digest(tensors, meta_json)}
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, its I/O failures (a full disk) raised as the ``OSError`` they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+        raise
 
 
 class Checkpoint:
@@ -151,9 +135,22 @@ def _load_safetensors(path: Path) -> Checkpoint:
     if "mixkd" not in metadata or "sha256" not in metadata:
         state = tensors
         return Checkpoint(state, {})
-    if _digest(tensors) != metadata["sha256"]:
-        raise MixkdError(f"checkpoint {path} is corrupt: its contents do not match the checksum written with it")
-    meta = json.loads(metadata["mixkd"])
+    try:
+        meta = json.loads(metadata["mixkd"])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise MixkdError(f"checkpoint {path} is corrupt: its mixkd metadata is not a JSON object; use another checkpoint or rerun")
+    if meta.get("format") == OLD_FORMAT:  # written before the checksum covered the metadata
+        expected = _digest(tensors)
+    elif meta.get("format") == FORMAT:
+        expected = _digest(tensors, metadata["mixkd"])
+    else:
+        raise MixkdError(f"checkpoint {path} has format {meta.get('format')!r}, which this mixkd ({FORMAT}) does not "
+                         "read: use the mixkd that wrote it, or rerun")
+    if expected != metadata["sha256"]:
+        raise MixkdError(f"checkpoint {path} is corrupt or was edited: its contents do not match the checksum "
+                         "written with it; use another checkpoint or rerun")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     run_state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}

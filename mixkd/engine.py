@@ -39,6 +39,7 @@ from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, resolve_preci
 from mixkd.control import StopControl, format_seconds
 from mixkd.data import load_dataset, make_loaders
 from mixkd.errors import MixkdError, TrainingDiverged
+from mixkd.files import append_text
 from mixkd.losses import KDObjective, supervised_objective
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
@@ -330,8 +331,7 @@ class Run:
         atomic_write_text(self.dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in rows))
 
     def _log(self, line: str) -> None:
-        with open(self.dir / LOG_NAME, "a") as f:
-            f.write(f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
+        append_text(self.dir / LOG_NAME, f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
         if self.echo is not None:
             if self.progress is not None:
                 self.progress.write(line, file=sys.stderr)

@@ -33,9 +33,9 @@ from mixkd.analysis.inputs import (
 )
 from mixkd.analysis.metrics import ECE_BINS, LAMBDAS, fidelity, output_metrics, penultimate_features, predict, vicinal
 from mixkd.analysis.tsne import TEACHER_TSNE_FILE, TSNE_FILE, embed, save_embedding
-from mixkd.checkpoint import atomic_write_text
 from mixkd.data import DataSpec
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write_text
 
 ANALYSIS_FILE = "analysis.json"
 FORMAT = "mixkd-analysis-1"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write
 
 TSNE_FILE = "tsne.npz"
 TEACHER_TSNE_FILE = "tsne_teacher.npz"
@@ -37,8 +38,9 @@ def save_embedding(path: str | Path, embedding: np.ndarray, labels: torch.Tensor
                    class_names: Sequence[str], title: str) -> None:
     """Write ``embedding`` (N, 2), the images' ``labels`` and test-set ``indices``, the class names
     and a ``title`` to ``path`` (.npz)."""
-    np.savez(path, embedding=embedding, labels=labels.cpu().numpy(), indices=indices.cpu().numpy(),
-             class_names=np.array(list(class_names), dtype=str), title=np.array(title))
+    atomic_write(path, lambda tmp: np.savez(tmp, embedding=embedding, labels=labels.cpu().numpy(),
+                                            indices=indices.cpu().numpy(), title=np.array(title),
+                                            class_names=np.array(list(class_names), dtype=str)))
 
 
 def load_embedding(path: str | Path) -> dict:

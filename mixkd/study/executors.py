@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from mixkd.errors import MixkdError
+from mixkd.files import open_nofollow
 
 Completion = tuple[str, dict[str, Any]]
 DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
@@ -72,13 +73,14 @@ def _local_worker(index: int, env: dict[str, str], threads: int, slots: int, lim
 
     lock = None
     if lock_path:  # held (shared) while this worker lives: a new study run waits for it
-        lock = open(lock_path, "a")  # noqa: SIM115 - held for the process's life
+        lock = open_nofollow(lock_path, "a")  # held for the process's life
         fcntl.flock(lock, fcntl.LOCK_SH)
         # Runs log to their own log.txt; anything else (library warnings) goes to the worker's log, not
         # to the study's terminal.
         logs = os.path.join(os.path.dirname(lock_path), "logs")
         os.makedirs(logs, exist_ok=True)
-        fd = os.open(os.path.join(logs, f"worker-{index}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        fd = os.open(os.path.join(logs, f"worker-{index}.log"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

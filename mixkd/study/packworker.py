@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mixkd.control import StopControl
+from mixkd.files import atomic_write_text
 
 Job = tuple[str, dict[str, Any], str, dict[str, Any] | None]  # run id, config, run dir, analysis options
 
@@ -28,7 +29,7 @@ def _record_failure(run_dir: Path, message: str, error: BaseException | None) ->
 
     run_dir.mkdir(parents=True, exist_ok=True)
     trace = "".join(traceback.format_exception(error)) if error is not None else ""
-    (run_dir / ERROR_NAME).write_text(message + "\n\n" + trace)
+    atomic_write_text(run_dir / ERROR_NAME, message + "\n\n" + trace)
 
 
 class PackWorker:

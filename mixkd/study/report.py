@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write, atomic_write_text
 from mixkd.study.claims import claims_json, claims_markdown, evaluate_claims
 from mixkd.study.runner import STATE_NAME, STUDY_COPY, analysis_status, run_status
 from mixkd.study.spec import METHODS, mix_label
@@ -141,10 +141,13 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+    atomic_write(path, write)
 
 
 # ---- aggregation ------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ def plot_heatmaps(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
             ax.set_xlabel("student", fontsize=8)
     fig.colorbar(image, ax=axes, label="student top-1 (%)")
     fig.suptitle(f"student {METRICS[metric]} (%) over (teacher, student)", fontsize=10)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return True
 
 
@@ -346,7 +349,7 @@ def plot_temperature_curves(rows: list[dict[str, Any]], metric: str, path: Path)
     fig = _figure(4.2 * len(swept), 3.6)
     for ax, key in zip(fig.subplots(1, len(swept), squeeze=False)[0], swept):
         _curves(ax, _swept(groups[key]), "temperature T", column_label(key))
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return True
 
 
@@ -369,7 +372,7 @@ def plot_fraction_curves(rows: list[dict[str, Any]], metric: str, path: Path) ->
     fig = _figure(4.8 * len(swept), 3.8)
     for ax, loss in zip(fig.subplots(1, len(swept), squeeze=False)[0], swept):
         _curves(ax, _swept(groups[loss]), "mixed share of each batch", f"{SHORT[loss]} (mixup α={alpha:g})")
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return True
 
 
@@ -625,5 +628,5 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
         lines += ["## Unfinished runs", ""]
         lines += [f"- `{r['id']}`: {r['status']}" + (f": {r['error']}" if r["error"] else "") for r in unfinished]
         lines.append("")
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from mixkd import __version__
-from mixkd.checkpoint import atomic_write_text
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write_text, open_nofollow
 from mixkd.study.executors import WORKERS_LOCK
 from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, saved_config_mismatch
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
@@ -80,7 +80,7 @@ class _Lock:
 
     def __enter__(self) -> _Lock:
         while True:
-            f = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+            f = open_nofollow(self.path, "a+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -102,7 +102,7 @@ class _Lock:
     def _await_old_workers(self) -> None:
         """Workers of an earlier run whose main process died stop (and checkpoint) on their own; wait
         for them rather than train the same runs beside them."""
-        with open(self.workers, "a") as w:
+        with open_nofollow(self.workers, "a") as w:
             deadline = time.monotonic() + self.wait
             while True:
                 try:
@@ -384,7 +384,7 @@ def _loop(study: Study, out: Path, executor, device, state: _State, bar, started
                 state.set(run_id, "failed", outcome["message"])
                 if not (out / run_id / ERROR_NAME).exists():
                     (out / run_id).mkdir(parents=True, exist_ok=True)
-                    (out / run_id / ERROR_NAME).write_text(outcome["message"] + "\n")
+                    atomic_write_text(out / run_id / ERROR_NAME, outcome["message"] + "\n")
                 note(f"FAILED  {run_id}: {outcome['message']}")
             if bar is not None:
                 bar.update(1)
@@ -402,6 +402,6 @@ def _analyzed(out: Path, state: _State, run_id: str, outcome: dict[str, Any], se
         return
     state.set_analysis(run_id, "failed", outcome["message"])
     if not (out / run_id / ANALYSIS_ERROR_NAME).exists():
-        (out / run_id / ANALYSIS_ERROR_NAME).write_text(outcome["message"] + "\n")
+        atomic_write_text(out / run_id / ANALYSIS_ERROR_NAME, outcome["message"] + "\n")
     note(f"ANALYSIS FAILED  {run_id}: {outcome['message']} (the run's result stands; running the study again "
          "retries the analysis)")

@@ -20,6 +20,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+from mixkd.files import atomic_write_text, open_nofollow
+
 ERROR_NAME = "error.txt"
 ANALYSIS_ERROR_NAME = "analysis-error.txt"
 LOG_NAME = "log.txt"
@@ -31,7 +33,7 @@ def _failure(e: Exception, path: Path, start: float) -> dict[str, Any]:
     lines = str(e).strip().splitlines() or [""]
     message = lines[0] if isinstance(e, MixkdError) else f"{type(e).__name__}: {lines[0]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(message + "\n\n" + traceback.format_exc())
+    atomic_write_text(path, message + "\n\n" + traceback.format_exc())
     return {"ok": False, "message": message, "seconds": time.perf_counter() - start}
 
 
@@ -48,7 +50,7 @@ class _LazyLog(io.TextIOBase):
     def write(self, text: str) -> int:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
+            self._file = open_nofollow(self.path, "a")
         n = self._file.write(text)
         self._file.flush()
         return n
@@ -92,7 +94,7 @@ def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, An
     if (out / ANALYSIS_FILE).exists():
         return {"ok": True, "seconds": 0.0, "skipped": True}
     try:
-        with open(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
+        with open_nofollow(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
             print(f"analysis ({', '.join(f'{k} {v}' for k, v in options.items())}):", flush=True)
             analyze_run(out, device=config.get("device") or "auto", log=lambda line: print(line, flush=True),
                         **options)

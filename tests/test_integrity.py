@@ -1,0 +1,200 @@
+"""Checkpoint integrity and writes that never follow symbolic links nor leave tracebacks (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixkd.checkpoint import _digest, load_checkpoint, save_checkpoint
+from mixkd.errors import MixkdError
+from mixkd.files import append_text, atomic_write, atomic_write_text, open_nofollow
+from mixkd.models import create_model
+
+
+def _tiny_checkpoint(path, epoch=1, step=3):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    save_checkpoint(path, model, model_name="lin", num_classes=2, epoch=epoch, optimizer=opt,
+                    rng={"torch_cpu": torch.get_rng_state()}, extra={"step": step})
+    return model
+
+
+def _edit(path, old: bytes, new: bytes):
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+
+
+def test_an_edited_epoch_or_step_in_the_header_is_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _tiny_checkpoint(path)
+    assert (load_checkpoint(path).epoch, load_checkpoint(path).step) == (1, 3)
+    _edit(path, b'\\"epoch\\": 1', b'\\"epoch\\": 4')  # the header holds the metadata JSON as a JSON string
+    with pytest.raises(MixkdError, match="corrupt or was edited"):
+        load_checkpoint(path)
+    _tiny_checkpoint(path)
+    _edit(path, b'\\"step\\": 3', b'\\"stpe\\": 3')
+    with pytest.raises(MixkdError, match="corrupt or was edited"):
+        load_checkpoint(path)
+
+
+def test_an_edited_dtype_in_the_header_is_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _tiny_checkpoint(path)
+    _edit(path, b'"model.bias":{"dtype":"F32"', b'"model.bias":{"dtype":"I32"')
+    with pytest.raises(MixkdError, match="corrupt or was edited"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_of_the_older_format_still_load(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "mixkd-checkpoint-1", "model": "lin", "num_classes": 2, "epoch": 2}
+    save_file(tensors, tmp_path / "old.safetensors", metadata={"mixkd": json.dumps(meta), "sha256": _digest(tensors)})
+    ckpt = load_checkpoint(tmp_path / "old.safetensors")
+    assert ckpt.epoch == 2 and torch.equal(ckpt.state_dict["weight"], model.weight)
+    meta["format"] = "mixkd-checkpoint-9"
+    save_file(tensors, tmp_path / "new.safetensors", metadata={"mixkd": json.dumps(meta), "sha256": _digest(tensors)})
+    with pytest.raises(MixkdError, match="format 'mixkd-checkpoint-9'"):
+        load_checkpoint(tmp_path / "new.safetensors")
+
+
+def test_broken_metadata_json_is_one_line(tmp_path):
+    path = tmp_path / "c.safetensors"
+    _tiny_checkpoint(path)
+    _edit(path, b'{\\"format', b'[\\"format')
+    with pytest.raises(MixkdError, match="metadata is not a JSON object"):
+        load_checkpoint(path)
+
+
+@pytest.fixture
+def small_file_limit():
+    """Writes beyond 64 kB fail with EFBIG, as on a full disk (restored afterwards)."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_file_limit):
+    path = tmp_path / "checkpoint.safetensors"
+    _tiny_checkpoint(path)  # small enough to fit
+    before = path.read_bytes()
+    model = create_model("resnet8", 10)
+    with pytest.raises(MixkdError, match=f"cannot write {path}: File too large"):
+        save_checkpoint(path, model, model_name="resnet8", num_classes=10, epoch=2)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    with pytest.raises(MixkdError, match="cannot write .*big.txt"):
+        atomic_write_text(tmp_path / "big.txt", "x" * 100_000)
+
+
+# ---- writes never follow symbolic links ------------------------------------------------------
+
+def _planted(tmp_path, name, folder="received"):
+    """A symbolic link ``name`` in a received folder, pointing at a file of the user's."""
+    victim = tmp_path / f"victim-{name}"
+    victim.write_text("precious\n")
+    folder = tmp_path / folder
+    folder.mkdir(exist_ok=True)
+    (folder / name).symlink_to(victim)
+    return folder / name, victim
+
+
+def test_atomic_writes_replace_a_link_never_its_target(tmp_path):
+    link, victim = _planted(tmp_path, "result.json")
+    atomic_write_text(link, "{}\n")
+    assert victim.read_text() == "precious\n" and not link.is_symlink() and link.read_text() == "{}\n"
+    link, _ = _planted(tmp_path, "tsne.npz")
+    atomic_write(link, lambda tmp: open(tmp, "wb").write(b"x"))
+    assert victim.read_text() == "precious\n" and not link.is_symlink()
+
+
+def test_appends_and_locks_refuse_a_link(tmp_path):
+    link, victim = _planted(tmp_path, "log.txt")
+    with pytest.raises(MixkdError, match="is a symbolic link"):
+        append_text(link, "a line\n")
+    with pytest.raises(MixkdError, match="is a symbolic link"):
+        open_nofollow(link, "a+")
+    assert victim.read_text() == "precious\n"
+    append_text(tmp_path / "fresh.txt", "one\n")
+    append_text(tmp_path / "fresh.txt", "two\n")
+    assert (tmp_path / "fresh.txt").read_text() == "one\ntwo\n"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "fresh.txt").st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_analysis_pictures_and_embeddings_replace_links(tmp_path):
+    from mixkd.analysis import plots
+    from mixkd.analysis.tsne import save_embedding
+
+    png, victim = _planted(tmp_path, "reliability.png")
+    cal = {"ece": 0.1, "calibration": {"bin_edges": [0.0, 0.5, 1.0], "bin_accuracy": [0.2, 0.8],
+                                       "bin_confidence": [0.3, 0.7], "bin_count": [5, 5]}}
+    plots.reliability_diagram({"student": cal}, png)
+    npz, _ = _planted(tmp_path, "tsne.npz")
+    save_embedding(npz, torch.zeros(3, 2).numpy(), torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), ["a", "b", "c"], "t")
+    assert victim.read_text() == "precious\n"
+    assert png.read_bytes().startswith(b"\x89PNG") and npz.read_bytes().startswith(b"PK")
+    assert sorted(p.name for p in png.parent.iterdir()) == ["reliability.png", "tsne.npz"]  # no temporary left
+
+
+def test_study_report_files_replace_links(tmp_path):
+    import yaml
+
+    from mixkd.study import write_report
+
+    out = tmp_path / "received"
+    run = out / "teachers" / "resnet8_plain-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "train", "model": "resnet8", "dataset": "digits"}))
+    (run / "result.json").write_text(json.dumps({"top1": 50.0, "best_top1": 51.0}))
+    victims = []
+    for name in ("report.md", "results.csv"):
+        link, victim = _planted(tmp_path, name)
+        victims.append(victim)
+    write_report(out)
+    assert [v.read_text() for v in victims] == ["precious\n"] * 2
+    assert not (out / "report.md").is_symlink() and "resnet8" in (out / "results.csv").read_text()
+
+
+def test_study_locks_refuse_links(tmp_path):
+    from mixkd.study.runner import LOCK_NAME, _Lock
+    from mixkd.study.executors import WORKERS_LOCK
+
+    for name in (LOCK_NAME, WORKERS_LOCK):
+        folder = tmp_path / name
+        folder.mkdir()
+        victim = tmp_path / f"{name}.victim"
+        victim.write_text("precious\n")
+        (folder / name).symlink_to(victim)
+        with pytest.raises(MixkdError, match="is a symbolic link"), _Lock(folder, wait_for_workers=0.1):
+            pass
+        assert victim.read_text() == "precious\n"
+
+
+def test_a_run_replaces_a_linked_config_and_refuses_a_linked_log(tmp_path, one_thread):
+    from mixkd.config import build_config
+    from mixkd.engine import Run
+
+    config, config_victim = _planted(tmp_path, "config.yaml", folder="run")
+    log, log_victim = _planted(tmp_path, "log.txt", folder="run")
+    cfg = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 1, "batch_size": 128,
+                              "device": "cpu", "progress": False, "out": str(config.parent)})
+    job = Run(cfg)
+    with pytest.raises(MixkdError, match="log.txt is a symbolic link"):
+        job.advance()
+    assert config_victim.read_text() == log_victim.read_text() == "precious\n"
+    assert not config.is_symlink() and "resnet8" in config.read_text()
