@@ -1,6 +1,7 @@
 """When to stop: a wall-clock limit and the signals of schedulers and users.
 
-``--time-limit`` (``90s``, ``25m``, ``1:30:00``) counts from the start of the process. Before every
+``--time-limit`` (``90s``, ``25m``, ``1:30:00``) counts from the start of the process, on the monotonic
+clock (a wall clock set back or forward, by NTP or by hand, changes nothing). Before every
 step the driver asks :meth:`StopControl.should_stop` whether the next action, a step-exact checkpoint
 of every live run and the process's exit still fit before the limit; when they do not, every run
 writes its checkpoint and the process exits with :data:`EXIT_STOPPED` ("stopped on time, resumable").
@@ -66,13 +67,22 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def wall_to_monotonic(wall: float) -> float:
+    """A ``time.time()`` instant (sent to another machine, whose monotonic clock differs) as an
+    instant of this machine's ``time.monotonic()``."""
+    return time.monotonic() + (wall - time.time())
+
+
 class StopControl:
-    """The deadline (a ``time.time()`` instant, or None) and stop requests from signals."""
+    """The deadline (a ``time.monotonic()`` instant, or None) and stop requests from signals.
+
+    ``deadline`` is shared as it is with processes of the same machine (one monotonic clock); a
+    process on another machine gets :meth:`wall_deadline` and converts it with :func:`wall_to_monotonic`."""
 
     def __init__(self, time_limit: float | None = None, deadline: float | None = None):
         self.limit = time_limit
         if deadline is None and time_limit is not None:
-            deadline = time.time() - process_age() + time_limit
+            deadline = time.monotonic() - process_age() + time_limit
         self.deadline = deadline
         # Reserved for leaving the process (closing files, the interpreter's exit) after the last checkpoint.
         self.exit_margin = 0.0 if deadline is None else min(5.0, 0.5 + 0.02 * (time_limit or 60.0))
@@ -82,7 +92,18 @@ class StopControl:
 
     # ---- deadline --------------------------------------------------------------------------
     def remaining(self) -> float:
-        return float("inf") if self.deadline is None else self.deadline - time.time()
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def wall_deadline(self) -> float | None:
+        """The deadline as a ``time.time()`` instant, for a process on another machine."""
+        return None if self.deadline is None else time.time() + self.remaining()
+
+    def inner_deadline(self) -> float | None:
+        """The deadline of the processes this one waits for (a study's workers): earlier by what this
+        process needs after they stop (collecting their outcomes, saving the state, its own exit)."""
+        if self.deadline is None:
+            return None
+        return self.deadline - min(10.0, 1.0 + 0.02 * (self.limit or 60.0))
 
     def fits(self, seconds: float) -> bool:
         """Whether ``seconds`` of work, then leaving the process, end before the deadline."""

@@ -171,8 +171,8 @@ def test_study_report_files_replace_links(tmp_path):
 
 
 def test_study_locks_refuse_links(tmp_path):
-    from mixkd.study.runner import LOCK_NAME, _Lock
     from mixkd.study.executors import WORKERS_LOCK
+    from mixkd.study.runner import LOCK_NAME, _Lock
 
     for name in (LOCK_NAME, WORKERS_LOCK):
         folder = tmp_path / name
@@ -198,3 +198,30 @@ def test_a_run_replaces_a_linked_config_and_refuses_a_linked_log(tmp_path, one_t
         job.advance()
     assert config_victim.read_text() == log_victim.read_text() == "precious\n"
     assert not config.is_symlink() and "resnet8" in config.read_text()
+
+
+# ---- time limits on the monotonic clock ------------------------------------------------------
+
+def test_a_wall_clock_set_back_does_not_move_the_deadline(monkeypatch):
+    import time
+
+    from mixkd.control import StopControl, wall_to_monotonic
+
+    control = StopControl(60.0)
+    before = control.remaining()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600.0)  # NTP or an admin sets the clock back an hour
+    assert 0 < control.remaining() <= before <= 60.0
+    monkeypatch.setattr(time, "time", real)
+    wall = control.wall_deadline()  # sent to another machine, converted back there
+    assert abs(wall_to_monotonic(wall) - control.deadline) < 1.0
+
+
+def test_a_studys_workers_stop_before_the_study_so_that_its_own_exit_fits():
+    from mixkd.control import StopControl
+
+    control = StopControl(300.0)
+    assert control.deadline - control.inner_deadline() == pytest.approx(1.0 + 0.02 * 300)
+    control = StopControl(3600.0)
+    assert control.deadline - control.inner_deadline() == pytest.approx(10.0)
+    assert StopControl().inner_deadline() is None

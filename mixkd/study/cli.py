@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixkd.errors import MixkdError
+
 DEFAULT_ROOT = Path("runs")
 
 
@@ -98,7 +100,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     control = StopControl(time_limit)
     use_gpu = any((device or r.config.get("device", "auto")) != "cpu" for r in study.runs)
     ex = make_executor(executor, workers, None, address, use_gpu, threads=threads, pack=pack,
-                       time_limit=time_limit, deadline=control.deadline, lock_dir=str(out))
+                       time_limit=time_limit, deadline=control.inner_deadline(), lock_dir=str(out))
     control.install_signals()
     try:
         outcome = run_study(study, out, ex, device=device, progress=progress, control=control)
@@ -114,8 +116,13 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
                "interrupt": "interrupted"}[outcome.stopped]
         print(f"{why}: {c['done']} of {len(study.runs)} runs finished, {c['stopped']} stopped with a checkpoint; "
               f"run the same command again to continue (mixkd study status {out})", file=sys.stderr)
-        if report:
-            print(f"report (so far): {write_report(out)}")
+        if report and outcome.stopped == "time":  # the time is up: no figures drawn after the limit
+            print(f"write the report so far with: mixkd study report {out}")
+        elif report:
+            try:
+                print(f"report (so far): {write_report(out)}")
+            except MixkdError as e:  # nothing to report yet: the stop's exit status stands
+                print(f"no report yet: {e}", file=sys.stderr)
         return control.exit_status
     print(f"study {study.name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked "
           f"(errors in {out}/<run>/error.txt and {out}/study-state.json)")

@@ -21,12 +21,15 @@ process, stepped in turn, each on its own CUDA stream, with a slot refilled as s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -242,14 +245,15 @@ class LocalExecutor:
 class _PackActor:
     """A Ray actor holding one pack; its loop runs in a thread, ``submit``/``poll`` talk to it."""
 
-    def __init__(self, slots: int, threads: int | None, limit: float | None, deadline: float | None):
+    def __init__(self, slots: int, threads: int | None, limit: float | None, wall_deadline: float | None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        from mixkd.control import StopControl
+        from mixkd.control import StopControl, wall_to_monotonic
         from mixkd.study.packworker import PackWorker
 
+        deadline = None if wall_deadline is None else wall_to_monotonic(wall_deadline)  # another machine's clock
         self.worker = PackWorker(slots, StopControl(time_limit=limit, deadline=deadline))
         self.lock = threading.Lock()
         self.done: list[Completion] = []
@@ -285,6 +289,29 @@ class _PackActor:
         self.worker.control.request(reason)
 
 
+@contextlib.contextmanager
+def _ray_local_only():
+    """While a Ray instance starts here, make it listen on 127.0.0.1 only. Ray binds its control plane
+    (GCS, raylet, workers, the driver) to every interface unless it runs as on a laptop, where its node
+    address is the loopback one; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` asks for that mode. Ray reads
+    the variable when imported (in the processes it starts, which inherit it, and here; where Ray was
+    imported earlier, its constant is set too). Both are restored once the instance runs."""
+    name, before = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ[name] = "0"
+    import ray._private.ray_constants as constants
+
+    was = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = was
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 class RayExecutor:
     kind = "ray"
 
@@ -299,14 +326,22 @@ class RayExecutor:
         if (pack is not None and pack < 1) or (workers is not None and workers < 1):
             raise MixkdError("--workers and --pack (--runs-per-gpu) must be at least 1")
         self._ray = ray
+        self._temp_dir: str | None = None
         self._owns = not ray.is_initialized()
         if self._owns:
             try:
                 if address:
                     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-                else:
-                    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+                else:  # on this machine only: loopback addresses, no dashboard, a session folder of this user's
+                    # Ray makes its session folders world-writable: inside a folder of mode 0700, only
+                    # this user reaches them
+                    self._temp_dir = tempfile.mkdtemp(prefix="mixkd-ray-")
+                    with _ray_local_only():
+                        ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING",
+                                 log_to_driver=False, _temp_dir=os.path.join(self._temp_dir, "ray"))
             except (ConnectionError, RuntimeError, ValueError) as e:
+                if self._temp_dir is not None:
+                    shutil.rmtree(self._temp_dir, ignore_errors=True)
                 raise MixkdError(f"cannot start or reach the Ray cluster at {address or 'this machine'}: "
                                  f"{str(e).splitlines()[0]}") from None
         resources = ray.cluster_resources()
@@ -315,7 +350,8 @@ class RayExecutor:
         n = workers or (gpus if gpus else max(1, cpus))
         self.slots = pack or (DEFAULT_GPU_PACK if gpus else 1)
         actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0, max_concurrency=4)(_PackActor)
-        self._actors = [actor.remote(self.slots, None if gpus else (threads or 1), time_limit, deadline)
+        wall = None if deadline is None else time.time() + (deadline - time.monotonic())
+        self._actors = [actor.remote(self.slots, None if gpus else (threads or 1), time_limit, wall)
                         for _ in range(n)]
         self._assigned: list[list[str]] = [[] for _ in range(n)]
         self._polls: dict[Any, int] = {}
@@ -380,6 +416,8 @@ class RayExecutor:
         self._assigned = []
         if self._owns:
             self._ray.shutdown()
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
 
 
 def make_executor(kind: str = "local", workers: int | None = None, runs_per_gpu: int | None = None,
