@@ -138,11 +138,21 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     cfg = torch._dynamo.config
     for names, value in ((("recompile_limit", "cache_size_limit"), limit),
                          (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * limit)):
-        name = next(n for n in names if hasattr(cfg, n))  # the older name in older torch
+        name = _dynamo_option(cfg, names)
         setattr(cfg, name, max(getattr(cfg, name), value))
+    # Only a guard: a torch without it (before 2.5) falls back to eager past the limit, as it always did.
     name = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n)), None)
     if name is not None:
         setattr(cfg, name, True)
+
+
+def _dynamo_option(cfg, names: tuple[str, ...]) -> str:
+    """The first of ``names`` (today's name, then the older one) that dynamo's config has."""
+    name = next((n for n in names if hasattr(cfg, n)), None)
+    if name is None:
+        raise MixkdError(f"torch {torch.__version__}: torch._dynamo.config has no {' or '.join(names)}, which "
+                         "compile needs; install a torch mixkd supports (2.4 to 2.14) or set compile: off")
+    return name
 
 
 def set_compile_cache(directory: str | os.PathLike) -> Path:

@@ -263,7 +263,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm(trained_digits):
     eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
     acc = robust_accuracy(model, test, 100, CPU, eps, steps=10, seed=0)
     clean = 100 * float((predict(model, test, 100, CPU).argmax(1) == test.labels).double().mean())
-    for f, p in zip(acc["fgsm"], acc["pgd"]):
+    for f, p in zip(acc["fgsm"], acc["pgd"], strict=True):
         assert p <= f
     assert acc["pgd"] == sorted(acc["pgd"], reverse=True)  # stronger with a larger epsilon
     assert acc["pgd"][-1] < clean - 20 and acc["fgsm"][-1] < clean  # the attacks do something

@@ -27,10 +27,10 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     assert (ckpt.epoch, ckpt.model_name, ckpt.meta["num_classes"], ckpt.meta["dataset"]) == (7, "resnet8", 10, "cifar10")
     fresh = create_model("resnet8", 10)
     load_weights(fresh, ckpt.state_dict, "x")
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
     opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt2.load_state_dict(ckpt.optimizer_state)
-    for p1, p2 in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+    for p1, p2 in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"], strict=True):
         assert torch.equal(opt.state[p1]["momentum_buffer"], opt2.state[p2]["momentum_buffer"])
     assert torch.equal(ckpt.rng["torch_cpu"], rng)
 
@@ -67,7 +67,7 @@ def test_repdistiller_pth_layouts_load(tmp_path):
         ckpt = load_checkpoint(tmp_path / name)
         fresh = create_model("resnet8x4", 100)
         load_weights(fresh, ckpt.state_dict, name)
-        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values(), strict=True))
     assert load_checkpoint(tmp_path / "a.pth").epoch == 240
 
 

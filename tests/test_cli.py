@@ -71,7 +71,8 @@ def test_eval_of_a_run_folder_takes_dataset_and_data_from_the_run(capsys, teache
         assert metrics["dataset"] == "cifar10" and metrics["top1"] == pytest.approx(result["top1"], abs=1e-6)
     assert asked == [("test",), ("test",)]  # only the test split is read
     code, stdout, err = _mixkd(capsys, "eval", teacher_run, "--dataset", "digits", "--device", "cpu", "--json")
-    assert code == 0, err and json.loads(stdout)["dataset"] == "digits"  # flags still choose
+    assert code == 0, err
+    assert json.loads(stdout)["dataset"] == "digits"  # flags still choose
 
 
 def test_an_unreadable_image_is_one_line_naming_the_file(capsys, tmp_path):
@@ -118,7 +119,8 @@ def test_eval_and_distill_accept_a_repdistiller_pth(capsys, tmp_path, teacher_ru
     torch.save({"model": weights, "epoch": 240, "best_acc": 70.0}, pth)
     code, stdout, err = _mixkd(capsys, "eval", pth, "--model", "resnet8", "--dataset", "cifar10",
                                "--data-dir", cifar10_dir, "--device", "cpu")
-    assert code == 0, err and "resnet8 on cifar10: top-1" in stdout
+    assert code == 0, err
+    assert "resnet8 on cifar10: top-1" in stdout
     code, _, err = _mixkd(capsys, "distill", "--teacher", pth, "--teacher-model", "resnet8", "--student", "resnet8",
                           "--data-dir", cifar10_dir, "--epochs", "1", "--out", tmp_path / "s", *TINY)
     assert code == 0, err
@@ -196,7 +198,8 @@ def test_existing_run_needs_resume(capsys, teacher_run, cifar10_dir):
 
 def test_resuming_a_finished_run_reports_its_result(capsys, teacher_run):
     code, out, err = _mixkd(capsys, "train", "--out", teacher_run, "--resume", "--no-progress")
-    assert code == 0, err and "top-1" in out
+    assert code == 0, err
+    assert "top-1" in out
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -105,14 +105,30 @@ def test_set_compile_cache_points_inductor_at_the_folder(tmp_path, monkeypatch):
     assert cache_dir() == str(path)
 
 
-def test_raised_recompile_limit_keeps_many_variants_compiled(monkeypatch):
-    """Past dynamo's default limit (8 variants of one function) it would run the rest eagerly."""
+_LIMIT_OPTIONS = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                  "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+
+
+@pytest.fixture
+def dynamo_limits():
+    """Dynamo's recompile options as the test found them, restored after it (allow_recompiles sets them
+    for the whole process). Not monkeypatch: pytest >= 9.2 undoes a config-module attribute by deleting it."""
     cfg = torch._dynamo.config
+    saved = {n: getattr(cfg, n) for n in _LIMIT_OPTIONS if hasattr(cfg, n)}
+    yield cfg
+    for n, v in saved.items():
+        setattr(cfg, n, v)
+    assert {n: getattr(cfg, n) for n in saved} == saved
+
+
+def test_raised_recompile_limit_keeps_many_variants_compiled(dynamo_limits):
+    """Past dynamo's default limit (8 variants of one function) it would run the rest eagerly."""
+    cfg = dynamo_limits
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     fail = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n)), None)
-    monkeypatch.setattr(cfg, name, 8)
+    setattr(cfg, name, 8)
     if fail:
-        monkeypatch.setattr(cfg, fail, False)
+        setattr(cfg, fail, False)
     allow_recompiles()
     assert getattr(cfg, name) == RECOMPILE_LIMIT
     assert fail is None or getattr(cfg, fail) is True  # hitting the raised limit is an error, never eager
@@ -127,6 +143,14 @@ def test_raised_recompile_limit_keeps_many_variants_compiled(monkeypatch):
     for n in range(1, 13):  # 12 shapes: 12 variants of one code object
         assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
     assert counters["stats"]["unique_graphs"] - before == 12
+
+
+def test_a_dynamo_without_the_limit_option_is_one_clear_error(monkeypatch):
+    """Never a bare StopIteration: the torch version, the missing option, and what to do."""
+    monkeypatch.setattr(torch._dynamo, "config", type("Config", (), {})())
+    with pytest.raises(MixkdError, match=r"torch .*: torch._dynamo.config has no recompile_limit or "
+                                         r"cache_size_limit.*set compile: off"):
+        allow_recompiles()
 
 
 def test_measure_restores_everything_bit_exactly(one_thread):
@@ -147,13 +171,13 @@ def test_measure_restores_everything_bit_exactly(one_thread):
             losses.append(step.sums.clone())
         runs.append((losses, _state(step, student), step.generator.get_state(), torch.get_rng_state()))
     (l0, s0, g0, r0), (l1, s1, g1, r1) = runs
-    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
-    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1, strict=True))
     assert torch.equal(g0, g1) and torch.equal(r0, r1)
 
 
 @needs_compiler
-def test_compiled_step_matches_plain_step_and_compiles_once(one_thread):
+def test_compiled_step_matches_plain_step_and_compiles_once(one_thread, dynamo_limits):
     """Teacher and student compiled (inductor, CPU): same losses and weights; more runs of the same
     architecture in the process reuse the compiled code (no recompilation, no eager fallback)."""
     data = _batches(3)
@@ -165,7 +189,7 @@ def test_compiled_step_matches_plain_step_and_compiles_once(one_thread):
         plain(x, y)
         compiled(x, y)
         assert compiled.epoch_means() == pytest.approx(plain.epoch_means(), rel=1e-5, abs=1e-6)
-    for a, b in zip(_state(plain, plain_student), _state(compiled, compiled_student)):
+    for a, b in zip(_state(plain, plain_student), _state(compiled, compiled_student), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     # the plain modules are untouched: evaluation and checkpoints see the usual module
     assert compiled.learner.student is compiled_student and not hasattr(compiled_student, "_orig_mod")
@@ -219,7 +243,7 @@ def test_compiled_graphed_step_matches_uncompiled_over_20_steps(precision, scope
         runs[compile is not None] = (_train_20(step), [p.detach().float().clone() for p in student.parameters()])
     tol = 1e-4 if precision == "fp32" else 2e-2
     assert runs[True][0] == pytest.approx(runs[False][0], rel=tol, abs=tol)
-    for a, b in zip(runs[True][1], runs[False][1]):
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
         assert torch.allclose(a, b, rtol=tol, atol=tol)
 
 
@@ -231,4 +255,4 @@ def test_measure_leaves_a_graphed_run_as_it_was():
         step, student = _resnet_step(GraphedTrainStep)
         runs.append((_train_20(step, measure_at), [p.detach().clone() for p in student.parameters()]))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4, abs=1e-4)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(runs[0][1], runs[1][1]))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(runs[0][1], runs[1][1], strict=True))

@@ -173,7 +173,7 @@ def test_packed_runs_on_streams_match_alone_on_cuda(tmp_path):
     while pack.live:
         pack.round()
     for name in "abc":
-        for ra, rb in zip(metrics(alone / name), metrics(packed / name)):
+        for ra, rb in zip(metrics(alone / name), metrics(packed / name), strict=True):
             assert abs(ra["train_loss"] - rb["train_loss"]) < 2e-3 * max(1.0, abs(ra["train_loss"])), name
             assert abs(ra["test_top1"] - rb["test_top1"]) <= 3.0, name
 
@@ -212,8 +212,14 @@ def test_killing_the_study_process_takes_its_workers_and_frees_the_folder(tmp_pa
         while Path(f"/proc/{pid}").exists() and time.monotonic() - t0 < 60:
             time.sleep(0.2)
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    again = _cli("study", "status", str(out))
-    assert again.returncode == 0, again.stderr
+    status = _cli("study", "status", str(out))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0].endswith("not being run now"), status.stdout
+    # a new 'study run' takes the folder (a held lock or a live worker would be exit 2 with one line)
+    again = _cli("study", "run", str(path), "--out", str(out), "--workers", "1", "--pack", "2", "--no-progress",
+                 "--no-report", "--time-limit", "1s")
+    assert again.returncode == 75, again.stdout + again.stderr  # stopped on its time limit, resumable
+    assert "stopped before the time limit" in again.stderr, again.stderr
 
 
 def test_a_stopped_study_finishes_like_an_uninterrupted_study(tmp_path, monkeypatch, one_thread):

@@ -176,6 +176,6 @@ def test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance(tmp_path, pr
         job.advance()
     job.stop("time")
     run_job(cfg_for(sliced, device="cuda", precision=precision), resume=True)
-    for a, b in zip(metrics(whole), metrics(sliced)):
+    for a, b in zip(metrics(whole), metrics(sliced), strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 2e-2 * max(1.0, abs(a["train_loss"]))
         assert abs(a["test_top1"] - b["test_top1"]) <= 3.0

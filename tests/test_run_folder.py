@@ -84,7 +84,8 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(tmp_path, 
 
 def test_resume_needs_a_run_and_refuses_flags_it_would_ignore(tmp_path, teacher, capsys):
     code, _, err = cli(capsys, "train", "--out", str(tmp_path / "none"), "--resume")
-    assert code == 2 and "there is no run" in one_error(err) or "does not exist" in err
+    line = one_error(err)  # "cannot resume <folder>: it does not exist; drop --resume to start a new run there"
+    assert code == 2 and f"cannot resume {tmp_path / 'none'}" in line and "drop --resume" in line
     assert not (tmp_path / "none").exists()
     run = tmp_path / "t"
     shutil.copytree(teacher, run)

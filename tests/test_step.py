@@ -5,7 +5,7 @@ import torch
 
 from mixkd.engine import Learner
 from mixkd.losses import KDObjective
-from mixkd.mix import MixSpec
+from mixkd.mix import MixSpec, mix_batch
 from mixkd.models import create_model
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, one_hot
 
@@ -27,7 +27,7 @@ def test_sgd_matches_torch_optim_sgd():
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     # equal up to float rounding (torch fuses lr * buffer into the add; the lr tensor here cannot be)
-    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_sgd_state_dict_has_torch_layout_and_round_trips():
@@ -41,7 +41,7 @@ def test_sgd_state_dict_has_torch_layout_and_round_trips():
     other = SGD(create_model("resnet8", 10).parameters(), lr=1.0)
     other.load_state_dict(state)
     assert float(other.lr) == pytest.approx(0.1)
-    assert all(torch.equal(x, y) for x, y in zip(other.buffers, opt.buffers))
+    assert all(torch.equal(x, y) for x, y in zip(other.buffers, opt.buffers, strict=True))
 
 
 def test_one_hot_matches_torch():
@@ -69,8 +69,30 @@ def test_eager_step_trains_and_reports_mean_losses():
     means = step.epoch_means()
     assert set(means) == {"loss", "ce", "kd"} and all(v > 0 for v in means.values())
     assert means["loss"] == pytest.approx(0.1 * means["ce"] + 0.9 * means["kd"], rel=1e-5)
-    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     assert step.epoch_means() == {"loss": 0.0, "ce": 0.0, "kd": 0.0}  # reset after reading
+
+
+@pytest.mark.parametrize("method,mix", [("kd", MixSpec("mixup", 1.0, 1.0)), ("std", MixSpec("cutmix", 1.0, 0.5))])
+def test_step_loss_is_the_objective_on_the_batch_mixed_with_the_runs_generator(method, mix):
+    """One step's loss is the objective on the batch that mix_batch makes from the run's generator
+    (never on the unmixed batch), with the weights before the update."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).eval()
+    objective = KDObjective(method, temperature=4.0)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(8, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    with torch.no_grad():
+        xm, ym = mix_batch(x, one_hot(y, 5), mix, torch.Generator().manual_seed(11))
+        expected = objective(student(xm), teacher(xm), ym)
+        unmixed = objective(student(x), teacher(x), one_hot(y, 5))
+    step = TrainStep(Learner(student, teacher, objective), SGD(student.parameters(), lr=0.1), mix, 5,
+                     torch.Generator().manual_seed(11))
+    step(x, y)
+    means = step.epoch_means()
+    assert means == pytest.approx({k: v.item() for k, v in expected.items()}, rel=1e-5)
+    assert means["loss"] != pytest.approx(unmixed["loss"].item(), rel=1e-3)
 
 
 def test_bf16_step_runs_with_fp32_losses_on_cpu():

@@ -145,7 +145,7 @@ def test_the_report_gives_reference_sampling_its_own_columns_and_claims_2_and_3_
     assert header == ["KD T=4", "KD+FMU T=4", "KD+PMU T=4 f=0.1", "KD+PMU T=4 f=0.1 (reference sampling)", "STD",
                       "STD+PMU f=0.1", "STD+PMU f=0.1 (reference sampling)"]
     for line in table[1:]:  # one row per teacher: the exact and reference runs' own means, never pooled
-        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")[3:])))
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")[3:]), strict=True))
         assert cells["KD+PMU T=4 f=0.1"] == "70.00 ± 1.41"
         assert cells["KD+PMU T=4 f=0.1 (reference sampling)"] == "65.00 ± 1.41"
         assert cells["STD+PMU f=0.1"] == "**72.00 ± 1.41**"
