@@ -40,7 +40,7 @@ def softmax(z, temp):
 
 
 def kl(p, q):
-    return sum(a * (a / b).ln() for a, b in zip(p, q) if a > 0)
+    return sum(a * (a / b).ln() for a, b in zip(p, q, strict=True) if a > 0)
 
 
 def ref_dkd(s, t, y, alpha, beta, temp):
@@ -48,7 +48,7 @@ def ref_dkd(s, t, y, alpha, beta, temp):
     renormalized, weighted by y_c; times T^2, mean over samples."""
     s, t, y, alpha, beta, temp = dec(s), dec(t), dec(y), Decimal(alpha), Decimal(beta), Decimal(temp)
     total = Decimal(0)
-    for si, ti, yi in zip(s, t, y):
+    for si, ti, yi in zip(s, t, y, strict=True):
         ps, pt = softmax(si, temp), softmax(ti, temp)
         for c, w in enumerate(yi):
             if w == 0:
@@ -68,13 +68,13 @@ def zscore(z):
 
 def ref_lskd(s, t, temp):
     s, t, temp = dec(s), dec(t), Decimal(temp)
-    total = sum(kl(softmax(zscore(ti), temp), softmax(zscore(si), temp)) for si, ti in zip(s, t))
+    total = sum(kl(softmax(zscore(ti), temp), softmax(zscore(si), temp)) for si, ti in zip(s, t, strict=True))
     return float(temp * temp * total / len(s))
 
 
 def pearson(a, b):
     ma, mb = sum(a) / len(a), sum(b) / len(b)
-    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
     den = sum((x - ma) ** 2 for x in a).sqrt() * sum((y - mb) ** 2 for y in b).sqrt()
     return num / (den + Decimal("1e-8"))
 
@@ -83,7 +83,7 @@ def ref_dist(s, t, beta, gamma, temp):
     temp = Decimal(temp)
     ys = [softmax(r, temp) for r in dec(s)]
     yt = [softmax(r, temp) for r in dec(t)]
-    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt)) / len(ys)
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt, strict=True)) / len(ys)
     cols = range(len(ys[0]))
     intra = 1 - sum(pearson([r[c] for r in ys], [r[c] for r in yt]) for c in cols) / len(cols)
     return float(temp * temp * (Decimal(beta) * inter + Decimal(gamma) * intra))

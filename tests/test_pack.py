@@ -118,8 +118,8 @@ def _measured_pack(root, data_dir, device, measure_at):
                 torch.get_rng_state(), job.step_in_epoch)
 
     def same(a, b):
-        return (all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
-                and all(torch.equal(x, y) for x, y in zip(a[2:4], b[2:4])) and a[4] == b[4])
+        return (all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True)) and a[1] == b[1]
+                and all(torch.equal(x, y) for x, y in zip(a[2:4], b[2:4], strict=True)) and a[4] == b[4])
 
     changed, rounds = 0, 0
     while pack.live:
