@@ -170,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_demo)
 
+    p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95% intervals",
+                       description="Check the study's claims on a CSV with one row per trained student and the columns "
+                                   "teacher, teacher_mix, student, kd, temperature, mix, mix_fraction, sampling, seed, "
+                                   "top1 (see mixkd/results.py); print each claim's verdict, parts and intervals.")
+    p.add_argument("table", help="results table (CSV)")
+    p.add_argument("--json", metavar="FILE", help="also write the claims as JSON (claims.json's layout) to FILE")
+    p.add_argument("--noise", type=float, metavar="SIGMA", help="per-run standard deviation of top-1 (points) assumed "
+                                                                "where one run a side measures none (default: none, "
+                                                                "such comparisons are inconclusive)")
+    p.add_argument("--margin", type=float, default=0.5, metavar="DELTA",
+                   help="points a non-inferiority ('at least as well') may fall short by (default: 0.5)")
+    p.set_defaults(handler=_cmd_claims)
+
     from mixkd.study.cli import add_study_parser
 
     add_study_parser(sub)  # mixkd study plan | run | report
@@ -302,6 +315,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{name:14s} {n / 1e6:7.2f}M params  lr {default_lr(name)}")
         else:
             print(name)
+    return 0
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from mixkd.claims import check, claims_json, format_claims
+    from mixkd.files import atomic_write_text
+    from mixkd.results import read_csv
+
+    claims = check(read_csv(args.table), noise=args.noise, margin=args.margin)
+    print(format_claims(claims))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin), indent=1,
+                                                      ensure_ascii=False) + "\n")
     return 0
 
 

@@ -9,8 +9,9 @@ import yaml
 from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
 from mixkd.study import load_study
-from mixkd.study.claims import evaluate_claims
+from mixkd.claims import check
 from mixkd.study.report import collect
+from mixkd.study.rows import results_of
 from mixkd.study.spec import expand, parse_study, saved_config_mismatch
 
 STUDY = """\
@@ -71,8 +72,8 @@ def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_c
     assert "mix.sampling: 'exact' -> 'reference'" in saved_config_mismatch(runs[f"{min(pmu)}-ref-s0"], saved,
                                                                             tmp_path / "out")
 
-    # finished runs (fake results: reference sampling 1 point worse) give claim 5 one comparison per
-    # PMU method and teacher, each exact >= reference
+    # finished runs (fake results: reference sampling 1 point worse) give claim 5's reference part one
+    # comparison with FMU per teacher (KD+PMU: the study has KD+FMU, not STD+FMU)
     out = tmp_path / "out"
     for i, run in enumerate(study.runs):
         d = out / run.id
@@ -81,11 +82,12 @@ def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_c
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         top1 = 70.0 - (1.0 if run.sampling == "reference" else 0.0) + 0.01 * i
         (d / "result.json").write_text(json.dumps({"top1": top1, "teacher_model": run.teacher_model}))
-    claim5 = next(c for c in evaluate_claims(collect(out)) if c.number == 5)
-    assert claim5.verdict == "holds" and not claim5.not_tested
-    assert sorted(c.statement for c in claim5.comparisons) == sorted(
-        [f"{m} ≥ {m} (reference sampling)" for m in ("KD+PMU T=4 f=0.1", "STD+PMU f=0.1")] * 2)
-    assert sorted(run for c in claim5.comparisons for run in c.b.runs) == sorted(f"{p}-ref-s0" for p in pmu)
+    claim5 = next(c for c in check(results_of(collect(out))) if c.number == 5)
+    ref = next(p for p in claim5.parts if p.name == "reference 10% > FMU")
+    assert [c.statement for c in ref.comparisons] == ["KD+PMU T=4 f=0.1 (reference sampling) > KD+FMU T=4"] * 2
+    assert sorted(run for c in ref.comparisons for run in c.a.runs) == sorted(f"{p}-ref-s0" for p in pmu
+                                                                              if "kd_pmu" in p)
+    assert claim5.verdict == "inconclusive"  # one run a side, no assumed sigma
 
 
 def test_the_sampling_of_a_recipe_or_set_names_the_same_run_as_the_axis():
@@ -152,9 +154,16 @@ def test_the_report_gives_reference_sampling_its_own_columns_and_claims_2_and_3_
         assert cells["STD+PMU f=0.1 (reference sampling)"] == "67.00 ± 1.41"
     assert len(table) == 3 and "67.50" not in text
     claims = {c["claim"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
-    for number in (2, 3):  # exact-sampling columns only; the exact-vs-reference difference is claim 5's
-        runs = [r for c in claims[number]["comparisons"] for side in ("a", "b") for r in c[side]["runs"]]
-        assert runs and not [r for r in runs if "-ref-" in r]
-        assert claims[number]["verdict"] == "holds" and "only sampling: exact runs count" in claims[number]["text"]
-    assert len(claims[2]["comparisons"]) == 2 and len(claims[3]["comparisons"]) == 10
-    assert claims[5]["verdict"] == "holds" and len(claims[5]["comparisons"]) == 4
+    # claim 2 and the A side of claim 3 use exact PMU only; claim 3 compares STD+PMU with every other column
+    runs = [r for c in claims[2]["comparisons"] for side in ("a", "b") for r in c[side]["runs"]]
+    assert runs and not [r for r in runs if "-ref-" in r]
+    assert not [r for c in claims[3]["comparisons"] for r in c["a"]["runs"] if "-ref-" in r]
+    assert "sampling exact" in claims[2]["text"]
+    # claim 2 under KD (the study has no STD+FMU): KD+PMU 70 vs KD+FMU 68, 2 seeds a side (69, 71 vs 67, 69)
+    assert len(claims[2]["comparisons"]) == 2 and claims[2]["verdict"] == "inconclusive"
+    assert [p["verdict"] for p in claims[2]["parts"]] == ["inconclusive", "not tested"]
+    # Welch: se = sqrt(2/2 + 2/2), df = 2, t(0.975, 2) = 4.3027
+    assert claims[2]["comparisons"][0]["interval_95"] == pytest.approx([2 - 4.3027 * 2 ** 0.5, 2 + 4.3027 * 2 ** 0.5],
+                                                                       abs=1e-3)
+    assert len(claims[3]["comparisons"]) == 2 * (1 + 6)  # STD >= KD T=4; STD+PMU vs the 6 other distilled columns
+    assert len(claims[5]["comparisons"]) == 2 and claims[5]["comparisons"][0]["a"]["runs"][0].endswith("-ref-s0")

@@ -79,6 +79,7 @@ def _out(args, study) -> Path:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from mixkd.study import format_plan, load_study
+    from mixkd.study.report import claims_plan
 
     if args.pack is not None and args.pack < 1:
         from mixkd.errors import MixkdError
@@ -86,6 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise MixkdError(f"--pack must be at least 1, got {args.pack}")
     study = load_study(args.file, args.overrides)
     print(format_plan(study, _out(args, study), pack=args.pack))
+    print("\n" + claims_plan(study))
     return 0
 
 
@@ -96,6 +98,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable)."""
     from mixkd.control import StopControl
     from mixkd.study import make_executor, run_study, write_report
+    from mixkd.study.report import claims_text
 
     control = StopControl(time_limit)
     use_gpu = any((device or r.config.get("device", "auto")) != "cpu" for r in study.runs)
@@ -132,6 +135,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
               + (f" (errors in {out}/<run>/analysis-error.txt; run the study again to retry them)" if a["failed"] else ""))
     if report:
         print(f"report: {write_report(out)}")
+        print(claims_text(out))
     return 0 if c["done"] == len(study.runs) and not outcome.analysis_failed else 1
 
 

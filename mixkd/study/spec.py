@@ -68,6 +68,7 @@ METHODS: dict[str, Method] = {
     "kd_fmu": Method("KD + full mixup", "distill", "kd", "full"),
     "kd_pmu": Method("KD + partial mixup", "distill", "kd", "partial"),
     "std": Method("standardized KD", "distill", "std", "none"),
+    "std_fmu": Method("standardized KD + full mixup", "distill", "std", "full"),
     "std_pmu": Method("standardized KD + partial mixup", "distill", "std", "partial"),
 }
 
@@ -218,6 +219,14 @@ class StudentGroup(_Strict):
         return self
 
 
+class ClaimsSetting(_Strict):
+    """How the report's claims read this study (see :mod:`mixkd.claims`)."""
+
+    noise: float | None = Field(None, gt=0, description="per-run sigma of top-1 (points) assumed where one run a "
+                                                        "side measures none (None: those comparisons are inconclusive)")
+    margin: float = Field(0.5, ge=0, description="points a non-inferiority ('at least as well') may fall short by")
+
+
 class StudyFile(_Strict):
     name: StudyName
     description: str = ""
@@ -225,6 +234,7 @@ class StudyFile(_Strict):
     teachers: list[TeacherGroup] = []
     students: list[StudentGroup] = []
     analysis: Annotated[StudyAnalysis | None, BeforeValidator(_analysis_flag)] = None
+    claims: ClaimsSetting = ClaimsSetting()
 
 
 @dataclass

@@ -1,0 +1,337 @@
+"""The results model: one record per trained student, its *cell* (the report's column) and its *context*
+(the report's row), and every label they are shown with.
+
+A results table has one row per trained student with the columns of :data:`COLUMNS`:
+
+=============== =========================================================================================
+``teacher``     the teacher's name (e.g. ``resnet56``); empty for a student trained alone
+``teacher_mix`` how the teacher was trained: ``none``, ``mixup`` (a "Mix-T" teacher), ``cutmix``
+``student``     the student's architecture
+``kd``          ``none`` (trained alone), ``kd`` (Hinton KD), ``std`` (standardized KD), or any other
+                KD method's name
+``temperature`` the KD temperature (empty where the method has none: standardized KD, the student alone)
+``mix``         the student's mixing: ``none``, ``mixup``, ``cutmix``
+``mix_fraction`` the share of each batch mixed: 1 = full mixing (FMU), below 1 = partial (PMU); empty
+                without mixing
+``sampling``    how partial mixing picks its samples: ``exact`` (the paper's text) or ``reference`` (the
+                released code's draw with replacement); empty or ignored for full or no mixing
+``seed``        the run's seed
+``top1``        the student's top-1 accuracy in %, last epoch
+=============== =========================================================================================
+
+Other columns are ignored, except ``epochs``, ``batch_size`` and ``lr`` when present: runs are pooled
+(their seeds taken as repeats of one experiment) only when they agree in every setting but the seed,
+those included. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
+(:mod:`mixkd.claims`) and the report read these records only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixkd.errors import MixkdError
+
+COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
+SETTING_COLUMNS = ("epochs", "batch_size", "lr")  # optional: pooled only when equal
+MIXES = ("none", "mixup", "cutmix")
+SAMPLINGS = ("exact", "reference")
+# Short names of the KD methods in labels (any other method is shown by its name in capitals).
+KD_SHORT = {"kd": "KD", "std": "STD", "dkd": "DKD", "dist": "DIST", "lskd": "LS-KD", "fitnet": "FitNet"}
+KD_LONG = {"kd": "KD", "std": "standardized KD"}
+# KD methods whose loss has no temperature: a temperature given for them is dropped.
+TEMPERATURE_FREE = frozenset({"std"})
+# The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
+PARTIAL_FRACTION = 0.1
+
+
+def _g(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A column of the report's table: how a student was trained (None where a setting does not apply).
+
+    ``fraction`` is 1.0 for full mixing, below 1 for partial, None without mixing; ``alpha`` None
+    stands for the default Beta(1, 1); ``sampling`` is set for partial mixing only."""
+
+    kd: str = "none"
+    temperature: float | None = None
+    mix: str = "none"
+    fraction: float | None = None
+    alpha: float | None = None
+    sampling: str | None = None
+
+    @property
+    def alone(self) -> bool:
+        return self.kd == "none"
+
+    @property
+    def mixing(self) -> str:
+        """``none``, ``full`` or ``partial``."""
+        if self.mix == "none":
+            return "none"
+        return "full" if (self.fraction or 1.0) >= 1.0 else "partial"
+
+    @property
+    def method(self) -> str:
+        """The study's method name: ``alone``, ``kd``, ``kd_fmu``, ``std_pmu``, ... (``alone_pmu``: alone with mixing)."""
+        base = "alone" if self.alone else self.kd
+        return base + {"none": "", "full": "_fmu", "partial": "_pmu"}[self.mixing]
+
+    @property
+    def kd_short(self) -> str:
+        return KD_SHORT.get(self.kd, self.kd.upper())
+
+    def _settings(self, sep_sampling: bool) -> list[str]:
+        parts = [f"T={_g(self.temperature)}"] if self.temperature is not None else []
+        parts += [f"f={_g(self.fraction)}"] if self.mixing == "partial" else []
+        parts += [f"α={_g(self.alpha)}"] if self.alpha not in (None, 1.0) and self.mix != "none" else []
+        parts += ["cutmix"] if self.mix == "cutmix" else []
+        if self.mixing == "partial" and self.sampling not in (None, "exact"):
+            parts += [f"({self.sampling} sampling)" if sep_sampling else f"{self.sampling} sampling"]
+        return parts
+
+    @property
+    def label(self) -> str:
+        """The column title: 'student alone', 'KD T=4', 'STD+PMU f=0.1', 'KD+PMU T=4 f=0.1 (reference sampling)'."""
+        if self.alone:
+            return "student alone" + ("" if self.mix == "none" else f" + {self.method[6:].upper()} " +
+                                      " ".join(self._settings(True))).rstrip()
+        name = self.kd_short + {"none": "", "full": "+FMU", "partial": "+PMU"}[self.mixing]
+        return " ".join([name, *self._settings(True)])
+
+    @property
+    def long_label(self) -> str:
+        """'KD + partial mixup (T=4, f=0.1)', 'standardized KD', 'student alone'."""
+        if self.alone and self.mix == "none":
+            return "student alone"
+        name = "student alone" if self.alone else KD_LONG.get(self.kd, self.kd_short)
+        if self.mix != "none":
+            name += f" + {self.mixing} {'mixup' if self.mix == 'mixup' else 'CutMix'}"
+        settings = [s for s in self._settings(False) if s != "cutmix"]
+        return name + (f" ({', '.join(settings)})" if settings else "")
+
+    def sort_key(self) -> tuple:
+        """Columns in order: the student alone, then KD methods (kd, std, others by name), each without,
+        with full and with partial mixing, then by temperature, fraction, alpha, mix mode, sampling."""
+        methods = list(KD_SHORT)
+        method = (-1, "") if self.alone else (methods.index(self.kd) if self.kd in methods else len(methods), self.kd)
+        return (*method, ("none", "full", "partial").index(self.mixing), self.temperature is None,
+                self.temperature or 0.0, self.fraction or 0.0, self.alpha or 1.0, self.mix,
+                self.sampling not in (None, "exact"), self.sampling or "")
+
+
+@dataclass(frozen=True)
+class Context:
+    """A row of the report's table: a teacher (None for students alone) -> a student, with the settings
+    every run in it shares (``epochs``, ``batch_size``, ``lr``, ... as (key, value) pairs)."""
+
+    teacher: str | None
+    teacher_mix: str | None
+    student: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def teacher_label(self) -> str:
+        """'resnet56 (plain)', 'resnet56 (mixup)'; a teacher name with its own parentheses stays as it is."""
+        if self.teacher is None:
+            return "none"
+        if self.teacher.endswith(")") or self.teacher_mix is None:
+            return self.teacher
+        return f"{self.teacher} ({'plain' if self.teacher_mix == 'none' else self.teacher_mix})"
+
+    @property
+    def label(self) -> str:
+        return f"{self.teacher_label} → {self.student}" if self.teacher is not None else f"{self.student} alone"
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        return dict(self.settings).get(key, default)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One trained student: where it belongs (context, cell), its seed, its top-1, and its run id."""
+
+    context: Context
+    cell: Cell
+    seed: int | None
+    top1: float
+    run: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def pool_key(self) -> tuple:
+        """Runs with the same key are repeats of one experiment (differing in the seed only)."""
+        return self.context, self.cell
+
+
+# ---- reading a results table ------------------------------------------------------------------
+
+def _empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
+
+
+def _text(value: Any) -> str:
+    return "" if _empty(value) else str(value).strip()
+
+
+class _Reader:
+    """Validation of one table row, with errors that name the row and the column."""
+
+    def __init__(self, row: dict[str, Any], where: str):
+        self.row, self.where = row, where
+
+    def fail(self, column: str, what: str) -> MixkdError:
+        return MixkdError(f"{self.where}, column '{column}': {what}")
+
+    def choice(self, column: str, allowed: Iterable[str], default: str | None = None) -> str:
+        value = _text(self.row.get(column)).lower()
+        if not value and default is not None:
+            return default
+        allowed = tuple(allowed)
+        if value not in allowed:
+            raise self.fail(column, f"{value or 'empty'!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def number(self, column: str, required: bool = False, low: float | None = None, high: float | None = None,
+               integer: bool = False) -> float | None:
+        raw = self.row.get(column)
+        if _empty(raw):
+            if required:
+                raise self.fail(column, "is empty; give a number (leave unfinished runs out of the table)")
+            return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise self.fail(column, f"{raw!r} is not a number") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            span = f" between {low:g} and {high:g}" if low is not None and high is not None else ""
+            raise self.fail(column, f"{raw!r} is not a finite number{span}")
+        if integer and value != int(value):
+            raise self.fail(column, f"{raw!r} is not a whole number")
+        return value
+
+
+def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
+    """One table row (a mapping with the :data:`COLUMNS`) as a :class:`Result`; a bad value raises
+    :class:`MixkdError` naming the row and the column."""
+    r = _Reader(row, where)
+    teacher = _text(row.get("teacher")) or None
+    student = _text(row.get("student"))
+    if not student:
+        raise r.fail("student", "is empty; give the student's architecture")
+    kd = _text(row.get("kd")).lower()
+    if not kd or not kd.replace("_", "").replace("-", "").isalnum():
+        raise r.fail("kd", f"{kd or 'empty'!r} is not a KD method: use none (trained alone), kd, std or another "
+                           "method's name")
+    if (teacher is None) != (kd == "none"):
+        raise r.fail("kd", f"{kd!r} with teacher {teacher or 'empty'!r}: a student trained alone has an empty teacher "
+                           "and kd none; a distilled one names both")
+    teacher_mix = r.choice("teacher_mix", MIXES, default="none") if teacher else None
+    temperature = r.number("temperature", low=1e-9, high=1e9)
+    if kd in TEMPERATURE_FREE or kd == "none":
+        temperature = None
+    elif kd == "kd" and temperature is None:
+        raise r.fail("temperature", "is empty; Hinton KD (kd) needs its temperature")
+    mix = r.choice("mix", MIXES, default="none")
+    fraction = sampling = None
+    if mix != "none":
+        fraction = r.number("mix_fraction", low=1e-9, high=1.0)
+        fraction = 1.0 if fraction is None else fraction
+        if fraction < 1.0:
+            sampling = r.choice("sampling", SAMPLINGS, default="exact")
+    seed = r.number("seed", integer=True)
+    top1 = r.number("top1", required=True, low=0.0, high=100.0)
+    settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
+    context = Context(teacher, teacher_mix, student, settings)
+    return Result(context, Cell(kd, temperature, mix, fraction, None, sampling), None if seed is None else int(seed),
+                  float(top1), _text(row.get("id")) or where)
+
+
+def _records(rows: Any) -> list[dict[str, Any]]:
+    """A list of mappings, or a pandas DataFrame (duck-typed: ``to_dict(orient="records")``)."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        return list(rows.to_dict(orient="records"))
+    rows = list(rows)
+    if not all(isinstance(r, dict) for r in rows):
+        raise MixkdError("a results table is a list of dicts (one per trained student) or a pandas DataFrame")
+    return rows
+
+
+def results_from_rows(rows: Any, source: str = "the table", first: int = 1, unit: str = "row") -> list[Result]:
+    """Every row of a results table as a :class:`Result` (see the module's docstring for the columns).
+    A missing column or a bad value raises :class:`MixkdError` with one line saying where."""
+    if isinstance(rows, list) and all(isinstance(r, Result) for r in rows):
+        return rows  # records already (an empty list too: nothing to check)
+    records = _records(rows)
+    if not records:
+        raise MixkdError(f"{source} has no rows; give one row per trained student with the columns "
+                         f"{', '.join(COLUMNS)}")
+    present = set().union(*(r.keys() for r in records))
+    missing = [c for c in COLUMNS if c not in present]
+    if missing:
+        raise MixkdError(f"{source} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}; a results table "
+                         f"has the columns {', '.join(COLUMNS)} (one row per trained student)")
+    return [result_from_row(r, f"{source}, {unit} {i}") for i, r in enumerate(records, first)]
+
+
+def read_csv(path: str | Path) -> list[Result]:
+    """A results table from a CSV file (header row with the :data:`COLUMNS`)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise MixkdError(f"results table not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MixkdError(f"cannot read the results table {path}: {e}") from None
+    if not rows:
+        raise MixkdError(f"{path} has no rows; give a header and one row per trained student with the columns "
+                         f"{', '.join(COLUMNS)}")
+    return results_from_rows(rows, str(path), first=2, unit="line")  # line 1 is the header
+
+
+# ---- records from run configs (a study folder's runs, a study's planned runs) --------------------------
+
+TEACHER_MIXES = {"plain": "none", "mixup": "mixup", "cutmix": "cutmix"}
+
+
+def cell_from_config(cfg: dict[str, Any]) -> Cell:
+    """The cell of a run from its config tree (a RunConfig's keys; defaults where a key is missing)."""
+    mix, kd = cfg.get("mix") or {}, cfg.get("kd") or {}
+    mixing = mix.get("method") or "none"
+    fraction = float(mix.get("fraction", 1.0)) if mixing != "none" else None
+    alpha = float(mix.get("alpha", 1.0)) if mixing != "none" else None
+    sampling = (mix.get("sampling") or "exact") if fraction is not None and fraction < 1 else None
+    method = (kd.get("method") or "kd") if cfg.get("task") == "distill" else "none"
+    temperature = None
+    if method != "none" and method not in TEMPERATURE_FREE:
+        temperature = float(kd.get("temperature", 4.0))
+    return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling)
+
+
+def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_mix_label: str | None) -> Context:
+    """The context of a run: its teacher (architecture and mix label, e.g. 'plain', 'mixup', 'mixup-a0.2',
+    'external'; None for a student trained alone), its student and its shared settings."""
+    optim = cfg.get("optim") or {}
+    settings = tuple((k, str(v)) for k, v in (("dataset", cfg.get("dataset")), ("epochs", cfg.get("epochs")),
+                                              ("batch_size", cfg.get("batch_size")), ("lr", optim.get("lr")))
+                     if v is not None)
+    if cfg.get("task") != "distill":
+        return Context(None, None, str(cfg.get("model")), settings)
+    label = teacher_mix_label or "external"
+    model = teacher_model or "?"
+    if label in TEACHER_MIXES:
+        return Context(model, TEACHER_MIXES[label], str(cfg.get("model")), settings)
+    return Context(f"{model} ({label})", label.split("-")[0] if label.split("-")[0] in MIXES and "-f" not in label
+                   else label, str(cfg.get("model")), settings)
