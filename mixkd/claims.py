@@ -48,11 +48,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from scipy import stats
+from scipy import special
 
 from mixkd.errors import MixkdError
 from mixkd.mix import reference_mixed_share
-from mixkd.results import KD_SHORT, PARTIAL_FRACTION, Cell, Context, Result, results_from_rows
+from mixkd.results import KD_SHORT, PARTIAL_FRACTION, Cell, Context, Result, natural, results_from_rows
 
 LEVEL = 0.95
 SIDE = (1 - LEVEL) / 2  # each tail of the 95% interval: the level of each one-sided decision
@@ -103,15 +103,20 @@ class Interval:
             return 1.0
         if self.se == 0:
             return 0.0 if (distance > 0) == upper and distance != 0 else 1.0
-        z = distance / self.se
-        if math.isinf(self.df):
-            return float(stats.norm.sf(z) if upper else stats.norm.cdf(z))
-        return float(stats.t.sf(z, self.df) if upper else stats.t.cdf(z, self.df))
+        z = -distance / self.se if upper else distance / self.se  # P(T > t) = P(T < -t)
+        return float(special.ndtr(z) if math.isinf(self.df) else special.stdtr(self.df, z))
 
 
 @functools.lru_cache(maxsize=4096)
 def _quantile(p: float, df: float) -> float:
-    return float(stats.norm.ppf(p) if math.isinf(df) else stats.t.ppf(p, df))
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (the normal's for df = inf)."""
+    return float(special.ndtri(p) if math.isinf(df) else special.stdtrit(df, p))
+
+
+def _variance(values: list[float]) -> float:
+    """The sample variance (n - 1), in plain floats (statistics.variance computes in exact fractions: slow)."""
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def difference_interval(a: list[float], b: list[float], noise: float | None = None) -> Interval:
@@ -121,13 +126,13 @@ def difference_interval(a: list[float], b: list[float], noise: float | None = No
         raise ValueError("a comparison needs at least one run a side")
     diff = statistics.fmean(a) - statistics.fmean(b)
     if na >= 2 and nb >= 2:
-        va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+        va, vb = _variance(a) / na, _variance(b) / nb
         se = math.sqrt(va + vb)
         denom = (va ** 2 / (na - 1) if va else 0.0) + (vb ** 2 / (nb - 1) if vb else 0.0)
         df = (va + vb) ** 2 / denom if denom > 0 else float(na + nb - 2)
         return Interval(diff, se, df, "Welch")
     if na + nb > 2:
-        spread = statistics.stdev(a if na > 1 else b)
+        spread = math.sqrt(_variance(a if na > 1 else b))
         return Interval(diff, spread * math.sqrt(1 / na + 1 / nb), float(max(na, nb) - 1),
                         "Student t, one run on one side")
     if noise is not None:
@@ -501,7 +506,7 @@ def pairs(results: list[Result], margin: float = DEFAULT_MARGIN) -> tuple[Grid, 
 def _sort_key(pair: Pair, parts: list[str]) -> tuple:
     ctx = pair.context
     return (parts.index(pair.part) if pair.part in parts else len(parts), ctx.teacher_mix != "none",
-            ctx.teacher or "", ctx.student, ctx.settings, pair.a.sort_key(), pair.b.sort_key())
+            natural(ctx.teacher or ""), natural(ctx.student), ctx.settings, pair.a.sort_key(), pair.b.sort_key())
 
 
 def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN) -> list[ClaimResult]:

@@ -1,7 +1,7 @@
 """``mixkd demo``: the quickstart study (``configs/studies/quickstart.yaml``) on scikit-learn's
 digits, in under two minutes on 2 CPU cores (on the GPU when there is one): a plain and a mixup
 teacher, students over the study's methods and T = 1 and 4, analyses, then the report (table,
-heatmap, curves, analysis tables, t-SNE). Running it again trains nothing."""
+heatmap, curves, analysis tables, t-SNE) and the claims' verdicts. Running it again trains nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: s
     ``device`` every run's device (``auto``: the GPU when there is one)."""
     from mixkd.study import collect, load_study, write_report
     from mixkd.study.cli import run_and_report
-    from mixkd.study.report import paper_table
+    from mixkd.study.report import claims_text, paper_table
 
     if not QUICKSTART.is_file():
         raise MixkdError(f"the quickstart study file is missing ({QUICKSTART}); mixkd demo runs from a clone of the "
@@ -41,4 +41,5 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: s
     rows = collect(out)
     print("\n" + paper_table(rows) + "\n")
     print(f"report (table and figures): {report}; every run: {out / 'results.csv'}")
+    print("\n" + claims_text(out))
     return rows

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ KD_LONG = {"kd": "KD", "std": "standardized KD"}
 TEMPERATURE_FREE = frozenset({"std"})
 # The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
 PARTIAL_FRACTION = 0.1
+
+
+def natural(text: Any) -> list:
+    """A sort key that orders 'resnet8' before 'resnet14' and ignores case."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(text).lower())]
 
 
 def _g(value: float) -> str:

@@ -6,10 +6,10 @@ import json
 import pytest
 import yaml
 
+from mixkd.claims import check
 from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
 from mixkd.study import load_study
-from mixkd.claims import check
 from mixkd.study.report import collect
 from mixkd.study.rows import results_of
 from mixkd.study.spec import expand, parse_study, saved_config_mismatch
@@ -166,4 +166,7 @@ def test_the_report_gives_reference_sampling_its_own_columns_and_claims_2_and_3_
     assert claims[2]["comparisons"][0]["interval_95"] == pytest.approx([2 - 4.3027 * 2 ** 0.5, 2 + 4.3027 * 2 ** 0.5],
                                                                        abs=1e-3)
     assert len(claims[3]["comparisons"]) == 2 * (1 + 6)  # STD >= KD T=4; STD+PMU vs the 6 other distilled columns
-    assert len(claims[5]["comparisons"]) == 2 and claims[5]["comparisons"][0]["a"]["runs"][0].endswith("-ref-s0")
+    # claim 5: exact and reference PMU each against FMU, per teacher; no exact PMU at the reference's share
+    assert [(c["part"], c["a"]["runs"][0].endswith("-ref-s0")) for c in claims[5]["comparisons"]] == [
+        ("exact 10% > FMU", False)] * 2 + [("reference 10% > FMU", True)] * 2
+    assert [p["verdict"] for p in claims[5]["parts"]][2] == "not tested"

@@ -13,8 +13,7 @@ from typing import Any
 
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
-from mixkd.results import Cell
-from mixkd.study.rows import natural
+from mixkd.results import Cell, natural
 from mixkd.study.tables import analyzed, method_groups, method_label, pair_key, seed_stats, teacher_name
 
 METRICS = {"top1": "top-1 at the last epoch", "best_top1": "best top-1 over epochs"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import yaml
 from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
-from mixkd.results import Result, cell_from_config, context_from_config
+from mixkd.results import Result, cell_from_config, context_from_config, natural
 from mixkd.study.runner import STATE_NAME, analysis_status, run_status
 from mixkd.study.spec import Study, mix_label
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
@@ -34,11 +33,6 @@ COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "tea
 # From each run's analysis.json (mixkd.analysis.summary_row): ECE as a fraction, agreement and accuracies in %.
 ANALYSIS_METRICS = ["ece", "confidence", "entropy", "agreement", "kl", "fgsm_8", "pgd_2", "pgd_8"]
 COLUMNS += ["analysis", *ANALYSIS_METRICS, "analysis_error"]
-
-
-def natural(text: str) -> list:
-    """A sort key that orders 'resnet8' before 'resnet14'."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(text).lower())]
 
 
 def _teacher(out: Path, path: str | None) -> tuple[str | None, str | None, str | None]:

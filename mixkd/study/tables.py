@@ -8,8 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from mixkd.results import Cell
-from mixkd.study.rows import natural
+from mixkd.results import Cell, natural
 from mixkd.study.spec import mix_label
 
 # The analysis tables in the paper-style layout: (summary_row key, better: max / min / None).
