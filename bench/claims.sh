@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study's claims on real CIFAR-100 in one GPU window (issue 11): run configs/studies/cifar100-mini.yaml
-# (19 runs, resnet56 -> resnet20, bf16) packed 8 runs to a process, stopping on time after 8 minutes if it
+# (25 runs, resnet56 -> resnet20, bf16) packed 8 runs to a process, stopping on time after 8 minutes if it
 # must, write the report, pack the study folder into one archive under $OUT and print the claims last.
 #   DATA=/tmp/data OUT=/tmp/out bash bench/claims.sh
 # Expects real CIFAR-100 in $DATA/cifar-100-python. Running it again on the same machine resumes the study
