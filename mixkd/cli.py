@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixkd.config import RunConfig, build_config, load_run_config
+from mixkd.config import SEED_MAX, RunConfig, build_config, int_in, load_run_config, value_range
 from mixkd.errors import MixkdError
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
@@ -81,6 +81,8 @@ def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str])
         shown = "" if default is None or kwargs.get("action") else f" (default: {default})"
         if kwargs.get("action") == "store_const" and kwargs.get("const") is False:
             shown = ""
+        if value_range(key):
+            shown += f" (valid: {value_range(key)})".replace("%", "%%")
         p.add_argument(*names, dest=dest, default=None, help=text + shown, **kwargs)
         dests[dest] = key
 
@@ -127,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default: the run's, else 224)")
+    p.add_argument("--image-size", type=int_in(8, 4096), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size (default: 1024)")
-    p.add_argument("--workers", type=int, help="data-loading processes for image folders (default: the cores available, at most 4)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000), default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--workers", type=int_in(0, 256), help="data-loading processes for image folders (default: the cores available, at most 4)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -146,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("--image-size", type=int, help="crop size for imagefolder data (default: the run's, else 224)")
+    p.add_argument("--image-size", type=int_in(8, 4096), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--out", help="output folder (default: the run directory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int, default=1000, help="batch size of every pass, attacks included (default: 1000)")
-    p.add_argument("--subset", type=int, help="analyze N evenly spaced test images (the t-SNE set stays the same)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000), default=1000, help="batch size of every pass, attacks included (default: 1000)")
+    p.add_argument("--subset", type=int_in(1, 10_000_000), help="analyze N evenly spaced test images (the t-SNE set stays the same)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for all forward passes (faster on GPUs)")
     p.add_argument("--json", action="store_true", help="print analysis.json to stdout")
     p.set_defaults(handler=_cmd_analyze)
@@ -165,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "digits: a plain and a mixup teacher, students over the study's methods at "
                                    "T = 1 and 4, analyses; print the table and where the report (with figures) is.")
     p.add_argument("--out", default="runs/demo", help="study folder for the demo's runs (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--epochs", type=int_in(1, 100_000), default=None, help="epochs per run (default: the demo's own)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95% intervals",

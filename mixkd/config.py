@@ -1,11 +1,15 @@
 """Run configuration: validated, loaded from YAML and flags, written back fully resolved.
 
 Precedence: defaults < ``--config`` YAML file < command-line flags < ``key=value`` overrides.
-Invalid values are rejected here, before any data is read or any model is built.
+Invalid values are rejected here, before any data is read or any model is built: every number has a
+valid range (``mixkd train --help`` shows it beside each flag), a YAML file that repeats a key or whose
+aliases expand beyond :data:`MAX_YAML_VALUES` values is refused (:func:`load_yaml`, also used for
+study files).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,17 +30,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SEED_MAX = 2**63 - 1  # what torch.manual_seed takes
+
+
 class OptimConfig(_Section):
-    lr: float | None = Field(None, gt=0, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
+    lr: float | None = Field(None, gt=0, le=10, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     milestones: list[int] | None = Field(None, description="epochs at which lr is multiplied by lr_decay; default 62.5/75/87.5% of the run")
     lr_decay: float = Field(0.1, gt=0, le=1)
 
 
 class MixConfig(_Section):
     method: Literal["none", "mixup", "cutmix"] = "none"
-    alpha: float = Field(1.0, gt=0, description="Beta(alpha, alpha) for lambda")
+    alpha: float = Field(1.0, ge=1e-3, le=1e3, description="Beta(alpha, alpha) for lambda")
     fraction: float = Field(1.0, ge=0, le=1, description="share of each batch that is mixed (1 = full mixup)")
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
 
@@ -45,9 +52,10 @@ class KDConfig(_Section):
     teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint or a RepDistiller .pth")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a RepDistiller .pth)")
     method: Literal["kd", "std"] = Field("kd", description="kd: Hinton KD at temperature; std: standardized KD")
-    temperature: float = Field(4.0, gt=0)
-    ce_weight: float = Field(0.1, ge=0, description="gamma: weight of the cross-entropy term")
-    kd_weight: float = Field(0.9, ge=0, description="alpha: weight of the distillation term")
+    # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
+    temperature: float = Field(4.0, ge=0.01, le=1000)
+    ce_weight: float = Field(0.1, ge=0, le=1000, description="gamma: weight of the cross-entropy term")
+    kd_weight: float = Field(0.9, ge=0, le=1000, description="alpha: weight of the distillation term")
 
 
 class RunConfig(_Section):
@@ -56,16 +64,16 @@ class RunConfig(_Section):
     dataset: Literal["cifar100", "cifar10", "digits", "imagefolder"] = "cifar100"
     data_dir: str = "./data"
     download: bool = False
-    image_size: int | None = Field(None, ge=8, description="imagefolder crop size (default 224)")
-    epochs: int = Field(240, ge=1)
-    batch_size: int = Field(64, ge=2)
-    eval_batch_size: int = Field(1024, ge=1)
-    seed: int = 0
+    image_size: int | None = Field(None, ge=8, le=4096, description="imagefolder crop size (default 224)")
+    epochs: int = Field(240, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=2, le=65_536)
+    eval_batch_size: int = Field(1024, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     out: str | None = Field(None, description="run directory")
-    save_every: int = Field(10, ge=1, description="checkpoint every N epochs (and at the end)")
-    save_every_minutes: float = Field(10.0, ge=0, description="also checkpoint mid-epoch every M minutes (0: never)")
-    workers: int | None = Field(None, ge=0, description="data-loading processes (image folders only); default: the cores available, at most 4")
+    save_every: int = Field(10, ge=1, le=100_000, description="checkpoint every N epochs (and at the end)")
+    save_every_minutes: float = Field(10.0, ge=0, le=1e6, description="also checkpoint mid-epoch every M minutes (0: never)")
+    workers: int | None = Field(None, ge=0, le=256, description="data-loading processes (image folders only); default: the cores available, at most 4")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast, channels-last; losses stay fp32")
     graph: bool = Field(True, description="on CUDA, capture the training step as a CUDA graph (false: eager)")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the teacher and student inside the step; auto: on for CUDA runs of in-memory datasets (24-37% faster on an H100), off on the CPU and for imagefolder")
@@ -92,8 +100,8 @@ class RunConfig(_Section):
         if self.task == "distill" and not self.kd.teacher:
             raise ValueError("kd.teacher: distillation needs a teacher checkpoint (--teacher)")
         m = self.optim.milestones
-        if m is not None and any(e < 1 for e in m):
-            raise ValueError("optim.milestones: epochs must be >= 1")
+        if m is not None and any(e < 1 or e > 100_000 for e in m):
+            raise ValueError("optim.milestones: epochs must be in [1, 100000]")
         return self
 
     def milestones(self) -> list[int]:
@@ -127,16 +135,113 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid {source}: {loc}: {msg}{got}{more}"
 
 
+def value_range(key: str) -> str | None:
+    """The valid range of a numeric config key (dotted), as ``[0, 1)``; None for other keys."""
+    model: type[BaseModel] = RunConfig
+    *sections, name = key.split(".")
+    for s in sections:
+        model = model.model_fields[s].annotation
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    def num(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    low = high = None
+    for m in field.metadata:
+        for attr, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(m, attr, None) is not None:
+                low = f"{bracket}{num(getattr(m, attr))}"
+        for attr, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(m, attr, None) is not None:
+                high = f"{num(getattr(m, attr))}{bracket}"
+    if low is None and high is None:
+        return None
+    return f"{low or '(-inf'}, {high or 'inf)'}"
+
+
+MAX_YAML_VALUES = 100_000  # values a YAML file may expand to, aliases counted each time they are used
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (lines {seen[key]} and "
+                            f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root) -> int:
+    """How many values the node graph stands for once every alias is expanded (each distinct node
+    is counted once and its size reused, so a 'billion laughs' file is measured without expanding it)."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once
+        children = [v for kv in node.value for v in kv] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1 + sum(size(c) for c in children)
+        sizes[id(node)] = min(total, MAX_YAML_VALUES + 1)
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` safely: one :class:`MixkdError` naming ``source`` (and the line) for invalid
+    YAML, a repeated key, or aliases that expand beyond :data:`MAX_YAML_VALUES` values."""
+    try:
+        root = yaml.compose(text, Loader=_StrictLoader)
+        if root is None:
+            return None
+        if _expanded_size(root) > MAX_YAML_VALUES:
+            raise MixkdError(f"{source} expands to more than {MAX_YAML_VALUES:,} values through YAML aliases "
+                             "(&anchor / *alias): write the values out")
+        loader = _StrictLoader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MixkdError(f"{source}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise MixkdError(f"{source} nests its values too deeply to be a mixkd file") from None
+
+
+def int_in(low: int, high: int):
+    """An argparse ``type``: an integer in [low, high], else one line saying the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MixkdError(f"config file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = load_yaml(p.read_text(), f"config file {p}") or {}
     if not isinstance(data, dict):
         raise MixkdError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -55,6 +55,20 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def machine_problems(configs: list[dict[str, Any]]) -> list[str]:
+    """What would fail every run of a study on this machine, checked once before any run starts: each
+    device asked for (CUDA where there is none) and each dataset's files (one line per distinct
+    problem, whatever the number of runs it would stop)."""
+    problems: list[str] = []
+    for device in dict.fromkeys(str(c.get("device", "auto")) for c in configs):
+        problems += _device_problems(device)
+    data = dict.fromkeys((c.get("dataset", "cifar100"), c.get("data_dir", "./data"), bool(c.get("download")),
+                          c.get("image_size")) for c in configs)
+    for dataset, data_dir, download, image_size in data:
+        problems += check_dataset(dataset, data_dir, download=download, image_size=image_size)
+    return list(dict.fromkeys(problems))
+
+
 # ---- config values ---------------------------------------------------------------------------
 
 def _value_problems(cfg: RunConfig) -> list[str]:

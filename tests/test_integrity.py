@@ -225,3 +225,81 @@ def test_a_studys_workers_stop_before_the_study_so_that_its_own_exit_fits():
     control = StopControl(3600.0)
     assert control.deadline - control.inner_deadline() == pytest.approx(10.0)
     assert StopControl().inner_deadline() is None
+
+
+# ---- every number in range, every file read safely, checked before anything runs --------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", str(2**70)], "seed: Input should be less than or equal to 9223372036854775807"),
+    (["-T", "1e-320"], "kd.temperature: Input should be greater than or equal to 0.01"),
+    (["--mix-alpha", "0"], "mix.alpha: Input should be greater than or equal to 0.001"),
+])
+def test_numbers_out_of_range_are_one_line_before_anything_runs(tmp_path, capsys, flags, words):
+    from mixkd.cli import main
+
+    out = tmp_path / "never"
+    code = main(["distill", "--teacher", str(tmp_path), "--student", "resnet8", "--dataset", "digits", "--out", str(out),
+                 *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_every_numeric_flag_shows_its_range_in_help():
+    from mixkd.cli import RUN_OPTIONS, build_parser
+    from mixkd.config import value_range
+
+    numeric = [key for _, key, kwargs, _ in RUN_OPTIONS if kwargs.get("type") in (int, float)]
+    assert numeric and all(value_range(k) for k in numeric), [k for k in numeric if not value_range(k)]
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(valid: [0, 9223372036854775807])" in " ".join(text.split())
+
+
+def test_study_counts_are_checked_before_anything_starts(tmp_path, capsys):
+    from mixkd.cli import main
+
+    for flag in ("--pack", "--workers", "--threads"):
+        code = main(["study", "run", "configs/studies/quickstart.yaml", "--out", str(tmp_path / "s"), flag, "0"])
+        assert code == 2 and capsys.readouterr().err.strip() == f"mixkd: error: {flag} must be at least 1, got 0"
+    code = main(["study", "run", "configs/studies/quickstart.yaml", "--out", str(tmp_path / "s"),
+                 "--set", "dataset=cifar10", "--set", f"data_dir={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "dataset 'cifar10' not found" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_cuda_without_a_gpu_stops_a_study_up_front(tmp_path, capsys, monkeypatch):
+    from mixkd.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["study", "run", "configs/studies/quickstart.yaml", "--out", str(tmp_path / "s"), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("mixkd: error: device 'cuda' asked for, but CUDA is not available here; "
+                                 "use --device cpu (or auto)")
+    assert not (tmp_path / "s").exists()
+
+
+def test_repeated_keys_and_alias_bombs_are_refused(tmp_path):
+    from mixkd.config import read_yaml
+    from mixkd.study import load_study
+
+    (tmp_path / "twice.yaml").write_text("epochs: 2\nseed: 1\nepochs: 3\n")
+    with pytest.raises(MixkdError, match=r"twice.yaml line 3 is not valid YAML: key 'epochs' is given twice \(lines 1 and 3\)"):
+        read_yaml(tmp_path / "twice.yaml")
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")  # 9**9 values: about 390 million
+    assert len((tmp_path / "bomb.yaml").read_bytes()) < 1000
+    with pytest.raises(MixkdError, match="bomb.yaml expands to more than 100,000 values through YAML aliases"):
+        load_study(tmp_path / "bomb.yaml")
+    (tmp_path / "anchors.yaml").write_text("base: &b {epochs: 2}\nother: *b\n")  # modest aliases still work
+    assert read_yaml(tmp_path / "anchors.yaml") == {"base": {"epochs": 2}, "other": {"epochs": 2}}
+
+
+def test_a_seed_out_of_range_in_a_study_file_is_refused_at_load(tmp_path):
+    from mixkd.study import load_study
+
+    (tmp_path / "s.yaml").write_text("name: s\ndefaults: {dataset: digits, epochs: 1}\n"
+                                     f"teachers:\n  - {{name: plain, models: resnet8, seeds: [{2**70}]}}\n")
+    with pytest.raises(MixkdError, match="less than or equal to 9223372036854775807"):
+        load_study(tmp_path / "s.yaml")

@@ -77,14 +77,24 @@ def _out(args, study) -> Path:
     return Path(args.out) if args.out else DEFAULT_ROOT / study.name
 
 
+COUNTS = {"pack": (1, 1024), "workers": (1, 1024), "threads": (1, 1024)}  # the valid range of each count option
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """--pack, --workers and --threads within their ranges, before anything is read or started."""
+    for name, (low, high) in COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise MixkdError(f"--{name} must be at least {low}, got {value}")
+        if value is not None and value > high:
+            raise MixkdError(f"--{name} must be at most {high}, got {value}")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from mixkd.study import format_plan, load_study
     from mixkd.study.report import claims_plan
 
-    if args.pack is not None and args.pack < 1:
-        from mixkd.errors import MixkdError
-
-        raise MixkdError(f"--pack must be at least 1, got {args.pack}")
+    _check_counts(args)
     study = load_study(args.file, args.overrides)
     print(format_plan(study, _out(args, study), pack=args.pack))
     print("\n" + claims_plan(study))
@@ -99,7 +109,12 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     from mixkd.control import StopControl
     from mixkd.study import make_executor, run_study, write_report
     from mixkd.study.report import claims_text
+    from mixkd.validate import format_problems, machine_problems
 
+    problems = machine_problems([r.config_for(out, device) for r in study.runs  # those still to train
+                                 if not (out / r.id / "result.json").exists()])
+    if problems:
+        raise MixkdError(format_problems(problems))
     control = StopControl(time_limit)
     use_gpu = any((device or r.config.get("device", "auto")) != "cpu" for r in study.runs)
     ex = make_executor(executor, workers, None, address, use_gpu, threads=threads, pack=pack,
@@ -143,6 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mixkd.control import parse_duration
     from mixkd.study import load_study
 
+    _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
     study = load_study(args.file, args.overrides)
     return run_and_report(study, _out(args, study), args.executor, args.workers, args.pack, args.address,

@@ -50,7 +50,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
-from mixkd.config import MACHINE_KEYS, RunConfig, parse_override, set_dotted
+from mixkd.config import MACHINE_KEYS, RunConfig, load_yaml, parse_override, set_dotted
 from mixkd.errors import MixkdError
 
 
@@ -143,7 +143,7 @@ class AnalysisSetting(_Strict):
     enabled: bool = True
     subset: int | None = Field(None, ge=1, description="analyze N evenly spaced test images (None: all); t-SNE set fixed")
     batch_size: int = Field(1000, ge=1)
-    seed: int = Field(0, ge=0, description="vicinal pairs, PGD random starts, t-SNE")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="vicinal pairs, PGD random starts, t-SNE")
 
     def options(self) -> dict[str, Any] | None:
         """The keyword arguments of analyze_run, or None when disabled."""
@@ -626,12 +626,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
     text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MixkdError(f"study file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = load_yaml(text, f"study file {p}")
     if seeds is not None and isinstance(data, dict):
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:
             if isinstance(group, dict) and "checkpoint" not in group:
