@@ -591,7 +591,9 @@ def plan(rows: Any, runs_per_cell: Any = None, sigma: float | None = None, noise
     grid, planned = pairs(results, margin)
     source = "the study's claims.noise" if sigma is None and noise is not None else SIGMA_SOURCE
     lines = [f"claims (assumed sigma = {assumed:g} points per run, {source}; 95% intervals; smallest detectable "
-             f"difference: decided with {POWER:.0%} probability; non-inferiority margin {margin:g}):"]
+             f"difference: the true difference beyond a comparison's threshold decided with {POWER:.0%} probability, "
+             "for one comparison and for all of a claim's together (comparisons taken as independent: the "
+             f"conservative case); non-inferiority margin {margin:g}):"]
     for spec in CLAIMS:
         names = spec.parts(grid)
         by_part: dict[str, list[Pair]] = defaultdict(list)
@@ -607,11 +609,13 @@ def plan(rows: Any, runs_per_cell: Any = None, sigma: float | None = None, noise
             verdict = ("cannot decide without an assumed sigma: one run a side measures no spread (give the study "
                        "claims: {noise: SIGMA}, or use mixkd claims --noise)")
         else:
-            worst = max(detectable_difference(a, b, assumed) for a, b in counts)
+            k = sum(map(len, by_part.values()))
+            one = max(detectable_difference(a, b, assumed) for a, b in counts)
+            every = max(detectable_difference(a, b, assumed, POWER ** (1 / k)) for a, b in counts)
             n_text = ", ".join(f"{a} vs {b}" for a, b in counts)
-            verdict = (f"decidable: {sum(map(len, by_part.values()))} comparisons, seeds {n_text}; smallest detectable "
-                       f"difference {worst:.2f} points" + (f" (one run a side: assuming sigma = {noise:g})"
-                                                            if single else ""))
+            verdict = (f"decidable: {k} comparisons, seeds {n_text}; smallest detectable difference {one:.2f} points "
+                       f"per comparison, {every:.2f} for all {k} to hold together"
+                       + (f" (one run a side: assuming sigma = {noise:g})" if single else ""))
         lines.append(f"  claim {spec.number}: {verdict}")
     return lines
 

@@ -287,7 +287,11 @@ def test_the_cifar100_studies_decide_every_claim(tmp_path, capsys):
         # 1 vs 1 assuming sigma 0.4: (1.96 + 0.8416) x 0.4 x sqrt(2) = 1.585; 3 vs 3: (2.7764 + 0.9410) x 0.4 x
         # sqrt(2/3) = 1.214
         assert [line.split(":")[1].strip() for line in lines[1:]] == ["decidable"] * 5
-        assert all(f"smallest detectable difference {smallest} points" in line for line in lines[1:])
+        assert all(f"smallest detectable difference {smallest} points per comparison" in line for line in lines[1:])
+    # claim 4 of the full study: 22 comparisons, each to hold with 0.8 ** (1/22) = 0.98991: t(0.98991, 4) = 3.7365,
+    # (2.7764 + 3.7365) x 0.4 x sqrt(2/3) = 2.13
+    assert "22 comparisons, seeds 3 vs 3; smallest detectable difference 1.21 points per comparison, 2.13 for all 22" \
+        in lines[4]
     quick = claims_plan(load_study(STUDIES / "quickstart.yaml"))  # no STD+FMU, one seed, no sigma
     assert "claim 2: cannot decide: no runs for 'STD: PMU > FMU'" in quick
     assert "claim 1: cannot decide without an assumed sigma" in quick
