@@ -646,7 +646,8 @@ def claims_json(claims: list[ClaimResult], noise: float | None = None, margin: f
 def _interval_text(c: Comparison) -> str:
     iv = c.interval
     if iv.se is None:
-        return "no interval: one run a side measures no spread (give --noise)"
+        return ("no interval: one run a side measures no spread (assume a per-run sigma: mixkd claims --noise, or "
+                "the study file's claims: {noise: SIGMA})")
     return f"95% interval [{iv.low:+.2f}, {iv.high:+.2f}]"
 
 

@@ -5,7 +5,8 @@ A results table has one row per trained student with the columns of :data:`COLUM
 
 =============== =========================================================================================
 ``teacher``     the teacher's name (e.g. ``resnet56``); empty for a student trained alone
-``teacher_mix`` how the teacher was trained: ``none``, ``mixup`` (a "Mix-T" teacher), ``cutmix``
+``teacher_mix`` how the teacher was trained: ``none``, ``mixup`` (a "Mix-T" teacher), ``cutmix``, or
+                ``other`` (neither plain nor Mix-T, e.g. partial mixup or an external checkpoint)
 ``student``     the student's architecture
 ``kd``          ``none`` (trained alone), ``kd`` (Hinton KD), ``std`` (standardized KD), or any other
                 KD method's name
@@ -36,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from mixkd.errors import MixkdError
+from mixkd.files import atomic_write
 
 COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
 SETTING_COLUMNS = ("epochs", "batch_size", "lr")  # optional: pooled only when equal
 MIXES = ("none", "mixup", "cutmix")
+TEACHER_MIX_VALUES = (*MIXES, "other")
 SAMPLINGS = ("exact", "reference")
 # Short names of the KD methods in labels (any other method is shown by its name in capitals).
 KD_SHORT = {"kd": "KD", "std": "STD", "dkd": "DKD", "dist": "DIST", "lskd": "LS-KD", "fitnet": "FitNet"}
@@ -243,7 +246,7 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     if (teacher is None) != (kd == "none"):
         raise r.fail("kd", f"{kd!r} with teacher {teacher or 'empty'!r}: a student trained alone has an empty teacher "
                            "and kd none; a distilled one names both")
-    teacher_mix = r.choice("teacher_mix", MIXES, default="none") if teacher else None
+    teacher_mix = r.choice("teacher_mix", TEACHER_MIX_VALUES, default="none") if teacher else None
     temperature = r.number("temperature", low=1e-9, high=1e9)
     if kd in TEMPERATURE_FREE or kd == "none":
         temperature = None
@@ -341,3 +344,30 @@ def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_
         return Context(model, TEACHER_MIXES[label], str(cfg.get("model")), settings)
     return Context(f"{model} ({label})", label.split("-")[0] if label.split("-")[0] in MIXES and "-f" not in label
                    else label, str(cfg.get("model")), settings)
+
+
+def table_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """Results records as rows of a results table (:data:`COLUMNS`, the settings, and the run as ``id``):
+    what :func:`results_from_rows` reads back."""
+    rows = []
+    for r in results:
+        ctx, cell = r.context, r.cell
+        teacher_mix = (ctx.teacher_mix if ctx.teacher_mix in TEACHER_MIX_VALUES else "other") if ctx.teacher else ""
+        rows.append({"teacher": ctx.teacher or "", "teacher_mix": teacher_mix,
+                     "student": ctx.student, "kd": cell.kd,
+                     "temperature": "" if cell.temperature is None else f"{cell.temperature:g}", "mix": cell.mix,
+                     "mix_fraction": "" if cell.fraction is None else f"{cell.fraction:g}",
+                     "sampling": cell.sampling or "", "seed": "" if r.seed is None else r.seed, "top1": r.top1,
+                     **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
+    return rows
+
+
+def write_csv(results: list[Result], path: str | Path) -> None:
+    """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *SETTING_COLUMNS, "id"])
+            writer.writeheader()
+            writer.writerows(table_rows(results))
+
+    atomic_write(path, write)

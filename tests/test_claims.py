@@ -263,6 +263,12 @@ def test_report_has_the_claims_section_and_claims_json_with_the_study_files_sigm
     assert kd4["interval_95"] == pytest.approx([3.9 - 12.7062 * 0.707107 * math.sqrt(1.5),
                                                 3.9 + 12.7062 * 0.707107 * math.sqrt(1.5)], abs=1e-3)
     assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5]
+    # the finished students as a results table: mixkd claims reads it back to the same verdicts
+    assert main(["claims", str(out / "claims-table.csv"), "--noise", "0.5", "--json", str(tmp_path / "c.json")]) == 0
+    again = json.loads((tmp_path / "c.json").read_text())
+    assert [c["verdict"] for c in again["claims"]] == [c["verdict"] for c in data["claims"]]
+    assert [c["interval_95"] for c in again["claims"][3]["comparisons"]] == [
+        c["interval_95"] for c in c4["comparisons"]]
     printed = claims_text(out)
     assert printed.startswith("claims (details: report.md, claims.json):\nclaim 1: inconclusive")
     assert "handicaps standardized KD" in printed or "handicap standardized KD" in printed

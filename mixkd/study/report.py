@@ -8,7 +8,8 @@ figures (:mod:`mixkd.study.figures`) and claims (:mod:`mixkd.claims`).
 * heatmaps of student top-1 over (teacher, student), one panel per temperature (the Mix-T figure);
 * top-1 against temperature, and against mix fraction (0 = no mixing, 1 = full mixup), when swept;
 * the study's claims with their verdicts (``claims.json``: every comparison), with the study file's
-  ``claims: {noise, margin}`` when it gives them;
+  ``claims: {noise, margin}`` when it gives them; ``claims-table.csv``: the finished students as a
+  results table, for ``mixkd claims`` (e.g. with another ``--noise``);
 * where runs were analyzed (``analysis.json``, see :mod:`mixkd.analysis`): per-method means of the
   analysis metrics, the same table's layout for ECE, entropy, agreement with the teacher and PGD
   accuracy at 8/255, robustness curves per method, and a t-SNE montage (teacher | student alone |
@@ -36,6 +37,7 @@ from mixkd.claims import (
 )
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
+from mixkd.results import write_csv as results_table
 from mixkd.study.figures import (
     METRICS,
     plot_fraction_curves,
@@ -50,6 +52,7 @@ from mixkd.study.runner import STUDY_COPY
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
 
+CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
 __all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
 FIGURES = {"heatmap": "heatmap.png", "temperature": "top1-vs-temperature.png", "fraction": "top1-vs-fraction.png",
            "robustness": "analysis-robustness.png", "tsne": "analysis-tsne.png"}
@@ -176,6 +179,7 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
             lines += [f"## {title}", "", f"![{title}]({FIGURES[key]})", ""]
         else:
             target.unlink(missing_ok=True)
+    results_table(results_of(rows, metric), out / CLAIMS_TABLE)
     claims, noise, margin = study_claims(rows, spec, metric)
     atomic_write_text(out / "claims.json", json.dumps(claims_json(claims, noise, margin, metric), indent=1,
                                                       ensure_ascii=False) + "\n")

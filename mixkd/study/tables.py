@@ -32,7 +32,8 @@ def _cell(stats: tuple[float, float, int] | None, n_max: int, bold: bool = False
 
 
 def teacher_name(row: dict[str, Any]) -> str:
-    return f"{row['teacher_model']} ({row['teacher_mix']})"
+    """'resnet56 (plain)', 'resnet56 (mixup-a0.2)': the label of the row's context (:class:`mixkd.results.Context`)."""
+    return row["context"].teacher_label
 
 
 def pair_key(row: dict[str, Any]) -> tuple:
