@@ -569,10 +569,10 @@ def schedule_note(rows: Any) -> str:
     if not epochs:
         return ("schedule: the table does not give the runs' epochs; the claims are the paper's at its 240-epoch "
                 "recipe, and a short schedule handicaps standardized KD (its gradient has no T² factor)")
-    shown = ", ".join(map(str, epochs))
+    shown = ", ".join(map(str, epochs)) + (" epoch" if epochs == [1] else " epochs")
     if max(epochs) >= RECIPE_EPOCHS:
-        return f"schedule: {shown} epochs, the study's recipe ({RECIPE_EPOCHS}): the verdicts speak for that recipe"
-    return (f"schedule: {shown} epochs, short of the study's {RECIPE_EPOCHS}: the verdicts say how these short runs "
+        return f"schedule: {shown}, the study's recipe ({RECIPE_EPOCHS}): the verdicts speak for that recipe"
+    return (f"schedule: {shown}, short of the study's {RECIPE_EPOCHS}: the verdicts say how these short runs "
             "rank, not how the full recipe does; short runs handicap standardized KD (STD), whose gradient lacks "
             "Hinton KD's T² factor (16 at T = 4), so a verdict against STD (claim 3, the STD parts of claims 2 and 4) "
             "does not carry over to 240 epochs")
@@ -643,20 +643,20 @@ def claims_json(claims: list[ClaimResult], noise: float | None = None, margin: f
             "rules": RULES, "claims": [c.as_dict() for c in claims]}
 
 
-def _interval_text(c: Comparison) -> str:
-    iv = c.interval
-    if iv.se is None:
-        return ("no interval: one run a side measures no spread (assume a per-run sigma: mixkd claims --noise, or "
-                "the study file's claims: {noise: SIGMA})")
-    return f"95% interval [{iv.low:+.2f}, {iv.high:+.2f}]"
+UNMEASURED_HINT = ("one run a side measures no spread: assume a per-run sigma to decide (mixkd claims TABLE.csv "
+                   "--noise SIGMA, e.g. on a study folder's claims-table.csv, or the study file's claims: {noise: SIGMA})")
 
 
 def comparison_text(c: Comparison) -> str:
     """'resnet56 (mixup) → resnet20: KD T=1 > KD T=4: +1.20 points, 95% interval [+0.40, +2.00], n = 3 vs 3
     (Welch): holds'."""
     extra = f" ({c.qualifier})" if c.qualifier else ""
-    return (f"{c.context.label}: {c.statement}: {c.interval.difference:+.2f} points, {_interval_text(c)}, "
-            f"n = {c.a.n} vs {c.b.n} ({c.interval.basis}): {c.verdict}{extra}")
+    iv = c.interval
+    head = f"{c.context.label}: {c.statement}: {iv.difference:+.2f} points"
+    if iv.se is None:
+        return f"{head}, n = {c.a.n} vs {c.b.n}, no spread measured: {c.verdict}{extra}"
+    return (f"{head}, 95% interval [{iv.low:+.2f}, {iv.high:+.2f}], n = {c.a.n} vs {c.b.n} ({iv.basis}): "
+            f"{c.verdict}{extra}")
 
 
 def format_claims(claims: list[ClaimResult], details: bool = True) -> str:
@@ -674,6 +674,8 @@ def format_claims(claims: list[ClaimResult], details: bool = True) -> str:
             if details:
                 lines += [f"    {comparison_text(c)}" for c in part.comparisons]
         lines += [f"  note: {n}" for n in claim.notes]
+    if any(c.interval.se is None for claim in claims for c in claim.comparisons):
+        lines.append(UNMEASURED_HINT)
     return "\n".join(lines)
 
 
