@@ -48,8 +48,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from mixkd.data import CIFAR100_MEAN, CIFAR100_STD, ArraySplit, DeviceLoader, load_dataset
-from mixkd.engine import Learner, device_name
-from mixkd.losses import KDObjective, soft_cross_entropy, standardize, std_kd_loss
+from mixkd.distiller import make_distiller
+from mixkd.engine import device_name
+from mixkd.losses import soft_cross_entropy, standardize, std_kd_loss
 from mixkd.mix import MixSpec
 from mixkd.models import create_model
 from mixkd.step import SGD, CompileSpec, GraphedTrainStep, TrainStep
@@ -173,7 +174,7 @@ def make_run(pair: str, split, device, batch: int, graph: bool, precision: str,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(memory_format=fmt)
     student.to(memory_format=fmt)
-    learner = Learner(student, teacher, KDObjective("std"))
+    learner = make_distiller("std", student, teacher)
     learner.channels_last = channels_last
     gen = torch.Generator(device=device).manual_seed(seed)
     cls = GraphedTrainStep if graph else TrainStep

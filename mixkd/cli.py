@@ -67,7 +67,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
 DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, or a RepDistiller .pth"),
     (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a RepDistiller .pth)"),
-    (("--kd",), "kd.method", {"choices": ["kd", "std"]}, "kd: Hinton KD at --temperature; std: standardized KD (the study's)"),
+    (("--kd",), "kd.method", {}, "a registered KD method (mixkd.distiller): kd: Hinton KD at --temperature; std: standardized KD (the study's)"),
     (("--temperature", "-T"), "kd.temperature", {"type": float}, "KD temperature (kd only)"),
     (("--ce-weight",), "kd.ce_weight", {"type": float}, "gamma: weight of the cross-entropy term"),
     (("--kd-weight",), "kd.kd_weight", {"type": float}, "alpha: weight of the distillation term"),

@@ -51,7 +51,7 @@ class MixConfig(_Section):
 class KDConfig(_Section):
     teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint or a RepDistiller .pth")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a RepDistiller .pth)")
-    method: Literal["kd", "std"] = Field("kd", description="kd: Hinton KD at temperature; std: standardized KD")
+    method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd: Hinton KD at temperature; std: standardized KD")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
     temperature: float = Field(4.0, ge=0.01, le=1000)
     ce_weight: float = Field(0.1, ge=0, le=1000, description="gamma: weight of the cross-entropy term")

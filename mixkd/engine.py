@@ -38,9 +38,9 @@ from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, resolve_precision
 from mixkd.control import StopControl, format_seconds
 from mixkd.data import load_dataset, make_loaders
+from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
 from mixkd.files import append_text
-from mixkd.losses import KDObjective, supervised_objective
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
@@ -51,6 +51,7 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"
 LOG_NAME = "log.txt"
+DISTILLER_STATE = "distiller."  # checkpoint state keys of the KD method's own modules
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,30 +101,6 @@ def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device,
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, arch
-
-
-class Learner:
-    """Owns the student (and frozen teacher) and turns a mixed batch into named losses.
-
-    The teacher sees the same mixed batch as the student, forward only, in eval mode.
-    """
-
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None = None,
-                 objective: KDObjective | None = None):
-        if (teacher is None) != (objective is None):
-            raise ValueError("a teacher needs a KD objective and vice versa")
-        self.student, self.teacher, self.objective = student, teacher, objective
-        self.channels_last = False
-
-    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        student_logits = self.student(x)
-        if self.teacher is None:
-            return supervised_objective(student_logits, target)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        return self.objective(student_logits, teacher_logits, target)
 
 
 def library_versions() -> dict[str, str]:
@@ -238,20 +215,18 @@ class Run:
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
-        self.teacher, self.teacher_arch, objective = None, None, None
+        self.teacher, self.teacher_arch = None, None
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
-            objective = KDObjective(cfg.kd.method, cfg.kd.temperature, cfg.kd.ce_weight, cfg.kd.kd_weight)
-        self.learner = Learner(self.model, self.teacher, objective)
-        self.learner.channels_last = channels_last
+        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
-        self.optimizer = SGD(self.model.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
+        self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)
         self.mix = MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
         self.mix_generator = torch.Generator(device=self.device)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
-        self.step = step_cls(self.learner, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
+        self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
                              self.precision, compile=resolve_compile(cfg.compile, self.device.type, cfg.dataset))
         self.steps_per_epoch = len(self.train_loader)
 
@@ -279,9 +254,10 @@ class Run:
         state, rng = {}, {}
         if not final:
             rng = {"torch_cpu": torch.get_rng_state()}
+            state = {f"{DISTILLER_STATE}{k}": v for k, v in self.distiller.state_dict().items()}
             if self.step_in_epoch:
                 rng["mix"] = self.mix_generator.get_state()
-                state = {"loss_sums": self.step.sums}
+                state["loss_sums"] = self.step.sums
         save_checkpoint(self.dir / CHECKPOINT_NAME, self.model, model_name=self.cfg.model,
                         num_classes=self.data.num_classes, epoch=self.epoch,
                         optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
@@ -303,6 +279,9 @@ class Run:
         elif ckpt.epoch < self.cfg.epochs:
             raise MixkdError(f"{path} holds the final weights of a finished run (no optimizer state) but the run "
                              f"has {self.cfg.epochs} epochs and the checkpoint {ckpt.epoch}; it cannot continue")
+        if ckpt.optimizer_state is not None:
+            self.distiller.load_state_dict({k.removeprefix(DISTILLER_STATE): v for k, v in ckpt.state.items()
+                                            if k.startswith(DISTILLER_STATE)})
         if "torch_cpu" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
@@ -310,7 +289,8 @@ class Run:
         self.train_images = int(ckpt.meta.get("train_images", 0))
         if self.step_in_epoch:
             self.mix_generator.set_state(ckpt.rng["mix"])
-            self.step.sums.copy_(ckpt.state["loss_sums"].to(self.step.sums.device))
+            sums = ckpt.state["loss_sums"]  # older versions summed ("loss", "ce", "kd") for every run
+            self.step.sums.copy_(sums[:len(self.step.sums)].to(self.step.sums.device))
             self.step.steps = self.step_in_epoch
             self.epoch_seconds = float(ckpt.meta.get("epoch_seconds", 0.0))
         self.history = [row for row in self._read_metrics() if row["epoch"] <= ckpt.epoch]
@@ -431,9 +411,9 @@ class Run:
         return self.step_seconds
 
     def _begin_epoch(self) -> None:
-        self.model.train()
-        lr = self.lr_at(self.epoch)
-        self.optimizer.set_lr(lr)
+        self.distiller.train()
+        self.optimizer.set_lr(self.lr_at(self.epoch))
+        self.distiller.set_epoch(self.epoch + 1, self.cfg.epochs)
         self.train_loader.set_epoch_seed(epoch_seed(self.cfg.seed, self.epoch, 0))
         if self.step_in_epoch == 0:
             self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, 1))

@@ -1,7 +1,7 @@
 """The training step, eager or captured as one CUDA graph, optionally compiled.
 
-One step: one-hot labels -> mixing -> teacher forward (no grad) -> student forward -> losses ->
-backward -> SGD update, with the losses summed on the device. Nothing in it reads a value back to
+One step: one-hot labels -> mixing -> the distiller's losses (:mod:`mixkd.distiller`: teacher
+forward without grad, student forward, named losses) -> backward -> SGD update, with the losses summed on the device. Nothing in it reads a value back to
 the host, so a whole epoch runs without synchronization; :meth:`TrainStep.epoch_means` reads the
 sums once. On CUDA, :class:`GraphedTrainStep` records the step once and replays it, which removes the
 per-kernel launch cost that bounds a batch-64 step on a large GPU.
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
 from mixkd.mix import MixSpec, mix_batch
 
-LOSS_KEYS = ("loss", "ce", "kd")
 COMPILE_SETTINGS = ("auto", "on", "off")
 COMPILE_SCOPES = ("models", "step")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # inductor's own CUDA graphs would nest in ours
@@ -168,22 +168,6 @@ def set_compile_cache(directory: str | os.PathLike) -> Path:
     return path
 
 
-class _CompiledModels:
-    """The learner as a compiled step sees it: compiled student and teacher of its own, every other
-    attribute the learner's (read live). The learner's modules stay plain for evaluation and checkpoints."""
-
-    def __init__(self, learner, options: dict):
-        self._learner = learner
-        self.student = torch.compile(learner.student, **options)
-        self.teacher = None if learner.teacher is None else torch.compile(learner.teacher, **options)
-
-    def __getattr__(self, name: str):
-        return getattr(self._learner, name)
-
-    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return type(self._learner).losses(self, x, target)
-
-
 # ---- the step ---------------------------------------------------------------------------------------
 class TrainStep:
     """The eager step. ``precision='bf16'`` runs the forward passes under bf16 autocast (losses in fp32).
@@ -193,22 +177,24 @@ class TrainStep:
 
     graph_owns_grads = False
 
-    def __init__(self, learner, optimizer: SGD, mix: MixSpec, num_classes: int, generator: torch.Generator,
+    def __init__(self, distiller: Distiller, optimizer: SGD, mix: MixSpec, num_classes: int, generator: torch.Generator,
                  precision: str = "fp32", compile: bool | CompileSpec | None = None):
-        self.learner, self.optimizer, self.mix = learner, optimizer, mix
+        self.distiller, self.optimizer, self.mix = distiller, optimizer, mix
         self.num_classes, self.generator, self.precision = num_classes, generator, precision
         self.device = optimizer.params[0].device
-        self.sums = torch.zeros(len(LOSS_KEYS), device=self.device)  # sums of per-batch mean losses
+        self.loss_names = distiller.loss_names
+        self.sums = torch.zeros(len(self.loss_names), device=self.device)  # sums of per-batch mean losses
         self.steps = 0
         self.compile_spec = CompileSpec() if compile is True else (compile or None)
-        self._compute = learner  # what computes the losses: the learner, or a view of it with compiled models
+        self._compute = distiller  # what computes the losses: the distiller, or a view of it with compiled models
         self._forward = self._mixed_losses
         self._warm = self.compile_spec is None  # False until the first step has compiled
         if self.compile_spec is not None:
             allow_recompiles()
             opts = self.compile_spec.options()
             if self.compile_spec.scope == "models":
-                self._compute = _CompiledModels(learner, opts)
+                teacher = None if distiller.teacher is None else torch.compile(distiller.teacher, **opts)
+                self._compute = distiller.with_models(torch.compile(distiller.student, **opts), teacher)
             else:
                 self._forward = torch.compile(self._mixed_losses, **opts)
 
@@ -239,8 +225,7 @@ class TrainStep:
         losses = self._forward(x, y, not (capturing or self.compiled))
         losses["loss"].backward()
         self.optimizer.step()
-        zero = losses["loss"].new_zeros(())
-        self.sums += torch.stack([losses.get(k, zero).detach().float() for k in LOSS_KEYS])
+        self.sums += torch.stack([losses[k].detach().float() for k in self.loss_names])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad()
@@ -253,15 +238,11 @@ class TrainStep:
         values = (self.sums / max(self.steps, 1)).tolist()
         self.sums.zero_()
         self.steps = 0
-        keys = LOSS_KEYS if self.learner.teacher is not None else ("loss", "ce")
-        return {k: v for k, v in zip(LOSS_KEYS, values) if k in keys}
+        return dict(zip(self.loss_names, values, strict=True))
 
     # ---- state that a step changes ------------------------------------------------------------
     def _state_tensors(self) -> list[torch.Tensor]:
-        tensors = list(self.learner.student.parameters()) + list(self.learner.student.buffers())
-        if self.learner.teacher is not None:
-            tensors += list(self.learner.teacher.buffers())
-        return tensors + self.optimizer.buffers + [self.sums]
+        return self.distiller.state_tensors() + self.optimizer.buffers + [self.sums]
 
     def _snapshot(self) -> Callable[[], None]:
         """Save everything a step changes; the returned function puts it back exactly."""

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from mixkd.checkpoint import CHECKPOINT_NAME
 from mixkd.config import RunConfig
 from mixkd.data import check_dataset, dataset_num_classes
+from mixkd.distiller import distiller_names, unknown_method_message
 from mixkd.errors import MixkdError
 from mixkd.models import available_models
 from mixkd.models.registry import unknown_model_message
@@ -44,6 +45,7 @@ def format_problems(problems: list[str]) -> str:
 def run_config_problems(cfg: RunConfig) -> list[str]:
     """Every problem found in ``cfg``, cheapest checks first (see the module docstring)."""
     problems = _value_problems(cfg)
+    problems += _method_problems(cfg)
     problems += _model_problems(cfg)
     problems += _device_problems(cfg.device)
     problems += _out_problems(cfg.out)
@@ -83,6 +85,12 @@ def _value_problems(cfg: RunConfig) -> list[str]:
             out.append(f"{loc}: {msg} (got {err['input']!r})" if not isinstance(err.get("input"), dict) else f"{loc}: {msg}")
         return out
     return []
+
+
+def _method_problems(cfg: RunConfig) -> list[str]:
+    """``kd.method`` names a registered distiller that takes a teacher (checked for every task, so a
+    config's typo is caught before it is distilled from)."""
+    return [] if cfg.kd.method in distiller_names() else [unknown_method_message(cfg.kd.method)]
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:

@@ -294,9 +294,9 @@ def test_distill_without_teacher_is_rejected(capsys, tmp_path, cifar10_dir):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(capsys, monkeypatch, tmp_path, cifar10_dir):
-    from mixkd import engine
+    from mixkd.distiller import Distiller
 
-    real = engine.Learner.losses
+    real = Distiller.losses
     calls = {"n": 0}
 
     def poisoned(self, x, target):
@@ -306,7 +306,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(capsys, monke
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.Learner, "losses", poisoned)
+    monkeypatch.setattr(Distiller, "losses", poisoned)
     out = tmp_path / "nan"
     code, _, err = _mixkd(capsys, "train", "--model", "resnet8", "--data-dir", cifar10_dir, "--epochs", "3",
                           "--save-every", "1", "--out", out, *TINY)

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from mixkd.engine import Learner
+from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError
-from mixkd.losses import KDObjective
 from mixkd.mix import MixSpec
 from mixkd.models import create_model
 from mixkd.step import (
@@ -48,7 +47,7 @@ def _tiny_step(seed=0, compile=None, dropout=0.0):
     for p in teacher.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed + 1)
-    step = TrainStep(Learner(student, teacher, KDObjective("std")), SGD(student.parameters(), lr=0.05),
+    step = TrainStep(make_distiller("std", student, teacher), SGD(student.parameters(), lr=0.05),
                      MixSpec("mixup", 1.0, 0.5), 10, gen, "fp32", compile)
     return step, student
 
@@ -192,7 +191,7 @@ def test_compiled_step_matches_plain_step_and_compiles_once(one_thread, dynamo_l
     for a, b in zip(_state(plain, plain_student), _state(compiled, compiled_student), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     # the plain modules are untouched: evaluation and checkpoints see the usual module
-    assert compiled.learner.student is compiled_student and not hasattr(compiled_student, "_orig_mod")
+    assert compiled.distiller.student is compiled_student and not hasattr(compiled_student, "_orig_mod")
     graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
     for seed in range(1, 4):  # three more runs of the pair, as in a pack
         step, _ = _tiny_step(seed=seed, compile=True)
@@ -211,7 +210,7 @@ def _resnet_step(cls, precision="fp32", compile=None):
     if precision == "bf16":
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
-    learner = Learner(student, teacher, KDObjective("std"))
+    learner = make_distiller("std", student, teacher)
     learner.channels_last = precision == "bf16"
     gen = torch.Generator(device="cuda").manual_seed(1)
     step = cls(learner, SGD(student.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 10, gen, precision, compile)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixkd.engine import Learner
+from mixkd.distiller import make_distiller
 from mixkd.losses import KDObjective
 from mixkd.mix import MixSpec, mix_batch
 from mixkd.models import create_model
@@ -53,7 +53,7 @@ def _step(cls, device, precision="fp32"):
     torch.manual_seed(0)
     student = create_model("resnet8", 10).to(device)
     teacher = create_model("resnet8", 10).to(device).eval()
-    learner = Learner(student, teacher, KDObjective("std"))
+    learner = make_distiller("std", student, teacher)
     gen = torch.Generator(device=device).manual_seed(1)
     opt = SGD(student.parameters(), lr=0.05)
     return cls(learner, opt, MixSpec("mixup", 1.0, 0.1), 10, gen, precision), student
@@ -87,7 +87,7 @@ def test_step_loss_is_the_objective_on_the_batch_mixed_with_the_runs_generator(m
         xm, ym = mix_batch(x, one_hot(y, 5), mix, torch.Generator().manual_seed(11))
         expected = objective(student(xm), teacher(xm), ym)
         unmixed = objective(student(x), teacher(x), one_hot(y, 5))
-    step = TrainStep(Learner(student, teacher, objective), SGD(student.parameters(), lr=0.1), mix, 5,
+    step = TrainStep(make_distiller(method, student, teacher), SGD(student.parameters(), lr=0.1), mix, 5,
                      torch.Generator().manual_seed(11))
     step(x, y)
     means = step.epoch_means()

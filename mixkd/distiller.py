@@ -1,0 +1,224 @@
+"""The distiller: the one interface of a KD method, and the registry of methods.
+
+A :class:`Distiller` owns the student (and a frozen teacher) and turns a (mixed) batch into named
+losses. It is what the training step calls, what the optimizer trains and what a checkpoint
+saves, so a new KD method is **one new class plus its registry entry**; nothing in the engine, the
+step, the study or the report changes for it::
+
+    @register("mykd")
+    class MyKD(Distiller):
+        loss_names = ("loss", "ce", "kd")
+
+        def __init__(self, student, teacher, kd):   # kd: the run's KDConfig (temperature, weights...)
+            super().__init__(student, teacher, kd)
+            self.modules["regressor"] = torch.nn.Conv2d(64, 256, 1)   # trainable, optional
+
+        def forward_train(self, x, target):
+            feats_s, logits_s = self.student(x, is_feat=True)
+            with torch.no_grad():
+                feats_t, logits_t = self.teacher(x, is_feat=True)
+            ce = soft_cross_entropy(logits_s, target)
+            kd = ...  # may use self.epoch (a device tensor) for schedules
+            return {"loss": ce + kd, "ce": ce, "kd": kd}
+
+``mixkd distill --kd mykd`` (``kd.method: mykd``) then runs it; its name is validated against the
+registry (:func:`distiller_names`), and its hyperparameters come from the run's ``kd`` section.
+
+The contract (modelled on mdistiller's ``distillers/_base.py``):
+
+- ``forward_train(x, target)``: ``x`` the (mixed) images, ``target`` the (mixed) label
+  distributions, one row per image. Returns a dict holding at least ``"loss"`` (what is minimized)
+  and every name in ``loss_names`` (the per-epoch means logged as ``train_<name>``). It runs inside
+  the step: nothing in it may read a value back to the host (no ``.item()``, no Python branch on a
+  tensor), so that a whole epoch runs without synchronization and the step can be captured as a CUDA
+  graph. Models return logits, or ``(features, logits)`` with ``is_feat=True`` (see
+  :mod:`mixkd.models`).
+- ``modules``: a ``torch.nn.ModuleDict`` of the method's own trainable modules (a FitNet regressor,
+  say), empty for logit methods. They are on the student's device, trained with the student
+  (:meth:`Distiller.parameters`), switched with it between train and eval (:meth:`Distiller.train`),
+  saved in the run's step-exact checkpoints (:meth:`Distiller.state_dict`) and captured with it in
+  the CUDA graph (:meth:`Distiller.state_tensors`).
+- ``epoch``: a float32 device tensor holding the number (from 1) of the epoch being trained, and
+  ``epochs`` the run's length; the engine sets them with :meth:`Distiller.set_epoch` at each epoch's
+  start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
+  inside a captured graph without host syncs.
+- The teacher is in eval mode, without gradients, and sees the same mixed batch as the student.
+
+Registered methods: ``alone`` (:class:`Supervised`, the student trained alone: no teacher), ``kd``
+(:class:`HintonKD`) and ``std`` (:class:`StandardizedKD`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+
+from mixkd.config import KDConfig
+from mixkd.errors import MixkdError
+from mixkd.losses import KDObjective, supervised_objective
+
+DISTILLERS: dict[str, type[Distiller]] = {}
+
+
+def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    """Class decorator: make a :class:`Distiller` subclass available as ``kd.method: name``."""
+
+    def add(cls: type[Distiller]) -> type[Distiller]:
+        if name in DISTILLERS:
+            raise ValueError(f"a distiller named {name!r} is registered already ({DISTILLERS[name].__name__})")
+        cls.name = name
+        DISTILLERS[name] = cls
+        return cls
+
+    return add
+
+
+def distiller_names(teacher: bool | None = True) -> list[str]:
+    """The registered method names: those that need a teacher (``teacher=True``: the values of
+    ``kd.method``), those that do not (False), or all (None)."""
+    return [n for n, c in DISTILLERS.items() if teacher is None or c.needs_teacher == teacher]
+
+
+def unknown_method_message(name: str) -> str:
+    return f"kd.method: unknown KD method {name!r}; choose one of {', '.join(distiller_names())}"
+
+
+def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                   kd: KDConfig | None = None, *, channels_last: bool = False) -> Distiller:
+    """The registered distiller ``method`` for ``student`` and ``teacher`` (None: ``alone``) with the
+    hyperparameters of ``kd`` (defaults when None)."""
+    if teacher is None:
+        method = "alone"
+    cls = DISTILLERS.get(method)
+    if cls is None or not cls.needs_teacher and teacher is not None:
+        raise MixkdError(unknown_method_message(method))
+    distiller = cls(student, teacher, kd if kd is not None else KDConfig())
+    distiller.channels_last = channels_last
+    return distiller
+
+
+class Distiller:
+    """The base of every KD method: see the module docstring for the contract.
+
+    Subclasses set ``loss_names`` and ``needs_teacher`` and implement :meth:`forward_train`; the
+    rest (parameters, train/eval, checkpoint state, the epoch tensor, channels-last input) is here.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    loss_names: ClassVar[tuple[str, ...]] = ("loss", "ce", "kd")
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, kd: KDConfig):
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"the {self.name or type(self).__name__} distiller needs a teacher")
+        if not self.needs_teacher and teacher is not None:
+            raise ValueError(f"the {self.name or type(self).__name__} distiller takes no teacher")
+        self.student, self.teacher, self.kd = student, teacher, kd
+        self.channels_last = False  # bf16 runs feed the models channels-last images
+        self.device = next(student.parameters()).device
+        self.modules = torch.nn.ModuleDict()  # the method's own trainable modules
+        self.epoch = torch.ones((), dtype=torch.float32, device=self.device)  # from 1; see set_epoch
+        self.epochs = 1
+
+    # ---- what a subclass writes -------------------------------------------------------------
+    def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- what the step, the engine and the checkpoints use ------------------------------------
+    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named losses of one (mixed) batch (see :meth:`forward_train`)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.forward_train(x, target)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """What the optimizer trains: the student's parameters, then the method's own (in that order,
+        so that the optimizer state of a method without modules is laid out as the student's)."""
+        yield from self.student.parameters()
+        yield from self.modules.parameters()
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Student and the method's modules to train (or eval) mode; the teacher stays in eval mode."""
+        self.student.train(mode)
+        self.modules.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` (from 1) of ``epochs`` is about to be trained: updates the device tensor in
+        place (a captured graph reads the new value)."""
+        self.epoch.fill_(float(epoch))
+        self.epochs = epochs
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's own trainable state (``{}`` for logit methods), saved in checkpoints."""
+        return self.modules.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.modules.state_dict()
+        if set(own) != set(state):
+            raise MixkdError(f"the checkpoint's {self.name} state has {sorted(state) or 'nothing'} but the "
+                             f"method needs {sorted(own) or 'nothing'}; was it written by another kd.method?")
+        self.modules.load_state_dict(state)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a training step changes, besides the optimizer's (what a step that must leave
+        no trace saves and restores): parameters and buffers of the student and the method's
+        modules, and the teacher's buffers."""
+        tensors = list(self.student.parameters()) + list(self.student.buffers())
+        tensors += list(self.modules.parameters()) + list(self.modules.buffers())
+        if self.teacher is not None:
+            tensors += list(self.teacher.buffers())
+        return tensors
+
+    def with_models(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> Distiller:
+        """A view of this distiller computing with other (compiled) student and teacher modules; it
+        shares everything else (the method's modules, the epoch tensor, the hyperparameters)."""
+        view = copy.copy(self)
+        view.student, view.teacher = student, teacher
+        return view
+
+
+@register("alone")
+class Supervised(Distiller):
+    """The student trained alone (teachers, baselines): soft-target cross-entropy on the mixed labels."""
+
+    needs_teacher = False
+    loss_names = ("loss", "ce")
+
+    def forward_train(self, x, target):
+        return supervised_objective(self.student(x), target)
+
+
+class _LogitKD(Distiller):
+    """A method on the logits only: ``objective(student_logits, teacher_logits, target)``."""
+
+    objective_method: ClassVar[str] = "kd"
+
+    def __init__(self, student, teacher, kd: KDConfig):
+        super().__init__(student, teacher, kd)
+        self.objective = KDObjective(self.objective_method, kd.temperature, kd.ce_weight, kd.kd_weight)
+
+    def forward_train(self, x, target):
+        student_logits = self.student(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return self.objective(student_logits, teacher_logits, target)
+
+
+@register("kd")
+class HintonKD(_LogitKD):
+    """Hinton KD: ``ce_weight * CE + kd_weight * T^2 KL`` at ``temperature`` (see :class:`KDObjective`)."""
+
+    objective_method = "kd"
+
+
+@register("std")
+class StandardizedKD(_LogitKD):
+    """Standardized KD: CE on standardized student logits + KL of standardized logits (no temperature)."""
+
+    objective_method = "std"

@@ -1,0 +1,147 @@
+"""The distiller interface: the registry, the built-in methods' losses (pinned by hand), and a new
+method with its own trainable module and an epoch schedule going through step, engine and checkpoint
+without any change to them."""
+
+import json
+
+import pytest
+import torch
+
+from mixkd.checkpoint import save_checkpoint
+from mixkd.config import KDConfig, RunConfig, build_config
+from mixkd.distiller import DISTILLERS, Distiller, distiller_names, make_distiller
+from mixkd.engine import Run
+from mixkd.errors import MixkdError
+from mixkd.losses import soft_cross_entropy
+from mixkd.mix import MixSpec
+from mixkd.models import create_model
+from mixkd.step import SGD, TrainStep
+from mixkd.validate import run_config_problems
+
+# the logits and labels of tests/test_losses.py, with its hand-computed values
+S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+T = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 4.0]])
+Y = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0]])
+KD_T4, STD_KD, CE, CE_STD = 0.7703364776835958, 0.5832815506628678, 1.1744586305507685, 1.2576059644443802
+
+
+class Fixed(torch.nn.Module):
+    """Returns the given logits (the input is ignored), plus 0 * a parameter so that it has one."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.w = logits, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.logits + 0 * self.w
+
+
+def test_registry_lists_the_methods_that_take_a_teacher():
+    assert distiller_names() == ["kd", "std"]
+    assert distiller_names(teacher=False) == ["alone"]
+    assert DISTILLERS["kd"].name == "kd" and issubclass(DISTILLERS["std"], Distiller)
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("kd", {"loss": 0.1 * CE + 0.9 * KD_T4, "ce": CE, "kd": KD_T4}),
+    ("std", {"loss": 0.1 * CE_STD + 0.9 * STD_KD, "ce": CE_STD, "kd": STD_KD}),
+])
+def test_builtin_methods_give_the_hand_computed_losses(method, expected):
+    d = make_distiller(method, Fixed(S), Fixed(T), KDConfig(method=method, temperature=4.0))
+    losses = d.losses(torch.zeros(2, 3), Y)
+    assert set(losses) == set(d.loss_names) == set(expected)
+    for k, v in expected.items():
+        assert losses[k].item() == pytest.approx(v, rel=1e-6), k
+
+
+def test_without_a_teacher_the_student_is_trained_alone():
+    d = make_distiller("kd", Fixed(S), None)
+    assert d.name == "alone" and d.loss_names == ("loss", "ce")
+    assert d.losses(torch.zeros(2, 3), Y)["loss"].item() == pytest.approx(CE, rel=1e-6)
+
+
+def test_unknown_method_is_one_clear_problem():
+    with pytest.raises(MixkdError, match="unknown KD method 'dkdd'; choose one of kd, std"):
+        make_distiller("dkdd", Fixed(S), Fixed(T))
+    cfg = RunConfig.model_validate({"model": "resnet8", "dataset": "digits", "kd": {"method": "dkdd"}})
+    assert [p for p in run_config_problems(cfg) if "kd.method" in p] == [
+        "kd.method: unknown KD method 'dkdd'; choose one of kd, std"]
+
+
+class Hint(Distiller):
+    """A new method: CE + (epoch / epochs) * |scale * student - teacher|^2 with a trainable ``scale``."""
+
+    def __init__(self, student, teacher, kd):
+        super().__init__(student, teacher, kd)
+        self.modules["scale"] = torch.nn.Linear(1, 1, bias=False).to(self.device)
+        torch.nn.init.constant_(self.modules["scale"].weight, 0.5)
+
+    def forward_train(self, x, target):
+        s = self.student(x)
+        with torch.no_grad():
+            t = self.teacher(x)
+        ce = soft_cross_entropy(s, target)
+        kd = (self.modules["scale"](s.float().unsqueeze(-1)).squeeze(-1) - t.float()).pow(2).mean()
+        weight = torch.clamp(self.epoch / self.epochs, max=1.0)
+        return {"loss": ce + weight * kd, "ce": ce, "kd": kd}
+
+
+@pytest.fixture
+def hint(monkeypatch):
+    monkeypatch.setitem(DISTILLERS, "hint", Hint)
+    monkeypatch.setattr(Hint, "name", "hint")
+    return Hint
+
+
+def test_a_new_method_trains_its_module_follows_the_epoch_and_leaves_no_trace_when_measured(hint):
+    d = make_distiller("hint", Fixed(S.clone()), Fixed(T))
+    scale = d.modules["scale"].weight
+    params = list(d.parameters())
+    assert len(params) == 2 and params[1] is scale  # student first, then the method's own
+    assert any(t is scale for t in d.state_tensors())
+    d.set_epoch(1, 4)
+    at1 = d.losses(torch.zeros(2, 3), Y)
+    d.set_epoch(4, 4)
+    at4 = d.losses(torch.zeros(2, 3), Y)
+    kd = ((0.5 * S - T) ** 2).mean().item()
+    assert at1["kd"].item() == pytest.approx(kd) and at1["loss"].item() == pytest.approx(CE + kd / 4, rel=1e-6)
+    assert at4["loss"].item() == pytest.approx(CE + kd, rel=1e-6)
+    step = TrainStep(d, SGD(d.parameters(), lr=0.1), MixSpec("none"), 3, torch.Generator().manual_seed(0))
+    x, y = torch.zeros(2, 3), torch.tensor([0, 2])
+    assert step.measure(x, y) > 0
+    assert scale.item() == 0.5  # restored
+    step(x, y)
+    assert scale.item() != 0.5 and set(step.epoch_means()) == {"loss", "ce", "kd"}
+    state = d.state_dict()
+    other = make_distiller("hint", Fixed(S), Fixed(T))
+    other.load_state_dict(state)
+    assert torch.equal(other.modules["scale"].weight, scale)
+    with pytest.raises(MixkdError, match="another kd.method"):
+        make_distiller("kd", Fixed(S), Fixed(T)).load_state_dict(state)
+
+
+def test_a_new_method_runs_through_the_engine_and_resumes_exactly(hint, tmp_path, one_thread):
+    teacher = create_model("resnet8", 10)
+    save_checkpoint(tmp_path / "teacher.safetensors", teacher, model_name="resnet8", num_classes=10, epoch=1)
+    flags = {"task": "distill", "model": "resnet8", "dataset": "digits", "epochs": 1, "batch_size": 256,
+             "device": "cpu", "progress": False, "compile": "off", "kd.method": "hint",
+             "kd.teacher": str(tmp_path / "teacher.safetensors")}
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "epoch_seconds")}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = Run(build_config(flags={**flags, "out": str(tmp_path / "whole")}))
+    while whole.advance():
+        pass
+    cut = Run(build_config(flags={**flags, "out": str(tmp_path / "cut")}))
+    for _ in range(3):
+        cut.advance()
+    assert cut.step_in_epoch == 3
+    cut.stop("time")
+    resumed = Run(build_config(flags={**flags, "out": str(tmp_path / "cut")}), resume=True)
+    assert resumed.advance() and resumed.distiller.modules["scale"].weight.item() != 0.5  # restored, trained
+    while resumed.advance():
+        pass
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+    assert whole.result["kd_method"] == "hint"
