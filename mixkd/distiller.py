@@ -34,10 +34,10 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   graph. Models return logits, or ``(features, logits)`` with ``is_feat=True`` (see
   :mod:`mixkd.models`).
 - ``modules``: a ``torch.nn.ModuleDict`` of the method's own trainable modules (a FitNet regressor,
-  say), empty for logit methods. They are on the student's device, trained with the student
-  (:meth:`Distiller.parameters`), switched with it between train and eval (:meth:`Distiller.train`),
-  saved in the run's step-exact checkpoints (:meth:`Distiller.state_dict`) and captured with it in
-  the CUDA graph (:meth:`Distiller.state_tensors`).
+  say), empty for logit methods. :func:`make_distiller` puts them on the student's device; they
+  are trained with the student (:meth:`Distiller.parameters`), switched with it between train and
+  eval (:meth:`Distiller.train`), saved in the run's step-exact checkpoints
+  (:meth:`Distiller.state_dict`) and captured with it in the CUDA graph (:meth:`Distiller.state_tensors`).
 - ``epoch``: a float32 device tensor holding the number (from 1) of the epoch being trained, and
   ``epochs`` the run's length; the engine sets them with :meth:`Distiller.set_epoch` at each epoch's
   start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
@@ -96,6 +96,7 @@ def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Modu
     if cls is None or not cls.needs_teacher and teacher is not None:
         raise MixkdError(unknown_method_message(method))
     distiller = cls(student, teacher, kd if kd is not None else KDConfig())
+    distiller.modules.to(distiller.device)
     distiller.channels_last = channels_last
     return distiller
 
