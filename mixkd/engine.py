@@ -268,6 +268,7 @@ class Run:
     def _restore(self) -> None:
         """Load the last checkpoint, if any, and the metrics logged up to it."""
         self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self.notes: list[str] = []  # warnings about the run folder, logged when the run starts writing
         self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
         path = self.dir / CHECKPOINT_NAME
         if self.fresh or not path.exists():
@@ -293,18 +294,35 @@ class Run:
             self.step.sums.copy_(sums[:len(self.step.sums)].to(self.step.sums.device))
             self.step.steps = self.step_in_epoch
             self.epoch_seconds = float(ckpt.meta.get("epoch_seconds", 0.0))
-        self.history = [row for row in self._read_metrics() if row["epoch"] <= ckpt.epoch]
+        rows = self._read_metrics()
+        self.history = [rows[e] for e in sorted(rows) if e <= ckpt.epoch]
+        missing = [e for e in range(1, ckpt.epoch + 1) if e not in rows]
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            self.notes.append(f"warning: {self.dir / METRICS_NAME} lacks epoch(s) {shown} of the {ckpt.epoch} the "
+                              "checkpoint has done: the training continues from the checkpoint, but those epochs "
+                              "stay missing from metrics.jsonl and from result.json's best epoch")
 
-    def _read_metrics(self) -> list[dict[str, Any]]:
+    def _read_metrics(self) -> dict[int, dict[str, Any]]:
+        """The epochs logged in metrics.jsonl, by epoch: every line that reads as an epoch's row is kept,
+        a damaged one is skipped with a warning (in ``notes``), never the lines after it."""
         path = self.dir / METRICS_NAME
         if not path.exists():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
+            return {}
+        rows, damaged = {}, []
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut short by a crash
+                row = None
+            if not (isinstance(row, dict) and type(row.get("epoch")) is int
+                    and all(isinstance(row.get(k), (int, float)) for k in ("test_top1", "test_top5", "test_nll"))):
+                damaged.append(i)
+                continue
+            rows[row["epoch"]] = row
+        if damaged:
+            self.notes.append(f"warning: {path}: line(s) {', '.join(map(str, damaged[:5]))} are damaged and were "
+                              f"skipped; the {len(rows)} readable epoch(s) are kept")
         return rows
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -360,6 +378,8 @@ class Run:
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
                   f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
+        for note in self.notes:
+            self._log(note)
         self.writer = self._tensorboard()
         self.progress = self._progress_bar()
         self.created = True

@@ -114,3 +114,22 @@ def append_text(path: str | Path, text: str) -> None:
         if is_environment_error(e):
             raise write_error(path, e) from None
         raise
+
+
+def flock_holders(path: str | Path) -> list[int]:
+    """PIDs of the processes holding a ``flock`` on ``path`` (Linux: /proc/locks; [] elsewhere)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:
+        parts = line.split()
+        if "FLOCK" in parts and where in parts:
+            pid = parts[parts.index(where) - 1]
+            if pid.isdigit() and int(pid) not in pids:
+                pids.append(int(pid))
+    return sorted(pids)

@@ -303,3 +303,103 @@ def test_a_seed_out_of_range_in_a_study_file_is_refused_at_load(tmp_path):
                                      f"teachers:\n  - {{name: plain, models: resnet8, seeds: [{2**70}]}}\n")
     with pytest.raises(MixkdError, match="less than or equal to 9223372036854775807"):
         load_study(tmp_path / "s.yaml")
+
+
+# ---- workers die with their parent ------------------------------------------------------------
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for its reaper counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_worker_whose_parent_dies_while_it_starts_exits_and_frees_the_folder(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    from mixkd.study.executors import WORKERS_LOCK
+
+    script = ("import os, sys\nfrom mixkd.study.executors import LocalExecutor\n"
+              "ex = LocalExecutor(workers=1, use_gpu=False, lock_dir=sys.argv[1])\n"
+              "ex._start(0)\nprint(ex._procs[0].pid, flush=True)\n"
+              "os.kill(os.getpid(), 9)  # the study's main process dies (kill -9) while its worker starts\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    worker = int(proc.stdout.split()[0])
+    for _ in range(600):  # until it has left (at most a minute: it must not live on)
+        if _gone(worker):
+            break
+        time.sleep(0.1)
+    assert _gone(worker), f"worker {worker} outlived its parent"
+    with open(tmp_path / WORKERS_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds the folder any more
+
+
+def test_the_message_about_live_workers_names_their_pids(tmp_path):
+    import fcntl
+
+    from mixkd.study.executors import WORKERS_LOCK
+    from mixkd.study.runner import _Lock
+
+    holder = os.fork()
+    if holder == 0:  # a worker of an earlier study run, still holding the folder
+        with open(tmp_path / WORKERS_LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(0)
+    try:
+        while not os.waitpid(holder, os.WUNTRACED)[1]:
+            pass
+        with pytest.raises(MixkdError, match=rf"still work in {tmp_path} \(PIDs {holder}\); .*: kill {holder}$"), \
+                _Lock(tmp_path, wait_for_workers=0.1):
+            pass
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+
+
+# ---- a damaged metrics.jsonl -------------------------------------------------------------------
+
+def _run_at_epoch(tmp_path, epoch: int, lines: list[str] | None):
+    """A digits run folder whose checkpoint has done ``epoch`` epochs and whose metrics.jsonl holds
+    ``lines`` (None: no file)."""
+    from mixkd.config import build_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 4, "batch_size": 128,
+                              "device": "cpu", "progress": False, "out": str(out)})
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    model = create_model("resnet8", 10)
+    save_checkpoint(out / "checkpoint.safetensors", model, model_name="resnet8", num_classes=10, epoch=epoch,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                    rng={"torch_cpu": torch.get_rng_state()})
+    if lines is not None:
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return cfg
+
+
+def _row(epoch):
+    return json.dumps({"epoch": epoch, "lr": 0.05, "test_top1": 10.0 * epoch, "test_top5": 50.0, "test_nll": 2.0})
+
+
+@pytest.mark.parametrize("lines, kept, warned", [
+    (["{garbage", _row(2), _row(3)], [2, 3], ["line(s) 1 are damaged", "lacks epoch(s) 1 of the 3"]),
+    (["5", _row(1), _row(2), _row(3)], [1, 2, 3], ["line(s) 1 are damaged"]),
+    (None, [], ["lacks epoch(s) 1, 2, 3 of the 3"]),
+])
+def test_a_damaged_metrics_file_keeps_what_it_can_and_says_so(tmp_path, one_thread, lines, kept, warned):
+    from mixkd.engine import Run
+
+    cfg = _run_at_epoch(tmp_path, 3, lines)
+    job = Run(cfg, resume=True)
+    job.start()
+    assert [r["epoch"] for r in job.history] == kept
+    assert len(job.notes) == len(warned) and all(w in n for w, n in zip(warned, job.notes, strict=True)), job.notes
+    job.advance()  # the first write: the warnings go to log.txt (and the terminal)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert all(w in log for w in warned)

@@ -61,10 +61,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def _local_worker(index: int, env: dict[str, str], threads: int, slots: int, limit: float | None,
+def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, slots: int, limit: float | None,
                   deadline: float | None, lock_path: str | None, tasks, results) -> None:
-    parent = os.getppid()
+    """A worker process of ``parent`` (the study's main process, its PID passed in: a process started
+    while its parent died has been adopted before it runs a line, so its own parent PID says nothing).
+    It dies with its parent from its first instant: PR_SET_PDEATHSIG first, then the parent checked
+    (a parent gone before the signal was armed sends none), then checked before every task."""
     _die_with_parent()
+    if os.getppid() != parent:
+        return  # orphaned while starting: nothing taken, nothing to checkpoint
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells the workers
     results.cancel_join_thread()  # never hang at exit on a pipe nobody reads
     os.environ.update(env)
@@ -91,13 +96,12 @@ def _local_worker(index: int, env: dict[str, str], threads: int, slots: int, lim
     control.install_signals(interrupt=False)
     worker = PackWorker(slots, control)
     closing, shown = False, time.monotonic()
-    if os.getppid() != parent:
-        control.request("signal")
     while True:
-        if os.getppid() != parent:
+        orphan = os.getppid() != parent
+        if orphan:
             control.request("signal")  # the study's main process is gone: checkpoint and leave
         try:
-            while True:
+            while not orphan:  # an orphan takes no new task (nobody would hear of it)
                 idle = not worker.busy and not closing and control.reason is None
                 item = tasks.get(timeout=0.5) if idle else tasks.get_nowait()
                 if item is None:
@@ -159,7 +163,7 @@ class LocalExecutor:
         self._tasks[i] = self._ctx.Queue()
         self._procs[i] = self._ctx.Process(
             target=_local_worker, daemon=True, name=f"mixkd-study-worker-{i}",
-            args=(i, self._envs[i], self.threads, self.slots, self.limit, self.deadline, self.lock_path,
+            args=(os.getpid(), i, self._envs[i], self.threads, self.slots, self.limit, self.deadline, self.lock_path,
                   self._tasks[i], self._results))
         self._procs[i].start()
 

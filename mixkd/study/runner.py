@@ -27,7 +27,7 @@ import yaml
 
 from mixkd import __version__
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, open_nofollow
+from mixkd.files import atomic_write_text, flock_holders, open_nofollow
 from mixkd.study.executors import WORKERS_LOCK
 from mixkd.study.spec import FOLDER_FORMAT, PlannedRun, Study, saved_config_mismatch
 from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
@@ -111,9 +111,12 @@ class _Lock:
                     return
                 except OSError:
                     if time.monotonic() > deadline:
+                        pids = " ".join(str(p) for p in flock_holders(self.workers))
                         self.__exit__()
                         raise MixkdError(f"worker processes of an earlier 'mixkd study run' still work in "
-                                         f"{self.path.parent}; wait for them to stop, or end them") from None
+                                         f"{self.path.parent}" + (f" (PIDs {pids})" if pids else "") + "; wait for "
+                                         "them to stop (they checkpoint and leave), or end them"
+                                         + (f": kill {pids}" if pids else "")) from None
                     time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
