@@ -34,7 +34,7 @@ SEED_MAX = 2**63 - 1  # what torch.manual_seed takes
 
 
 class OptimConfig(_Section):
-    lr: float | None = Field(None, gt=0, le=10, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
+    lr: float | None = Field(None, gt=0, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     milestones: list[int] | None = Field(None, description="epochs at which lr is multiplied by lr_decay; default 62.5/75/87.5% of the run")
