@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -56,6 +57,11 @@ def test_interval_on_skewed_data_is_welch_where_the_percentile_bootstrap_would_e
     # and the basic bootstrap about [-0.88, +2.14]; they differ, as they do on skewed data. Welch's interval:
     # diff 1.075, se 0.977561, df 3.0210, t(0.975, 3.021) = 3.1744: [-2.0238, +4.1738]: not decisive.
     a, b = [70.0, 70.2, 70.1, 74.0], [70.0, 70.1, 69.9]
+    rng = np.random.default_rng(0)
+    boot = (np.array(a)[rng.integers(0, 4, (20_000, 4))].mean(1) - np.array(b)[rng.integers(0, 3, (20_000, 3))].mean(1))
+    percentile = np.percentile(boot, [2.5, 97.5])
+    basic = 2 * (np.mean(a) - np.mean(b)) - percentile[::-1]
+    assert percentile[0] > 0 > basic[0] and abs(percentile[1] - basic[1]) > 0.5  # the two bootstraps disagree
     iv = difference_interval(a, b)
     assert (iv.low, iv.high) == pytest.approx((-2.023846, 4.173846), abs=1e-5)
     assert iv.high - iv.difference == pytest.approx(iv.difference - iv.low)  # symmetric: no resampling noise
