@@ -580,7 +580,7 @@ def schedule_note(rows: Any) -> str:
 
 # ---- what a study can decide ---------------------------------------------------------------------
 
-def plan(rows: Any, runs_per_cell: Any = None, sigma: float | None = None, noise: float | None = None,
+def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
          margin: float = DEFAULT_MARGIN) -> list[str]:
     """Lines saying, for each claim, whether a study whose runs are ``rows`` (results records; top-1 may be
     NaN: not yet run) can decide it, and the smallest difference it detects at its seed counts for an
