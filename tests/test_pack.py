@@ -19,6 +19,7 @@ from mixkd.config import build_config
 from mixkd.engine import Run, run_job
 from mixkd.pack import Pack
 from mixkd.study.packworker import PackWorker
+from mixkd.study.worker import Job
 
 TIMING = ("images_per_s", "epoch_seconds")
 CUDA = torch.cuda.is_available()
@@ -78,7 +79,7 @@ def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path,
     worker = PackWorker(2)
     jobs = [runs[1], bad, runs[0], runs[2]]
     for cfg in jobs:
-        worker.submit((Path(cfg.out).name, cfg.model_dump(), cfg.out, None))
+        worker.submit(Job(Path(cfg.out).name, cfg, cfg.out))
     ended, most_live, shown = [], 0, None
     while worker.busy:
         ended += worker.work()
@@ -225,36 +226,12 @@ def test_killing_the_study_process_takes_its_workers_and_frees_the_folder(tmp_pa
 def test_a_stopped_study_finishes_like_an_uninterrupted_study(tmp_path, monkeypatch, one_thread):
     """SIGTERM to the study (as SLURM sends before the wall time): its workers checkpoint, it exits with 75;
     run again, it finishes with exactly the numbers of a study run in one go (here in this process)."""
-    from mixkd.study import load_study, run_study
-    from mixkd.study.packworker import PackWorker
+    from mixkd.study import InProcessExecutor, load_study, run_study
 
     path = _study(tmp_path / "p.yaml", epochs=2, methods=["alone", "std_pmu"])
     whole, sliced = tmp_path / "whole", tmp_path / "sliced"
 
-    class Inline:  # the same pack worker, in this process
-        kind, description = "inline", "inline"
-
-        def __init__(self):
-            self.worker, self.n = PackWorker(3), 0
-
-        def capacity(self):
-            return 3 - self.n
-
-        def submit(self, run_id, config, run_dir, analysis=None):
-            self.worker.submit((run_id, config, run_dir, analysis))
-            self.n += 1
-
-        def wait(self, timeout):
-            done = []
-            while self.worker.busy and not done:
-                done = self.worker.work()
-            self.n -= len(done)
-            return done
-
-        def shutdown(self, terminate=False):
-            pass
-
-    run_study(load_study(path), whole, Inline(), progress=False, echo=lambda *_: None)
+    run_study(load_study(path), whole, InProcessExecutor(3), progress=False, echo=lambda *_: None)
     common = ["study", "run", str(path), "--out", str(sliced), "--workers", "1", "--pack", "3", "--no-progress",
               "--no-report"]
     proc = subprocess.Popen([sys.executable, "-m", "mixkd", *common], stdout=subprocess.PIPE,

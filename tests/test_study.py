@@ -10,9 +10,8 @@ import yaml
 
 from mixkd.cli import main
 from mixkd.errors import MixkdError
-from mixkd.study import LocalExecutor, format_plan, load_study, run_study
+from mixkd.study import InProcessExecutor, LocalExecutor, format_plan, load_study, run_study
 from mixkd.study.spec import expand, parse_study
-from mixkd.study.worker import execute_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
@@ -55,17 +54,19 @@ def test_grid_expands_to_the_cartesian_product_with_readable_stable_ids():
     assert len(runs) == 4 + 4 * 2 * (2 + 2 + 4 + 1 + 2) * 3 + 2 * 3
     pmu = by_id["students/resnet8-from-resnet20_mixup-s1-kd_pmu-T4-f0.5-s2"]
     assert pmu.teacher_run == "teachers/resnet20_mixup-s1" and pmu.temperature == 4 and pmu.fraction == 0.5
-    assert pmu.config["task"] == "distill" and pmu.config["kd"] == {"method": "kd", "temperature": 4}
-    assert pmu.config["mix"] == {"method": "mixup", "fraction": 0.5, "alpha": 1.0} and pmu.config["seed"] == 2
+    assert pmu.method.name == "kd_pmu" and pmu.method.mixing == "partial"
+    assert pmu.config.task == "distill" and (pmu.config.kd.method, pmu.config.kd.temperature) == ("kd", 4)
+    assert (pmu.config.mix.method, pmu.config.mix.fraction, pmu.config.mix.alpha, pmu.config.seed) == ("mixup", 0.5, 1.0, 2)
     std = by_id["students/resnet14-from-resnet32_plain-std-s0"]  # no temperature, no fraction
-    assert std.config["kd"] == {"method": "std"} and std.config["mix"] == {"method": "none"}
+    assert std.config.kd.method == "std" and std.config.mix.method == "none" and std.method.name == "std"
     fmu = by_id["students/resnet8-from-resnet32_plain-kd_fmu-T1-s0"]
-    assert fmu.config["mix"]["fraction"] == 1.0
+    assert fmu.config.mix.fraction == 1.0 and fmu.config.kd.temperature == 1
     alone = by_id["students/resnet14-alone-s1"]
-    assert alone.config["task"] == "train" and alone.teacher_run is None and alone.config["mix"] == {"method": "none"}
+    assert alone.config.task == "train" and alone.teacher_run is None and alone.config.mix.method == "none"
+    assert alone.method.name == "alone" and runs[0].method is None  # a teacher has no method
     cfg = pmu.config_for("/study")
-    assert cfg["kd"]["teacher"] == "../../teachers/resnet20_mixup-s1" and cfg["out"] == f"/study/{pmu.id}"
-    assert cfg["dataset"] == "digits" and cfg["progress"] is False
+    assert cfg.kd.teacher == "../../teachers/resnet20_mixup-s1" and cfg.out == f"/study/{pmu.id}"
+    assert cfg.dataset == "digits" and cfg.progress is False and pmu.config.out is None
     # stable: the same file expands to the same ids and configs
     assert [(r.id, r.config) for r in _expand(_study())] == [(r.id, r.config) for r in runs]
 
@@ -88,8 +89,8 @@ def test_pairs_use_only_the_named_teachers_and_external_checkpoints(tmp_path):
                              "students/resnet20-from-resnet110_plain-kd-T4-s0",
                              "students/resnet8x4-from-resnet32x4_rd-kd-T4-s0"}
     ext = students["students/resnet8x4-from-resnet32x4_rd-kd-T4-s0"]
-    assert ext.teacher_run is None and ext.config["kd"]["teacher_model"] == "resnet32x4"
-    assert ext.config_for("/x")["kd"]["teacher"] == str(tmp_path / "ckpt.pth")
+    assert ext.teacher_run is None and ext.config.kd.teacher_model == "resnet32x4"
+    assert ext.config_for("/x").kd.teacher == str(tmp_path / "ckpt.pth")
     assert [r.id for r in runs if r.role == "teacher"] == ["teachers/resnet56_plain-s0", "teachers/resnet110_plain-s0"]
 
 
@@ -194,7 +195,7 @@ def test_overrides_apply_to_every_run_but_not_to_grid_keys(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_study()))
     study = load_study(path, overrides=["epochs=3", "optim.lr=0.2"])
-    assert {(r.config["epochs"], r.config["optim"]["lr"]) for r in study.runs} == {(3, 0.2)}
+    assert {(r.config.epochs, r.config.optim.lr) for r in study.runs} == {(3, 0.2)}
     with pytest.raises(MixkdError, match="--set kd.method: set by the study grid"):
         load_study(path, overrides=["kd.method=std"])
 
@@ -240,22 +241,22 @@ def test_shipped_studies_cover_what_the_issue_asks():
     names = {p.stem for p in STUDIES}
     assert {"quickstart", "cifar100-table", "cifar100-mixt-surface"} <= names
     quick = load_study(ROOT / "configs/studies/quickstart.yaml").runs
-    assert {r.config["dataset"] for r in quick} == {"digits"} and not any("device" in r.config for r in quick)  # auto
-    assert {r.config["mix"]["method"] for r in quick if r.role == "teacher"} == {"none", "mixup"}
-    assert {r.method for r in quick if r.role == "student"} == {"alone", "kd", "kd_fmu", "kd_pmu", "std", "std_pmu"}
-    assert {r.temperature for r in quick if r.method == "kd"} == {1, 4}
+    assert {r.config.dataset for r in quick} == {"digits"} and {r.config.device for r in quick} == {"auto"}
+    assert {r.config.mix.method for r in quick if r.role == "teacher"} == {"none", "mixup"}
+    assert {r.method.name for r in quick if r.role == "student"} == {"alone", "kd", "kd_fmu", "kd_pmu", "std", "std_pmu"}
+    assert {r.temperature for r in quick if r.method and r.method.name == "kd"} == {1, 4}
     assert len({r.model for r in quick if r.role == "student"}) >= 2 and len(quick) <= 25
 
     table = load_study(ROOT / "configs/studies/cifar100-table.yaml").runs
     distill = [r for r in table if r.teacher_model]
     assert {(r.teacher_model, r.model) for r in distill} == REPDISTILLER_PAIRS
     assert {r.seed for r in table if r.role == "student"} == {0, 1, 2}
-    assert {r.config["epochs"] for r in table} == {240}
+    assert {r.config.epochs for r in table} == {240}
     assert len(distill) == 13 * 5 * 3
 
     surface = load_study(ROOT / "configs/studies/cifar100-mixt-surface.yaml").runs
     sizes = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    kd = [r for r in surface if r.method == "kd"]
+    kd = [r for r in surface if r.method and r.method.name == "kd"]
     assert {(r.teacher_run.split("_")[-1].split("-")[0], r.teacher_model, r.model, r.temperature) for r in kd} == {
         (kind, t, s, temp) for kind in ("plain", "mixup") for t in sizes for s in sizes for temp in (1, 4)}
 
@@ -275,7 +276,7 @@ def test_plan_counts_runs_and_estimates_compute_from_measured_throughput(tmp_pat
     # a finished alone run measured 500 images/s over 1,000-image epochs
     run = out / "students/resnet8-alone-s0"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(study.run("students/resnet8-alone-s0").config_for(out)))
+    (run / "config.yaml").write_text(study.run("students/resnet8-alone-s0").config_for(out).to_yaml())
     (run / "result.json").write_text(json.dumps({"images_per_s": 500.0, "device": "NVIDIA H100", "top1": 50.0}))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "images_per_s": 500.0, "epoch_seconds": 2.0}) + "\n")
     lines = format_plan(study, out).splitlines()
@@ -287,29 +288,24 @@ def test_plan_counts_runs_and_estimates_compute_from_measured_throughput(tmp_pat
 
 # ---- running ----------------------------------------------------------------------------------
 
-class InlineExecutor:
-    """Runs each submitted run in this process at once (or only records it: execute=False)."""
-
-    kind, description = "inline", "in this process (test)"
+class InlineExecutor(InProcessExecutor):
+    """The in-process executor, recording what it is given; with execute=False nothing runs (each job
+    fails at once)."""
 
     def __init__(self, execute=True):
-        self.execute, self.submitted, self.analyzed, self._done = execute, [], [], []
+        super().__init__()
+        self.execute, self.submitted, self.analyzed, self._refused = execute, [], [], []
 
-    def capacity(self):
-        return 1
-
-    def submit(self, run_id, config, run_dir, analysis=None):
-        (self.submitted if analysis is None else self.analyzed).append(run_id)
-        outcome = (execute_run(config, run_dir, analysis) if self.execute
-                   else {"ok": False, "message": "not run in this test"})
-        self._done.append((run_id, outcome))
+    def submit(self, job):
+        (self.submitted if job.analysis is None else self.analyzed).append(job.run_id)
+        if self.execute:
+            super().submit(job)
+        else:
+            self._refused.append((job.run_id, {"ok": False, "message": "not run in this test"}))
 
     def wait(self, timeout):
-        done, self._done = self._done, []
-        return done
-
-    def shutdown(self, terminate=False):
-        pass
+        done, self._refused = self._refused, []
+        return done + super().wait(timeout)
 
 
 def _write_study(path, data_dir, **changes):
@@ -466,7 +462,7 @@ def test_a_study_with_analyses_analyzes_each_run_once_and_reports_them(tmp_path,
 
         def hide_the_teacher(line):  # the kd student's analysis then cannot load its teacher
             lines.append(line)
-            if line.startswith("done    students/resnet8-from-resnet8_plain-kd-T4"):
+            if line.startswith("analyzed teachers/resnet8_plain-s0"):  # one run at a time: every run trained
                 (out / "teachers/resnet8_plain-s0/checkpoint.safetensors").rename(hidden)
 
         ex = InlineExecutor()
@@ -495,7 +491,7 @@ def test_a_study_with_analyses_analyzes_each_run_once_and_reports_them(tmp_path,
         for run in study.runs:
             a = json.loads((out / run.id / "analysis.json").read_text())
             assert a["num_images"] == 32 and (out / run.id / "tsne.npz").exists()
-            assert (a["fidelity"] is not None) == (run.method in ("kd", "kd_pmu"))
+            assert (a["fidelity"] is not None) == (run.method is not None and run.method.name in ("kd", "kd_pmu"))
         assert (kd / "tsne_teacher.npz").exists()
         ex = InlineExecutor()
         run_study(study, out, ex, progress=False, echo=lambda *_: None)

@@ -14,10 +14,10 @@ import yaml
 from mixkd.checkpoint import atomic_write_text
 from mixkd.cli import main
 from mixkd.errors import MixkdError
-from mixkd.study import load_study, run_study
+from mixkd.study import InProcessExecutor, load_study, run_study
+from mixkd.study.folder import FOLDER_FORMAT
 from mixkd.study.report import collect
-from mixkd.study.spec import FOLDER_FORMAT, saved_config_mismatch
-from mixkd.study.worker import execute_run
+from mixkd.study.spec import saved_config_mismatch
 
 KD = "students/resnet8-from-resnet8_plain-kd-T4-s0"
 ALONE = "students/resnet8-alone-s0"
@@ -36,34 +36,12 @@ def _study(path, data_dir=None, methods=("alone", "kd"), **changes):
     return path
 
 
-class InlineExecutor:
-    """Each run in this process at once (one thread: fast, and the same numbers every time)."""
-
-    kind, description = "inline", "in this process (test)"
-
-    def __init__(self):
-        self._done = []
-
-    def capacity(self):
-        return 1
-
-    def submit(self, run_id, config, run_dir, analysis=None):
-        self._done.append((run_id, execute_run(config, run_dir, analysis)))
-
-    def wait(self, timeout):
-        done, self._done = self._done, []
-        return done
-
-    def shutdown(self, terminate=False):
-        pass
-
-
 @pytest.fixture
 def inline(monkeypatch, one_thread):
     """``mixkd study run`` with its runs executed in this process."""
-    import mixkd.study
+    import mixkd.study.cli
 
-    monkeypatch.setattr(mixkd.study, "make_executor", lambda *args, **kwargs: InlineExecutor())
+    monkeypatch.setattr(mixkd.study.cli, "make_executor", lambda *args, **kwargs: InProcessExecutor())
 
 
 def _rows(out):

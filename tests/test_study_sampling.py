@@ -40,7 +40,7 @@ def _expand(data, overrides=None):
 
 
 def _sampling(run):
-    return RunConfig.model_validate(run.config_for("/study")).mix.sampling
+    return run.config_for("/study").mix.sampling
 
 
 def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_compares_them(tmp_path):
@@ -67,7 +67,7 @@ def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_c
     fmu = runs["students/resnet8-from-resnet14_plain-kd_fmu-T4-s0"]
     assert fmu.sampling is None and _sampling(fmu) == "exact"
     # a saved config of an exact run made before the axis still matches its plan
-    saved = RunConfig.model_validate(runs[f"{min(pmu)}-s0"].config_for(tmp_path / "out")).model_dump(mode="json")
+    saved = runs[f"{min(pmu)}-s0"].config_for(tmp_path / "out").model_dump(mode="json")
     assert saved_config_mismatch(runs[f"{min(pmu)}-s0"], saved, tmp_path / "out") is None
     assert "mix.sampling: 'exact' -> 'reference'" in saved_config_mismatch(runs[f"{min(pmu)}-ref-s0"], saved,
                                                                             tmp_path / "out")
@@ -78,7 +78,7 @@ def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_c
     for i, run in enumerate(study.runs):
         d = out / run.id
         d.mkdir(parents=True)
-        cfg = RunConfig.model_validate(run.config_for(out)).model_dump(mode="json")
+        cfg = run.config_for(out).model_dump(mode="json")
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         top1 = 70.0 - (1.0 if run.sampling == "reference" else 0.0) + 0.01 * i
         (d / "result.json").write_text(json.dumps({"top1": top1, "teacher_model": run.teacher_model}))
@@ -135,9 +135,9 @@ def test_the_report_gives_reference_sampling_its_own_columns_and_claims_2_and_3_
     for run in load_study(path).runs:  # fake results: reference sampling 5 points below exact, seeds +-1
         d = out / run.id
         d.mkdir(parents=True)
-        cfg = RunConfig.model_validate(run.config_for(out)).model_dump(mode="json")
+        cfg = run.config_for(out).model_dump(mode="json")
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        top1 = 90.0 if run.role == "teacher" else (base[run.method] - 5.0 * (run.sampling == "reference")
+        top1 = 90.0 if run.role == "teacher" else (base[run.method.name] - 5.0 * (run.sampling == "reference")
                                                    + 2 * run.seed - 1)
         (d / "result.json").write_text(json.dumps({"top1": top1, "teacher_model": run.teacher_model}))
     text = write_report(out).read_text()

@@ -9,10 +9,9 @@ import yaml
 
 from mixkd.checkpoint import save_checkpoint
 from mixkd.cli import main
-from mixkd.config import RunConfig
 from mixkd.models import create_model
 from mixkd.study import load_study
-from mixkd.study.spec import FOLDER_FORMAT
+from mixkd.study.folder import FOLDER_FORMAT
 from mixkd.study.status import checkpoint_position, format_status
 
 STUDY = {"name": "st", "defaults": {"dataset": "cifar10", "epochs": 4, "batch_size": 50, "device": "cpu"},
@@ -31,7 +30,7 @@ def _folder(tmp_path):
     def started(run_id, epoch=None, **meta):
         d = out / run_id
         d.mkdir(parents=True)
-        cfg = RunConfig.model_validate(study.run(run_id).config_for(out)).model_dump(mode="json")
+        cfg = study.run(run_id).config_for(out).model_dump(mode="json")
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
         if epoch is not None:
             save_checkpoint(d / "checkpoint.safetensors", create_model("resnet8", 10), model_name="resnet8",

@@ -37,11 +37,11 @@ must be on storage that every node of the cluster mounts at the same path, and m
 installed on every node (``pip install mixkd[ray]``).
 """
 
-from mixkd.study.executors import LocalExecutor, RayExecutor, make_executor
+from mixkd.study.executors import Executor, InProcessExecutor, LocalExecutor, RayExecutor, make_executor
 from mixkd.study.plan import format_plan
 from mixkd.study.report import collect, write_report
 from mixkd.study.runner import StudyOutcome, run_study
 from mixkd.study.spec import METHODS, PlannedRun, Study, load_study
 
-__all__ = ["METHODS", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome", "collect", "format_plan",
-           "load_study", "make_executor", "run_study", "write_report"]
+__all__ = ["METHODS", "Executor", "InProcessExecutor", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome", "collect",
+           "format_plan", "load_study", "make_executor", "run_study", "write_report"]

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixkd.control import StopControl, parse_duration
+from mixkd.engine import RESULT_NAME
 from mixkd.errors import MixkdError
+from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
+from mixkd.study.report import claims_plan, claims_text
+from mixkd.study.spec import check_device
+from mixkd.study.status import format_status
+from mixkd.validate import format_problems, machine_problems
 
 DEFAULT_ROOT = Path("runs")
 
@@ -91,9 +98,6 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from mixkd.study import format_plan, load_study
-    from mixkd.study.report import claims_plan
-
     _check_counts(args)
     study = load_study(args.file, args.overrides)
     print(format_plan(study, _out(args, study), pack=args.pack))
@@ -106,17 +110,14 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
                    report: bool = True, threads: int | None = None, time_limit: float | None = None) -> int:
     """Run ``study`` into ``out`` and write its report; returns the exit status (0: every run finished,
     75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable)."""
-    from mixkd.control import StopControl
-    from mixkd.study import make_executor, run_study, write_report
-    from mixkd.study.report import claims_text
-    from mixkd.validate import format_problems, machine_problems
-
-    problems = machine_problems([r.config_for(out, device) for r in study.runs  # those still to train
-                                 if not (out / r.id / "result.json").exists()])
+    if device:
+        check_device(device)
+    problems = machine_problems([r.config_for(out, device).model_dump() for r in study.runs  # those still to train
+                                 if not (out / r.id / RESULT_NAME).exists()])
     if problems:
         raise MixkdError(format_problems(problems))
     control = StopControl(time_limit)
-    use_gpu = any((device or r.config.get("device", "auto")) != "cpu" for r in study.runs)
+    use_gpu = any((device or r.config.device) != "cpu" for r in study.runs)
     ex = make_executor(executor, workers, None, address, use_gpu, threads=threads, pack=pack,
                        time_limit=time_limit, deadline=control.inner_deadline(), lock_dir=str(out))
     control.install_signals()
@@ -155,9 +156,6 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mixkd.control import parse_duration
-    from mixkd.study import load_study
-
     _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
     study = load_study(args.file, args.overrides)
@@ -167,14 +165,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mixkd.study.status import format_status
-
     print(format_status(args.dir))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mixkd.study import write_report
-
     print(f"report: {write_report(args.dir, args.metric)} (and results.csv beside it)")
     return 0

@@ -1,9 +1,11 @@
-"""Where the runs of a study execute: packs of runs in local worker processes, or in Ray actors.
+"""Where the runs of a study execute: packs of runs in local worker processes, in Ray actors, or
+in the study's own process.
 
-An executor takes jobs (``submit``: a run, or with ``analysis=options`` the analysis of a finished
-run) while it has ``capacity()``, reports ended ones (``wait``) as ``(run id, outcome)`` pairs,
-passes a stop on to its workers (``stop``: each live run writes a step-exact checkpoint), shows
-what runs where (``progress``), and ends (``shutdown``), killing what still runs when told to.
+An :class:`Executor` takes jobs (``submit``: a :class:`mixkd.study.worker.Job`, a run or the
+analysis of a finished run) while it has ``capacity()``, reports ended ones (``wait``) as
+``(run id, outcome)`` pairs, passes a stop on to its workers (``stop``: each live run writes a
+step-exact checkpoint), shows what runs where (``progress``), and ends (``shutdown``), killing what
+still runs when told to.
 
 Each worker holds a pack (:class:`mixkd.study.packworker.PackWorker`): up to K runs in one
 process, stepped in turn, each on its own CUDA stream, with a slot refilled as soon as a run ends.
@@ -14,6 +16,8 @@ process, stepped in turn, each on its own CUDA stream, with a slot refilled as s
   recorded in each ``result.json``: on the CPU a run's numbers depend on its thread count). Workers
   die with the study's main process (a parent-death signal, and a watch of the parent's pid) after
   checkpointing their runs.
+* ``InProcessExecutor``: one pack in the study's own process, stepped while the study waits (tests,
+  debugging).
 * ``RayExecutor``: one actor per GPU of the cluster (per CPU on a CPU-only cluster, or ``--workers``),
   each holding a pack. Actors write to the study folder by its path, so the folder must be on
   storage every node mounts at the same path, and mixkd must be installed on every node.
@@ -32,14 +36,45 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Any
+import traceback
+from typing import Any, Protocol
 
+import torch
+
+from mixkd.control import StopControl, wall_to_monotonic
+from mixkd.data.loaders import available_cores
 from mixkd.errors import MixkdError
 from mixkd.files import open_nofollow
+from mixkd.study.folder import WORKERS_LOCK
+from mixkd.study.packworker import PackWorker
+from mixkd.study.worker import Job, Outcome
 
-Completion = tuple[str, dict[str, Any]]
+Completion = tuple[str, Outcome]
 DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
-WORKERS_LOCK = ".study.workers.lock"
+
+
+class Executor(Protocol):
+    """What the study runner asks of an executor."""
+
+    kind: str
+    description: str  # what runs where, for the study's first line
+
+    def capacity(self) -> int:
+        """How many more jobs it takes now (0 once a stop has come)."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def wait(self, timeout: float) -> list[Completion]:
+        """The jobs that ended, waiting up to about ``timeout`` seconds for one."""
+
+    def stop(self, reason: str) -> None:
+        """Every live run writes a step-exact checkpoint and ends (reported as stopped); jobs not begun
+        are reported as stopped and not started."""
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Each pack's slots (run, epoch, images/s) and summed images/s."""
+
+    def shutdown(self, terminate: bool = False) -> None: ...
 
 
 def visible_gpus() -> list[str]:
@@ -47,8 +82,6 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
@@ -72,13 +105,8 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
         return  # orphaned while starting: nothing taken, nothing to checkpoint
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells the workers
     results.cancel_join_thread()  # never hang at exit on a pipe nobody reads
-    os.environ.update(env)
-    import torch
-
+    os.environ.update(env)  # before CUDA starts: CUDA_VISIBLE_DEVICES is read then
     torch.set_num_threads(threads)
-    from mixkd.control import StopControl
-    from mixkd.study.packworker import PackWorker
-
     lock = None
     if lock_path:  # held (shared) while this worker lives: a new study run waits for it
         lock = open_nofollow(lock_path, "a")  # held for the process's life
@@ -129,8 +157,6 @@ class LocalExecutor:
         if (pack is not None and pack < 1) or (workers is not None and workers < 1) or (threads is not None and threads < 1):
             raise MixkdError("--workers, --pack (--runs-per-gpu) and --threads must be at least 1")
         self.gpus = gpus = visible_gpus() if use_gpu else []
-        from mixkd.data.loaders import available_cores
-
         cores = available_cores()
         if gpus:
             n = workers or len(gpus)
@@ -172,14 +198,14 @@ class LocalExecutor:
             return 0
         return sum(self.slots - len(a) for a in self._assigned)
 
-    def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
-        if self.gpus and str(config.get("device", "")).startswith("cuda:"):
-            config = {**config, "device": "cuda"}  # each worker sees its one GPU as cuda:0
+    def submit(self, job: Job) -> None:
+        if self.gpus and job.config.device.startswith("cuda:"):  # each worker sees its one GPU as cuda:0
+            job = job._replace(config=job.config.model_copy(update={"device": "cuda"}))
         i = min(range(len(self._assigned)), key=lambda k: len(self._assigned[k]))  # spread runs over workers
         if self._procs[i] is None or not self._procs[i].is_alive():
             self._start(i)
-        self._assigned[i].append(run_id)
-        self._tasks[i].put((run_id, config, run_dir, analysis))
+        self._assigned[i].append(job.run_id)
+        self._tasks[i].put(job)
 
     def wait(self, timeout: float) -> list[Completion]:
         done: list[Completion] = []
@@ -251,12 +277,7 @@ class _PackActor:
 
     def __init__(self, slots: int, threads: int | None, limit: float | None, wall_deadline: float | None):
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
-        from mixkd.control import StopControl, wall_to_monotonic
-        from mixkd.study.packworker import PackWorker
-
         deadline = None if wall_deadline is None else wall_to_monotonic(wall_deadline)  # another machine's clock
         self.worker = PackWorker(slots, StopControl(time_limit=limit, deadline=deadline))
         self.lock = threading.Lock()
@@ -274,13 +295,11 @@ class _PackActor:
                 if not busy:
                     time.sleep(0.05)
         except BaseException as e:  # noqa: BLE001 - reported by the next poll
-            import traceback
-
             self.crash = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
 
-    def submit(self, job) -> None:
+    def submit(self, job: Job) -> None:
         with self.lock:
-            self.worker.submit(tuple(job))
+            self.worker.submit(job)
 
     def poll(self) -> tuple[list[Completion], dict[str, Any]]:
         if self.crash is not None:
@@ -302,7 +321,7 @@ def _ray_local_only():
     imported earlier, its constant is set too). Both are restored once the instance runs."""
     name, before = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ[name] = "0"
-    import ray._private.ray_constants as constants
+    import ray._private.ray_constants as constants  # optional (mixkd[ray]): only for --executor ray
 
     was = constants.ENABLE_RAY_CLUSTER
     constants.ENABLE_RAY_CLUSTER = False
@@ -323,7 +342,7 @@ class RayExecutor:
                  use_gpu: bool = True, threads: int | None = None, pack: int | None = None,
                  time_limit: float | None = None, deadline: float | None = None):
         try:
-            import ray
+            import ray  # optional (mixkd[ray]), and slow to import: only for --executor ray
         except ImportError:
             raise MixkdError("--executor ray needs Ray: pip install 'mixkd[ray]'") from None
         pack = pack or runs_per_gpu
@@ -367,10 +386,10 @@ class RayExecutor:
     def capacity(self) -> int:
         return 0 if self.stopping else sum(self.slots - len(a) for a in self._assigned)
 
-    def submit(self, run_id: str, config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> None:
+    def submit(self, job: Job) -> None:
         i = min(range(len(self._assigned)), key=lambda k: len(self._assigned[k]))
-        self._assigned[i].append(run_id)
-        self._actors[i].submit.remote((run_id, config, run_dir, analysis))
+        self._assigned[i].append(job.run_id)
+        self._actors[i].submit.remote(job)
 
     def wait(self, timeout: float) -> list[Completion]:
         done: list[Completion] = []
@@ -422,6 +441,42 @@ class RayExecutor:
             self._ray.shutdown()
             if self._temp_dir is not None:
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+class InProcessExecutor:
+    """One pack of up to ``slots`` runs in this process, stepped while the study waits for it: the
+    same :class:`PackWorker` as every worker process, without the processes (tests, debugging)."""
+
+    kind = "inline"
+
+    def __init__(self, slots: int = 1, control: StopControl | None = None):
+        self.worker = PackWorker(slots, control)
+        self.slots = slots
+        self._jobs = 0
+        self.description = f"in this process, a pack of up to {slots} run(s)"
+
+    def capacity(self) -> int:
+        return 0 if self.worker.control.reason is not None else self.slots - self._jobs
+
+    def submit(self, job: Job) -> None:
+        self.worker.submit(job)
+        self._jobs += 1
+
+    def wait(self, timeout: float) -> list[Completion]:
+        done: list[Completion] = []
+        while self.worker.busy and not done:
+            done = self.worker.work()
+        self._jobs -= len(done)
+        return done
+
+    def stop(self, reason: str) -> None:
+        self.worker.control.request(reason)
+
+    def progress(self) -> list[dict[str, Any]]:
+        return [self.worker.progress()] if self.worker.live_runs() else []
+
+    def shutdown(self, terminate: bool = False) -> None:
+        pass  # nothing runs between calls: a run stopped mid-way resumes from its last checkpoint
 
 
 def make_executor(kind: str = "local", workers: int | None = None, runs_per_gpu: int | None = None,

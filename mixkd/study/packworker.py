@@ -7,29 +7,23 @@ its one-line reason in ``error.txt``) or stopped (deadline or signal, after a st
 checkpoint). Analyses run between rounds, in the worker's own process. An image-folder run, whose
 data streams from disk through loader processes, runs in a pack of its own.
 
-The same worker runs in a local process (:func:`mixkd.study.executors`) and in a Ray actor.
+The same worker runs in a local process, in a Ray actor and in the study's own process
+(:mod:`mixkd.study.executors`); :func:`execute_run` is a pack of one.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
 from collections import deque
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 from mixkd.control import StopControl
-from mixkd.files import atomic_write_text
-
-Job = tuple[str, dict[str, Any], str, dict[str, Any] | None]  # run id, config, run dir, analysis options
-
-
-def _record_failure(run_dir: Path, message: str, error: BaseException | None) -> None:
-    from mixkd.study.worker import ERROR_NAME
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trace = "".join(traceback.format_exception(error)) if error is not None else ""
-    atomic_write_text(run_dir / ERROR_NAME, message + "\n\n" + trace)
+from mixkd.engine import Run, is_run_started
+from mixkd.pack import Pack, failure_message
+from mixkd.study.folder import ERROR_NAME
+from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, record_failure
 
 
 class PackWorker:
@@ -53,12 +47,7 @@ class PackWorker:
     def live_runs(self) -> list[Any]:
         return self.pack.live if self.pack is not None else []
 
-    def _admit(self) -> list[tuple[str, dict[str, Any]]]:
-        from mixkd.config import RunConfig
-        from mixkd.engine import Run, is_run_started
-        from mixkd.pack import Pack, failure_message
-        from mixkd.study.worker import ERROR_NAME, execute_analysis
-
+    def _admit(self) -> list[tuple[str, Outcome]]:
         done = []
         while self.pending:
             run_id, config, run_dir, analysis = self.pending[0]
@@ -66,7 +55,7 @@ class PackWorker:
                 self.pending.popleft()
                 done.append((run_id, execute_analysis(config, run_dir, analysis)))
                 continue
-            folder_data = config.get("dataset") == "imagefolder"
+            folder_data = config.dataset == "imagefolder"
             if self.pack is not None and (self.pack.free() == 0 or self.exclusive
                                           or (folder_data and self.pack.live)):
                 break
@@ -76,10 +65,10 @@ class PackWorker:
             start = time.perf_counter()
             try:
                 # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
-                run = Run(RunConfig.model_validate(config), resume=is_run_started(out), paths_relative_to_run=True)
+                run = Run(config, resume=is_run_started(out), paths_relative_to_run=True)
             except Exception as e:  # noqa: BLE001 - recorded, the study goes on
                 message = failure_message(e)
-                _record_failure(out, message, e)
+                record_failure(out, message, e)
                 done.append((run_id, {"ok": False, "message": message, "seconds": 0.0}))
                 continue
             if self.pack is None or self.pack.device != run.device or (self.pack.slots != self.slots and not self.pack.live):
@@ -87,7 +76,7 @@ class PackWorker:
             ended = self.pack.admit(run)
             if ended is not None:
                 if not ended["ok"]:
-                    _record_failure(out, ended["message"], ended.get("error"))
+                    record_failure(out, ended["message"], ended.get("error"))
                 done.append((run_id, self._outcome(run_id, out, ended, start)))
                 continue
             self.ids[id(run)] = run_id
@@ -98,7 +87,7 @@ class PackWorker:
                 if failed is not None:
                     self.ids.pop(id(run))
                     self.exclusive = False  # its slot is free again, and the pack holds no folder run
-                    _record_failure(out, failed["message"], failed.get("error"))
+                    record_failure(out, failed["message"], failed.get("error"))
                     done.append((run_id, self._outcome(run_id, out, failed, self.started.pop(run_id))))
         return done
 
@@ -107,10 +96,10 @@ class PackWorker:
         return outcome
 
     # ---- work ------------------------------------------------------------------------------
-    def work(self) -> list[tuple[str, dict[str, Any]]]:
+    def work(self) -> list[tuple[str, Outcome]]:
         """Admit what fits, then one round (or, when a stop is due, checkpoint every live run).
         Returns (run id, outcome) of the jobs that ended."""
-        done: list[tuple[str, dict[str, Any]]] = []
+        done: list[tuple[str, Outcome]] = []
         if self.control.reason is None and not self.control.should_stop(0.0):
             done += self._admit()
         if self.pack is None or not self.pack.live:
@@ -133,10 +122,10 @@ class PackWorker:
         run_id = self.ids.pop(id(run))
         start = self.started.pop(run_id)
         if not outcome["ok"] and not outcome.get("stopped"):
-            _record_failure(run.dir, outcome["message"], outcome.get("error"))
+            record_failure(run.dir, outcome["message"], outcome.get("error"))
         return run_id, self._outcome(run_id, run.dir, outcome, start)
 
-    def drop_pending(self) -> list[tuple[str, dict[str, Any]]]:
+    def drop_pending(self) -> list[tuple[str, Outcome]]:
         """Jobs not begun when a stop came: reported as stopped, untouched."""
         dropped = [(job[0], {"ok": False, "stopped": True, "not_started": True, "seconds": 0.0,
                              "message": "not started before the stop"}) for job in self.pending]
@@ -153,3 +142,16 @@ class PackWorker:
                   "compiling": run.step.compiled and not run.step.warm}
                  for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
         return {"slots": slots, "images_per_s": total}
+
+
+def execute_run(job: Job) -> Outcome:
+    """Run (or resume, or find finished) ``job`` in this process, as a pack of one (the same path as
+    every study worker); anything the run prints goes to its ``log.txt``. An analysis job is executed
+    as it is."""
+    worker = PackWorker(1)
+    worker.submit(job)
+    done: list = []
+    with LazyLog(Path(job.run_dir) / LOG_NAME) as log, redirect_stdout(log), redirect_stderr(log):
+        while not done:
+            done = worker.work()
+    return done[0][1]

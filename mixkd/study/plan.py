@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from mixkd.config import RunConfig
-from mixkd.study.runner import analysis_status, check_run
+from mixkd.study.folder import analysis_status, check_run
 from mixkd.study.spec import PlannedRun, Study
 
 # Training images per epoch where no finished run has measured it.
@@ -95,7 +94,7 @@ def estimate_seconds(runs: list[PlannedRun], out: Path) -> tuple[dict[str, float
     speed, images, devices = measurements(out)
     estimates: dict[str, float | None] = {}
     for run in runs:
-        cfg = RunConfig.model_validate(run.config_for(out)).model_dump()
+        cfg = run.config.model_dump()
         rates = speed.get(_key(cfg, run.teacher_model))
         per_epoch = images.get(cfg["dataset"], TRAIN_IMAGES.get(cfg["dataset"]))
         estimates[run.id] = cfg["epochs"] * per_epoch / statistics.median(rates) if rates and per_epoch else None
@@ -122,7 +121,7 @@ def h100_estimate(runs: list[PlannedRun], out: Path, pack: int = 1) -> tuple[flo
     groups: dict[tuple, list[PlannedRun]] = defaultdict(list)
     unknown, lacking = [], []
     for run in runs:
-        cfg = RunConfig.model_validate(run.config_for(out)).model_dump()
+        cfg = run.config.model_dump()
         rates = h100_rates(cfg, run.teacher_model)
         if rates is None:
             unknown.append(run)
@@ -154,7 +153,10 @@ def format_plan(study: Study, out: str | Path, pack: int | None = None) -> str:
     """The text of ``mixkd study plan``; ``pack``: also estimate ``mixkd study run --pack K`` on one H100."""
     out = Path(out)
     runs = study.runs
-    status = {r.id: check_run(r, out)[0] for r in runs}
+    status = {}
+    for r in runs:
+        on_disk, mismatch = check_run(r, out)
+        status[r.id] = "mismatch" if mismatch else on_disk
     estimates, devices = estimate_seconds(runs, out)
     n_teachers = sum(r.role == "teacher" for r in runs)
     counts = {s: sum(v == s for v in status.values()) for s in ("done", "started", "failed", "mismatch")}
@@ -174,13 +176,13 @@ def format_plan(study: Study, out: str | Path, pack: int | None = None) -> str:
     h100 = {}  # runs with no measurement in the folder: one run's seconds on an H100, from measured figures
     for run in runs:
         if estimates[run.id] is None:
-            cfg = RunConfig.model_validate(run.config_for(out)).model_dump()
+            cfg = run.config.model_dump()
             rates = h100_rates(cfg, run.teacher_model)
             if rates is not None:
                 h100[run.id] = cfg["epochs"] * TRAIN_IMAGES["cifar100"] / rates[1]
     lines.append(f"{'#':>4}  {'run':<{width}}  {'epochs':>6}  {'estimate':>8}  status")
     for i, run in enumerate(runs, 1):
-        epochs = run.config.get("epochs", RunConfig.model_fields["epochs"].default)
+        epochs = run.config.epochs
         estimate = _duration(estimates[run.id]) if run.id not in h100 else "~" + _duration(h100[run.id])
         lines.append(f"{i:>4}  {run.id:<{width}}  {epochs:>6}  {estimate:>8}  {status[run.id]}")
     if h100:

@@ -47,8 +47,8 @@ from mixkd.study.figures import (
     plot_tsne_montage,
     tsne_pair,
 )
+from mixkd.study.folder import STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
-from mixkd.study.runner import STUDY_COPY
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
 

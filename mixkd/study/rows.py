@@ -18,13 +18,11 @@ from typing import Any
 
 import yaml
 
-from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
 from mixkd.results import Result, cell_from_config, context_from_config, natural
-from mixkd.study.runner import STATE_NAME, analysis_status, run_status
+from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME, STATE_NAME, analysis_status, run_status
 from mixkd.study.spec import Study, mix_label
-from mixkd.study.worker import ANALYSIS_ERROR_NAME, ERROR_NAME
 
 COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "teacher_model", "teacher_mix",
            "temperature", "mix_method", "mix_fraction", "mix_alpha", "mix_sampling", "seed", "epochs", "batch_size", "lr",
@@ -145,10 +143,10 @@ def planned_results(study: Study) -> list[Result]:
     for run in study.runs:
         if run.role != "student":
             continue
-        cfg = RunConfig.model_validate(run.config_for(".")).model_dump()
+        cfg = run.config.model_dump()
         teacher_label = None
         if run.teacher_run:
-            teacher_label = mix_label(study.run(run.teacher_run).config.get("mix", {}))
+            teacher_label = mix_label(study.run(run.teacher_run).config.mix.model_dump())
         elif run.teacher_checkpoint:
             teacher_label = "external"
         out.append(Result(context_from_config(cfg, run.teacher_model, teacher_label), cell_from_config(cfg), run.seed,

@@ -39,6 +39,7 @@ or sampling without partial mixup), so the same run declared by two groups is on
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import os
 import re
@@ -50,27 +51,32 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
+from mixkd.checkpoint import CHECKPOINT_NAME
 from mixkd.config import MACHINE_KEYS, RunConfig, load_yaml, parse_override, set_dotted
 from mixkd.errors import MixkdError
+from mixkd.models import default_lr
 
 
 @dataclass(frozen=True)
 class Method:
+    """A student's method in the catalogue: the id part, the report's column title, and what it does."""
+
+    name: str  # its key in METHODS and its part of run ids
     label: str  # column title in the report
     task: Literal["train", "distill"]
     kd: Literal["kd", "std"] | None
     mixing: Literal["none", "full", "partial"]
 
 
-METHODS: dict[str, Method] = {
-    "alone": Method("student alone", "train", None, "none"),
-    "kd": Method("KD", "distill", "kd", "none"),
-    "kd_fmu": Method("KD + full mixup", "distill", "kd", "full"),
-    "kd_pmu": Method("KD + partial mixup", "distill", "kd", "partial"),
-    "std": Method("standardized KD", "distill", "std", "none"),
-    "std_fmu": Method("standardized KD + full mixup", "distill", "std", "full"),
-    "std_pmu": Method("standardized KD + partial mixup", "distill", "std", "partial"),
-}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("alone", "student alone", "train", None, "none"),
+    Method("kd", "KD", "distill", "kd", "none"),
+    Method("kd_fmu", "KD + full mixup", "distill", "kd", "full"),
+    Method("kd_pmu", "KD + partial mixup", "distill", "kd", "partial"),
+    Method("std", "standardized KD", "distill", "std", "none"),
+    Method("std_fmu", "standardized KD + full mixup", "distill", "std", "full"),
+    Method("std_pmu", "standardized KD + partial mixup", "distill", "std", "partial"),
+)}
 
 # Keys the grid sets; a recipe, the defaults or an override may not set them.
 GRID_KEYS = {
@@ -84,8 +90,6 @@ GRID_KEYS = {
 # machine-local keys that a resumed run takes from the new command (config.MACHINE_KEYS), so
 # that a study folder moved to another machine continues with ``--set data_dir=...`` there.
 PLACEMENT_KEYS = {"out", "kd.teacher", *MACHINE_KEYS}
-# What a study writes into its folder (study-state.json's "format"); another value is another layout.
-FOLDER_FORMAT = "mixkd-study-1"
 
 
 def _listify(value: Any) -> Any:
@@ -239,44 +243,52 @@ class StudyFile(_Strict):
 
 @dataclass
 class PlannedRun:
-    """One run of a study: its id (= its directory in the study folder) and its config."""
+    """One run of a study: its id (= its directory in the study folder), its validated RunConfig and,
+    for a student, its method. The config is validated once, when the study file is read; it names
+    no run directory (``out``: see :meth:`config_for`) and, for a student of a teacher run of the
+    study, names that teacher relative to this run's directory (``../../teachers/<id>``), so that the
+    folder still holds together after it is moved or copied elsewhere."""
 
     id: str
     role: Literal["teacher", "student"]
     group: str  # where it was declared, e.g. "students[1]"
-    config: dict[str, Any]  # a RunConfig tree without out / kd.teacher
+    config: RunConfig
     model: str
     seed: int
     teacher_run: str | None = None  # id of the teacher run it depends on
     teacher_checkpoint: str | None = None  # an external teacher
     teacher_model: str | None = None
-    method: str | None = None
+    method: Method | None = None  # students only
     temperature: float | None = None
     fraction: float | None = None
     alpha: float | None = None
     sampling: str | None = None  # partial mixup only: exact or reference
     analysis: dict[str, Any] | None = None  # analyze_run's options after the run, or None: no analysis
 
-    def config_for(self, out: str | Path, device: str | None = None) -> dict[str, Any]:
-        """The full RunConfig tree of this run inside study folder ``out``. A teacher run of the study
-        is named relative to this run's directory (``../../teachers/<id>``), so that the folder
-        still holds together after it is moved or copied elsewhere."""
-        tree = copy.deepcopy(self.config)
-        tree["out"] = str(Path(out) / self.id)
-        tree["progress"] = False
-        if device:
-            tree["device"] = device
-        if self.teacher_run:
-            tree["kd"]["teacher"] = self.teacher_path()
-        elif self.teacher_checkpoint:
-            tree["kd"]["teacher"] = self.teacher_checkpoint
-        return tree
+    def config_for(self, out: str | Path, device: str | None = None) -> RunConfig:
+        """This run's RunConfig inside study folder ``out`` (``device``: a device checked with
+        :func:`check_device`, replacing the study file's)."""
+        return self.config.model_copy(update={"out": str(Path(out) / self.id), **({"device": device} if device else {})},
+                                      deep=True)
 
     def teacher_path(self) -> str | None:
         """The path of this run's teacher run relative to this run's directory, or None."""
-        if not self.teacher_run:
-            return None
-        return "/".join([".."] * len(Path(self.id).parts) + [self.teacher_run])
+        return _teacher_path(self.id, self.teacher_run)
+
+
+def _teacher_path(run_id: str, teacher_run: str | None) -> str | None:
+    if not teacher_run:
+        return None
+    return "/".join([".."] * len(Path(run_id).parts) + [teacher_run])
+
+
+def check_device(device: str) -> str:
+    """``device`` (``mixkd study run --device``) if RunConfig accepts it; else one clear error."""
+    try:
+        RunConfig.model_validate({"device": device})
+    except ValidationError as e:
+        raise MixkdError(f"--device {device}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return device
 
 
 @dataclass
@@ -344,7 +356,7 @@ class _Expander:
         self.runs: dict[str, PlannedRun] = {}
         self.teachers: dict[str, list[_TeacherRef]] = {}
         self.labels: dict[str, tuple[str, str]] = {}  # distilled run id -> (teacher group, teacher label)
-        self.planned: dict[str, dict[str, Any]] = {}  # run id -> its validated RunConfig tree (at /study)
+        self.planned: dict[str, dict[str, Any]] = {}  # run id -> its RunConfig as a tree, to compare
 
     def fail(self, where: str, message: str) -> MixkdError:
         return MixkdError(f"invalid study file {self.source}: {where}: {message}")
@@ -361,8 +373,6 @@ class _Expander:
             raise self.fail(_where((where, *err["loc"])), msg) from None
 
     def check_model(self, name: str, where: str) -> None:
-        from mixkd.models import default_lr
-
         if "->" in name:
             raise self.fail(where, f"'{name}' is a teacher -> student pair: pairs go under a student group's "
                                    "pairs: (with teachers:); models: lists architectures")
@@ -387,16 +397,22 @@ class _Expander:
             tree["data_dir"] = os.path.abspath(os.path.expanduser(tree["data_dir"]))
         return tree
 
-    def add(self, run: PlannedRun) -> None:
+    def add(self, tree: dict[str, Any], run_id: str, role: Literal["teacher", "student"], where: str, model: str,
+            seed: int, **fields: Any) -> PlannedRun:
+        """The run ``run_id`` of RunConfig ``tree`` (validated here, the one time), planned once."""
+        teacher = _teacher_path(run_id, fields.get("teacher_run")) or fields.get("teacher_checkpoint")
+        tree = _merge(tree, {"progress": False}, {"kd": {"teacher": teacher}} if teacher else {})
         try:
-            planned = RunConfig.model_validate(run.config_for("/study")).model_dump(mode="json")
+            config = RunConfig.model_validate(tree)
         except ValidationError as e:
-            raise self.fail(run.group, f"run {run.id}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            raise self.fail(where, f"run {run_id}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        run = PlannedRun(run_id, role, where, config, model, seed, **fields)
+        planned = config.model_dump(mode="json")
         first = self.runs.get(run.id)
         if first is None:
             self.runs[run.id] = run
             self.planned[run.id] = planned
-            return
+            return run
         if first.analysis is None:  # analyzed when any group that declares it asks for it
             first.analysis = run.analysis
         elif run.analysis is not None and run.analysis != first.analysis:
@@ -409,6 +425,7 @@ class _Expander:
             raise self.fail(run.group, f"run {run.id} is also declared by {first.group} with other settings "
                                        f"({key}: {_get(old, key)!r} vs {_get(planned, key)!r}); "
                                        "give both groups the same recipe")
+        return first
 
     def expand_teachers(self) -> None:
         for gi, g in enumerate(self.spec.teachers):
@@ -432,7 +449,7 @@ class _Expander:
                         label = name + (f"-s{seed}" if len(g.seeds) > 1 else "")
                         config = _merge(base, {"task": "train", "model": model, "seed": seed,
                                                "mix": mix.model_dump()})
-                        self.add(PlannedRun(run_id, "teacher", where, config, model, seed, analysis=analysis))
+                        self.add(config, run_id, "teacher", where, model, seed, analysis=analysis)
                         refs.append(_TeacherRef(label, model, run_id, None, g.name))
             self.teachers[g.name] = refs
 
@@ -468,14 +485,14 @@ class _Expander:
                     for model in students:
                         for seed in g.seeds:
                             config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
-                            self.add(PlannedRun(f"students/{model}-alone-s{seed}", "student", where, config, model,
-                                                seed, method=method, analysis=analysis))
+                            self.add(config, f"students/{model}-alone-s{seed}", "student", where, model, seed,
+                                     method=METHODS[method], analysis=analysis)
                     continue
                 for ref, model in combos:
-                    for run in self.distill_runs(g, where, base, method, ref, model):
-                        run.analysis = analysis
-                        self.add(run)
-                        self.labels[run.id] = (ref.group, ref.label)
+                    for config, run_id, fields in self.distill_runs(g, base, method, ref, model):
+                        self.add(config, run_id, "student", where, model, fields.pop("seed"), analysis=analysis,
+                                 **fields)
+                        self.labels[run_id] = (ref.group, ref.label)
 
     def check_tsne_pair(self) -> None:
         """``analysis.tsne_pair`` must name a teacher (group or label) and a student of it that is analyzed."""
@@ -494,7 +511,8 @@ class _Expander:
             raise self.fail("analysis.tsne_pair", f"no student {pair.student} of teacher '{pair.teacher}' is analyzed "
                                                   "(analysis is off for its groups)")
 
-    def distill_runs(self, g: StudentGroup, where: str, base: dict, method: str, ref: _TeacherRef, model: str):
+    def distill_runs(self, g: StudentGroup, base: dict, method: str, ref: _TeacherRef, model: str):
+        """(RunConfig tree, run id, PlannedRun fields) of each run of ``method`` from ``ref`` to ``model``."""
         m = METHODS[method]
         temps = g.temperatures if m.kd == "kd" else [None]
         fractions = {"none": [None], "full": [1.0], "partial": g.fractions}[m.mixing]
@@ -518,9 +536,9 @@ class _Expander:
             if sampling is not None and sampling != inherited:
                 mix["sampling"] = sampling
             config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
-            yield PlannedRun(run_id, "student", where, config, model, seed, teacher_run=ref.run_id,
-                             teacher_checkpoint=ref.checkpoint, teacher_model=ref.model, method=method,
-                             temperature=temp, fraction=frac, alpha=alpha, sampling=sampling)
+            yield config, run_id, {"seed": seed, "teacher_run": ref.run_id, "teacher_checkpoint": ref.checkpoint,
+                                   "teacher_model": ref.model, "method": m, "temperature": temp, "fraction": frac,
+                                   "alpha": alpha, "sampling": sampling}
 
 
 _ABSENT = object()
@@ -528,8 +546,6 @@ _ABSENT = object()
 
 def _unknown_key(loc: tuple) -> str:
     """'unknown key', and the closest RunConfig key where one is close (epochz -> epochs)."""
-    import difflib
-
     key = ".".join(str(part) for part in loc)
     known = _flat_keys(RunConfig().model_dump())
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -603,8 +619,6 @@ def _line(text: str, loc: tuple) -> int | None:
 
 def check_teacher_checkpoints(spec: StudyFile, source: str, text: str = "") -> None:
     """Every existing teacher (``checkpoint:``) must be there: a file, or a run directory with its checkpoint."""
-    from mixkd.checkpoint import CHECKPOINT_NAME
-
     for gi, g in enumerate(spec.teachers):
         if g.checkpoint is None:
             continue
@@ -650,7 +664,7 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     A teacher run is compared by its id: ``/old/place/teachers/x``, ``runs/s/teachers/x`` (older
     versions) and ``../../teachers/x`` are the same teacher, so a moved folder matches its plan.
     Keys this version does not know mean a run made by another mixkd version."""
-    planned = RunConfig.model_validate(run.config_for(out)).model_dump(mode="json")
+    planned = run.config_for(out).model_dump(mode="json")
     unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS)
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "

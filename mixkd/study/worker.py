@@ -1,7 +1,8 @@
-"""One study job, executed in the current process (a local worker process or a Ray task): a run,
-or the analysis of a finished run (``mixkd analyze``, when the study file asks for it).
+"""One study job and what runs it in the current process (a local worker process, a Ray actor, or
+the study's own process): the job itself, the analysis of a finished run (``mixkd analyze``, when the
+study file asks for it), and the record of a failure.
 
-The run logs itself to ``<run dir>/log.txt`` (a start line with its settings, one line per epoch,
+A run logs itself to ``<run dir>/log.txt`` (a start line with its settings, one line per epoch,
 the result); anything else it prints (warnings) is appended there too, never to the study's
 terminal. A failure is written to ``<run dir>/error.txt`` (a run) or ``<run dir>/analysis-error.txt``
 (an analysis): one line saying what went wrong, then the traceback. It is returned, never raised,
@@ -18,26 +19,36 @@ import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from mixkd.config import RunConfig
 from mixkd.files import atomic_write_text, open_nofollow
+from mixkd.pack import failure_message
+from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME
 
-ERROR_NAME = "error.txt"
-ANALYSIS_ERROR_NAME = "analysis-error.txt"
 LOG_NAME = "log.txt"
 
-
-def _failure(e: Exception, path: Path, start: float) -> dict[str, Any]:
-    from mixkd.errors import MixkdError
-
-    lines = str(e).strip().splitlines() or [""]
-    message = lines[0] if isinstance(e, MixkdError) else f"{type(e).__name__}: {lines[0]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, message + "\n\n" + traceback.format_exc())
-    return {"ok": False, "message": message, "seconds": time.perf_counter() - start}
+Outcome = dict[str, Any]  # {"ok": True, "top1": ..., "seconds": ...} or {"ok": False, "message": ..., ...}
 
 
-class _LazyLog(io.TextIOBase):
+class Job(NamedTuple):
+    """A run to train (or resume, or find finished) in ``run_dir``; with ``analysis`` (analyze_run's
+    subset, batch_size, seed), the analysis of that finished run instead."""
+
+    run_id: str
+    config: RunConfig
+    run_dir: str
+    analysis: dict[str, Any] | None = None
+
+
+def record_failure(run_dir: Path, message: str, error: BaseException | None, name: str = ERROR_NAME) -> None:
+    """``<run dir>/error.txt`` (or ``name``): the one-line message, then the traceback."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(error)) if error is not None else ""
+    atomic_write_text(run_dir / name, message + "\n\n" + trace)
+
+
+class LazyLog(io.TextIOBase):
     """A text stream appending to a run's log file, opened at the first write only (a run that
     cannot start leaves no log behind)."""
 
@@ -62,30 +73,10 @@ class _LazyLog(io.TextIOBase):
         super().close()
 
 
-def execute_run(config: dict[str, Any], run_dir: str, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume, or find finished) the run ``config`` in ``run_dir`` in this process, as a pack of
-    one (:class:`mixkd.study.packworker.PackWorker`, the same path as every study worker); with
-    ``analysis`` (:func:`mixkd.analysis.analyze_run`'s subset, batch_size, seed), analyze the finished
-    run instead.
-
-    Returns ``{"ok": True, "top1": ..., "seconds": ...}`` or ``{"ok": False, "message": ..., "seconds": ...}``.
-    """
-    if analysis is not None:
-        return execute_analysis(config, run_dir, analysis)
-    from mixkd.study.packworker import PackWorker
-
-    worker = PackWorker(1)
-    worker.submit((run_dir, config, run_dir, None))
-    done: list = []
-    with _LazyLog(Path(run_dir) / LOG_NAME) as log, redirect_stdout(log), redirect_stderr(log):
-        while not done:
-            done = worker.work()
-    return done[0][1]
-
-
-def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, Any]) -> dict[str, Any]:
+def execute_analysis(config: RunConfig, run_dir: str, options: dict[str, Any]) -> Outcome:
     """``mixkd analyze`` the finished run in ``run_dir`` (on ``config``'s device) unless it has its
     ``analysis.json`` already. Returns ``{"ok": True, "seconds": ...}`` or ``{"ok": False, "message": ...}``."""
+    # mixkd.analysis draws its figures with matplotlib (heavy): loaded by the workers that analyze only
     from mixkd.analysis import ANALYSIS_FILE, analyze_run
 
     out = Path(run_dir)
@@ -96,9 +87,9 @@ def execute_analysis(config: dict[str, Any], run_dir: str, options: dict[str, An
     try:
         with open_nofollow(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
             print(f"analysis ({', '.join(f'{k} {v}' for k, v in options.items())}):", flush=True)
-            analyze_run(out, device=config.get("device") or "auto", log=lambda line: print(line, flush=True),
-                        **options)
+            analyze_run(out, device=config.device, log=lambda line: print(line, flush=True), **options)
         return {"ok": True, "seconds": time.perf_counter() - start}
     except Exception as e:  # noqa: BLE001 - recorded; the run's own result stays
-        return _failure(e, out / ANALYSIS_ERROR_NAME, start)
-
+        message = failure_message(e)
+        record_failure(out, message, e, ANALYSIS_ERROR_NAME)
+        return {"ok": False, "message": message, "seconds": time.perf_counter() - start}

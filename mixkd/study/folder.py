@@ -1,0 +1,294 @@
+"""The study folder: its files, its lock, its state file, and the one vocabulary of a run's state.
+
+A study folder ``DIR`` holds one run directory per run id, ``study.yaml`` (the study file as last
+run), ``study-state.json`` (each run's state and error, rewritten atomically after every change),
+``.study.lock`` (held by the ``mixkd study run`` using the folder) and ``.study.workers.lock``
+(held shared by its worker processes). The planner, ``mixkd study status`` and the runner all read
+the folder through this module; only the runner writes the state file and takes the lock.
+
+A run's state in a study is a :class:`RunState`. What a run directory itself holds (new, started,
+failed, done) is the run folder's own status; :func:`check_run` adds the study's one judgement on
+it: a run directory made with other settings than the study file now says (a mismatch).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixkd import __version__
+from mixkd.errors import MixkdError
+from mixkd.files import atomic_write_text, flock_holders, open_nofollow
+from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
+
+STATE_NAME = "study-state.json"
+LOCK_NAME = ".study.lock"
+WORKERS_LOCK = ".study.workers.lock"
+STUDY_COPY = "study.yaml"
+# What a study writes into its folder (study-state.json's "format"); another value is another layout.
+FOLDER_FORMAT = "mixkd-study-1"
+ERROR_NAME = "error.txt"
+ANALYSIS_ERROR_NAME = "analysis-error.txt"
+ANALYSIS_NAME = "analysis.json"
+
+
+class RunState(StrEnum):
+    """Where a run of a study stands. The state file, the runner's counts and ``mixkd study status``
+    all use these words (``study-state.json`` stores the values)."""
+
+    PENDING = "pending"  # to run (waiting for a free slot)
+    WAITING = "waiting"  # to run once its teacher is done (status only: the runner keeps it pending)
+    RUNNING = "running"
+    STOPPED = "stopped"  # a step-exact checkpoint written on a stop (time, signal); resumes there
+    DONE = "done"
+    FAILED = "failed"
+    BLOCKED = "blocked"  # its teacher failed
+
+
+class AnalysisState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def run_status(out: Path, run_id: str) -> str:
+    """'done', 'failed', 'started' or 'new', from what the run directory holds."""
+    d = out / run_id
+    if (d / "result.json").exists():
+        return "done"
+    if (d / ERROR_NAME).exists():
+        return "failed"
+    return "started" if (d / "config.yaml").exists() else "new"
+
+
+def analysis_status(out: Path, run_id: str) -> str:
+    """'done', 'failed' or 'new': the analysis of a run, from what its directory holds."""
+    d = out / run_id
+    if (d / ANALYSIS_NAME).exists():
+        return "done"
+    return "failed" if (d / ANALYSIS_ERROR_NAME).exists() else "new"
+
+
+def check_run(run: PlannedRun, out: Path) -> tuple[str, str | None]:
+    """(run directory status, problem): :func:`run_status`, and where the run directory holds a run
+    made with other settings than the study file now says (a recipe edited since, another file), why
+    (a mismatch: the runner reports it as failed)."""
+    saved = out / run.id / "config.yaml"
+    if saved.exists():
+        mismatch = saved_config_mismatch(run, yaml.safe_load(saved.read_text()) or {}, out)
+        if mismatch:
+            return run_status(out, run.id), (f"{out / run.id} holds a run made with other settings ({mismatch}); "
+                                             "delete that folder to run it again, or use another --out")
+    return run_status(out, run.id), None
+
+
+# ---- the state file -------------------------------------------------------------------------
+
+def check_folder(out: str | Path) -> dict[str, Any] | None:
+    """The study folder's ``study-state.json`` (None where there is none yet). Raises MixkdError
+    where it is unreadable or in a format this mixkd does not read (a folder of another version)."""
+    path = Path(out) / STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MixkdError(f"cannot read {path} ({e}); is {out} a study folder written by mixkd?") from None
+    if not isinstance(state, dict):
+        raise MixkdError(f"{path} is not a mixkd study state; is {out} a study folder written by mixkd?")
+    fmt = state.get("format", FOLDER_FORMAT)  # folders written before the format was recorded: this layout
+    if fmt != FOLDER_FORMAT:
+        raise MixkdError(f"{out} is a study folder of another mixkd version ({state.get('mixkd_version', 'unknown')}, "
+                         f"format {fmt!r}); this mixkd ({__version__}) reads {FOLDER_FORMAT!r}: continue it with the "
+                         "mixkd that wrote it, or use another --out")
+    return state
+
+
+def load_folder(out: str | Path) -> tuple[Study, dict[str, Any] | None]:
+    """The study of a study folder (its ``study.yaml`` with the recorded ``--set`` overrides) and its state."""
+    out = Path(out)
+    if not out.exists():
+        raise MixkdError(f"study folder not found: {out}")
+    if not out.is_dir():
+        raise MixkdError(f"{out} is a file, not a study folder")
+    if not (out / STUDY_COPY).is_file():
+        raise MixkdError(f"{out} is not a study folder (it has no {STUDY_COPY}); give the folder that "
+                         "'mixkd study run --out' wrote")
+    state = check_folder(out)
+    study = load_study(out / STUDY_COPY, (state or {}).get("overrides"), check_files=False)
+    return study, state
+
+
+class StudyState:
+    """Each run's state (and error, seconds, analysis) during ``mixkd study run``, saved to the state file."""
+
+    def __init__(self, study: Study, out: Path):
+        self.study, self.out = study, out
+        self.status: dict[str, RunState] = {}
+        self.error: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.analysis: dict[str, AnalysisState] = {}  # runs to analyze only
+        self.analysis_error: dict[str, str] = {}
+
+    def set(self, run_id: str, status: RunState, error: str | None = None) -> None:
+        self.status[run_id] = status
+        if error:
+            self.error[run_id] = error
+        else:
+            self.error.pop(run_id, None)
+
+    def set_analysis(self, run_id: str, status: AnalysisState, error: str | None = None) -> None:
+        self.analysis[run_id] = status
+        if error:
+            self.analysis_error[run_id] = error
+        else:
+            self.analysis_error.pop(run_id, None)
+
+    def counts(self) -> dict[str, int]:
+        """Runs per state (every state but WAITING, which only ``mixkd study status`` tells apart)."""
+        counts = {s.value: 0 for s in RunState if s is not RunState.WAITING}
+        for s in self.status.values():
+            counts[s] += 1
+        return counts
+
+    def analysis_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in (AnalysisState.DONE, AnalysisState.RUNNING, AnalysisState.PENDING,
+                                       AnalysisState.FAILED)}
+        for s in self.analysis.values():
+            counts[s] += 1
+        return counts
+
+    def save(self, interrupted: bool = False) -> None:
+        runs = {}
+        for run in self.study.runs:
+            entry: dict[str, Any] = {"status": self.status[run.id].value}
+            if run.id in self.error:
+                entry["error"] = self.error[run.id]
+            if run.id in self.seconds:
+                entry["seconds"] = round(self.seconds[run.id], 1)
+            if run.id in self.analysis:
+                entry["analysis"] = self.analysis[run.id].value
+            if run.id in self.analysis_error:
+                entry["analysis_error"] = self.analysis_error[run.id]
+            runs[run.id] = entry
+        state = {"format": FOLDER_FORMAT, "mixkd_version": __version__, "overrides": self.study.overrides,
+                 "study": self.study.name, "source": str(self.study.source),
+                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "interrupted": interrupted, "counts": self.counts(),
+                 **({"analyses": self.analysis_counts()} if self.analysis else {}), "runs": runs}
+        atomic_write_text(self.out / STATE_NAME, json.dumps(state, indent=1) + "\n")
+
+
+# ---- the lock ----------------------------------------------------------------------------------
+
+class FolderLock:
+    """One ``mixkd study run`` per study folder at a time: an exclusive ``flock`` on ``.study.lock``,
+    which the kernel releases when its holder dies (so a lock is honoured only while its holder
+    lives), and no live worker of an earlier run (they hold ``.study.workers.lock`` shared)."""
+
+    def __init__(self, out: Path, wait_for_workers: float = 30.0):
+        self.path = out / LOCK_NAME
+        self.workers = out / WORKERS_LOCK
+        self.wait = wait_for_workers
+        self._file = None
+
+    def __enter__(self) -> FolderLock:
+        while True:
+            f = open_nofollow(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise MixkdError(f"another 'mixkd study run' (pid {holder}) is using {self.path.parent}; wait for it "
+                                 "to finish or stop it (it checkpoints on SIGTERM)") from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # the file was replaced while we waited: lock the new one
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        self._await_old_workers()
+        return self
+
+    def _await_old_workers(self) -> None:
+        """Workers of an earlier run whose main process died stop (and checkpoint) on their own; wait
+        for them rather than train the same runs beside them."""
+        with open_nofollow(self.workers, "a") as w:
+            deadline = time.monotonic() + self.wait
+            while True:
+                try:
+                    fcntl.flock(w, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(w, fcntl.LOCK_UN)
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pids = " ".join(str(p) for p in flock_holders(self.workers))
+                        self.__exit__()
+                        raise MixkdError(f"worker processes of an earlier 'mixkd study run' still work in "
+                                         f"{self.path.parent}" + (f" (PIDs {pids})" if pids else "") + "; wait for "
+                                         "them to stop (they checkpoint and leave), or end them"
+                                         + (f": kill {pids}" if pids else "")) from None
+                    time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+            self._file = None
+
+
+def _flock_holder(path: Path) -> int | None:
+    """The pid holding a lock on ``path`` as /proc/locks lists it (Linux), 0 where no one holds one,
+    None where that cannot be told."""
+    try:
+        st = path.stat()
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->":  # '->': a process waiting for the lock, not holding it
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            if (int(inode), int(major, 16), int(minor, 16)) == (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)):
+                return int(parts[4])
+        except ValueError:
+            continue
+    return 0
+
+
+def study_pid(out: Path) -> int | None:
+    """The pid of the live ``mixkd study run`` holding the folder's lock, or None. The lock is a
+    ``flock`` that dies with its holder: a lock file left by a killed process names a dead pid."""
+    path = out / LOCK_NAME
+    try:
+        found = re.search(r"\d+", path.read_text())
+    except OSError:
+        return None
+    pid = int(found.group()) if found else None
+    holder = _flock_holder(path)
+    if holder is not None:
+        return (pid or holder) if holder else None
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return None
+    except PermissionError:  # alive, owned by another user
+        pass
+    return pid
