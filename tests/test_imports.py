@@ -17,18 +17,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mixkd"
 
 # The data flow, bottom to top. A module's layer is that of the longest prefix listed.
 LAYERS = [
-    ("config", ["mixkd", "mixkd.errors", "mixkd.config", "mixkd.checkpoint", "mixkd.control", "mixkd.metrics"]),
+    ("config", ["mixkd", "mixkd.errors", "mixkd.config", "mixkd.files", "mixkd.checkpoint", "mixkd.control",
+                "mixkd.metrics"]),
     ("data", ["mixkd.data"]),
     ("mix", ["mixkd.mix"]),
     ("models", ["mixkd.models"]),
     ("distiller/losses", ["mixkd.losses", "mixkd.distiller", "mixkd.distillers"]),
     ("step", ["mixkd.step"]),
     ("run", ["mixkd.run_folder", "mixkd.validate", "mixkd.engine", "mixkd.pack", "mixkd.run", "mixkd.learner",
-             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher"]),
+             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation"]),
     ("analysis", ["mixkd.analysis"]),  # mixkd analyze: reads a finished run
     ("study", ["mixkd.study"]),
-    ("results/claims", ["mixkd.study.results", "mixkd.study.claims"]),
-    ("report", ["mixkd.study.report"]),
+    ("results/claims", ["mixkd.results", "mixkd.claims", "mixkd.study.results", "mixkd.study.claims",
+                        "mixkd.study.rows"]),
+    ("report", ["mixkd.study.report", "mixkd.study.tables", "mixkd.study.figures"]),
     ("cli", ["mixkd.cli", "mixkd.__main__", "mixkd.demo", "mixkd.study.cli"]),
 ]
 # Modules whose layer is not their prefix's: the study package's ``__init__`` gathers the public names

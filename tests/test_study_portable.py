@@ -94,7 +94,7 @@ def test_a_run_matches_its_plan_wherever_the_folder_is_and_whatever_the_data_fol
     path = _study(tmp_path / "s.yaml")
     study = load_study(path, overrides=["data_dir=/new/machine/data"])
     kd = study.run(KD)
-    cfg = kd.config_for(tmp_path / "out")
+    cfg = kd.config_for(tmp_path / "out").model_dump(mode="json")
     assert cfg["kd"]["teacher"] == "../../teachers/resnet8_plain-s0" == kd.teacher_path()
     assert cfg["data_dir"] == "/new/machine/data"
     saved = {**cfg, "data_dir": "/old/machine/data", "device": "cuda", "workers": 8, "save_every_minutes": 3}

@@ -59,11 +59,10 @@ def test_a_study_file_with_both_samplings_expands_to_distinct_runs_and_claim_5_c
         exact, ref = runs[f"{p}-s0"], runs[f"{p}-ref-s0"]
         assert (_sampling(exact), _sampling(ref)) == ("exact", "reference")
         assert (exact.sampling, ref.sampling) == ("exact", "reference")
-        assert ref.config["mix"] == {"method": "mixup", "fraction": 0.1, "alpha": 1.0, "sampling": "reference"}
-        assert exact.config["mix"] == {"method": "mixup", "fraction": 0.1, "alpha": 1.0}  # as before the axis
+        assert ref.config.mix.model_dump() == {"method": "mixup", "fraction": 0.1, "alpha": 1.0, "sampling": "reference"}
+        assert exact.config.mix.model_dump() == {"method": "mixup", "fraction": 0.1, "alpha": 1.0, "sampling": "exact"}
         assert exact.group == "students[0]" and ref.group == "students[1]"
-        assert {k: v for k, v in exact.config.items() if k != "mix"} == {k: v for k, v in ref.config.items()
-                                                                         if k != "mix"}
+        assert exact.config.model_dump(exclude={"mix"}) == ref.config.model_dump(exclude={"mix"})
     fmu = runs["students/resnet8-from-resnet14_plain-kd_fmu-T4-s0"]
     assert fmu.sampling is None and _sampling(fmu) == "exact"
     # a saved config of an exact run made before the axis still matches its plan
@@ -102,7 +101,7 @@ def test_the_sampling_of_a_recipe_or_set_names_the_same_run_as_the_axis():
     data = {**data, "defaults": {"dataset": "digits", "mix": {"sampling": "reference"}},
             "students": [{**group, "samplings": "exact"}]}
     run = _expand(data)["students/resnet8-from-resnet14_t-kd_pmu-T4-f0.1-s0"]
-    assert run.config["mix"]["sampling"] == "exact"
+    assert run.config.mix.sampling == "exact"
     # --set mix.sampling without the axis: every PMU run takes it, and its id says so
     data = {**data, "defaults": {"dataset": "digits"}, "students": [group]}
     assert list(_expand(data, ["mix.sampling=reference"]))[1:] == [
