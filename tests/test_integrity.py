@@ -171,8 +171,7 @@ def test_study_report_files_replace_links(tmp_path):
 
 
 def test_study_locks_refuse_links(tmp_path):
-    from mixkd.study.executors import WORKERS_LOCK
-    from mixkd.study.runner import LOCK_NAME, _Lock
+    from mixkd.study.folder import LOCK_NAME, WORKERS_LOCK, FolderLock
 
     for name in (LOCK_NAME, WORKERS_LOCK):
         folder = tmp_path / name
@@ -180,7 +179,7 @@ def test_study_locks_refuse_links(tmp_path):
         victim = tmp_path / f"{name}.victim"
         victim.write_text("precious\n")
         (folder / name).symlink_to(victim)
-        with pytest.raises(MixkdError, match="is a symbolic link"), _Lock(folder, wait_for_workers=0.1):
+        with pytest.raises(MixkdError, match="is a symbolic link"), FolderLock(folder, wait_for_workers=0.1):
             pass
         assert victim.read_text() == "precious\n"
 

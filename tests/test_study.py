@@ -97,7 +97,7 @@ def test_pairs_use_only_the_named_teachers_and_external_checkpoints(tmp_path):
 BAD = [
     ({"students": [{"teachers": "plain", "models": "resnet8", "methods": ["kd"]},
                    {"teachers": "plain", "models": "resnet8", "methods": ["kd+mixupp"]}]},
-     "students[1].methods[0]: unknown method 'kd+mixupp'; known: alone, kd, kd_fmu, kd_pmu, std, std_pmu"),
+     "students[1].methods[0]: unknown method 'kd+mixupp'; known: alone, kd, kd_fmu, kd_pmu, std, std_fmu, std_pmu"),
     ({"students": [{"teachers": "plain", "models": "resnet8", "methods": "kd", "temperature": 4}]},
      "students[0].temperature: unknown key"),
     ({"students": [{"teachers": ["plain", "mixupp"], "models": "resnet8", "methods": "kd"}]},

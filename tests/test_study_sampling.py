@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from mixkd.claims import check
-from mixkd.config import RunConfig
 from mixkd.errors import MixkdError
 from mixkd.study import load_study
 from mixkd.study.report import collect
