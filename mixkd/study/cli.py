@@ -10,6 +10,7 @@ from mixkd.control import StopControl, parse_duration
 from mixkd.engine import RESULT_NAME
 from mixkd.errors import MixkdError
 from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
+from mixkd.study.folder import check_folder
 from mixkd.study.report import claims_plan, claims_text
 from mixkd.study.spec import check_device
 from mixkd.study.status import format_status
@@ -112,6 +113,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable)."""
     if device:
         check_device(device)
+    check_folder(out)  # a folder of another mixkd version: said first, before what this machine lacks
     problems = machine_problems([r.config_for(out, device).model_dump() for r in study.runs  # those still to train
                                  if not (out / r.id / RESULT_NAME).exists()])
     if problems:
