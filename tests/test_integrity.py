@@ -321,7 +321,7 @@ def test_a_worker_whose_parent_dies_while_it_starts_exits_and_frees_the_folder(t
     import sys
     import time
 
-    from mixkd.study.executors import WORKERS_LOCK
+    from mixkd.study.folder import WORKERS_LOCK
 
     script = ("import os, sys\nfrom mixkd.study.executors import LocalExecutor\n"
               "ex = LocalExecutor(workers=1, use_gpu=False, lock_dir=sys.argv[1])\n"
@@ -341,8 +341,7 @@ def test_a_worker_whose_parent_dies_while_it_starts_exits_and_frees_the_folder(t
 def test_the_message_about_live_workers_names_their_pids(tmp_path):
     import fcntl
 
-    from mixkd.study.executors import WORKERS_LOCK
-    from mixkd.study.runner import _Lock
+    from mixkd.study.folder import WORKERS_LOCK, FolderLock
 
     holder = os.fork()
     if holder == 0:  # a worker of an earlier study run, still holding the folder
@@ -354,7 +353,7 @@ def test_the_message_about_live_workers_names_their_pids(tmp_path):
         while not os.waitpid(holder, os.WUNTRACED)[1]:
             pass
         with pytest.raises(MixkdError, match=rf"still work in {tmp_path} \(PIDs {holder}\); .*: kill {holder}$"), \
-                _Lock(tmp_path, wait_for_workers=0.1):
+                FolderLock(tmp_path, wait_for_workers=0.1):
             pass
     finally:
         os.kill(holder, signal.SIGKILL)
