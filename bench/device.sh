@@ -1,68 +1,120 @@
 #!/usr/bin/env bash
-# All the GPU work of issues 9 (packed runs) and 12 (compiled step) in one command: at most 7 minutes on
-# one H100/H200 (each step below has a time cap), at most 8 files under $OUT, the tables printed last.
-#   OUT=/tmp/out bash bench/device.sh
-# The lent GPU machines' image has torch 2.11, Triton, pytest, PyYAML, safetensors and tqdm but not
-# pydantic: carry wheels of pydantic, pydantic-core, annotated-types and typing-inspection (python 3.12,
-# manylinux x86_64) in .whl/ (the device tool's README gives the pip download line); they are installed
-# into /tmp/site here. mixkd runs from this checkout (PYTHONPATH), nothing else is installed.
+# The GPU work of issues 9 (packed runs) and 12 (compiled step), in steps that fit the calls of one GPU
+# window (bench/GPU.md gives the window plan: which call runs which step, and its device time):
+#   OUT=/tmp/out bash bench/device.sh tests    # call 1, at most 140 s: the CUDA correctness tests
+#   OUT=/tmp/out bash bench/device.sh bench    # call 2, at most 160 s: the benchmark
+#   OUT=/tmp/out bash bench/device.sh try      # not in the window plan (does not fit): max-autotune, 75 s
+#   OUT=/tmp/out bash bench/device.sh          # tests, bench, try in one call (~7 min)
+#   SMOKE=1 OUT=/tmp/out bash bench/device.sh  # every step on the CPU with tiny sizes (CI runs this)
+# Set-up (wheels, header, output rules): bench/window.sh. Every step runs under `timeout` and writes what
+# it measured even when its cap stops it; the header (commit, device, torch, wheels) tops every text file;
+# at most 8 files come back (this script writes at most 7), each checked to be under 15 MiB.
 #
-# What it measures, on random uint8 images of CIFAR's shape (the step's cost does not depend on them):
-#  1. tests.txt (cap 110 s): pytest tests/test_step.py tests/test_compile.py and the CUDA tests of
-#     tests/test_pack.py and tests/test_resume.py: graphed == eager over 20 steps (fp32, bf16); the compiled
-#     graphed step == the uncompiled one over 20 steps, losses and weights (fp32 and bf16 with teacher and
-#     student compiled; bf16 with the mixing and losses compiled too); TrainStep.measure leaves a graphed run
-#     as it was; three different runs packed on streams == the same runs alone; a run stopped mid-epoch and
-#     resumed == the uninterrupted run (fp32, bf16), all within the graphed-vs-eager tolerance.
-#  2. bench.txt / bench.json / bench.log (cap 220 s): bench/step_bench.py, bf16 + channels-last, PMU 10% +
-#     standardized KD, batch 64, 200 steps after 20, for resnet32x4 -> resnet8x4, resnet56 -> resnet20 and
-#     wrn_40_2 -> wrn_16_2: d (one run, CUDA graph), e (batch 512, the ceiling), g / h (d / e with teacher
-#     and student compiled; compile seconds beside them), p / q (K = 2, 4, 8 runs of the pair in one
-#     mixkd.pack.Pack, each on its own CUDA stream; uncompiled / compiled), a mixed pack (one run of each
-#     pair), the warm-up of 1 and 8 compiled runs of the first pair from an empty dynamo cache, and the
-#     issues' targets as ratios: issue 9 best K >= 90% of e, mixed pack >= 80% of the mean e; issue 12
-#     g >= 20x the released loop on the same GPU kind (../shared/REFERENCE.md), best compiled K >= e,
-#     8 compiled runs' warm-up <= 2x one run's.
-#  3. try.txt / try.json / try.log (cap 75 s): issue 12's "also try", resnet32x4 -> resnet8x4: g beside
-#     s (one-hot labels, mixing and losses compiled too) and m (inductor mode max-autotune-no-cudagraphs).
-# A benchmark stopped by its cap still prints (and writes) what it measured. inductor's cache is kept in
-# /tmp/mixkd-compile-cache, so step 3 reuses what step 2 compiled. Budget: about 10 s of set-up + the caps.
+# tests (tests.txt; caps 70 s + 60 s): the CUDA tests, compile last so that its failure costs nothing else:
+#   loaders (tests/test_data.py, device=cuda), packs (three different runs packed on streams == alone;
+#   Pack.measure on streams leaves every run as it was), step-exact resume (fp32, bf16), graphs (graphed ==
+#   eager over 20 steps; TrainStep.measure leaves a graphed run as it was); then compile (the compiled
+#   graphed step == the uncompiled one over 20 steps: fp32, bf16, bf16 with mixing and losses compiled).
+#   The compile tests' outcome is left in $WINDOW/compile-tests: bench/claims.sh runs the study with
+#   compile=off when it says "failed".
+# bench (bench.txt/.json, cap 70 s; compiled.txt/.json, cap 80 s): bench/step_bench.py, bf16 +
+#   channels-last, PMU 10% + standardized KD, batch 64, 100 steps after 10, random CIFAR-shaped images:
+#   1. uncompiled, resnet32x4 -> resnet8x4, resnet56 -> resnet20, wrn_40_2 -> wrn_16_2: d (one run, CUDA
+#      graph), e (batch 512, the ceiling), p (K = 2, 4, 8 runs in one mixkd.pack.Pack, each on its own
+#      stream) and the mixed pack (one run of each pair): all of issue 9's targets;
+#   2. compiled, resnet32x4 -> resnet8x4: g / h (d / e compiled), q (K = 8 compiled runs), the warm-up of
+#      1 and 8 compiled runs from an empty dynamo cache, s (mixing and losses compiled too): issue 12's
+#      targets for that pair and its "also try" s.
+# try (try.txt/.json, cap 75 s): m (inductor's max-autotune-no-cudagraphs) beside g.
+# inductor's cache is kept in $WINDOW/compile-cache, so later steps and calls reuse what was compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mixkd-bench}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/mixkd-compile-cache
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import pydantic" 2>/dev/null || { echo "pydantic is missing: carry its wheels in .whl/ (see above)"; exit 1; }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "cores: $(nproc)"; git log -1 --format='commit %h' 2>/dev/null; date -u; } | tee "$OUT/gpu.txt"
-
-# 1. correctness on the GPU
-tests="tests/test_step.py tests/test_compile.py tests/test_pack.py::test_packed_runs_on_streams_match_alone_on_cuda"
-tests="$tests tests/test_resume.py::test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance"
-timeout -k 5 110 python3 -m pytest -v -p no:cacheprovider $tests >"$OUT/tests.txt" 2>&1
-echo "pytest exit status $?" >>"$OUT/tests.txt"
-
-# 2. the benchmark (prints what it measured even when stopped by its cap)
+. bench/window.sh
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests bench try)
+for s in "${steps[@]}"; do
+  case $s in tests|bench|try) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try" >&2; exit 2 ;; esac
+done
+window_setup device.sh
+export TORCHINDUCTOR_CACHE_DIR=$WINDOW/compile-cache
 PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
-timeout -k 10 220 python3 bench/step_bench.py --pairs $PAIRS --variants deghpq --pack 2,4,8 --steps 200 --warmup 20 \
-  --json "$OUT/bench.json" >"$OUT/bench.txt" 2>"$OUT/bench.log"
-echo "step_bench exit status $?" >>"$OUT/bench.log"
+FIRST=resnet32x4:resnet8x4
+SIZES=(--steps 100 --warmup 10)
+CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75
+if [ "$SMOKE" = 1 ]; then  # the tiny pair twice (so that the mixed pack runs), CPU-sized caps
+  PAIRS=tiny:tiny,tiny:tiny FIRST=tiny:tiny SIZES=(--small)
+  CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240
+fi
+rc=0
 
-# 3. what else issue 12 asks to try
-timeout -k 10 75 python3 bench/step_bench.py --pairs resnet32x4:resnet8x4 --variants gsm --steps 200 --warmup 20 \
-  --json "$OUT/try.json" >"$OUT/try.txt" 2>"$OUT/try.log"
-echo "step_bench (try) exit status $?" >>"$OUT/try.log"
+# capped SECONDS LOG CMD...: run CMD under timeout, append its exit status to LOG; returns it.
+capped() {
+  local cap=$1 log=$2 status; shift 2
+  timeout -k 10 "$cap" "$@"
+  status=$?
+  [ $status = 124 ] || [ $status = 137 ] && echo "stopped by its cap of $cap s (exit $status)" >>"$log"
+  echo "exit status $status" >>"$log"
+  return $status
+}
+
+run_tests() {
+  local t=$OUT/tests.txt status
+  with_header "$t"
+  local first=(tests/test_pack.py::test_packed_runs_on_streams_match_alone_on_cuda
+               tests/test_pack.py::test_pack_measure_on_streams_leaves_every_run_as_it_was_on_cuda
+               tests/test_resume.py::test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance
+               tests/test_step.py::test_graphed_and_eager_steps_give_the_same_losses_over_20_steps
+               tests/test_compile.py::test_measure_leaves_a_graphed_run_as_it_was)
+  echo "-- loaders, packs, resume, graphs (cap $CAP_TESTS s)" >>"$t"
+  # the loaders' CUDA cases are parameters of tests/test_data.py: -k picks them (and keeps the others)
+  capped "$CAP_TESTS" "$t" python3 -m pytest -q -rs -p no:cacheprovider -k "cuda or graphed" tests/test_data.py \
+    "${first[@]}" >>"$t" 2>&1
+  status=$?
+  [ $status = 0 ] || rc=1
+  echo "-- compile (cap $CAP_COMPILE s)" >>"$t"
+  capped "$CAP_COMPILE" "$t" python3 -m pytest -q -rs -p no:cacheprovider \
+    tests/test_compile.py::test_compiled_graphed_step_matches_uncompiled_over_20_steps >>"$t" 2>&1
+  status=$?
+  if [ $status = 0 ] && grep -q " passed" <(tail -n 5 "$t"); then
+    echo passed >"$WINDOW/compile-tests"
+  elif [ $status = 0 ]; then
+    echo "skipped (no CUDA)" >"$WINDOW/compile-tests"
+  else
+    echo "failed (pytest exit $status)" >"$WINDOW/compile-tests"; rc=1
+  fi
+  echo "compile tests: $(cat "$WINDOW/compile-tests") (bench/claims.sh reads this: compile=off if failed)" >>"$t"
+  fit "$t"
+}
+
+# bench_step NAME CAP ARGS...: bench/step_bench.py into NAME.txt (progress, then the tables) and NAME.json
+bench_step() {
+  local name=$1 cap=$2; shift 2
+  with_header "$OUT/$name.txt"
+  echo "command: python3 bench/step_bench.py $* ${SIZES[*]} (cap $cap s)" >>"$OUT/$name.txt"
+  capped "$cap" "$OUT/$name.txt" python3 bench/step_bench.py "$@" "${SIZES[@]}" --json "$OUT/$name.json" \
+    >>"$OUT/$name.txt" 2>&1 || rc=1
+  fit "$OUT/$name.txt"
+}
+
+for s in "${steps[@]}"; do
+  case $s in
+    tests) run_tests ;;
+    bench) bench_step bench "$CAP_BENCH" --pairs "$PAIRS" --variants dep --pack 2,4,8
+           bench_step compiled "$CAP_COMPILED" --pairs "$FIRST" --variants ghqs --pack 8 ;;
+    try) bench_step try "$CAP_TRY" --pairs "$FIRST" --variants gm ;;
+  esac
+done
 
 echo; echo "== summary =="
-cat "$OUT/gpu.txt"
-echo "-- tests (tests.txt)"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|exit status" "$OUT/tests.txt" | tail -n 40
-echo "-- also try (try.txt; its log ends: $(tail -n 1 "$OUT/try.log"))"; cat "$OUT/try.txt"
-echo "-- benchmark (bench.txt; its log ends: $(tail -n 1 "$OUT/bench.log"))"; cat "$OUT/bench.txt"
+cat "$HEADER"
+if [ -f "$OUT/tests.txt" ]; then
+  echo "-- tests (tests.txt)"; grep -E "passed|failed|error|skipped|SKIPPED|FAILED|ERROR|exit status|cap of|compile tests" "$OUT/tests.txt" | tail -n 30
+fi
+for name in try compiled bench; do
+  [ -f "$OUT/$name.txt" ] || continue
+  echo "-- $name ($name.txt, $name.json; $(tail -n 1 "$OUT/$name.txt"))"
+  awk '/^distillation step/{p=1} /^exit status/{p=0} p' "$OUT/$name.txt"
+done
+check_out || rc=1
+exit $rc

@@ -24,6 +24,11 @@ however many runs share it: K=8 against K=1 shows whether compilation is paid on
   python bench/step_bench.py --data-dir ../shared/data --json bench-results.json        # GPU
   python bench/step_bench.py --small                                                     # CPU smoke mode
 
+--small (the CPU smoke mode, which bench/device.sh's SMOKE=1 runs) measures a bench-only "tiny" pair
+(conv -> batch norm -> ReLU -> pool -> linear, the kernels of a CIFAR ResNet, small enough for inductor
+to compile in seconds on 2 cores) for a few steps: every variant runs, its figures mean nothing. On the
+CPU there are no CUDA graphs: c is skipped, d and e run bf16 eager.
+
 Weights are random: the step's cost does not depend on them. Without --data-dir the images are
 random uint8 arrays of CIFAR's shape. At the end it prints how the figures compare with the targets
 of the packed-runs issue (best K >= 90% of e; mixed pack >= 80% of the mean e of its pairs) and the
@@ -66,6 +71,23 @@ RELEASED_LOOP = {
 }
 COMPILED = {"g": CompileSpec(), "h": CompileSpec(), "s": CompileSpec("step"),
             "m": CompileSpec(mode="max-autotune-no-cudagraphs")}
+
+
+class Tiny(torch.nn.Module):
+    """The smoke mode's model ("tiny"): conv -> batch norm -> ReLU -> pool -> linear."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def bench_model(name: str, num_classes: int) -> torch.nn.Module:
+    return Tiny(num_classes) if name == "tiny" else create_model(name, num_classes)
 
 
 def cifar_arrays(data_dir: str | None, n: int) -> ArraySplit:
@@ -160,10 +182,10 @@ def bench_released(teacher, student, split, device, batch, steps, warmup, worker
 def models_for(pair: str, device):
     t_name, s_name = pair.split(":")
     torch.manual_seed(0)
-    teacher = create_model(t_name, 100).to(device).eval()
+    teacher = bench_model(t_name, 100).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher, create_model(s_name, 100).to(device).train()
+    return teacher, bench_model(s_name, 100).to(device).train()
 
 
 def make_run(pair: str, split, device, batch: int, graph: bool, precision: str,
@@ -375,7 +397,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", help="folder with cifar-100-python/ (default: random arrays of CIFAR's shape)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--pairs", default=",".join(PAIRS), help="teacher:student,...")
+    ap.add_argument("--pairs", help=f"teacher:student,... (default {','.join(PAIRS)}; with --small tiny:tiny)")
     ap.add_argument("--variants", default="abcdef", help=f"letters of {VARIANTS} (see above)")
     ap.add_argument("--steps", type=int, default=300, help="timed steps per variant (rounds of a pack)")
     ap.add_argument("--warmup", type=int, default=30, help="untimed steps (rounds) before them, the first included")
@@ -386,7 +408,7 @@ def main() -> None:
     ap.add_argument("--no-warmup-check", action="store_true",
                     help="with q, skip timing the warm-up of 1 and 8 compiled runs of the first pair")
     ap.add_argument("--no-mixed", action="store_true", help="no mixed pack (one run of each pair) in p and q")
-    ap.add_argument("--small", action="store_true", help="CPU smoke mode: one small pair, a few steps")
+    ap.add_argument("--small", action="store_true", help="CPU smoke mode: the tiny pair, a few steps (see above)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -396,17 +418,16 @@ def main() -> None:
         print(run_variant("d", args.worker, split, device, args)[0])
         return
     if args.small:
-        args.pairs, args.steps, args.warmup, args.workers, args.concurrency = "resnet8:resnet8", 3, 1, 1, "2"
-        args.pack, args.batch = "2", 16
+        args.steps, args.warmup, args.workers, args.concurrency = 3, 1, 1, "2"
+        args.pairs, args.pack, args.batch = args.pairs or "tiny:tiny", "2", 16
+    args.pairs = args.pairs or ",".join(PAIRS)
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {''.join(sorted(unknown))}; choose from {VARIANTS}")
     variants = [v for v in VARIANTS if v in args.variants]
-    if device.type != "cuda":
-        skipped = [v for v in variants if v in "ceh"]
-        variants = [v for v in variants if v not in "ceh"]
-        if skipped:
-            print(f"note: variants {','.join(skipped)} need CUDA graphs; skipped on {device}", file=sys.stderr)
+    if device.type != "cuda" and "c" in variants:
+        variants.remove("c")
+        print(f"note: variant c needs CUDA graphs; skipped on {device}", file=sys.stderr)
     ks = [int(k) for k in args.pack.split(",")]
     pairs = args.pairs.split(",")
     split = cifar_arrays(args.data_dir, 512 if args.small else 50_000)
