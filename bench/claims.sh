@@ -64,7 +64,8 @@ COMPILE=${COMPILE:-$([[ "$compile_tests" == failed* ]] && echo off || echo auto)
 echo "compile=$COMPILE (the CUDA compile tests: $compile_tests)" | tee -a "$log"
 
 # A folder holding runs made with other settings is moved aside: the study starts afresh.
-if [ -d "$MINI" ] && python3 -m mixkd study plan "$STUDY" --out "$MINI" "${sets[@]}" --pack 8 2>&1 | grep -q "made with other settings"; then
+plan=$([ -d "$MINI" ] && python3 -m mixkd study plan "$STUDY" --out "$MINI" "${sets[@]}" --pack 8 2>&1)
+if [[ "$plan" == *"made with other settings"* ]]; then
   old=$MINI.old-$(date +%s)
   mv "$MINI" "$old"
   echo "$MINI held runs made with other settings (an earlier start?): moved to $old; starting in a fresh folder" | tee -a "$log"

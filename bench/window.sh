@@ -36,10 +36,16 @@ window_setup() {
     else
       echo "device cpu ($(nproc) cores)"
     fi
-    python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" 2>&1 | tail -n 1
     echo "carried wheels: $(ls .whl 2>/dev/null | tr '\n' ' ')(needed: $WHEELS)"
   } >"$HEADER"
-  if ! err=$(python3 -c "import pydantic, yaml, safetensors, mixkd.engine, mixkd.study" 2>&1); then
+  # one python for the versions and the import check (a torch import is seconds on 2 cores)
+  err=$(python3 -c "
+import sys, torch
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), flush=True)
+import pydantic, yaml, safetensors, mixkd.engine, mixkd.study" 2>&1)
+  local ok=$?
+  { head -n 3 "$HEADER"; echo "$err" | head -n 1; tail -n 1 "$HEADER"; } >"$HEADER.tmp" && mv "$HEADER.tmp" "$HEADER"
+  if [ $ok != 0 ]; then
     echo "import failed: $(echo "$err" | tail -n 1)" >>"$HEADER"
     echo "  mixkd cannot import here: carry the wheels named above in .whl/ (bench/window.sh says how), one version of each" >>"$HEADER"
     cat "$HEADER" | tee "$OUT/setup-error.txt" >&2
