@@ -188,7 +188,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_metrics(tmp_path, cif
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     assert _metrics_without_timing(killed) == _metrics_without_timing(reference)
     a, b = load_checkpoint(killed).state_dict, load_checkpoint(reference).state_dict
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_existing_run_needs_resume(capsys, teacher_run, cifar10_dir):

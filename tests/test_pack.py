@@ -67,7 +67,7 @@ def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thr
     for name in "abc":
         assert metrics(alone / name) == metrics(packed / name), name
         a, b = load_checkpoint(alone / name).state_dict, load_checkpoint(packed / name).state_dict
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path, one_thread):
@@ -146,7 +146,7 @@ def test_pack_measure_leaves_every_run_as_it_was(tmp_path, cifar10_dir, one_thre
         assert metrics(tmp_path / "measured" / name) == metrics(tmp_path / "plain" / name), name
         a = load_checkpoint(tmp_path / "measured" / name).state_dict
         b = load_checkpoint(tmp_path / "plain" / name).state_dict
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
