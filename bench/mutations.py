@@ -57,7 +57,7 @@ MUTATIONS = (
              "int(math.floor(fraction * batch_size + 0.5))", "int(math.ceil(fraction * batch_size - 0.5))",
              MIX_TESTS),
     Mutation("partial-ignores-mask", "partial mixup mixes every sample", "mix.py",
-             "        lam = torch.where(mask, lam, torch.ones_like(lam))\n", "", MIX_TESTS),
+             "        lam = torch.where(mask, lam, torch.ones_like(lam))\n", "        pass\n", MIX_TESTS),
     Mutation("kd-without-t2", "Hinton KD without its T^2", "losses.py",
              "    return _kl_batchmean(log_p_s, p_t) * (t * t)\n", "    return _kl_batchmean(log_p_s, p_t)\n",
              LOSS_TESTS),
@@ -89,10 +89,14 @@ def run(m: Mutation, workdir: Path) -> list[str]:
     if source.count(m.old) != 1:
         raise SystemExit(f"{m.name}: the text to replace occurs {source.count(m.old)} times in mixkd/{m.file} "
                          "(expected once); update the mutation to today's source")
-    path.write_text(source.replace(m.old, m.new))
+    mutated = source.replace(m.old, m.new)
+    compile(mutated, str(path), "exec")  # a mutation must break a formula, not the syntax
+    path.write_text(mutated)
     env = {**os.environ, "PYTHONPATH": str(copy)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:randomly",
                            *m.tests], cwd=copy, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):  # 2-5: interrupted, internal or usage error, no tests collected
+        raise SystemExit(f"{m.name}: pytest exited with {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return [line.split()[1] for line in proc.stdout.splitlines() if re.match(r"(FAILED|ERROR) ", line)]
 
 

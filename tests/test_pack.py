@@ -30,29 +30,35 @@ def metrics(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def configs(root, device="cpu"):
+def configs(root, device="cpu", data_dir=None):
+    """A teacher and three different runs. With ``data_dir`` (the tiny fake CIFAR-10: 160 training images)
+    small batches give each run as many steps as digits does; without it, digits."""
     # compile off: packing is under test here (tests/test_compile.py tests compilation)
     base = {"dataset": "digits", "device": device, "progress": False, "optim.milestones": [1], "compile": "off"}
-    teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1, "batch_size": 256,
-                                  "out": str(root / "teacher")})
+    batch = {"teacher": 256, "a": 128, "b": 96, "c": 160}
+    if data_dir is not None:
+        base.update({"dataset": "cifar10", "data_dir": str(data_dir)})
+        batch = {"teacher": 32, "a": 16, "b": 12, "c": 20}
+    teacher = build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 1,
+                                  "batch_size": batch["teacher"], "out": str(root / "teacher")})
     return teacher, [
-        build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 2, "batch_size": 128,
+        build_config(flags={**base, "task": "train", "model": "resnet8", "epochs": 2, "batch_size": batch["a"],
                             "mix.method": "mixup", "seed": 1, "out": str(root / "a")}),
-        build_config(flags={**base, "task": "distill", "model": "resnet8", "epochs": 1, "batch_size": 96,
+        build_config(flags={**base, "task": "distill", "model": "resnet8", "epochs": 1, "batch_size": batch["b"],
                             "kd.teacher": str(root / "teacher"), "kd.method": "std", "mix.method": "mixup",
                             "mix.fraction": 0.1, "out": str(root / "b")}),
-        build_config(flags={**base, "task": "train", "model": "resnet14", "epochs": 1, "batch_size": 160,
+        build_config(flags={**base, "task": "train", "model": "resnet14", "epochs": 1, "batch_size": batch["c"],
                             "mix.method": "cutmix", "seed": 2, "out": str(root / "c")}),
     ]
 
 
-def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thread):
+def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thread, cifar10_dir):
     alone, packed = tmp_path / "alone", tmp_path / "packed"
-    teacher, runs = configs(alone)
+    teacher, runs = configs(alone, data_dir=cifar10_dir)
     run_job(teacher)
     for cfg in runs:
         run_job(cfg)
-    teacher_p, runs_p = configs(packed)
+    teacher_p, runs_p = configs(packed, data_dir=cifar10_dir)
     shutil.copytree(alone / "teacher", packed / "teacher")
     pack = Pack("cpu", 3)
     jobs = [Run(cfg) for cfg in runs_p]
@@ -70,11 +76,11 @@ def test_three_different_runs_packed_equal_the_same_runs_alone(tmp_path, one_thr
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path, one_thread):
-    teacher, runs = configs(tmp_path)
+def test_pack_worker_admits_continuously_and_a_failing_run_stops_alone(tmp_path, one_thread, cifar10_dir):
+    teacher, runs = configs(tmp_path, data_dir=cifar10_dir)
     run_job(teacher)
-    bad = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "device": "cpu",
-                              "progress": False, "epochs": 2, "batch_size": 256, "optim.lr": 1e12,
+    bad = build_config(flags={"task": "train", "model": "resnet8", "dataset": "cifar10", "data_dir": str(cifar10_dir),
+                              "device": "cpu", "progress": False, "epochs": 2, "batch_size": 32, "optim.lr": 1e12,
                               "out": str(tmp_path / "diverges")})
     worker = PackWorker(2)
     jobs = [runs[1], bad, runs[0], runs[2]]

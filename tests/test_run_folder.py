@@ -17,6 +17,13 @@ TRAIN = ["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1", 
          "--device", "cpu"]
 
 
+@pytest.fixture
+def train_tiny(cifar10_dir):
+    """TRAIN on the tiny fake CIFAR-10 (160 training images instead of digits' 1437): the same run, less work."""
+    return ["train", "--model", "resnet8", "--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--epochs", "1",
+            "--batch-size", "32", "--device", "cpu"]
+
+
 def cli(capsys, *args):
     code = main(list(args))
     out, err = capsys.readouterr()
@@ -61,7 +68,8 @@ def test_a_distillation_resumes_from_another_directory_and_a_moved_run_writes_wh
 
 
 @pytest.mark.parametrize("case", ["model", "device", "teacher", "data", "batch"])
-def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(tmp_path, teacher, capsys, case, one_thread):
+def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(tmp_path, teacher, capsys, case, one_thread,
+                                                                      cifar10_dir):
     out = tmp_path / "run"
     bad = {"model": ["--model", "nosuchnet"], "device": ["--device", "cuda"],
            "teacher": ["--teacher", str(tmp_path / "nope")], "data": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nodata")],
@@ -69,8 +77,8 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_runs(tmp_path, 
     if case == "device" and __import__("torch").cuda.is_available():
         pytest.skip("CUDA is available here")
     command = "distill" if case == "teacher" else "train"
-    base = ["--student" if command == "distill" else "--model", "resnet8", "--dataset", "digits", "--epochs", "1",
-            "--batch-size", "128", "--device", "cpu", "--out", str(out)]
+    base = ["--student" if command == "distill" else "--model", "resnet8", "--dataset", "cifar10", "--data-dir",
+            str(cifar10_dir), "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--out", str(out)]
     if command == "distill" and case != "teacher":
         base += ["--teacher", str(teacher)]
     code, _, err = cli(capsys, command, *base, *bad)
@@ -99,11 +107,11 @@ def test_resume_needs_a_run_and_refuses_flags_it_would_ignore(tmp_path, teacher,
     assert code == 0 and "top-1" in out, err  # machine-local flags may change
 
 
-def test_a_folder_with_only_a_config_is_not_a_run_yet(tmp_path, capsys, one_thread):
+def test_a_folder_with_only_a_config_is_not_a_run_yet(tmp_path, capsys, one_thread, train_tiny):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("task: train\nmodel: nosuchnet\n")
-    code, _, err = cli(capsys, *TRAIN, "--out", str(out))
+    code, _, err = cli(capsys, *train_tiny, "--out", str(out))
     assert code == 0, err
     assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "resnet8"
 
@@ -129,9 +137,9 @@ def test_unusable_out_folders_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and "/proc/mixkd-run" in one_error(err)
 
 
-def test_result_records_threads_and_the_log_has_every_epoch(tmp_path, capsys, one_thread):
+def test_result_records_threads_and_the_log_has_every_epoch(tmp_path, capsys, one_thread, train_tiny):
     out = tmp_path / "run"
-    code, _, err = cli(capsys, *TRAIN, "--out", str(out))
+    code, _, err = cli(capsys, *train_tiny, "--out", str(out))
     assert code == 0
     result = json.loads((out / "result.json").read_text())
     assert result["threads"] == 1 and result["precision"] == "fp32"
@@ -141,10 +149,12 @@ def test_result_records_threads_and_the_log_has_every_epoch(tmp_path, capsys, on
     assert "epoch 1/1" in err
 
 
-def test_a_moved_study_whose_teacher_run_is_missing_is_refused_untouched(tmp_path, capsys, one_thread):
+def test_a_moved_study_whose_teacher_run_is_missing_is_refused_untouched(tmp_path, capsys, one_thread,
+                                                                          cifar10_dir):
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump({
-        "name": "s", "defaults": {"dataset": "digits", "device": "cpu", "epochs": 1, "batch_size": 256},
+        "name": "s", "defaults": {"dataset": "cifar10", "data_dir": str(cifar10_dir), "device": "cpu", "epochs": 1,
+                                  "batch_size": 32},
         "teachers": [{"name": "plain", "models": "resnet8"}],
         "students": [{"teachers": "plain", "models": "resnet8", "methods": ["kd"]}]}))
     out = tmp_path / "out"
