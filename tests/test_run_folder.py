@@ -44,12 +44,13 @@ def teacher(tmp_path_factory):
 
 
 def test_a_distillation_resumes_from_another_directory_and_a_moved_run_writes_where_it_is(
-        tmp_path, teacher, capsys, monkeypatch, one_thread):
+        tmp_path, teacher, capsys, monkeypatch, one_thread, cifar10_dir):
     work = tmp_path / "work"
     shutil.copytree(teacher, work / "runs" / "t")
     monkeypatch.chdir(work)
-    cfg = build_config(flags={"task": "distill", "kd.teacher": "runs/t", "model": "resnet8", "dataset": "digits",
-                              "epochs": 2, "batch_size": 128, "device": "cpu", "progress": False, "out": "runs/dk"})
+    cfg = build_config(flags={"task": "distill", "kd.teacher": "runs/t", "model": "resnet8", "dataset": "cifar10",
+                              "data_dir": str(cifar10_dir), "epochs": 2, "batch_size": 16, "device": "cpu",
+                              "progress": False, "out": "runs/dk"})
     job = Run(cfg)
     for _ in range(3):
         job.advance()
