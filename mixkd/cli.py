@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixkd.config import SEED_MAX, RunConfig, build_config, int_in, load_run_config, value_range
+from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, load_run_config, value_range
 from mixkd.errors import MixkdError
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
+_METHOD_KEYS = {f"kd.{k}" for k in KD_PARAMS}  # their defaults are the method's
 
 
 def _default(key: str) -> Any:
@@ -67,17 +68,23 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
 DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, or a RepDistiller .pth"),
     (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a RepDistiller .pth)"),
-    (("--kd",), "kd.method", {}, "a registered KD method (mixkd.distiller): kd: Hinton KD at --temperature; std: standardized KD (the study's)"),
-    (("--temperature", "-T"), "kd.temperature", {"type": float}, "KD temperature (kd only)"),
-    (("--ce-weight",), "kd.ce_weight", {"type": float}, "gamma: weight of the cross-entropy term"),
-    (("--kd-weight",), "kd.kd_weight", {"type": float}, "alpha: weight of the distillation term"),
+    (("--kd",), "kd.method", {}, "a registered KD method (mixkd.distiller): kd (Hinton KD), std (the study's standardized KD), dkd, lskd, dist, fitnet; each one's settings default to its authors' CIFAR-100 ones"),
+    (("--temperature", "-T"), "kd.temperature", {"type": float}, "softmax temperature (lskd: its base temperature; default: the method's, 4 or lskd 2)"),
+    (("--ce-weight",), "kd.ce_weight", {"type": float}, "weight of the cross-entropy term (default: the method's, 0.1 or dkd, dist, fitnet 1)"),
+    (("--kd-weight",), "kd.kd_weight", {"type": float}, "weight of the distillation term (default: the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0)"),
+    (("--alpha",), "kd.alpha", {"type": float}, "dkd: weight of the target-class term TCKD (default 1)"),
+    (("--beta",), "kd.beta", {"type": float}, "dkd: weight of the non-target-class term NCKD (default 8); dist: of the inter-class relation (default 1)"),
+    (("--gamma",), "kd.gamma", {"type": float}, "dist: weight of the intra-class relation (default 1)"),
+    (("--warmup-epochs",), "kd.warmup_epochs", {"type": int}, "dkd: epochs over which its KD weight rises linearly (default 20; 0: none)"),
+    (("--hint-weight",), "kd.hint_weight", {"type": float}, "fitnet: weight of the hint (default 100)"),
+    (("--hint-layer",), "kd.hint_layer", {"type": int}, "fitnet: index of the hinted feature map (default 2, the middle one)"),
 ]
 
 
 def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str]) -> None:
     for names, key, kwargs, text in options:
         dest = "opt_" + key.replace(".", "__")
-        default = _default(key)
+        default = None if key in _METHOD_KEYS else _default(key)  # those default to the method's
         shown = "" if default is None or kwargs.get("action") else f" (default: {default})"
         if kwargs.get("action") == "store_const" and kwargs.get("const") is False:
             shown = ""
@@ -118,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
-    _run_parser(sub, "distill", "distill a student from a teacher checkpoint (Hinton or standardized KD)", True)
+    _run_parser(sub, "distill", "distill a student from a teacher checkpoint (KD, standardized KD, DKD, LS-KD, DIST, FitNet)", True)
 
     p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
                        description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "

@@ -48,14 +48,69 @@ class MixConfig(_Section):
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
 
 
+# Each KD method's hyperparameters and their defaults: its authors' CIFAR-100 settings. A key a method
+# does not list is not used by it (and refused when set). The methods themselves are mixkd.distiller's.
+#   kd, std: RepDistiller ``scripts/run_cifar_distill.sh`` (-r 0.1 -a 0.9, --kd_T 4); std ignores T.
+#   dkd: mdistiller ``mdistiller/engine/cfg.py`` (CFG.DKD: CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20);
+#        its ``configs/cifar100/dkd/*.yaml`` set BETA 2 for res56_res20 and res110_res32, 6 for the vgg13
+#        and wrn40_2 pairs. DKD has no KD weight of its own (1 here).
+#   lskd: logit-standardization-KD README and ``tools/train.py`` (--base-temp 2 --kd-weight 9; CE weight
+#        ``mdistiller/engine/cfg.py`` CFG.KD.LOSS.CE_WEIGHT 0.1).
+#   dist: image_classification_sota ``configs/strategies/distill/dist_cifar.yaml`` (ori_loss_weight 1,
+#        kd_loss_weight 2, kd: dist_t4 = DIST(beta=1, gamma=1, tau=4) in ``lib/models/losses/kd_loss.py``).
+#   fitnet: RepDistiller ``scripts/run_cifar_distill.sh`` (--distill hint -a 0 -b 100, CE weight 1,
+#        ``train_student.py`` --hint_layer 2); KD at T 4 is there with weight 0 (set kd_weight to add it).
+KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+    "std": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+    "dkd": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20},
+    "lskd": {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0},
+    "dist": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "beta": 1.0, "gamma": 1.0},
+    "fitnet": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.0, "hint_weight": 100.0, "hint_layer": 2},
+}
+# What a method not in the table (one registered by a user) gets: Hinton KD's settings.
+GENERIC_KD_DEFAULTS = KD_METHOD_DEFAULTS["kd"]
+KD_PARAMS = ("temperature", "ce_weight", "kd_weight", "alpha", "beta", "gamma", "warmup_epochs", "hint_weight",
+             "hint_layer")
+
+
 class KDConfig(_Section):
+    """The teacher, the KD method and its hyperparameters. A hyperparameter left out takes the method's
+    default (:data:`KD_METHOD_DEFAULTS`, its authors' CIFAR-100 setting) and is written back resolved;
+    one the method does not use stays empty and is refused when set."""
+
     teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint or a RepDistiller .pth")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a RepDistiller .pth)")
-    method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd: Hinton KD at temperature; std: standardized KD")
+    method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
-    temperature: float = Field(4.0, ge=0.01, le=1000)
-    ce_weight: float = Field(0.1, ge=0, le=1000, description="gamma: weight of the cross-entropy term")
-    kd_weight: float = Field(0.9, ge=0, le=1000, description="alpha: weight of the distillation term")
+    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2; std ignores it")
+    ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (RepDistiller's gamma); default the method's: kd, std, lskd 0.1; dkd, dist, fitnet 1")
+    kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the distillation term; default the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0")
+    alpha: float | None = Field(None, ge=0, le=1000, description="dkd: weight of TCKD, the target-class term (default 1)")
+    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8); dist: weight of the inter-class relation (default 1)")
+    gamma: float | None = Field(None, ge=0, le=1000, description="dist: weight of the intra-class relation (default 1)")
+    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20; 0: none)")
+    hint_weight: float | None = Field(None, ge=0, le=1000, description="fitnet: weight of the hint, the MSE between the regressed student feature map and the teacher's (default 100)")
+    hint_layer: int | None = Field(None, ge=0, le=100, description="fitnet: which feature map is hinted, an index into the models' is_feat features (default 2: the middle one)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "kd")
+        defaults = KD_METHOD_DEFAULTS.get(method, GENERIC_KD_DEFAULTS) if isinstance(method, str) else {}
+        unused = [k for k in KD_PARAMS if k not in defaults and data.get(k) is not None
+                  and k not in GENERIC_KD_DEFAULTS]
+        if unused:
+            raise ValueError(f"the {method} method does not use kd.{unused[0]} (it uses "
+                             f"{', '.join(defaults)}); remove it")
+        return {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
+
+    def params(self) -> dict[str, float | int]:
+        """The hyperparameters the method uses, resolved."""
+        names = KD_METHOD_DEFAULTS.get(self.method, GENERIC_KD_DEFAULTS)
+        return {k: getattr(self, k) for k in names}
 
 
 class RunConfig(_Section):

@@ -55,10 +55,18 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from mixkd.config import KDConfig
 from mixkd.errors import MixkdError
-from mixkd.losses import KDObjective, supervised_objective
+from mixkd.losses import (
+    DISTILLATION_DEFAULTS,
+    KDObjective,
+    distillation_loss,
+    kd_loss,
+    soft_cross_entropy,
+    supervised_objective,
+)
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -223,3 +231,127 @@ class StandardizedKD(_LogitKD):
     """Standardized KD: CE on standardized student logits + KL of standardized logits (no temperature)."""
 
     objective_method = "std"
+
+
+class _Term(Distiller):
+    """A logit method: ``ce_weight * CE(student, target) + weight * term``, the term one of
+    :func:`mixkd.losses.distillation_loss` (``term``) with the run's resolved hyperparameters."""
+
+    term: ClassVar[str] = ""
+
+    def __init__(self, student, teacher, kd: KDConfig):
+        super().__init__(student, teacher, kd)
+        self.params = {k: kd.params()[k] for k in DISTILLATION_DEFAULTS[self.term]}
+
+    def kd_factor(self) -> torch.Tensor | float:
+        """What multiplies the term: ``kd_weight`` (a schedule may make it a device tensor)."""
+        return self.kd.kd_weight
+
+    def forward_train(self, x, target):
+        student_logits = self.student(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        ce = soft_cross_entropy(student_logits, target)
+        kd = distillation_loss(self.term, student_logits, teacher_logits, target, **self.params)
+        return {"loss": self.kd.ce_weight * ce + self.kd_factor() * kd, "ce": ce, "kd": kd}
+
+
+@register("dkd")
+class DKD(_Term):
+    """Decoupled KD (Zhao et al., CVPR 2022; mdistiller ``distillers/DKD.py``): ``ce_weight * CE +
+    min(epoch / warmup_epochs, 1) * kd_weight * T^2 (alpha TCKD + beta NCKD)``, the epoch counted from 1.
+    On a mixed sample, the label-weighted sum of DKD over the sample's classes
+    (:func:`mixkd.losses.dkd_loss`)."""
+
+    term = "dkd"
+
+    def kd_factor(self):
+        warmup = self.kd.warmup_epochs
+        if not warmup:
+            return self.kd.kd_weight
+        return self.kd.kd_weight * torch.clamp(self.epoch / warmup, max=1.0)  # a device op: no host sync
+
+
+@register("lskd")
+class LogitStandardizedKD(_Term):
+    """KD with logit standardization (Sun et al., CVPR 2024): Hinton KD on z-scored logits at a base
+    temperature, times T^2; CE on the raw student logits (unlike the study's ``std``)."""
+
+    term = "lskd"
+
+
+@register("dist")
+class DIST(_Term):
+    """DIST (Huang et al., NeurIPS 2022): T^2 (beta * inter-class + gamma * intra-class relation),
+    each 1 - Pearson correlation of softmax(z / T) across classes / across the batch."""
+
+    term = "dist"
+
+
+class ConvRegressor(torch.nn.Module):
+    """FitNet's regressor from a student feature map to the teacher's (RepDistiller ``models/util.py``
+    ``ConvReg``): a 1x1 convolution when the maps have one size (a 3x3 stride-2 one when the student's is
+    twice the teacher's, a 4x4 stride-2 transposed one when half, a (1 + dH) x (1 + dW) one when larger
+    otherwise), then batch norm and ReLU."""
+
+    def __init__(self, s_shape: torch.Size, t_shape: torch.Size):
+        super().__init__()
+        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape[1:], t_shape[1:]
+        if s_h == 2 * t_h:
+            self.conv = torch.nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif s_h * 2 == t_h:
+            self.conv = torch.nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h:
+            self.conv = torch.nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise MixkdError(f"fitnet: no regressor from a {s_h}x{s_w} student feature map to a {t_h}x{t_w} "
+                             "teacher one; choose another kd.hint_layer")
+        self.bn = torch.nn.BatchNorm2d(t_c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@register("fitnet")
+class FitNet(Distiller):
+    """FitNet (Romero et al., ICLR 2015) as RepDistiller trains it (``--distill hint``): ``ce_weight * CE
+    + kd_weight * Hinton KD + hint_weight * MSE(regressor(student feature), teacher feature)`` on the
+    ``hint_layer``-th feature map (``is_feat`` features; 2: the middle stage), both from the same mixed
+    batch. The regressor (:class:`ConvRegressor`) is the method's trainable module: in the optimizer,
+    the checkpoints and the captured step. Its shape is found by one forward of both models on a
+    32 x 32 batch (the CIFAR size; a 1x1 or stride-2 regressor then serves any size)."""
+
+    loss_names = ("loss", "ce", "kd", "hint")
+    PROBE_SIZE = 32
+
+    def __init__(self, student, teacher, kd: KDConfig):
+        super().__init__(student, teacher, kd)
+        self.layer = kd.hint_layer
+        s_shape, t_shape = self._feature_shapes()
+        self.modules["regressor"] = ConvRegressor(s_shape, t_shape).to(self.device)
+
+    def _feature_shapes(self) -> tuple[torch.Size, torch.Size]:
+        probe = torch.zeros(2, 3, self.PROBE_SIZE, self.PROBE_SIZE, device=self.device)
+        shapes = []
+        for model in (self.student, self.teacher):
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                feats, _ = model(probe, is_feat=True)
+            model.train(was_training)
+            if not -len(feats) <= self.layer < len(feats) or feats[self.layer].dim() != 4:
+                maps = [i for i, f in enumerate(feats) if f.dim() == 4]
+                raise MixkdError(f"fitnet: kd.hint_layer {self.layer} is not a feature map of "
+                                 f"{type(model).__name__}; choose one of {maps}")
+            shapes.append(feats[self.layer].shape)
+        return shapes[0], shapes[1]
+
+    def forward_train(self, x, target):
+        feats_s, student_logits = self.student(x, is_feat=True)
+        with torch.no_grad():
+            feats_t, teacher_logits = self.teacher(x, is_feat=True)
+        hint = F.mse_loss(self.modules["regressor"](feats_s[self.layer]).float(), feats_t[self.layer].float())
+        ce = soft_cross_entropy(student_logits, target)
+        kd = kd_loss(student_logits, teacher_logits, self.kd.temperature)
+        loss = self.kd.ce_weight * ce + self.kd.kd_weight * kd + self.kd.hint_weight * hint
+        return {"loss": loss, "ce": ce, "kd": kd, "hint": hint}

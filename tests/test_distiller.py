@@ -37,7 +37,7 @@ class Fixed(torch.nn.Module):
 
 
 def test_registry_lists_the_methods_that_take_a_teacher():
-    assert distiller_names() == ["kd", "std"]
+    assert distiller_names() == ["kd", "std", "dkd", "lskd", "dist", "fitnet"]
     assert distiller_names(teacher=False) == ["alone"]
     assert DISTILLERS["kd"].name == "kd" and issubclass(DISTILLERS["std"], Distiller)
 
@@ -65,7 +65,7 @@ def test_unknown_method_is_one_clear_problem():
         make_distiller("dkdd", Fixed(S), Fixed(T))
     cfg = RunConfig.model_validate({"model": "resnet8", "dataset": "digits", "kd": {"method": "dkdd"}})
     assert [p for p in run_config_problems(cfg) if "kd.method" in p] == [
-        "kd.method: unknown KD method 'dkdd'; choose one of kd, std"]
+        "kd.method: unknown KD method 'dkdd'; choose one of kd, std, dkd, lskd, dist, fitnet"]
 
 
 class Hint(Distiller):

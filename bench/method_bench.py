@@ -1,0 +1,133 @@
+"""What a training step costs with each KD method, relative to Hinton KD: paired runs in one call.
+
+Every method gets its own student (same initial weights), the same teacher, the same batches and
+the same mixing (partial mixup, 10%); in each round every method takes one step, in a shuffled
+order, and the ratio of its time to the KD step's time in that round is one paired sample. The
+table gives the median ratio with a distribution-free 95% interval (order statistics of the
+binomial(n, 1/2)), so drifts of a shared machine hit both sides of a pair alike. On the CPU the clock
+is the process's CPU time (``--clock cpu``, one thread by default): other processes on a shared
+machine then slow the wall clock, not the measure. A second table times the distillation terms alone
+(forward and backward on (B, 100) logits), the part of the step the methods change.
+
+  python bench/method_bench.py                                  # CPU: resnet56 -> resnet20, batch 64
+  python bench/method_bench.py --device cuda --rounds 200       # GPU (eager step)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+from scipy.stats import binom
+
+from mixkd.config import KDConfig
+from mixkd.distiller import make_distiller
+from mixkd.losses import DISTILLATION_DEFAULTS, distillation_loss
+from mixkd.mix import MixSpec
+from mixkd.models import create_model
+from mixkd.step import SGD, TrainStep
+
+METHODS = ("kd", "std", "dkd", "lskd", "dist", "fitnet")
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The distribution-free interval for the median: order statistics k and n-1-k with
+    P(k < Binomial(n, 1/2) < n - k) >= level."""
+    v, n = sorted(values), len(values)
+    k = int(binom.ppf((1 - level) / 2, n, 0.5)) - 1
+    k = max(k, 0)
+    return v[k], v[n - 1 - k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", default="resnet56:resnet20")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu on the CPU, wall on CUDA")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    teacher_name, student_name = args.pair.split(":")
+    methods = args.methods.split(",")
+    torch.manual_seed(0)
+    teacher = create_model(teacher_name, 100).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student0 = create_model(student_name, 100).to(device)
+    steps = {}
+    for m in methods:
+        student = create_model(student_name, 100).to(device)
+        student.load_state_dict(student0.state_dict())
+        d = make_distiller(m, student, teacher, KDConfig(method=m))
+        d.set_epoch(10, 240)
+        steps[m] = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
+                             torch.Generator(device=device).manual_seed(1))
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+    order = random.Random(0)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.warmup + args.rounds):
+        for m in order.sample(methods, len(methods)):
+            t0 = clock()
+            steps[m](x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= args.warmup:
+                times[m].append(clock() - t0)
+    device_text = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"{args.pair}, batch {args.batch_size}, PMU 10%, fp32 eager, {args.rounds} paired rounds, {device_text}, "
+          f"{clock_name} clock, torch {torch.__version__}")
+    print("| method | median step (s) | median ratio to KD (paired) | 95% interval |")
+    print("|---|---|---|---|")
+    rows = {}
+    for m in methods:
+        ratios = [a / b for a, b in zip(times[m], times["kd"], strict=True)]
+        lo, hi = median_interval(ratios)
+        rows[m] = {"median_s": statistics.median(times[m]), "ratio": statistics.median(ratios), "lo": lo, "hi": hi}
+        print(f"| {m} | {rows[m]['median_s']:.3f} | {rows[m]['ratio']:.3f} | {lo:.3f} - {hi:.3f} |")
+    terms = term_times(methods, args.batch_size, device, clock)
+    print("\n| method | its distillation term, forward + backward (ms, median of 200) |\n|---|---|")
+    for m, t in terms.items():
+        print(f"| {m} | {1e3 * t:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device_text, "clock": clock_name, "rows": rows, "times": times,
+                       "terms": terms}, f, indent=1)
+
+
+def term_times(methods: list[str], batch: int, device: torch.device, clock) -> dict[str, float]:
+    """Median time of each logit method's term (distillation_loss), forward and backward, on (batch, 100) logits."""
+    g = torch.Generator(device=device).manual_seed(3)
+    s = torch.randn(batch, 100, device=device, generator=g).requires_grad_(True)
+    t = torch.randn(batch, 100, device=device, generator=g)
+    y = torch.nn.functional.one_hot(torch.randint(0, 100, (batch,), device=device, generator=g), 100).float()
+    out = {}
+    for m in (m for m in methods if m in DISTILLATION_DEFAULTS):
+        samples = []
+        for _ in range(220):
+            t0 = clock()
+            distillation_loss(m, s, t, y).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(clock() - t0)
+        out[m] = statistics.median(samples[20:])
+    return out
+
+
+if __name__ == "__main__":
+    main()
