@@ -4,6 +4,7 @@
 #   OUT=/tmp/out bash bench/device.sh tests    # call 1, at most 140 s: the CUDA correctness tests
 #   OUT=/tmp/out bash bench/device.sh bench    # call 2, at most 160 s: the benchmark
 #   OUT=/tmp/out bash bench/device.sh try      # not in the window plan (does not fit): max-autotune, 75 s
+#   OUT=/tmp/out bash bench/device.sh methods  # not in the window plan: the KD methods' CUDA tests, 40 s
 #   OUT=/tmp/out bash bench/device.sh          # tests, bench, try in one call (~7 min)
 #   SMOKE=1 OUT=/tmp/out bash bench/device.sh  # every step on the CPU with tiny sizes (CI runs this)
 # Set-up (wheels, header, output rules): bench/window.sh. Every step runs under `timeout` and writes what
@@ -26,6 +27,8 @@
 #      1 and 8 compiled runs from an empty dynamo cache, s (mixing and losses compiled too): issue 12's
 #      targets for that pair and its "also try" s.
 # try (try.txt/.json, cap 75 s): m (inductor's max-autotune-no-cudagraphs) beside g.
+# methods (methods.txt, cap 40 s): DKD, LS-KD, DIST and FitNet, graphed == eager over 20 steps (fp32, bf16)
+#   and 3 steps under torch.cuda.set_sync_debug_mode("error") (no host synchronization in their losses).
 # inductor's cache is kept in $WINDOW/compile-cache, so later steps and calls reuse what was compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +37,14 @@ OUT=${OUT:-/tmp/mixkd-bench}
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests bench try)
 for s in "${steps[@]}"; do
-  case $s in tests|bench|try) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try" >&2; exit 2 ;; esac
+  case $s in tests|bench|try|methods) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try, methods" >&2; exit 2 ;; esac
 done
 window_setup device.sh
 export TORCHINDUCTOR_CACHE_DIR=$WINDOW/compile-cache
 PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
 FIRST=resnet32x4:resnet8x4
 SIZES=(--steps 100 --warmup 10)
-CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75
+CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40
 if [ "$SMOKE" = 1 ]; then  # the tiny pair twice (so that the mixed pack runs), CPU-sized caps
   PAIRS=tiny:tiny,tiny:tiny FIRST=tiny:tiny SIZES=(--small)
   CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240
@@ -103,6 +106,12 @@ for s in "${steps[@]}"; do
     bench) bench_step bench "$CAP_BENCH" --pairs "$PAIRS" --variants dep --pack 2,4,8
            bench_step compiled "$CAP_COMPILED" --pairs "$FIRST" --variants ghqs --pack 8 ;;
     try) bench_step try "$CAP_TRY" --pairs "$FIRST" --variants gm ;;
+    methods) with_header "$OUT/methods.txt"
+             capped "$CAP_METHODS" "$OUT/methods.txt" python3 -m pytest -q -rs -p no:cacheprovider \
+               tests/test_kd_methods.py::test_graphed_step_equals_eager_for_each_method_on_cuda \
+               tests/test_kd_methods.py::test_each_method_steps_without_host_sync_on_cuda >>"$OUT/methods.txt" 2>&1 \
+               || rc=1
+             fit "$OUT/methods.txt" ;;
   esac
 done
 

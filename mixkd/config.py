@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,8 +48,18 @@ class MixConfig(_Section):
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
 
 
-# Each KD method's hyperparameters and their defaults: its authors' CIFAR-100 settings. A key a method
-# does not list is not used by it (and refused when set). The methods themselves are mixkd.distiller's.
+class KDMethod(NamedTuple):
+    """A KD method in the catalogue: its short label (table columns, claims), its long one, its defaults."""
+
+    short: str
+    long: str
+    defaults: dict[str, float | int]
+
+
+# The catalogue of KD methods, read by every module that names or labels one (the run's settings here,
+# the study's methods, the results' labels); mixkd.distiller implements them. Each method's
+# hyperparameters and their defaults: its authors' CIFAR-100 settings. A key a method
+# does not list is not used by it (and refused when set).
 #   kd, std: RepDistiller ``scripts/run_cifar_distill.sh`` (-r 0.1 -a 0.9, --kd_T 4); std ignores T.
 #   dkd: mdistiller ``mdistiller/engine/cfg.py`` (CFG.DKD: CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20);
 #        its ``configs/cifar100/dkd/*.yaml`` set BETA 2 for res56_res20 and res110_res32, 6 for the vgg13
@@ -60,14 +70,17 @@ class MixConfig(_Section):
 #        kd_loss_weight 2, kd: dist_t4 = DIST(beta=1, gamma=1, tau=4) in ``lib/models/losses/kd_loss.py``).
 #   fitnet: RepDistiller ``scripts/run_cifar_distill.sh`` (--distill hint -a 0 -b 100, CE weight 1,
 #        ``train_student.py`` --hint_layer 2); KD at T 4 is there with weight 0 (set kd_weight to add it).
-KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
-    "std": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
-    "dkd": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20},
-    "lskd": {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0},
-    "dist": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "beta": 1.0, "gamma": 1.0},
-    "fitnet": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.0, "hint_weight": 100.0, "hint_layer": 2},
+KD_METHODS: dict[str, KDMethod] = {
+    "kd": KDMethod("KD", "KD", {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
+    "std": KDMethod("STD", "standardized KD", {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
+    "dkd": KDMethod("DKD", "DKD", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0,
+                                   "warmup_epochs": 20}),
+    "lskd": KDMethod("LS-KD", "LS-KD", {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0}),
+    "dist": KDMethod("DIST", "DIST", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "beta": 1.0, "gamma": 1.0}),
+    "fitnet": KDMethod("FitNet", "FitNet", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.0, "hint_weight": 100.0,
+                                            "hint_layer": 2}),
 }
+KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {name: m.defaults for name, m in KD_METHODS.items()}
 # What a method not in the table (one registered by a user) gets: Hinton KD's settings.
 GENERIC_KD_DEFAULTS = KD_METHOD_DEFAULTS["kd"]
 KD_PARAMS = ("temperature", "ce_weight", "kd_weight", "alpha", "beta", "gamma", "warmup_epochs", "hint_weight",

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixkd.config import KD_METHODS
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
 
@@ -45,8 +46,8 @@ MIXES = ("none", "mixup", "cutmix")
 TEACHER_MIX_VALUES = (*MIXES, "other")
 SAMPLINGS = ("exact", "reference")
 # Short names of the KD methods in labels (any other method is shown by its name in capitals).
-KD_SHORT = {"kd": "KD", "std": "STD", "dkd": "DKD", "dist": "DIST", "lskd": "LS-KD", "fitnet": "FitNet"}
-KD_LONG = {"kd": "KD", "std": "standardized KD"}
+KD_SHORT = {name: m.short for name, m in KD_METHODS.items()}  # mixkd.config's catalogue
+KD_LONG = {name: m.long for name, m in KD_METHODS.items()}
 # KD methods whose loss has no temperature: a temperature given for them is dropped.
 TEMPERATURE_FREE = frozenset({"std"})
 # The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).

@@ -2,6 +2,7 @@
 schedule, their trainable part, their place in the step (no host sync), and `mixkd distill --kd NAME`
 on digits and on a tiny CIFAR folder."""
 
+import csv
 import json
 from decimal import Decimal
 
@@ -12,7 +13,7 @@ from test_distillation_loss import DIST_T4, DKD_MIXED, LSKD_T2, Y_MIXED, S, T, d
 
 from mixkd.checkpoint import save_checkpoint
 from mixkd.cli import main
-from mixkd.config import KDConfig, build_config
+from mixkd.config import KD_METHODS, KDConfig, build_config
 from mixkd.distiller import distiller_names, make_distiller
 from mixkd.engine import Run
 from mixkd.errors import MixkdError
@@ -300,3 +301,45 @@ def test_each_method_steps_without_host_sync_on_cuda(method):
             step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- in studies ---------------------------------------------------------------------------------
+def test_a_study_accepts_every_method_alone_and_with_either_mixup():
+    from mixkd.study.spec import METHODS, load_study
+
+    for kd in distiller_names():
+        assert {kd, f"{kd}_fmu", f"{kd}_pmu"} <= set(METHODS), kd
+    assert set(distiller_names()) == set(KD_METHODS)  # the registry implements the catalogue, no more, no less
+    assert METHODS["lskd_fmu"].label == "LS-KD + full mixup" and METHODS["dkd_pmu"].kd == "dkd"
+    study = load_study("configs/studies/cifar100-methods.yaml")
+    assert len(study.runs) == 2 + 2 * (1 + 6 * 3) * 3  # as its header says
+    kd = {r.id: r.config_for("/s")["kd"] for r in study.runs if "-dkd" in r.id}
+    assert {v.get("beta") for k, v in kd.items() if k.startswith("students/resnet20")} == {2.0}
+    assert {v.get("beta") for k, v in kd.items() if k.startswith("students/resnet8x4")} == {None}  # 8 by default
+
+
+def test_a_tiny_study_with_the_new_methods_runs_reports_and_checks_claims_2_and_4_per_method(tiny_cifar, teacher_file,
+                                                                                             tmp_path):
+    import yaml
+
+    methods = ["alone", "dkd_fmu", "dkd_pmu", "lskd_pmu", "dist_fmu", "fitnet_fmu", "fitnet_pmu"]
+    study = {"name": "methods", "defaults": {"dataset": "cifar10", "data_dir": str(tiny_cifar), "epochs": 1,
+                                             "batch_size": 16, "eval_batch_size": 20, "device": "cpu"},
+             "teachers": [{"name": "given", "checkpoint": str(teacher_file), "model": "resnet8"}],
+             "students": [{"teachers": "given", "models": "resnet8", "methods": methods, "fractions": 0.1}]}
+    path = tmp_path / "methods.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    assert main(["study", "run", str(path), "--out", str(out), "--workers", "1", "--pack", "3", "--no-progress"]) == 0
+    results = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["method"] for r in results if r["role"] == "student") == sorted(methods)
+    report = (out / "report.md").read_text()
+    for label in ("DKD+FMU T=4", "DKD+PMU T=4", "LS-KD+PMU T=2", "DIST+FMU T=4", "FitNet+PMU T=4"):
+        assert label in report, label
+    claims = {c["claim"]: c for c in json.loads((out / "claims.json").read_text())["claims"]}
+    parts_2 = {p["part"]: p["verdict"] for p in claims[2]["parts"]}
+    parts_4 = {p["part"]: p["verdict"] for p in claims[4]["parts"]}
+    for short in ("DKD", "FitNet"):  # PMU and FMU students of these: claim 2 compared them (one seed: inconclusive)
+        assert parts_2[f"{short}: PMU > FMU"] == "inconclusive", short
+    for short in ("DKD", "LS-KD", "DIST", "FitNet"):
+        assert parts_4[f"{short} > student alone"] in ("holds", "does not hold", "inconclusive"), short

@@ -52,7 +52,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME
-from mixkd.config import MACHINE_KEYS, RunConfig, load_yaml, parse_override, set_dotted
+from mixkd.config import (
+    GENERIC_KD_DEFAULTS,
+    KD_METHODS,
+    KD_PARAMS,
+    MACHINE_KEYS,
+    RunConfig,
+    load_yaml,
+    parse_override,
+    set_dotted,
+)
 from mixkd.errors import MixkdError
 from mixkd.models import default_lr
 
@@ -64,19 +73,15 @@ class Method:
     name: str  # its key in METHODS and its part of run ids
     label: str  # column title in the report
     task: Literal["train", "distill"]
-    kd: Literal["kd", "std"] | None
+    kd: str | None  # the KD method (mixkd.config.KD_METHODS), None for the student alone
     mixing: Literal["none", "full", "partial"]
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("alone", "student alone", "train", None, "none"),
-    Method("kd", "KD", "distill", "kd", "none"),
-    Method("kd_fmu", "KD + full mixup", "distill", "kd", "full"),
-    Method("kd_pmu", "KD + partial mixup", "distill", "kd", "partial"),
-    Method("std", "standardized KD", "distill", "std", "none"),
-    Method("std_fmu", "standardized KD + full mixup", "distill", "std", "full"),
-    Method("std_pmu", "standardized KD + partial mixup", "distill", "std", "partial"),
-)}
+_MIXINGS = (("", "none", ""), ("_fmu", "full", " + full mixup"), ("_pmu", "partial", " + partial mixup"))
+# The student alone, and every KD method of the catalogue alone, with full (_fmu) and with partial (_pmu) mixup.
+METHODS: dict[str, Method] = {"alone": Method("alone", "student alone", "train", None, "none")} | {
+    f"{kd}{suffix}": Method(f"{kd}{suffix}", f"{m.long}{text}", "distill", kd, mixing)
+    for kd, m in KD_METHODS.items() for suffix, mixing, text in _MIXINGS}
 
 # Keys the grid sets; a recipe, the defaults or an override may not set them.
 GRID_KEYS = {
@@ -350,6 +355,16 @@ def _merge(*trees: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _without_method_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without the kd settings that only some KD methods use (DKD's beta, FitNet's hint_weight, ...):
+    a recipe, the defaults or an override is checked without them, and each run's config, whose method is
+    known, with them."""
+    kd = tree.get("kd")
+    if not isinstance(kd, dict):
+        return tree
+    return {**tree, "kd": {k: v for k, v in kd.items() if k not in KD_PARAMS or k in GENERIC_KD_DEFAULTS}}
+
+
 class _Expander:
     def __init__(self, spec: StudyFile, source: str, overrides: dict[str, Any]):
         self.spec, self.source, self.overrides = spec, source, overrides
@@ -366,7 +381,7 @@ class _Expander:
             if key in GRID_KEYS:
                 raise self.fail(f"{where}.{key}", f"set by the study grid ({GRID_KEYS[key]})")
         try:
-            RunConfig.model_validate(_merge(tree, {"task": "train"}))
+            RunConfig.model_validate(_merge(_without_method_keys(tree), {"task": "train"}))
         except ValidationError as e:
             err = e.errors()[0]
             msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
@@ -588,7 +603,7 @@ def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None
     if _get(over, "mix.sampling") is not None and axis is not None:
         raise MixkdError(f"--set mix.sampling: set by the study grid (students[{axis}].samplings:)")
     try:
-        RunConfig.model_validate(_merge(spec.defaults, over, {"task": "train"}))
+        RunConfig.model_validate(_merge(_without_method_keys(_merge(spec.defaults, over)), {"task": "train"}))
     except ValidationError as e:
         err = e.errors()[0]
         msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
