@@ -313,9 +313,9 @@ def test_a_study_accepts_every_method_alone_and_with_either_mixup():
     assert METHODS["lskd_fmu"].label == "LS-KD + full mixup" and METHODS["dkd_pmu"].kd == "dkd"
     study = load_study("configs/studies/cifar100-methods.yaml")
     assert len(study.runs) == 2 + 2 * (1 + 6 * 3) * 3  # as its header says
-    kd = {r.id: r.config_for("/s")["kd"] for r in study.runs if "-dkd" in r.id}
-    assert {v.get("beta") for k, v in kd.items() if k.startswith("students/resnet20")} == {2.0}
-    assert {v.get("beta") for k, v in kd.items() if k.startswith("students/resnet8x4")} == {None}  # 8 by default
+    beta = {r.id: r.config.kd.beta for r in study.runs if "-dkd" in r.id}
+    assert {v for k, v in beta.items() if k.startswith("students/resnet20")} == {2.0}  # mdistiller's res56_res20
+    assert {v for k, v in beta.items() if k.startswith("students/resnet8x4")} == {8.0}  # its default
 
 
 def test_a_tiny_study_with_the_new_methods_runs_reports_and_checks_claims_2_and_4_per_method(tiny_cifar, teacher_file,
