@@ -177,6 +177,16 @@ class RunConfig(_Section):
             return sorted(self.optim.milestones)
         return [round(f * self.epochs) for f in MILESTONE_FRACTIONS]
 
+    def milestone_note(self) -> str | None:
+        """A note where the default schedule (62.5/75/87.5% of the run, rounded) squeezes two decays
+        into one epoch of a short run (``--epochs 3``: [2, 2, 3], the lr falls 100x for the last epoch)."""
+        used = [e for e in self.milestones() if e < self.epochs]  # a milestone at the end never applies
+        if self.optim.milestones is not None or len(set(used)) == len(used):
+            return None
+        factors = ", ".join(f"x{self.optim.lr_decay ** sum(e >= m for m in used):g}" for e in range(self.epochs))
+        return (f"note: with {self.epochs} epochs the default milestones are {self.milestones()} (62.5/75/87.5% of "
+                f"the run, rounded): the lr of each epoch is {factors} the base lr; set --milestones to choose")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

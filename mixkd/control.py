@@ -21,6 +21,8 @@ from mixkd.errors import MixkdError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on time or by SIGTERM/SIGUSR1; run the same command again to continue
 EXIT_INTERRUPTED = 130
+# How a stop reads in logs, per-run lines and status, by its reason.
+STOP_WORDS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C"}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

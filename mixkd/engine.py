@@ -36,16 +36,16 @@ import torch
 from mixkd import __version__
 from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, resolve_precision
-from mixkd.control import StopControl, format_seconds
+from mixkd.control import STOP_WORDS, StopControl, format_seconds
 from mixkd.data import load_dataset, make_loaders
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
-from mixkd.files import append_text
+from mixkd.files import append_text, read_json
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
-from mixkd.validate import validate_run_config
+from mixkd.validate import unfinished_teacher_note, validate_run_config
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -343,11 +343,16 @@ class Run:
         if self.phase != "new":
             return
         if not self.fresh and (self.dir / RESULT_NAME).exists():
-            self.result = json.loads((self.dir / RESULT_NAME).read_text())
+            self.result = read_json(self.dir / RESULT_NAME, "delete it and run the same command again: the run's "
+                                    "final checkpoint writes it anew")
             self.phase = "finished"
             return
         self._build()
         self._restore()
+        if self.fresh and self.cfg.milestone_note():
+            self.notes.append(self.cfg.milestone_note())
+        if self.fresh and self.teacher is not None and unfinished_teacher_note(self.teacher_path):
+            self.notes.append(unfinished_teacher_note(self.teacher_path))
         self.checkpoint_seconds: float | None = None
         self.step_seconds: float | None = None
         self.eval_seconds: float | None = None
@@ -546,7 +551,7 @@ class Run:
         if self.created:
             self._save(stopped=reason)
             where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}"
-            self._log(f"stopped ({reason}) at {where}; the checkpoint continues from there")
+            self._log(f"{STOP_WORDS.get(reason, 'stopped')} at {where}; the checkpoint continues from there")
         self.phase = "stopped"
         self.close()
 

@@ -11,10 +11,11 @@ fails for want of room or permission (full disk, read-only mount) is one line na
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from mixkd.errors import MixkdError
 
@@ -133,3 +134,13 @@ def flock_holders(path: str | Path) -> list[int]:
             if pid.isdigit() and int(pid) not in pids:
                 pids.append(int(pid))
     return sorted(pids)
+
+
+def read_json(path: str | Path, hint: str = "restore it from a copy, or delete it") -> Any:
+    """The JSON value in ``path``; one :class:`MixkdError` naming the file where it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise MixkdError(f"{path} is damaged (not text); {hint}") from None
+    except json.JSONDecodeError as e:
+        raise MixkdError(f"{path} is damaged (not valid JSON: {e.msg} at line {e.lineno}); {hint}") from None

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mixkd.control import STOP_WORDS
 from mixkd.errors import MixkdError
 
 
@@ -144,7 +145,8 @@ class Pack:
             with self._stream(i):
                 job.stop(reason)
             stopped.append((job, {"ok": False, "stopped": True, "reason": reason, "not_started": not begun,
-                                  "message": f"stopped ({reason}) at epoch {job.epoch + 1} step {job.step_in_epoch}"}))
+                                  "message": f"{STOP_WORDS.get(reason, reason)} at epoch {job.epoch + 1} "
+                                             f"step {job.step_in_epoch}"}))
             self.jobs[i] = None
         if self.cuda:
             torch.cuda.synchronize(self.device)

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mixkd.checkpoint import CHECKPOINT_NAME
-from mixkd.config import RunConfig
+from mixkd.config import RunConfig, read_yaml
 from mixkd.data import check_dataset, dataset_num_classes
 from mixkd.distiller import distiller_names, unknown_method_message
 from mixkd.errors import MixkdError
@@ -169,6 +169,27 @@ def teacher_problems(teacher: str, teacher_model: str | None, num_classes: int |
         problems.append(f"teacher checkpoint {p} was trained for {trained_for} classes but {dataset} has "
                         f"{num_classes}: use a teacher trained on {dataset}")
     return problems
+
+
+def unfinished_teacher_note(teacher: str | Path) -> str | None:
+    """A warning where a teacher checkpoint is that of an unfinished run (it still holds the optimizer
+    state, which a finished mixkd run drops): its weights are those of the epoch it reached."""
+    p = Path(teacher).expanduser()
+    path = p / CHECKPOINT_NAME if p.is_dir() else p
+    try:
+        meta = checkpoint_header(path)
+    except (MixkdError, OSError):
+        return None
+    if "optimizer" not in meta:
+        return None
+    planned = ""
+    try:
+        epochs = read_yaml(path.parent / "config.yaml").get("epochs")
+        planned = f" of {epochs}" if isinstance(epochs, int) else ""
+    except MixkdError:
+        pass
+    return (f"warning: the teacher {p} is an unfinished run (epoch {meta.get('epoch', '?')}{planned}): this "
+            "distillation learns from its weights as they are now; finish the teacher first for the real thing")
 
 
 def checkpoint_header(path: Path) -> dict[str, Any]:

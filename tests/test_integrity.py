@@ -401,3 +401,104 @@ def test_a_damaged_metrics_file_keeps_what_it_can_and_says_so(tmp_path, one_thre
     job.advance()  # the first write: the warnings go to log.txt (and the terminal)
     log = (tmp_path / "run" / "log.txt").read_text()
     assert all(w in log for w in warned)
+
+
+# ---- damaged files received from others: one line naming the file -----------------------------
+
+def test_a_damaged_result_json_is_one_line_naming_it(tmp_path):
+    from mixkd.engine import Run
+
+    cfg = _run_at_epoch(tmp_path, 3, [_row(1), _row(2), _row(3)])
+    (tmp_path / "run" / "result.json").write_text("{bad")
+    with pytest.raises(MixkdError, match=r"run/result.json is damaged \(not valid JSON: .*\); delete it and run the same"):
+        Run(cfg, resume=True).start()
+
+
+def test_a_study_folder_with_a_broken_run_config_or_state_names_the_file(tmp_path):
+    import yaml
+
+    from mixkd.study import load_study, write_report
+    from mixkd.study.runner import check_run
+
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text("name: s\ndefaults: {dataset: digits, epochs: 1}\nteachers:\n  - {name: plain, models: resnet8}\n"
+                          "students:\n  - {teachers: [plain], models: resnet8, methods: [kd]}\n")
+    study, out = load_study(study_file), tmp_path / "out"
+    teacher = out / study.runs[0].id
+    teacher.mkdir(parents=True)
+    (teacher / "config.yaml").write_text("model: [resnet8\n")
+    with pytest.raises(MixkdError, match=f"run config {teacher / 'config.yaml'} line 2 is not valid YAML"):
+        check_run(study.runs[0], out)  # what study run and status ask of every run
+    (teacher / "config.yaml").write_text(yaml.safe_dump({"task": "train", "model": "resnet8", "dataset": "digits"}))
+    (teacher / "result.json").write_text(json.dumps({"top1": 50.0, "best_top1": 50.0}))
+    (out / "study-state.json").write_text('{"format": "mixkd-study-1", "runs": {"teach')  # cut short
+    with pytest.raises(MixkdError, match=r"study-state.json is damaged \(not valid JSON"):
+        write_report(out)
+
+
+# ---- newcomer papercuts ------------------------------------------------------------------------
+
+def test_models_are_listed_in_natural_order(capsys):
+    from mixkd.cli import main
+
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    resnets = [n for n in names if n.startswith("resnet") and n[6:].isdigit()]
+    assert resnets == ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+
+
+def test_a_short_run_says_when_its_default_milestones_collide():
+    from mixkd.config import build_config
+
+    assert build_config(overrides=["epochs=3"]).milestone_note() == (
+        "note: with 3 epochs the default milestones are [2, 2, 3] (62.5/75/87.5% of the run, rounded): the lr of "
+        "each epoch is x1, x1, x0.01 the base lr; set --milestones to choose")
+    assert build_config(overrides=["epochs=240"]).milestone_note() is None
+    assert build_config(overrides=["epochs=3", "optim.milestones=[2,2]"]).milestone_note() is None  # chosen
+
+
+def test_a_finished_study_points_at_its_report_when_there_is_one(tmp_path):
+    from mixkd.study.plan import finished_line
+
+    assert finished_line(tmp_path) == f"every run is finished; write the report with: mixkd study report {tmp_path}"
+    (tmp_path / "report.md").write_text("# report\n")
+    assert finished_line(tmp_path) == f"every run is finished; the report is {tmp_path / 'report.md'}"
+
+
+def test_a_run_stopped_by_its_time_limit_says_so(tmp_path, one_thread):
+    from mixkd.config import build_config
+    from mixkd.engine import Run
+
+    cfg = build_config(flags={"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 1, "batch_size": 128,
+                              "device": "cpu", "progress": False, "out": str(tmp_path / "r")})
+    job = Run(cfg)
+    job.advance()
+    job.stop("time")
+    assert "stopped on time at epoch 1 step 1/" in (tmp_path / "r" / "log.txt").read_text()
+
+
+def test_no_error_files_are_mentioned_when_nothing_failed(tmp_path):
+    from mixkd.study.cli import summary_line
+
+    ok = {"done": 3, "failed": 0, "blocked": 0}
+    assert summary_line("s", tmp_path, ok) == "study s: 3 finished, 0 failed, 0 blocked"
+    assert "error.txt" in summary_line("s", tmp_path, {**ok, "failed": 1})
+
+
+def test_distilling_from_an_unfinished_teacher_warns(tmp_path, one_thread):
+    from mixkd.config import build_config
+    from mixkd.engine import Run
+
+    _run_at_epoch(tmp_path, 2, [_row(1), _row(2)])  # a teacher stopped at epoch 2 of 4: optimizer state kept
+    cfg = build_config(flags={"task": "distill", "kd.teacher": str(tmp_path / "run"), "model": "resnet8",
+                              "dataset": "digits", "epochs": 1, "batch_size": 128, "device": "cpu", "progress": False,
+                              "out": str(tmp_path / "student")})
+    job = Run(cfg)
+    job.start()
+    assert [n for n in job.notes if "unfinished run (epoch 2 of 4)" in n], job.notes
+    finished = tmp_path / "finished.safetensors"
+    save_checkpoint(finished, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=4)
+    job = Run(cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": str(finished)}),
+                                     "out": str(tmp_path / "student2")}))
+    job.start()
+    assert not [n for n in job.notes if "unfinished" in n]

@@ -42,8 +42,8 @@ def register(name: str, lr: float = DEFAULT_LR) -> Callable[[ModelFactory], Mode
 
 
 def available_models() -> list[str]:
-    """All registered model names, sorted."""
-    return sorted(_REGISTRY)
+    """All registered model names in natural order (resnet8, resnet14, ..., resnet110)."""
+    return sorted(_REGISTRY, key=_natural_key)
 
 
 def _natural_key(name: str) -> list[int | str]:

@@ -106,6 +106,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def summary_line(name: str, out: Path, counts: dict[str, int]) -> str:
+    """The line a finished 'study run' prints: its counts, and where the errors are when there are any."""
+    c = counts
+    return (f"study {name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked"
+            + (f" (errors in {out}/<run>/error.txt and {out}/study-state.json)" if c["failed"] or c["blocked"] else ""))
+
+
 def run_and_report(study, out: Path, executor: str = "local", workers: int | None = None, pack: int | None = None,
                    address: str | None = None, device: str | None = None, progress: bool = True,
                    report: bool = True, threads: int | None = None, time_limit: float | None = None) -> int:
@@ -145,8 +152,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
             except MixkdError as e:  # nothing to report yet: the stop's exit status stands
                 print(f"no report yet: {e}", file=sys.stderr)
         return control.exit_status
-    print(f"study {study.name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked "
-          f"(errors in {out}/<run>/error.txt and {out}/study-state.json)")
+    print(summary_line(study.name, out, c))
     a = outcome.analyses
     if a:
         print(f"analyses: {a['done']} of {sum(a.values())} done, {a['failed']} failed"

@@ -122,6 +122,7 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
         os.close(fd)
     control = StopControl(time_limit=limit, deadline=deadline)
     control.install_signals(interrupt=False)
+    signal.signal(signal.SIGUSR2, lambda *_: control.request("time"))  # the study's time is up (see stop)
     worker = PackWorker(slots, control)
     closing, shown = False, time.monotonic()
     while True:
@@ -242,11 +243,12 @@ class LocalExecutor:
         return sum(len(a) for a in self._assigned)
 
     def stop(self, reason: str) -> None:
-        """Every worker checkpoints its runs and leaves (at its next step)."""
+        """Every worker checkpoints its runs and leaves (at its next step): SIGUSR2 says the time is
+        up, SIGUSR1 any other stop."""
         self.stopping = reason
         for proc in self._procs:
             if proc is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGUSR1)
+                os.kill(proc.pid, signal.SIGUSR2 if reason == "time" else signal.SIGUSR1)
 
     def progress(self) -> list[dict[str, Any]]:
         return [self._progress[i] for i in sorted(self._progress)]

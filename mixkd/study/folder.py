@@ -23,9 +23,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mixkd import __version__
+from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text, flock_holders, open_nofollow
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
@@ -85,7 +84,7 @@ def check_run(run: PlannedRun, out: Path) -> tuple[str, str | None]:
     (a mismatch: the runner reports it as failed)."""
     saved = out / run.id / "config.yaml"
     if saved.exists():
-        mismatch = saved_config_mismatch(run, yaml.safe_load(saved.read_text()) or {}, out)
+        mismatch = saved_config_mismatch(run, load_yaml(saved.read_text(), f"run config {saved}") or {}, out)
         if mismatch:
             return run_status(out, run.id), (f"{out / run.id} holds a run made with other settings ({mismatch}); "
                                              "delete that folder to run it again, or use another --out")

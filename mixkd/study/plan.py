@@ -49,6 +49,13 @@ H100_MEASURED: dict[tuple[str, str | None, str], dict[int, float]] = {
 H100_SOURCE = "REFERENCE.md: mixkd on one NVIDIA H100, bf16/fp32 CUDA graph, batch 64, commit d0f2224"
 
 
+def finished_line(out: Path) -> str:
+    """What to do with a finished study folder: read its report, or write it."""
+    if (Path(out) / "report.md").is_file():
+        return f"every run is finished; the report is {Path(out) / 'report.md'}"
+    return f"every run is finished; write the report with: mixkd study report {out}"
+
+
 def _key(cfg: dict[str, Any], teacher_model: str | None) -> Key:
     return cfg["dataset"], cfg["model"], teacher_model if cfg["task"] == "distill" else None, cfg["batch_size"]
 
@@ -71,8 +78,11 @@ def measurements(out: Path) -> tuple[dict[Key, list[float]], dict[str, float], s
         metrics = path.parent / "metrics.jsonl"
         if metrics.exists() and cfg["dataset"] not in images:
             for line in metrics.read_text().splitlines()[:1]:
-                row = json.loads(line)
-                images[cfg["dataset"]] = row["images_per_s"] * row["epoch_seconds"]
+                try:
+                    row = json.loads(line)
+                    images[cfg["dataset"]] = float(row["images_per_s"]) * float(row["epoch_seconds"])
+                except (ValueError, KeyError, TypeError):  # a damaged line measures nothing
+                    pass
     return speed, images, devices
 
 
@@ -191,7 +201,7 @@ def format_plan(study: Study, out: str | Path, pack: int | None = None) -> str:
     known = [estimates[i] for i in todo if estimates[i] is not None]
     lines.append("")
     if not todo:
-        lines.append("every run is finished; write the report with: mixkd study report " + str(out))
+        lines.append(finished_line(out))
     else:
         lines.append(compute_line("estimated compute for", len(todo), known, devices, out))
     fallback = [r for r in runs if r.id in todo and r.id in h100]

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write
+from mixkd.files import atomic_write, read_json
 from mixkd.results import Result, cell_from_config, context_from_config, natural
 from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME, STATE_NAME, analysis_status, run_status
 from mixkd.study.spec import Study, mix_label
@@ -40,7 +41,7 @@ def _teacher(out: Path, path: str | None) -> tuple[str | None, str | None, str |
     p = Path(path)
     local = out / "teachers" / p.name
     if p.parent.name == "teachers" and (local / "config.yaml").exists():  # also after the folder moved
-        cfg = yaml.safe_load((local / "config.yaml").read_text()) or {}
+        cfg = load_yaml((local / "config.yaml").read_text(), f"run config {local / 'config.yaml'}") or {}
         return f"teachers/{p.name}", mix_label(cfg.get("mix", {})), cfg.get("model")
     return str(path), "external", None
 
@@ -107,7 +108,8 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
     state = out / STATE_NAME
     if state.exists():  # runs that never started (blocked by a failed teacher) have no directory
         seen = {r["id"] for r in rows}
-        for run_id, entry in json.loads(state.read_text()).get("runs", {}).items():
+        saved = read_json(state, "delete it: 'mixkd study run' writes it anew")
+        for run_id, entry in (saved.get("runs", {}) if isinstance(saved, dict) else {}).items():
             if run_id not in seen and entry.get("status") == "blocked":
                 row = dict.fromkeys(COLUMNS)
                 row.update(id=run_id, role="teacher" if run_id.startswith("teachers/") else "student",

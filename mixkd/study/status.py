@@ -19,6 +19,7 @@ from typing import Any
 from safetensors import safe_open
 
 from mixkd.checkpoint import CHECKPOINT_NAME
+from mixkd.control import STOP_WORDS
 from mixkd.study.folder import (
     ANALYSIS_ERROR_NAME,
     ERROR_NAME,
@@ -29,10 +30,18 @@ from mixkd.study.folder import (
     run_status,
     study_pid,
 )
-from mixkd.study.plan import H100_SOURCE, TRAIN_IMAGES, compute_line, estimate_seconds, h100_rates, measurements
+from mixkd.study.plan import (
+    H100_SOURCE,
+    TRAIN_IMAGES,
+    compute_line,
+    estimate_seconds,
+    finished_line,
+    h100_rates,
+    measurements,
+)
 from mixkd.study.spec import PlannedRun, Study
 
-STOP_REASONS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C"}
+STOP_REASONS = STOP_WORDS
 # The totals line of ``mixkd study status``, in this order.
 TOTALS = (RunState.DONE, RunState.RUNNING, RunState.STOPPED, RunState.FAILED, RunState.BLOCKED, RunState.WAITING,
           RunState.PENDING)
@@ -150,7 +159,7 @@ def format_status(out: str | Path) -> str:
     lines += ["", f"{len(states)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items())]
     todo = [s for s in states if s.kind != "done"]
     if not todo:
-        lines.append("every run is finished; write the report with: mixkd study report " + str(out))
+        lines.append(finished_line(out))
         return "\n".join(lines)
     estimates, devices = estimate_seconds([s.run for s in todo], out)
     known = [estimates[s.run.id] * (1 - s.done_fraction) for s in todo if estimates.get(s.run.id) is not None]
