@@ -10,7 +10,15 @@ from pathlib import Path
 
 from mixkd.errors import MixkdError
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "studies" / "quickstart.yaml"
+
+def configs_dir() -> Path:
+    """The shipped configs: inside the installed package (``mixkd/configs``, from a wheel), else the
+    repository's ``configs/`` (a clone, an editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+QUICKSTART = configs_dir() / "studies" / "quickstart.yaml"
 
 
 def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: str = "auto", seed: int = 0,
@@ -23,8 +31,8 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: s
     from mixkd.study.report import claims_text, paper_table
 
     if not QUICKSTART.is_file():
-        raise MixkdError(f"the quickstart study file is missing ({QUICKSTART}); mixkd demo runs from a clone of the "
-                         "repository, or run: mixkd study run <path to quickstart.yaml>")
+        raise MixkdError(f"the quickstart study file is missing ({QUICKSTART}): reinstall mixkd, or run: "
+                         "mixkd study run <path to quickstart.yaml>")
     study = load_study(QUICKSTART, overrides=[f"epochs={epochs}"] if epochs else None,
                        seeds=[seed] if seed else None)
     out = Path(out)

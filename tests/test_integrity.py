@@ -502,3 +502,15 @@ def test_distilling_from_an_unfinished_teacher_warns(tmp_path, one_thread):
                                      "out": str(tmp_path / "student2")}))
     job.start()
     assert not [n for n in job.notes if "unfinished" in n]
+
+
+def test_the_wheel_ships_every_package_and_the_configs():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "mixkd").rglob("__init__.py")}
+    assert found | {"mixkd.configs"} == set(tool["packages"])  # a new subpackage must be listed there
+    assert tool["package-dir"]["mixkd.configs"] == "configs" and tool["package-data"]["mixkd.configs"] == ["*/*.yaml"]
+    assert (root / "configs" / "studies" / "quickstart.yaml").is_file()
