@@ -514,3 +514,14 @@ def test_the_wheel_ships_every_package_and_the_configs():
     assert found | {"mixkd.configs"} == set(tool["packages"])  # a new subpackage must be listed there
     assert tool["package-dir"]["mixkd.configs"] == "configs" and tool["package-data"]["mixkd.configs"] == ["*/*.yaml"]
     assert (root / "configs" / "studies" / "quickstart.yaml").is_file()
+
+
+def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(tmp_path):
+    from mixkd.study.executors import LocalExecutor
+
+    ex = LocalExecutor(workers=1, use_gpu=False, lock_dir=str(tmp_path))
+    ex._start(0)
+    os.kill(ex._procs[0].pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the whole process group
+    ex._tasks[0].put(None)  # no work: close
+    ex._procs[0].join(120)
+    assert ex._procs[0].exitcode == 0

@@ -104,6 +104,7 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
     if os.getppid() != parent:
         return  # orphaned while starting: nothing taken, nothing to checkpoint
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while it started (see _start)
     results.cancel_join_thread()  # never hang at exit on a pipe nobody reads
     os.environ.update(env)  # before CUDA starts: CUDA_VISIBLE_DEVICES is read then
     torch.set_num_threads(threads)
@@ -192,7 +193,13 @@ class LocalExecutor:
             target=_local_worker, daemon=True, name=f"mixkd-study-worker-{i}",
             args=(os.getpid(), i, self._envs[i], self.threads, self.slots, self.limit, self.deadline, self.lock_path,
                   self._tasks[i], self._results))
-        self._procs[i].start()
+        # Started with SIGINT blocked (the mask survives the exec): a Ctrl-C while the worker starts up
+        # reaches the main process, which stops the workers in order, instead of killing the worker.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._procs[i].start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def capacity(self) -> int:
         if self.stopping:
