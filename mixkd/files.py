@@ -144,3 +144,18 @@ def read_json(path: str | Path, hint: str = "restore it from a copy, or delete i
         raise MixkdError(f"{path} is damaged (not text); {hint}") from None
     except json.JSONDecodeError as e:
         raise MixkdError(f"{path} is damaged (not valid JSON: {e.msg} at line {e.lineno}); {hint}") from None
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` and a file in it (then remove it), so that a read-only mount or a full quota is
+    one line before long work whose results would have nowhere to go."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mixkd-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if is_environment_error(e):
+            raise write_error(folder, e) from None
+        raise

@@ -525,3 +525,18 @@ def test_a_ctrl_c_while_a_worker_starts_does_not_kill_it(tmp_path):
     ex._tasks[0].put(None)  # no work: close
     ex._procs[0].join(120)
     assert ex._procs[0].exitcode == 0
+
+
+def test_a_read_only_folder_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from mixkd.files import check_writable
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with pytest.raises(MixkdError, match=r"cannot write .*analysis.json: Read-only file system; the file system is read-only"):
+        atomic_write(tmp_path / "analysis.json", read_only)
+    monkeypatch.setattr("tempfile.mkstemp", read_only)  # as on a read-only mount: nothing can be created there
+    with pytest.raises(MixkdError, match=f"cannot write {tmp_path}: Read-only file system"):
+        check_writable(tmp_path)

@@ -35,7 +35,7 @@ from mixkd.analysis.metrics import ECE_BINS, LAMBDAS, fidelity, output_metrics, 
 from mixkd.analysis.tsne import TEACHER_TSNE_FILE, TSNE_FILE, embed, save_embedding
 from mixkd.data import DataSpec
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text
+from mixkd.files import atomic_write_text, check_writable
 
 ANALYSIS_FILE = "analysis.json"
 FORMAT = "mixkd-analysis-1"
@@ -94,7 +94,7 @@ def analyze_models(student: nn.Module, spec: DataSpec, out_dir: str | Path, *, t
     opt = options or AnalysisOptions()
     device = torch.device(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # before the analysis, not after it
     clock = _Clock(device, log)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
