@@ -92,9 +92,9 @@ def test_dkd_warms_its_kd_weight_up_linearly_from_the_first_epoch():
         assert loss == pytest.approx(CE_MIXED + 2.0 * factor * DKD_MIXED, rel=1e-5), epoch
 
 
-def test_fitnet_hint_is_the_mse_of_the_regressed_student_map_to_the_teachers():
+def test_fitnet_hint_is_the_mse_of_the_regressed_student_map_to_the_teachers(one_thread):
     torch.manual_seed(0)
-    student, teacher = create_model("resnet8", 10), create_model("resnet20", 10).eval()
+    student, teacher = create_model("resnet8", 10), create_model("resnet14", 10).eval()
     d = make_distiller("fitnet", student, teacher, KDConfig(method="fitnet", kd_weight=0.5))
     reg = d.modules["regressor"]
     assert isinstance(reg.conv, torch.nn.Conv2d) and reg.conv.kernel_size == (1, 1)  # 32 -> 32 channels, 16x16
