@@ -5,6 +5,7 @@ on digits and on a tiny CIFAR folder."""
 import csv
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_a_study_accepts_every_method_alone_and_with_either_mixup():
         assert {kd, f"{kd}_fmu", f"{kd}_pmu"} <= set(METHODS), kd
     assert set(distiller_names()) == set(KD_METHODS)  # the registry implements the catalogue, no more, no less
     assert METHODS["lskd_fmu"].label == "LS-KD + full mixup" and METHODS["dkd_pmu"].kd == "dkd"
-    study = load_study("configs/studies/cifar100-methods.yaml")
+    study = load_study(Path(__file__).parents[1] / "configs" / "studies" / "cifar100-methods.yaml")
     assert len(study.runs) == 2 + 2 * (1 + 6 * 3) * 3  # as its header says
     beta = {r.id: r.config.kd.beta for r in study.runs if "-dkd" in r.id}
     assert {v for k, v in beta.items() if k.startswith("students/resnet20")} == {2.0}  # mdistiller's res56_res20
