@@ -57,7 +57,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--precision",), "precision", {"choices": ["auto", "fp32", "bf16"]}, "auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast with channels-last (losses in fp32)"),
     (("--no-graph",), "graph", {"action": "store_const", "const": False}, "on CUDA, run the training step eagerly instead of replaying a CUDA graph"),
     (("--compile",), "compile", {"choices": ["auto", "on", "off"]}, "torch.compile the teacher and student inside the step (about 20 s of compilation per teacher-student pair, cached on disk); auto: on for CUDA runs except imagefolder, off on the CPU"),
-    (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>)"),
+    (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>-<pid>)"),
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),

@@ -117,8 +117,10 @@ def device_name(device: torch.device) -> str:
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
+    """``runs/<task>-<model>-<dataset>-<time>-<pid>``: the process ID keeps the folders of commands
+    started in the same second apart."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}"
+    return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}-{os.getpid()}"
 
 
 def writable_dir_problem(out: Path) -> str | None:

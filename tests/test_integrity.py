@@ -540,3 +540,15 @@ def test_a_read_only_folder_is_one_line_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.mkstemp", read_only)  # as on a read-only mount: nothing can be created there
     with pytest.raises(MixkdError, match=f"cannot write {tmp_path}: Read-only file system"):
         check_writable(tmp_path)
+
+
+def test_default_run_folders_of_commands_started_in_the_same_second_differ(monkeypatch):
+    from mixkd.config import build_config
+    from mixkd.engine import default_run_dir
+
+    cfg = build_config(overrides=["dataset=digits"])
+    names = set()
+    for pid in (4242, 4243):  # two commands in the same second: two processes
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        names.add(default_run_dir(cfg).name)
+    assert len(names) == 2 and all(n.startswith("train-resnet8x4-digits-") for n in names)
