@@ -270,8 +270,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
                "interrupt": "interrupted"}[stopped.reason]
-        print(f"{why} at epoch {job.epoch + 1} step {job.step_in_epoch} of {job.steps_per_epoch} (checkpoint written); "
-              f"continue with: mixkd {args.task} --out {job.dir} --resume", file=sys.stderr)
+        if not job.created and not args.resume:  # stopped before its first write: there is nothing to continue
+            print(f"{why} before the run began: nothing was written to {job.dir}; run the same command again to "
+                  "start it", file=sys.stderr)
+        else:
+            print(f"{why} at epoch {job.epoch + 1} step {job.step_in_epoch} of {job.steps_per_epoch} (checkpoint "
+                  f"written); continue with: mixkd {args.task} --out {job.dir} --resume", file=sys.stderr)
         return control.exit_status
     finally:
         control.restore_signals()

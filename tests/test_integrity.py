@@ -552,3 +552,21 @@ def test_default_run_folders_of_commands_started_in_the_same_second_differ(monke
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
         names.add(default_run_dir(cfg).name)
     assert len(names) == 2 and all(n.startswith("train-resnet8x4-digits-") for n in names)
+
+
+def test_a_stop_before_the_first_write_says_nothing_was_written(tmp_path, capsys, monkeypatch, one_thread):
+    from mixkd.cli import main
+    from mixkd.control import StopControl
+
+    def signalled(self, next_cost=0.0):  # SIGTERM arrived while the run was being built
+        self.request("signal")
+        return True
+
+    monkeypatch.setattr(StopControl, "should_stop", signalled)
+    out = tmp_path / "never"
+    code = main(["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1", "--device", "cpu",
+                 "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 75 and err == (f"stopped by a signal before the run began: nothing was written to {out}; run the "
+                                  "same command again to start it")
+    assert not out.exists()
