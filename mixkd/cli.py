@@ -136,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("--image-size", type=int_in(8, 4096), help="crop size for imagefolder data (default: the run's, else 224)")
+    p.add_argument("--image-size", type=int_in(8, 4096, "--image-size"), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int_in(1, 1_000_000), default=1024, help="evaluation batch size (default: 1024)")
-    p.add_argument("--workers", type=int_in(0, 256), help="data-loading processes for image folders (default: the cores available, at most 4)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--workers", type=int_in(0, 256, "--workers"), help="data-loading processes for image folders (default: the cores available, at most 4)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -155,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("--image-size", type=int_in(8, 4096), help="crop size for imagefolder data (default: the run's, else 224)")
+    p.add_argument("--image-size", type=int_in(8, 4096, "--image-size"), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--out", help="output folder (default: the run directory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int_in(1, 1_000_000), default=1000, help="batch size of every pass, attacks included (default: 1000)")
-    p.add_argument("--subset", type=int_in(1, 10_000_000), help="analyze N evenly spaced test images (the t-SNE set stays the same)")
-    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), default=1000, help="batch size of every pass, attacks included (default: 1000)")
+    p.add_argument("--subset", type=int_in(1, 10_000_000, "--subset"), help="analyze N evenly spaced test images (the t-SNE set stays the same)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1, "--seed"), default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for all forward passes (faster on GPUs)")
     p.add_argument("--json", action="store_true", help="print analysis.json to stdout")
     p.set_defaults(handler=_cmd_analyze)
@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "digits: a plain and a mixup teacher, students over the study's methods at "
                                    "T = 1 and 4, analyses; print the table and where the report (with figures) is.")
     p.add_argument("--out", default="runs/demo", help="study folder for the demo's runs (default: runs/demo)")
-    p.add_argument("--epochs", type=int_in(1, 100_000), default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--epochs", type=int_in(1, 100_000, "--epochs"), default=None, help="epochs per run (default: the demo's own)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX, "--seed"), default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95% intervals",
@@ -352,8 +352,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # a number out of its range is a MixkdError already here
         status = args.handler(args)
     except MixkdError as e:
         print(f"mixkd: error: {e}", file=sys.stderr)

@@ -299,8 +299,9 @@ def load_yaml(text: str, source: str) -> Any:
         raise MixkdError(f"{source} nests its values too deeply to be a mixkd file") from None
 
 
-def int_in(low: int, high: int):
-    """An argparse ``type``: an integer in [low, high], else one line saying the range."""
+def int_in(low: int, high: int, flag: str):
+    """An argparse ``type``: an integer in [low, high]; out of range, a :class:`MixkdError` naming
+    ``flag`` (one line, as every bad input; ``mixkd``'s main prints it)."""
 
     def parse(text: str) -> int:
         try:
@@ -308,7 +309,7 @@ def int_in(low: int, high: int):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be in [{low}, {high}]")
+            raise MixkdError(f"{flag} must be in [{low}, {high}], got {value}")
         return value
 
     parse.__name__ = "integer"
