@@ -23,7 +23,7 @@ import torch
 
 from mixkd.analysis import AnalysisOptions, analyze_models
 from mixkd.data import CIFAR100_MEAN, CIFAR100_STD, ArraySplit, DataSpec, load_dataset
-from mixkd.engine import device_name, resolve_device
+from mixkd.device import device_name, resolve_device
 from mixkd.models import create_model
 
 

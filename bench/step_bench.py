@@ -53,8 +53,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from mixkd.data import CIFAR100_MEAN, CIFAR100_STD, ArraySplit, DeviceLoader, load_dataset
+from mixkd.device import device_name
 from mixkd.distiller import make_distiller
-from mixkd.engine import device_name
 from mixkd.losses import soft_cross_entropy, standardize, std_kd_loss
 from mixkd.mix import MixSpec
 from mixkd.models import create_model

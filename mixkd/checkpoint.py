@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write, atomic_write_text  # noqa: F401 - atomic_write_text: the name callers import
+from mixkd.header import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "mixkd-checkpoint-2"  # the SHA-256 covers the metadata, dtypes and shapes too
 OLD_FORMAT = "mixkd-checkpoint-1"  # the SHA-256 covers the tensors' bytes only (mixkd before 2026-12)
 

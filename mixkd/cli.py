@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, load_run_config, value_range
+from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.errors import MixkdError
+from mixkd.run_folder import RunFolder, resume_config
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
 _METHOD_KEYS = {f"kd.{k}" for k in KD_PARAMS}  # their defaults are the method's
@@ -215,19 +216,9 @@ def _given_keys(args: argparse.Namespace, flags: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _dotted(cfg: RunConfig, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    return node
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's config. With --resume: the saved one, where only machine-local keys (config.MACHINE_KEYS: device, data
-    folder, progress, ...) may be changed; any other flag that differs from it is refused."""
-    from mixkd.config import MACHINE_KEYS
-    from mixkd.engine import CONFIG_NAME
-
+    folder, progress, ...) may be changed; any other flag that differs from it is refused (mixkd.run_folder decides)."""
     flags = {key: getattr(args, dest) for dest, key in args.dests.items()}
     flags["task"] = args.task
     if not args.resume:
@@ -235,22 +226,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if not flags.get("out"):
         raise MixkdError("--resume needs --out: the run directory to continue")
     out = Path(flags["out"])
-    if not (out / CONFIG_NAME).is_file():
-        what = "holds no run (no config.yaml)" if out.is_dir() else "does not exist"
-        raise MixkdError(f"cannot resume {out}: it {what}; drop --resume to start a new run there")
-    saved = load_run_config(out / CONFIG_NAME)
-    if saved.task != args.task:
-        raise MixkdError(f"{out} holds a '{saved.task}' run: continue it with mixkd {saved.task} --out {out} --resume")
-    given = _given_keys(args, flags)
-    asked = build_config(args.config, {**flags, "kd.teacher": flags.get("kd.teacher") or saved.kd.teacher},
-                         args.overrides) if given else saved
-    conflicts = [f"{k} {_dotted(asked, k)!r} (saved: {_dotted(saved, k)!r})" for k in given
-                 if k not in MACHINE_KEYS and _dotted(asked, k) != _dotted(saved, k)]
-    if conflicts:
-        raise MixkdError(f"--resume continues the run saved in {out / CONFIG_NAME}, but these settings differ from it: "
-                         + ", ".join(conflicts) + f"; only {', '.join(MACHINE_KEYS)} may change on resume "
-                         "(start a new run with another --out to change the others)")
-    return saved.model_copy(update={k: _dotted(asked, k) for k in given if k in MACHINE_KEYS} | {"out": str(out)})
+    folder = RunFolder(out)
+    given = _given_keys(args, flags) if folder.config.is_file() else []
+    asked: dict[str, Any] = {}
+    if given:  # the values asked for, read as the saved run would read them (its teacher unless given)
+        saved_teacher = folder.read_config().kd.teacher
+        tree = build_config(args.config, {**flags, "kd.teacher": flags.get("kd.teacher") or saved_teacher}, args.overrides)
+        asked = {k: _dotted(tree, k) for k in given}
+    return resume_config(out, task=args.task, asked=asked)
+
+
+def _dotted(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -286,7 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mixkd.engine import evaluate_checkpoint
+    from mixkd.evaluation import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
                             download=args.download, batch_size=args.batch_size, image_size=args.image_size,

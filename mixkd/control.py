@@ -151,3 +151,17 @@ class StopControl:
         for sig, previous in self._installed.items():
             signal.signal(sig, previous)
         self._installed.clear()
+
+
+def check_first_step(job, control: StopControl) -> None:
+    """Refuse a time limit that cannot fit one step of ``job`` (a :class:`mixkd.engine.Run`) and its
+    checkpoint, before anything is written."""
+    step = job.measure_step()
+    need = step + job.checkpoint_cost()
+    if not control.fits(need):
+        limit = format_seconds(control.limit) if control.limit else "the time limit"
+        raise MixkdError(
+            f"--time-limit {limit} is too short to take even one step: starting took "
+            f"{format_seconds(control.limit - control.remaining()) if control.limit else '?'}, one step takes about "
+            f"{format_seconds(step)} and its checkpoint {format_seconds(job.checkpoint_cost())}; "
+            f"give at least {format_seconds((control.limit or 0) - control.remaining() + need + control.exit_margin + 1)}")

@@ -1,7 +1,8 @@
-"""Training and distillation: one resumable run, written to a run directory, advanced step by step.
+"""Training and distillation: one resumable run, written to a run folder, advanced step by step.
 
-A run directory holds ``config.yaml`` (fully resolved), ``metrics.jsonl`` (one line per epoch),
-``checkpoint.safetensors``, ``log.txt`` (one line per epoch) and, once finished, ``result.json``.
+The run folder's layout, its status and the resume decision are :mod:`mixkd.run_folder`'s; the KD
+method is a :class:`mixkd.distiller.Distiller`; models come from :mod:`mixkd.loading`, the output
+(log, progress bar, TensorBoard) goes through :mod:`mixkd.output`.
 
 A :class:`Run` is a state machine that a driver advances one action at a time: ``start()`` (build
 the models and data, restore the last checkpoint), then ``advance()`` (one training step, or at an
@@ -20,147 +21,38 @@ Nothing is written before everything was built and checked: a run that cannot st
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixkd import __version__
-from mixkd.checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, load_weights, save_checkpoint
-from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, resolve_precision
-from mixkd.control import STOP_WORDS, StopControl, format_seconds
-from mixkd.data import load_dataset, make_loaders
+from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from mixkd.config import RunConfig, resolve_precision
+from mixkd.control import STOP_WORDS, StopControl, check_first_step
+from mixkd.data import DeviceLoader, load_dataset, make_loaders
+from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
-from mixkd.files import append_text, read_json
+from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
+from mixkd.output import RunOutput
+from mixkd.pack import Pack
+from mixkd.run_folder import CHECKPOINT_NAME, config_to_save, open_run, teacher_path
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
 from mixkd.validate import unfinished_teacher_note, validate_run_config
 
-CONFIG_NAME = "config.yaml"
-METRICS_NAME = "metrics.jsonl"
-RESULT_NAME = "result.json"
-LOG_NAME = "log.txt"
 DISTILLER_STATE = "distiller."  # checkpoint state keys of the KD method's own modules
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MixkdError(f"device '{name}' asked for, but CUDA is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A distinct, reproducible seed for each (run seed, epoch, random stream)."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
-
-
-def resolve_teacher_path(teacher: str, run_dir: str | Path | None) -> str:
-    """A saved ``kd.teacher``: absolute as it is; relative to the run directory (how studies write it),
-    else relative to the working directory (runs made by older versions)."""
-    p = Path(teacher)
-    if p.is_absolute() or run_dir is None:
-        return str(p)
-    beside = Path(os.path.normpath(Path(run_dir) / p))  # lexically: the run directory may not exist yet
-    if beside.exists() or not p.exists():
-        return str(beside)
-    return str(p)
-
-
-def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model") -> tuple[torch.nn.Module, str]:
-    """A model with the weights of a mixkd checkpoint/run directory or a RepDistiller ``.pth``.
-
-    ``arch`` may be omitted when the checkpoint names its architecture (mixkd checkpoints do).
-    """
-    ckpt = load_checkpoint(checkpoint)
-    arch = arch or ckpt.model_name
-    if not arch:
-        raise MixkdError(f"{checkpoint} does not say its architecture; pass {flag} (see 'mixkd models')")
-    model = create_model(arch, num_classes)
-    load_weights(model, ckpt.state_dict, str(checkpoint))
-    return model, arch
-
-
-def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device,
-                 channels_last: bool = False) -> tuple[torch.nn.Module, str]:
-    """A frozen teacher in eval mode (see :func:`load_model`)."""
-    teacher, arch = load_model(checkpoint, arch, num_classes, flag="--teacher-model")
-    teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, arch
-
-
-def library_versions() -> dict[str, str]:
-    import torchvision
-
-    return {"mixkd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    """``runs/<task>-<model>-<dataset>-<time>-<pid>``: the process ID keeps the folders of commands
-    started in the same second apart."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}-{os.getpid()}"
-
-
-def writable_dir_problem(out: Path) -> str | None:
-    """Why ``out`` cannot be (or become) a run directory, or None."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out} is a file, not a folder; choose another --out"
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"--out {out} is below {probe}, which is a file; choose another --out"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"--out {out}: cannot write in {probe} (read-only or no permission); choose another --out"
-    return None
-
-
-def is_run_started(out: Path) -> bool:
-    """Whether ``out`` holds a run that has begun (a checkpoint or logged epochs), not only a config."""
-    return (out / CHECKPOINT_NAME).exists() or (out / METRICS_NAME).exists() or (out / RESULT_NAME).exists()
-
-
-def open_run_config(cfg: RunConfig, resume: bool) -> tuple[RunConfig, Path, bool]:
-    """(config, run directory, fresh) without writing anything: the saved config (with ``cfg``'s
-    machine-local keys) when resuming, else ``cfg``. A folder holding only a config is not a run yet."""
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    problem = writable_dir_problem(out)
-    if problem:
-        raise MixkdError(problem)
-    saved = out / CONFIG_NAME
-    if resume:
-        if not saved.exists():
-            if out.exists() and any(out.iterdir()):
-                raise MixkdError(f"cannot resume {out}: it has no {CONFIG_NAME}; is it a mixkd run directory?")
-            raise MixkdError(f"cannot resume {out}: there is no run there; drop --resume to start one")
-        saved_cfg = load_run_config(saved)
-        local = {k: getattr(cfg, k) for k in MACHINE_KEYS}
-        return saved_cfg.model_copy(update={**local, "out": str(out)}), out, False
-    if saved.exists() and is_run_started(out):
-        raise MixkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    return cfg.model_copy(update={"out": str(out)}), out, True
 
 
 class Run:
@@ -173,33 +65,43 @@ class Run:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
-        self.cfg, self.dir, self.fresh = open_run_config(cfg, resume)
-        self.relative_teacher = paths_relative_to_run or not self.fresh
-        if self.fresh or not (self.dir / RESULT_NAME).exists():
+        self.cfg, self.folder, self.fresh = open_run(cfg, resume)
+        self.dir = self.folder.path
+        self.relative_teacher = paths_relative_to_run or not self.fresh  # saved: relative to the run
+        if self.fresh or not self.folder.result.exists():
             self._validate()  # every problem in one line, before anything is built or written
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device.type)
-        self.echo = echo
+        self.output = RunOutput(self.folder, echo, progress=self.cfg.progress, tensorboard=self.cfg.tensorboard,
+                                title=f"{self.cfg.task} {self.cfg.model}")
         self.phase = "new"  # new -> training -> finished | stopped | failed
         self.created = False  # whether anything was written for this process's part of the run
         self.result: dict[str, Any] | None = None
-        self.progress = None
-        self.writer = None
+        # where training stands (restored from the checkpoint in start())
+        self.epoch, self.step_in_epoch = 0, 0
+        self.history: list[dict[str, Any]] = []  # the metrics rows of the finished epochs
+        self.notes: list[str] = []  # warnings about the run folder, logged when the run starts writing
+        self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
+        self.last_saved = "none yet"  # the position of the last checkpoint, for messages
+        self.saved_at = time.monotonic()  # when the last checkpoint was written (--save-every-minutes)
+        # measured costs (for deadlines): None until measured
+        self.step_seconds: float | None = None
+        self.eval_seconds: float | None = None
+        self.checkpoint_seconds: float | None = None
+        self.compile_seconds: float | None = None
+        self.teacher_metrics: dict[str, float] | None = None
+        self.wall_start = time.perf_counter()
+        self._batches = None  # the current epoch's batches, from its first step on
+        self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
 
     # ---- paths -----------------------------------------------------------------------------
     @property
     def teacher_path(self) -> str | None:
-        t = self.cfg.kd.teacher
-        if not t:
-            return None
-        return resolve_teacher_path(t, self.dir) if self.relative_teacher else str(Path(t).resolve())
+        return teacher_path(self.cfg, self.dir, self.relative_teacher)
 
     def _saved_config(self) -> RunConfig:
         """The config as written to ``config.yaml``: a CLI run's teacher as an absolute path."""
-        cfg = self.cfg.model_copy(update={"out": str(self.dir)})
-        if cfg.task == "distill" and not self.relative_teacher:
-            cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": self.teacher_path})})
-        return cfg
+        return config_to_save(self.cfg, self.dir, self.relative_teacher)
 
     # ---- building --------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -235,8 +137,6 @@ class Run:
     @property
     def uses_graph(self) -> bool:
         """CUDA graphs need CUDA and fixed-size batches from the device-resident loader."""
-        from mixkd.data import DeviceLoader
-
         return self.cfg.graph and self.device.type == "cuda" and isinstance(self.train_loader, DeviceLoader)
 
     def lr_at(self, epoch: int) -> float:
@@ -260,7 +160,7 @@ class Run:
             if self.step_in_epoch:
                 rng["mix"] = self.mix_generator.get_state()
                 state["loss_sums"] = self.step.sums
-        save_checkpoint(self.dir / CHECKPOINT_NAME, self.model, model_name=self.cfg.model,
+        save_checkpoint(self.folder.checkpoint, self.model, model_name=self.cfg.model,
                         num_classes=self.data.num_classes, epoch=self.epoch,
                         optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
         self.saved_at = time.monotonic()
@@ -269,10 +169,7 @@ class Run:
 
     def _restore(self) -> None:
         """Load the last checkpoint, if any, and the metrics logged up to it."""
-        self.epoch, self.step_in_epoch, self.history = 0, 0, []
-        self.notes: list[str] = []  # warnings about the run folder, logged when the run starts writing
-        self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
-        path = self.dir / CHECKPOINT_NAME
+        path = self.folder.checkpoint
         if self.fresh or not path.exists():
             return
         ckpt = load_checkpoint(path)
@@ -296,47 +193,21 @@ class Run:
             self.step.sums.copy_(sums[:len(self.step.sums)].to(self.step.sums.device))
             self.step.steps = self.step_in_epoch
             self.epoch_seconds = float(ckpt.meta.get("epoch_seconds", 0.0))
-        rows = self._read_metrics()
+        rows, damaged = self.folder.read_metrics()
+        if damaged:
+            self.notes.append(f"warning: {self.folder.metrics}: line(s) {', '.join(map(str, damaged[:5]))} are damaged "
+                              f"and were skipped; the {len(rows)} readable epoch(s) are kept")
         self.history = [rows[e] for e in sorted(rows) if e <= ckpt.epoch]
         missing = [e for e in range(1, ckpt.epoch + 1) if e not in rows]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-            self.notes.append(f"warning: {self.dir / METRICS_NAME} lacks epoch(s) {shown} of the {ckpt.epoch} the "
+            self.notes.append(f"warning: {self.folder.metrics} lacks epoch(s) {shown} of the {ckpt.epoch} the "
                               "checkpoint has done: the training continues from the checkpoint, but those epochs "
                               "stay missing from metrics.jsonl and from result.json's best epoch")
-
-    def _read_metrics(self) -> dict[int, dict[str, Any]]:
-        """The epochs logged in metrics.jsonl, by epoch: every line that reads as an epoch's row is kept,
-        a damaged one is skipped with a warning (in ``notes``), never the lines after it."""
-        path = self.dir / METRICS_NAME
-        if not path.exists():
-            return {}
-        rows, damaged = {}, []
-        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not (isinstance(row, dict) and type(row.get("epoch")) is int
-                    and all(isinstance(row.get(k), (int, float)) for k in ("test_top1", "test_top5", "test_nll"))):
-                damaged.append(i)
-                continue
-            rows[row["epoch"]] = row
-        if damaged:
-            self.notes.append(f"warning: {path}: line(s) {', '.join(map(str, damaged[:5]))} are damaged and were "
-                              f"skipped; the {len(rows)} readable epoch(s) are kept")
-        return rows
-
-    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in rows))
+        self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
 
     def _log(self, line: str) -> None:
-        append_text(self.dir / LOG_NAME, f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
-        if self.echo is not None:
-            if self.progress is not None:
-                self.progress.write(line, file=sys.stderr)
-            else:
-                self.echo(line)
+        self.output.log(line)
 
     # ---- the state machine -----------------------------------------------------------------
     def start(self) -> None:
@@ -344,9 +215,8 @@ class Run:
         reads its result."""
         if self.phase != "new":
             return
-        if not self.fresh and (self.dir / RESULT_NAME).exists():
-            self.result = read_json(self.dir / RESULT_NAME, "delete it and run the same command again: the run's "
-                                    "final checkpoint writes it anew")
+        if not self.fresh and self.folder.result.exists():
+            self.result = self.folder.read_result()
             self.phase = "finished"
             return
         self._build()
@@ -355,16 +225,8 @@ class Run:
             self.notes.append(self.cfg.milestone_note())
         if self.fresh and self.teacher is not None and unfinished_teacher_note(self.teacher_path):
             self.notes.append(unfinished_teacher_note(self.teacher_path))
-        self.checkpoint_seconds: float | None = None
-        self.step_seconds: float | None = None
-        self.eval_seconds: float | None = None
         self.saved_at = time.monotonic()
-        self.last_saved = (f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
-                           if not self.fresh and (self.dir / CHECKPOINT_NAME).exists() else "none yet")
-        self._batches = None
-        self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         self.wall_start = time.perf_counter()
-        self.teacher_metrics = None
         if self.teacher is not None:
             t0 = time.perf_counter()
             self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
@@ -378,22 +240,34 @@ class Run:
         except OSError as e:
             raise MixkdError(f"cannot create the run directory {self.dir}: {e.strerror or e}; choose another --out") from None
         if self.fresh:
-            atomic_write_text(self.dir / CONFIG_NAME, self._saved_config().to_yaml())
-            (self.dir / METRICS_NAME).unlink(missing_ok=True)
-            (self.dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+            self.folder.write_config(self._saved_config())
+            self.folder.metrics.unlink(missing_ok=True)
+            self.folder.checkpoint.unlink(missing_ok=True)
         where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
                   f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)
-        self.writer = self._tensorboard()
-        self.progress = self._progress_bar()
+        self.output.open(self.cfg.epochs * self.steps_per_epoch, self.epoch * self.steps_per_epoch + self.step_in_epoch)
         self.created = True
 
     @property
     def done(self) -> bool:
         return self.phase in ("finished", "stopped", "failed")
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.epochs
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @property
+    def compiling(self) -> bool:
+        """Whether the next step compiles the models (the first step of a compiled run)."""
+        return self.phase == "training" and self.step.compiled and not self.step.warm
 
     def next_cost(self) -> float:
         """Estimated seconds of the next :meth:`advance` (for deadlines)."""
@@ -447,8 +321,7 @@ class Run:
             self.epoch_seconds = 0.0
         self._batches = self.train_loader.iter_from(self.step_in_epoch)
         self._clock = (time.perf_counter(), self.step_in_epoch)
-        if self.progress is not None:
-            self.progress.set_description(f"{self.cfg.task} {self.cfg.model} epoch {self.epoch + 1}/{self.cfg.epochs}")
+        self.output.describe(f"epoch {self.epoch + 1}/{self.cfg.epochs}")
 
     def advance(self) -> bool:
         """One action: a training step, or the end of an epoch. False once the run has finished."""
@@ -465,13 +338,12 @@ class Run:
             self._begin_epoch()
         if self.step_in_epoch < self.steps_per_epoch:
             x, y = next(self._batches)
-            if self.step.compiled and not self.step.warm:
+            if self.compiling:
                 self._compile_step(x, y)
                 return True
             self.step(x, y)
             self.step_in_epoch += 1
-            if self.progress is not None:
-                self.progress.update(1)
+            self.output.stepped()
             self._tick()
             return True
         self._end_epoch()
@@ -482,8 +354,7 @@ class Run:
 
     def _compile_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The first step of a compiled run: compilation (and graph capture), shown as its own phase."""
-        if self.progress is not None:
-            self.progress.set_postfix_str("compiling the models (once per architecture and process)", refresh=True)
+        self.output.phase("compiling the models (once per architecture and process)")
         t0 = time.perf_counter()
         self.step(x, y)
         if self.device.type == "cuda":
@@ -491,8 +362,7 @@ class Run:
         self.compile_seconds = time.perf_counter() - t0
         self._log(f"compiled in {self.compile_seconds:.1f} s (inductor; cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})")
         self.step_in_epoch += 1
-        if self.progress is not None:
-            self.progress.update(1)
+        self.output.stepped()
         self._clock = (time.perf_counter(), self.step_in_epoch)  # compilation is not a step's time
 
     def _tick(self) -> None:
@@ -523,8 +393,7 @@ class Run:
         seconds = max(self.epoch_seconds, 1e-9)
         self.train_seconds += seconds
         self.train_images += images
-        if self.progress is not None:
-            self.progress.set_postfix_str("evaluating on the test set", refresh=True)
+        self.output.phase("evaluating on the test set")
         t0 = time.perf_counter()
         test = evaluate(self.model, self.test_loader, self.precision)
         self.eval_seconds = time.perf_counter() - t0
@@ -533,16 +402,10 @@ class Run:
                "images_per_s": images / seconds, "epoch_seconds": seconds}
         self.history.append(row)
         self.epoch, self.step_in_epoch, self._batches = epoch + 1, 0, None
-        self._write_metrics(self.history)
+        self.folder.write_metrics(self.history)
         self._log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, test top-1 {test['top1']:.2f}%, "
                   f"{row['images_per_s']:.0f} images/s, {seconds:.1f} s")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, epoch + 1)
-        if self.progress is not None:
-            self.progress.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{test['top1']:.2f}",
-                                      img_s=f"{row['images_per_s']:.0f}")
+        self.output.epoch(row)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
 
@@ -582,7 +445,7 @@ class Run:
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.temperature)
         result["mix"] = self.cfg.mix.model_dump()
-        atomic_write_text(self.dir / RESULT_NAME, json.dumps(result, indent=2) + "\n")
+        self.folder.write_result(result)
         self._log(f"finished: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
                   f"(epoch {result['best_epoch']})")
         self.result = result
@@ -591,31 +454,7 @@ class Run:
         return result
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def _tensorboard(self):
-        if not self.cfg.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MixkdError("--tensorboard needs TensorBoard: pip install tensorboard") from None
-        return SummaryWriter(log_dir=str(self.dir / "tensorboard"))
-
-    def _progress_bar(self):
-        if not self.cfg.progress or self.echo is None or not sys.stderr.isatty():
-            return None
-        from tqdm.auto import tqdm
-
-        steps = self.steps_per_epoch
-        return tqdm(total=self.cfg.epochs * steps, initial=self.epoch * steps + self.step_in_epoch, unit="step",
-                    dynamic_ncols=True, desc=f"{self.cfg.task} {self.cfg.model}", leave=False)
-
+        self.output.close()
 
 class StoppedRun(Exception):
     """Raised by :func:`run` when the run stopped before finishing (deadline, signal, Ctrl-C)."""
@@ -634,8 +473,6 @@ def run(cfg: RunConfig, resume: bool = False, control: StopControl | None = None
 
 def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = None, echo=None) -> Run:
     """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``)."""
-    from mixkd.pack import Pack
-
     job = Run(cfg, resume=resume, echo=echo)
     pack = Pack(job.device, 1)
     ended = pack.admit(job)
@@ -643,7 +480,7 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
         raise ended["error"]
     control = control or StopControl()
     if job.phase == "training" and control.deadline is not None:
-        budget_first_step(job, control)
+        check_first_step(job, control)
     while pack.live:
         if control.should_stop(lambda: pack.next_cost() + pack.checkpoint_cost()):
             pack.stop_all(control.reason)
@@ -652,49 +489,3 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
             if outcome.get("error") is not None:
                 raise outcome["error"]
     return job
-
-
-def budget_first_step(job: Run, control: StopControl) -> None:
-    """Refuse a limit that cannot fit one step and a checkpoint, before anything is written."""
-    step = job.measure_step()
-    need = step + job.checkpoint_cost()
-    if not control.fits(need):
-        limit = format_seconds(control.limit) if control.limit else "the time limit"
-        raise MixkdError(
-            f"--time-limit {limit} is too short to take even one step: starting took "
-            f"{format_seconds(control.limit - control.remaining()) if control.limit else '?'}, one step takes about "
-            f"{format_seconds(step)} and its checkpoint {format_seconds(job.checkpoint_cost())}; "
-            f"give at least {format_seconds((control.limit or 0) - control.remaining() + need + control.exit_margin + 1)}")
-
-
-def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
-                        model: str | None = None, device: str = "auto", download: bool = False,
-                        batch_size: int = 1024, image_size: int | None = None,
-                        workers: int | None = None) -> dict[str, Any]:
-    """Test-set top-1/top-5/NLL of a mixkd checkpoint (or run directory) or a RepDistiller ``.pth``.
-
-    Unset ``dataset``, ``data_dir`` and ``image_size`` come from the run's ``config.yaml`` (a run
-    directory, or its checkpoint file), else from the checkpoint's metadata, else cifar100 in
-    ./data. Only the test split is loaded."""
-    from mixkd.data import make_test_loader
-    from mixkd.validate import checkpoint_header
-
-    p = Path(checkpoint)
-    run_dir = p if p.is_dir() else p.parent if p.name == CHECKPOINT_NAME else None
-    cfg = load_run_config(run_dir / CONFIG_NAME) if run_dir and (run_dir / CONFIG_NAME).is_file() else None
-    if cfg is not None and dataset in (None, cfg.dataset):
-        dataset, data_dir = cfg.dataset, data_dir or cfg.data_dir
-        image_size = image_size or cfg.image_size
-    if dataset is None:
-        ckpt_file = p / CHECKPOINT_NAME if p.is_dir() else p
-        try:
-            meta = checkpoint_header(ckpt_file) if ckpt_file.is_file() else {}
-        except MixkdError:
-            meta = {}  # load_model says what is wrong with it
-        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else "cifar100"
-    dev = resolve_device(device)
-    data = load_dataset(dataset, data_dir or "./data", download=download, image_size=image_size, splits=("test",))
-    net, arch = load_model(checkpoint, model, data.num_classes)
-    test_loader = make_test_loader(data, dev, batch_size, workers=workers)
-    metrics = evaluate(net.to(dev), test_loader)
-    return {"checkpoint": str(checkpoint), "model": arch, "dataset": dataset, **metrics}

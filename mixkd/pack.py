@@ -6,7 +6,8 @@ kernels of different runs overlap. On the CPU the same code runs without streams
 run in turn: that is how the tests show that a packed run computes exactly what it computes alone.
 
 A job is anything with the :class:`mixkd.engine.Run` protocol: ``start()``, ``advance() -> bool``,
-``stop(reason)``, ``fail()``, ``next_cost()``, ``checkpoint_cost()``, ``phase`` and ``device``.
+``stop(reason)``, ``fail()``, ``next_cost()``, ``checkpoint_cost()``, ``phase``, ``device``, ``created``,
+``result``, ``epoch``, ``step_in_epoch`` and ``batch_size``.
 A job that raises stops alone; its slot is free for the next job at once.
 """
 
@@ -116,7 +117,7 @@ class Pack:
                 self._release(i)
                 continue
             if job.step_in_epoch > before:
-                self.images[i] += job.cfg.batch_size
+                self.images[i] += job.batch_size
             if not alive:
                 ended.append((job, self._outcome(job)))
                 self._release(i)

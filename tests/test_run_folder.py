@@ -12,6 +12,7 @@ import yaml
 from mixkd.cli import main
 from mixkd.config import build_config
 from mixkd.engine import Run
+from mixkd.errors import MixkdError
 
 TRAIN = ["train", "--model", "resnet8", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
          "--device", "cpu"]
@@ -168,3 +169,74 @@ def test_a_moved_study_whose_teacher_run_is_missing_is_refused_untouched(tmp_pat
     code, _, err = cli(capsys, "study", "run", str(study), "--out", str(out), "--no-progress")
     assert code == 2 and "teacher run that is not finished" in one_error(err)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+# ---- the run folder's API (mixkd.run_folder), without training ------------------------------------
+
+def _saved_run(tmp_path, **flags):
+    from mixkd.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    cfg = build_config(flags={"model": "resnet8", "dataset": "digits", "device": "cpu", "out": str(folder.path), **flags})
+    folder.write_config(cfg)
+    return folder, cfg
+
+
+def test_status_is_read_from_the_files_the_folder_holds(tmp_path):
+    from mixkd.run_folder import RunFolder, RunStatus, run_status
+
+    folder = RunFolder(tmp_path / "run")
+    seen = [run_status(folder.path)]
+    folder.path.mkdir()
+    for path in (folder.config, folder.checkpoint, folder.error, folder.result, folder.analysis):
+        path.write_text("x")
+        seen.append(folder.status())
+    assert seen == ["new", "started", "stopped", "failed", "done", "analysed"]
+    assert seen[-1] is RunStatus.ANALYSED and seen[-1].finished and not RunStatus.STOPPED.finished
+    assert folder.analysis_status() == "done"
+
+
+def test_a_saved_teacher_path_is_relative_to_the_run_folder_else_to_the_working_directory(tmp_path, monkeypatch):
+    from mixkd.run_folder import resolve_teacher
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "study" / "students" / "s"
+    (tmp_path / "study" / "teachers" / "t").mkdir(parents=True)
+    (tmp_path / "old").mkdir()
+    assert resolve_teacher("../../teachers/t", run) == str(tmp_path / "study" / "teachers" / "t")
+    assert resolve_teacher("old", run) == "old"  # only there from the working directory: an older run
+    assert resolve_teacher("gone", run) == str(run / "gone")  # neither: where a study would put it
+    assert resolve_teacher("/abs/t", run) == "/abs/t"
+
+
+def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
+    from mixkd.run_folder import resume_config
+
+    folder, cfg = _saved_run(tmp_path, epochs=3)
+    with pytest.raises(MixkdError, match=r"cannot resume .*nothing: it does not exist; drop --resume"):
+        resume_config(tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(MixkdError, match="it has no config.yaml; is it a mixkd run folder"):
+        resume_config(tmp_path / "other")
+    with pytest.raises(MixkdError, match="holds a 'train' run: continue it with mixkd train"):
+        resume_config(folder.path, task="distill")
+    with pytest.raises(MixkdError, match=r"these settings differ from it: epochs 5 \(saved: 3\)"):
+        resume_config(folder.path, asked={"epochs": 5, "device": "cpu"})
+    resumed = resume_config(folder.path, asked={"epochs": 3, "workers": 2})
+    assert resumed.workers == 2 and resumed.epochs == 3 and resumed.out == str(folder.path)
+    machine = cfg.model_copy(update={"epochs": 9, "save_every": 4})
+    resumed = resume_config(folder.path, machine=machine)
+    assert resumed.save_every == 4 and resumed.epochs == 3  # machine-local keys only
+
+
+def test_a_new_run_is_refused_only_where_a_run_has_begun(tmp_path):
+    from mixkd.run_folder import open_run
+
+    folder, cfg = _saved_run(tmp_path)
+    opened, where, fresh = open_run(cfg, resume=False)  # a config alone is not a run yet
+    assert fresh and where.path == folder.path and opened.out == str(folder.path)
+    folder.metrics.write_text("{}\n")
+    with pytest.raises(MixkdError, match="already holds a run; pass --resume"):
+        open_run(cfg, resume=False)

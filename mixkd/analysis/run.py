@@ -33,11 +33,16 @@ from mixkd.analysis.inputs import (
 )
 from mixkd.analysis.metrics import ECE_BINS, LAMBDAS, fidelity, output_metrics, penultimate_features, predict, vicinal
 from mixkd.analysis.tsne import TEACHER_TSNE_FILE, TSNE_FILE, embed, save_embedding
-from mixkd.data import DataSpec
+from mixkd.checkpoint import load_checkpoint, load_weights
+from mixkd.data import DataSpec, load_dataset
+from mixkd.device import resolve_device
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text, check_writable
+from mixkd.loading import load_teacher
+from mixkd.models import available_models, create_model
+from mixkd.run_folder import ANALYSIS_NAME as ANALYSIS_FILE
+from mixkd.run_folder import CHECKPOINT_NAME, RunFolder, resolve_teacher
 
-ANALYSIS_FILE = "analysis.json"
 FORMAT = "mixkd-analysis-1"
 PNG_FILES = {"reliability": "reliability.png", "logit_std": "logit_std.png", "tsne": "tsne.png",
              "robustness": "robustness.png"}
@@ -174,19 +179,14 @@ def _jsonable(obj: Any) -> Any:
 # ---- from a run directory or checkpoint ---------------------------------------------------------
 
 def _run_dir_of(path: Path) -> Path | None:
-    from mixkd.checkpoint import CHECKPOINT_NAME
-    from mixkd.engine import CONFIG_NAME
-
     if path.is_dir():
         return path
-    if path.name == CHECKPOINT_NAME and (path.parent / CONFIG_NAME).is_file():
+    if path.name == CHECKPOINT_NAME and RunFolder(path.parent).config.is_file():
         return path.parent
     return None
 
 
 def _teacher_path(teacher: str, source: str) -> str:
-    from mixkd.models import available_models
-
     if Path(teacher).exists():
         return teacher
     if teacher in available_models():
@@ -210,15 +210,10 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
     default the run directory (``<parent>/<stem>-analysis`` for a checkpoint file outside a run).
     Everything is loaded and checked before any computing starts. Returns the analysis.
     """
-    from mixkd.checkpoint import load_checkpoint, load_weights
-    from mixkd.config import load_run_config
-    from mixkd.data import load_dataset
-    from mixkd.engine import CONFIG_NAME, load_teacher, resolve_device, resolve_teacher_path
-    from mixkd.models import create_model
-
     p = Path(path)
     run_dir = _run_dir_of(p)
-    cfg = load_run_config(run_dir / CONFIG_NAME) if run_dir and (run_dir / CONFIG_NAME).is_file() else None
+    folder = RunFolder(run_dir) if run_dir else None
+    cfg = folder.read_config() if folder and folder.config.is_file() else None
     options = AnalysisOptions(subset=subset, batch_size=batch_size, seed=seed, amp=amp)
     ckpt = load_checkpoint(p)
     arch = model or ckpt.model_name or (cfg.model if cfg else None)
@@ -230,8 +225,8 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
         image_size = image_size or cfg.image_size
     source = "--teacher"
     if not no_teacher and teacher is None and cfg is not None and cfg.task == "distill":
-        teacher, teacher_model = resolve_teacher_path(cfg.kd.teacher, run_dir), teacher_model or cfg.kd.teacher_model
-        source = f"kd.teacher in {run_dir / CONFIG_NAME}"
+        teacher, teacher_model = resolve_teacher(cfg.kd.teacher, run_dir), teacher_model or cfg.kd.teacher_model
+        source = f"kd.teacher in {folder.config}"
     if no_teacher:
         teacher = None
     if teacher is None and teacher_model is not None and not no_teacher:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from mixkd.control import StopControl, parse_duration
-from mixkd.engine import RESULT_NAME
 from mixkd.errors import MixkdError
+from mixkd.run_folder import RESULT_NAME
 from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
 from mixkd.study.folder import check_folder
 from mixkd.study.report import claims_plan, claims_text

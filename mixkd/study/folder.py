@@ -27,6 +27,7 @@ from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text, flock_holders, open_nofollow
+from mixkd.run_folder import ANALYSIS_ERROR_NAME, ANALYSIS_NAME, ERROR_NAME  # noqa: F401 - the study reads them here
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
 STATE_NAME = "study-state.json"
@@ -35,9 +36,6 @@ WORKERS_LOCK = ".study.workers.lock"
 STUDY_COPY = "study.yaml"
 # What a study writes into its folder (study-state.json's "format"); another value is another layout.
 FOLDER_FORMAT = "mixkd-study-1"
-ERROR_NAME = "error.txt"
-ANALYSIS_ERROR_NAME = "analysis-error.txt"
-ANALYSIS_NAME = "analysis.json"
 
 
 class RunState(StrEnum):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mixkd.control import StopControl
-from mixkd.engine import Run, is_run_started
+from mixkd.engine import Run
 from mixkd.pack import Pack, failure_message
+from mixkd.run_folder import RunFolder
 from mixkd.study.folder import ERROR_NAME
 from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, record_failure
 
@@ -65,7 +66,7 @@ class PackWorker:
             start = time.perf_counter()
             try:
                 # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
-                run = Run(config, resume=is_run_started(out), paths_relative_to_run=True)
+                run = Run(config, resume=RunFolder(out).has_begun(), paths_relative_to_run=True)
             except Exception as e:  # noqa: BLE001 - recorded, the study goes on
                 message = failure_message(e)
                 record_failure(out, message, e)
@@ -137,9 +138,9 @@ class PackWorker:
         if self.pack is None:
             return {"slots": [], "images_per_s": 0.0}
         per_slot, total = self.pack.throughput()
-        slots = [{"run": self.ids.get(id(run)), "epoch": run.epoch + 1, "epochs": run.cfg.epochs,
+        slots = [{"run": self.ids.get(id(run)), "epoch": run.epoch + 1, "epochs": run.epochs,
                   "images_per_s": rate,
-                  "compiling": run.step.compiled and not run.step.warm}
+                  "compiling": run.compiling}
                  for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
         return {"slots": slots, "images_per_s": total}
 

@@ -22,9 +22,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mixkd.control import StopControl
-from mixkd.engine import RESULT_NAME, is_run_started, writable_dir_problem
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
+from mixkd.run_folder import RESULT_NAME, RunFolder, writable_dir_problem
 from mixkd.step import set_compile_cache
 from mixkd.study.executors import Executor
 from mixkd.study.folder import (
@@ -137,7 +137,7 @@ def _check_teacher_runs(study: Study, out: Path) -> None:
     """A student that has begun (a checkpoint, logged epochs) needs its teacher run finished in the
     folder: a folder moved or copied without it would otherwise train a new teacher under the student."""
     lost = [f"{run.id} (teacher {run.teacher_run})" for run in study.runs
-            if run.teacher_run and is_run_started(out / run.id) and not (out / run.id / RESULT_NAME).exists()
+            if run.teacher_run and RunFolder(out / run.id).has_begun() and not (out / run.id / RESULT_NAME).exists()
             and not (out / run.teacher_run / RESULT_NAME).exists()]
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""

@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 from mixkd.config import RunConfig
 from mixkd.files import atomic_write_text, open_nofollow
 from mixkd.pack import failure_message
+from mixkd.run_folder import LOG_NAME
 from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME
-
-LOG_NAME = "log.txt"
 
 Outcome = dict[str, Any]  # {"ok": True, "top1": ..., "seconds": ...} or {"ok": False, "message": ..., ...}
 

@@ -1,0 +1,347 @@
+"""The run folder: its layout and file names, its status, what its files say, whether and how a run
+in it is resumed, and what a saved teacher path means. Every other module asks this one.
+
+A run folder holds:
+
+==========================  ===================================================================
+``config.yaml``             the run's config, fully resolved (written when the run begins)
+``metrics.jsonl``           one line per finished epoch
+``checkpoint.safetensors``  the last checkpoint (step-exact mid-run; weights only once finished)
+``log.txt``                 one line per epoch and event (and, in a study, the run's output)
+``result.json``             the run's result, once finished
+``error.txt``               why a study run failed (its first line), then the traceback
+``analysis.json``           the analysis (``mixkd analyze``), with its PNGs beside it
+``analysis-error.txt``      why the analysis of a study run failed
+``tensorboard/``            TensorBoard scalars, when asked for
+==========================  ===================================================================
+
+Its status (:func:`run_status`) is read from which of those files exist: ``new`` (no config yet),
+``started`` (a config but no checkpoint: running, or interrupted before its first checkpoint),
+``stopped`` (a checkpoint to continue from: stopped, interrupted, or running now; the folder alone
+cannot tell), ``failed`` (an error file), ``done`` (a result) and ``analysed`` (a result and an
+analysis).
+
+**A saved teacher path** (``kd.teacher`` in ``config.yaml``) is absolute as it is; a relative one is
+relative to the run folder (how studies write it, so that a study folder can move), else, where only
+that exists, relative to the working directory (runs made by older versions): :func:`resolve_teacher`.
+A run started from the command line saves its teacher as an absolute path.
+
+**Resuming** (:func:`open_run`, :func:`resume_config`): the saved config wins; only the machine-local
+keys (:data:`mixkd.config.MACHINE_KEYS`: device, data folder, ...) may change, and a caller asking
+for another value of any other key is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config
+from mixkd.errors import MixkdError
+from mixkd.files import append_text, atomic_write_text, read_json
+from mixkd.header import CHECKPOINT_NAME, checkpoint_header
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+LOG_NAME = "log.txt"
+RESULT_NAME = "result.json"
+ERROR_NAME = "error.txt"
+ANALYSIS_NAME = "analysis.json"
+ANALYSIS_ERROR_NAME = "analysis-error.txt"
+TENSORBOARD_NAME = "tensorboard"
+
+__all__ = ["ANALYSIS_ERROR_NAME", "ANALYSIS_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "ERROR_NAME", "LOG_NAME",
+           "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunStatus", "default_run_dir",
+           "open_run", "resolve_teacher", "resume_config", "run_status", "writable_dir_problem"]
+
+
+class RunStatus(str, Enum):
+    """Where a run folder stands (see the module docstring); compares equal to its value."""
+
+    NEW = "new"
+    STARTED = "started"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    DONE = "done"
+    ANALYSED = "analysed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.DONE, RunStatus.ANALYSED)
+
+
+class RunFolder:
+    """The files of one run folder (which need not exist yet)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- the layout ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.path / LOG_NAME
+
+    @property
+    def result(self) -> Path:
+        return self.path / RESULT_NAME
+
+    @property
+    def error(self) -> Path:
+        return self.path / ERROR_NAME
+
+    @property
+    def analysis(self) -> Path:
+        return self.path / ANALYSIS_NAME
+
+    @property
+    def analysis_error(self) -> Path:
+        return self.path / ANALYSIS_ERROR_NAME
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_NAME
+
+    # ---- where it stands ------------------------------------------------------------------------
+    def status(self) -> RunStatus:
+        if self.result.exists():
+            return RunStatus.ANALYSED if self.analysis.exists() else RunStatus.DONE
+        if self.error.exists():
+            return RunStatus.FAILED
+        if self.checkpoint.exists():
+            return RunStatus.STOPPED
+        return RunStatus.STARTED if self.config.exists() else RunStatus.NEW
+
+    def analysis_status(self) -> RunStatus:
+        """The analysis of a run: ``done`` (written), ``failed`` (an analysis error file) or ``new``."""
+        if self.analysis.exists():
+            return RunStatus.DONE
+        return RunStatus.FAILED if self.analysis_error.exists() else RunStatus.NEW
+
+    def has_begun(self) -> bool:
+        """Whether the folder holds a run that has begun (a checkpoint, logged epochs or a result), not
+        only a config."""
+        return self.checkpoint.exists() or self.metrics.exists() or self.result.exists()
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def read_config(self) -> RunConfig:
+        return load_run_config(self.config)
+
+    def read_config_tree(self) -> dict[str, Any]:
+        """``config.yaml`` as saved, without validating it (reports and folders of other versions)."""
+        return yaml.safe_load(self.config.read_text()) or {}
+
+    def read_result(self) -> dict[str, Any] | None:
+        """``result.json``, or None where the run has not finished."""
+        if not self.result.exists():
+            return None
+        return read_json(self.result, "delete it and run the same command again: the run's final checkpoint "
+                                      "writes it anew")
+
+    def checkpoint_meta(self) -> dict[str, Any] | None:
+        """The ``mixkd`` metadata of the checkpoint (epoch, step, stopped, ...) from its header alone;
+        None where there is no readable checkpoint."""
+        if not self.checkpoint.is_file():
+            return None
+        try:
+            meta = checkpoint_header(self.checkpoint)
+        except (MixkdError, OSError):
+            return None  # the run finds out what is wrong when it loads the file
+        return meta or None
+
+    def read_metrics(self) -> tuple[dict[int, dict[str, Any]], list[int]]:
+        """(the epochs logged in ``metrics.jsonl`` by epoch, the numbers of its damaged lines): every
+        line that reads as an epoch's row is kept, a damaged one skipped, never the lines after it."""
+        if not self.metrics.exists():
+            return {}, []
+        rows, damaged = {}, []
+        for i, line in enumerate(self.metrics.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not (isinstance(row, dict) and type(row.get("epoch")) is int
+                    and all(isinstance(row.get(k), (int, float)) for k in ("test_top1", "test_top5", "test_nll"))):
+                damaged.append(i)
+                continue
+            rows[row["epoch"]] = row
+        return rows, damaged
+
+    def first_line(self, path: Path) -> str:
+        """The first line of one of the folder's text files (an error file), '' where unreadable."""
+        try:
+            return (path.read_text().splitlines() or [""])[0]
+        except OSError:
+            return ""
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write_text(self.config, cfg.to_yaml())
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        atomic_write_text(self.result, json.dumps(result, indent=2) + "\n")
+
+    def append_log(self, line: str) -> None:
+        append_text(self.log, f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
+
+    def write_error(self, message: str, path: Path | None = None) -> None:
+        """The one-line reason a run (or, with ``path=self.analysis_error``, its analysis) failed,
+        where no error file says it yet."""
+        path = path or self.error
+        if not path.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            path.write_text(message + "\n")
+
+
+def run_status(run_dir: str | os.PathLike) -> RunStatus:
+    """The status of the run folder ``run_dir`` (see the module docstring)."""
+    return RunFolder(run_dir).status()
+
+
+# ---- the teacher -----------------------------------------------------------------------------------
+
+def resolve_teacher(teacher: str, run_dir: str | os.PathLike | None) -> str:
+    """What a saved ``kd.teacher`` names: absolute as it is; relative to the run folder (how studies
+    write it), else relative to the working directory (runs made by older versions)."""
+    p = Path(teacher)
+    if p.is_absolute() or run_dir is None:
+        return str(p)
+    beside = Path(os.path.normpath(Path(run_dir) / p))  # lexically: the run folder may not exist yet
+    if beside.exists() or not p.exists():
+        return str(beside)
+    return str(p)
+
+
+def teacher_path(cfg: RunConfig, run_dir: str | os.PathLike, relative_to_run: bool) -> str | None:
+    """The teacher checkpoint ``cfg`` names for a run in ``run_dir``: a relative ``kd.teacher`` is
+    relative to the run folder where ``relative_to_run`` (study runs, and every saved config), else to
+    the working directory (a command line)."""
+    t = cfg.kd.teacher
+    if not t:
+        return None
+    return resolve_teacher(t, run_dir) if relative_to_run else str(Path(t).resolve())
+
+
+def config_to_save(cfg: RunConfig, run_dir: str | os.PathLike, relative_to_run: bool) -> RunConfig:
+    """``cfg`` as ``config.yaml`` holds it: its folder as ``out``; a command line's teacher absolute."""
+    cfg = cfg.model_copy(update={"out": str(run_dir)})
+    if cfg.task == "distill" and not relative_to_run:
+        cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher": teacher_path(cfg, run_dir, False)})})
+    return cfg
+
+
+# ---- opening and resuming --------------------------------------------------------------------------
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``runs/<task>-<model>-<dataset>-<time>-<pid>``: the process ID keeps the folders of commands
+    started in the same second apart."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}-{os.getpid()}"
+
+
+def writable_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be (or become) a run folder, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose another --out"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {out} is below {probe}, which is a file; choose another --out"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write in {probe} (read-only or no permission); choose another --out"
+    return None
+
+
+def _dotted(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def _updated(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``cfg`` with dotted keys set (top-level and one section deep)."""
+    top = {k: v for k, v in values.items() if "." not in k}
+    sections: dict[str, dict[str, Any]] = {}
+    for k, v in values.items():
+        if "." in k:
+            section, key = k.split(".", 1)
+            sections.setdefault(section, {})[key] = v
+    for section, keys in sections.items():
+        top[section] = getattr(cfg, section).model_copy(update=keys)
+    return cfg.model_copy(update=top)
+
+
+def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dict[str, Any] | None = None,
+                  machine: RunConfig | None = None) -> RunConfig:
+    """The config to continue the run in ``out`` with: the saved one, with ``out`` set and the
+    machine-local keys of ``machine`` (all of them) or of ``asked`` (the dotted keys a caller set).
+    Refused with one line: a folder without a run, a run of another ``task``, or a key of ``asked``
+    outside :data:`MACHINE_KEYS` whose value differs from the saved one."""
+    folder = RunFolder(out)
+    if not folder.config.is_file():
+        if folder.path.is_dir() and any(folder.path.iterdir()):
+            raise MixkdError(f"cannot resume {folder.path}: it has no {CONFIG_NAME}; is it a mixkd run folder? "
+                             "(drop --resume to start a new run elsewhere)")
+        what = "holds no run" if folder.path.is_dir() else "does not exist"
+        raise MixkdError(f"cannot resume {folder.path}: it {what}; drop --resume to start a new run there")
+    saved = folder.read_config()
+    if task is not None and saved.task != task:
+        raise MixkdError(f"{folder.path} holds a '{saved.task}' run: continue it with "
+                         f"mixkd {saved.task} --out {folder.path} --resume")
+    asked = asked or {}
+    conflicts = [f"{k} {v!r} (saved: {_dotted(saved, k)!r})" for k, v in asked.items()
+                 if k not in MACHINE_KEYS and v != _dotted(saved, k)]
+    if conflicts:
+        raise MixkdError(f"--resume continues the run saved in {folder.config}, but these settings differ from it: "
+                         + ", ".join(conflicts) + f"; only {', '.join(MACHINE_KEYS)} may change on resume "
+                         "(start a new run with another --out to change the others)")
+    local = {k: getattr(machine, k) for k in MACHINE_KEYS} if machine is not None else {
+        k: v for k, v in asked.items() if k in MACHINE_KEYS}
+    return _updated(saved, {**local, "out": str(folder.path)})
+
+
+def open_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, RunFolder, bool]:
+    """(config, run folder, fresh) for a run of ``cfg`` (its ``out``, else a new folder under
+    ``runs/``), without writing anything: resuming, :func:`resume_config` with ``cfg``'s machine-local
+    keys; else ``cfg``, refused where the folder holds a run that has begun."""
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    problem = writable_dir_problem(out)
+    if problem:
+        raise MixkdError(problem)
+    folder = RunFolder(out)
+    if resume:
+        return resume_config(out, machine=cfg), folder, False
+    if folder.config.exists() and folder.has_begun():
+        raise MixkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    return cfg.model_copy(update={"out": str(out)}), folder, True
