@@ -58,7 +58,8 @@ TENSORBOARD_NAME = "tensorboard"
 
 __all__ = ["ANALYSIS_ERROR_NAME", "ANALYSIS_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "ERROR_NAME", "LOG_NAME",
            "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunStatus", "default_run_dir",
-           "open_run", "resolve_teacher", "resume_config", "run_status", "writable_dir_problem"]
+           "config_to_save", "open_run", "resolve_teacher", "resume_config", "run_status", "teacher_path",
+           "writable_dir_problem"]
 
 
 class RunStatus(str, Enum):
