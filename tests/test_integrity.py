@@ -544,7 +544,7 @@ def test_a_read_only_folder_is_one_line_naming_the_file(tmp_path, monkeypatch):
 
 def test_default_run_folders_of_commands_started_in_the_same_second_differ(monkeypatch):
     from mixkd.config import build_config
-    from mixkd.engine import default_run_dir
+    from mixkd.run_folder import default_run_dir
 
     cfg = build_config(overrides=["dataset=digits"])
     names = set()
