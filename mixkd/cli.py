@@ -15,7 +15,7 @@ from typing import Any
 
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.errors import MixkdError
-from mixkd.run_folder import RunFolder, resume_config
+from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, resume_config
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
 _METHOD_KEYS = {f"kd.{k}" for k in KD_PARAMS}  # their defaults are the method's
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "
                                    "Given a run directory, its dataset, data folder and image size are used unless "
                                    "flags say otherwise.")
-    p.add_argument("checkpoint", help="a run directory, a checkpoint.safetensors, or a RepDistiller .pth")
+    p.add_argument("checkpoint", help=f"a run directory, a {CHECKPOINT_NAME}, or a RepDistiller .pth")
     p.add_argument("--model", help="architecture (needed for a RepDistiller .pth)")
     p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits", "imagefolder"], help="dataset (default: the run's, else cifar100)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="calibration, smoothness, fidelity, t-SNE and adversarial robustness of a checkpoint",
                        description="Analyze a checkpoint on the test set: top-1/top-5/NLL, ECE + reliability diagram, "
                                    "confidence, entropy, logit std, agreement and KL with a teacher, vicinal (mixed-pair) "
-                                   "metrics, t-SNE of features, FGSM/PGD robustness. Writes analysis.json and PNGs.")
-    p.add_argument("checkpoint", help="a run directory, a checkpoint.safetensors, or a RepDistiller .pth")
+                                   f"metrics, t-SNE of features, FGSM/PGD robustness. Writes {ANALYSIS_NAME} and PNGs.")
+    p.add_argument("checkpoint", help=f"a run directory, a {CHECKPOINT_NAME}, or a RepDistiller .pth")
     p.add_argument("--model", help="architecture (default: the run's; needed for a RepDistiller .pth)")
     p.add_argument("--teacher", help="teacher checkpoint for fidelity and teacher metrics (default: a distillation run's kd.teacher)")
     p.add_argument("--teacher-model", help="teacher architecture (needed for a RepDistiller .pth)")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int_in(1, 10_000_000, "--subset"), help="analyze N evenly spaced test images (the t-SNE set stays the same)")
     p.add_argument("--seed", type=int_in(0, 2**32 - 1, "--seed"), default=0, help="seed of the vicinal pairs, PGD starts and t-SNE (default: 0)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for all forward passes (faster on GPUs)")
-    p.add_argument("--json", action="store_true", help="print analysis.json to stdout")
+    p.add_argument("--json", action="store_true", help=f"print {ANALYSIS_NAME} to stdout")
     p.set_defaults(handler=_cmd_analyze)
 
     p = sub.add_parser("models", help="list the available architectures", description="List the model zoo.")
@@ -305,7 +305,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     fid = f"  agreement {a['fidelity']['agreement']:.2f}%  KL {a['fidelity']['kl']:.4f}" if a["fidelity"] else ""
     print(f"{a['model']} on {a['dataset']} ({a['num_images']} images): top-1 {s['top1']:.2f}%  ECE {100 * s['ece']:.2f}%  "
           f"entropy {s['entropy']:.3f}{fid}  PGD {rob['eps_255'][-1]}/255 {rob['pgd'][-1]:.2f}%; "
-          f"analysis.json and PNGs written to {a['out_dir']} in {a['seconds']:.1f} s")
+          f"{ANALYSIS_NAME} and PNGs written to {a['out_dir']} in {a['seconds']:.1f} s")
     return 0
 
 

@@ -43,7 +43,7 @@ from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
-from mixkd.run_folder import CHECKPOINT_NAME, config_to_save, open_run, teacher_path
+from mixkd.run_folder import CHECKPOINT_NAME, METRICS_NAME, RESULT_NAME, config_to_save, open_run, teacher_path
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
 from mixkd.validate import unfinished_teacher_note, validate_run_config
 
@@ -203,7 +203,7 @@ class Run:
             shown = ", ".join(map(str, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
             self.notes.append(f"warning: {self.folder.metrics} lacks epoch(s) {shown} of the {ckpt.epoch} the "
                               "checkpoint has done: the training continues from the checkpoint, but those epochs "
-                              "stay missing from metrics.jsonl and from result.json's best epoch")
+                              f"stay missing from {METRICS_NAME} and from {RESULT_NAME}'s best epoch")
         self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
 
     def _log(self, line: str) -> None:

@@ -37,7 +37,7 @@ import json
 import os
 from datetime import datetime
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -57,9 +57,9 @@ ANALYSIS_ERROR_NAME = "analysis-error.txt"
 TENSORBOARD_NAME = "tensorboard"
 
 __all__ = ["ANALYSIS_ERROR_NAME", "ANALYSIS_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "ERROR_NAME", "LOG_NAME",
-           "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunStatus", "default_run_dir",
-           "config_to_save", "open_run", "resolve_teacher", "resume_config", "run_status", "teacher_path",
-           "writable_dir_problem"]
+           "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunStatus", "config_to_save",
+           "default_run_dir", "names_run", "open_run", "relative_teacher", "resolve_teacher", "resume_config",
+           "run_status", "teacher_path", "teacher_run", "writable_dir_problem"]
 
 
 class RunStatus(str, Enum):
@@ -250,6 +250,27 @@ def teacher_path(cfg: RunConfig, run_dir: str | os.PathLike, relative_to_run: bo
     if not t:
         return None
     return resolve_teacher(t, run_dir) if relative_to_run else str(Path(t).resolve())
+
+
+def relative_teacher(run_id: str, teacher_id: str) -> str:
+    """How a study saves the teacher of its run ``run_id`` that is its run ``teacher_id``: relative to
+    the run folder (``../../teachers/x``), so that the study folder can move."""
+    return "/".join([".."] * len(PurePosixPath(run_id).parts) + [teacher_id])
+
+
+def names_run(teacher: str, run_id: str) -> bool:
+    """Whether a saved ``kd.teacher`` names the run ``run_id`` of a study folder. Compared by the id,
+    so that ``/old/place/teachers/x``, ``runs/s/teachers/x`` (older versions) and ``../../teachers/x``
+    all name ``teachers/x``: a folder that moved still matches."""
+    parts = PurePosixPath(run_id).parts
+    return Path(teacher).parts[-len(parts):] == parts
+
+
+def teacher_run(teacher: str, root: str | os.PathLike, under: str) -> str | None:
+    """The id (``under/<name>``) of the run folder in ``root/under`` that a saved ``kd.teacher`` names
+    (by :func:`names_run`, so also after the folder moved), where that folder holds a run; else None."""
+    run_id = f"{under}/{Path(teacher).name}"
+    return run_id if names_run(teacher, run_id) and RunFolder(Path(root) / run_id).config.is_file() else None
 
 
 def config_to_save(cfg: RunConfig, run_dir: str | os.PathLike, relative_to_run: bool) -> RunConfig:

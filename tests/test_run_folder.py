@@ -240,3 +240,42 @@ def test_a_new_run_is_refused_only_where_a_run_has_begun(tmp_path):
     folder.metrics.write_text("{}\n")
     with pytest.raises(MixkdError, match="already holds a run; pass --resume"):
         open_run(cfg, resume=False)
+
+
+def _literals_naming_run_folder_files(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal in ``source`` (f-string parts included, docstrings not)
+    that names a file of the run folder."""
+    import ast
+    import re
+
+    from mixkd import run_folder as rf
+
+    names = [rf.CONFIG_NAME, rf.METRICS_NAME, rf.LOG_NAME, rf.RESULT_NAME, rf.ERROR_NAME, rf.ANALYSIS_NAME,
+             rf.ANALYSIS_ERROR_NAME, rf.CHECKPOINT_NAME]
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])")
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return sorted((node.lineno, node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and pattern.search(node.value))
+
+
+def test_no_run_folder_file_name_is_written_out_outside_the_run_folder_module():
+    """mixkd.run_folder owns the names of a run folder's files: every other module asks it. (The
+    checkpoint's name is defined once in mixkd.header, below the run folder, which re-exports it.)"""
+    import mixkd
+
+    package = Path(mixkd.__file__).parent
+    assert _literals_naming_run_folder_files('X = "a/result.json"\nf"{d}/error.txt"\nY = "the log.txt."\n'
+                                             'def f():\n    """config.yaml"""\n') == [
+        (1, "a/result.json"), (2, "/error.txt"), (3, "the log.txt.")]  # the check itself can fail
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "run_folder.py" and path.parent == package:
+            continue
+        for line, text in _literals_naming_run_folder_files(path.read_text()):
+            if not (path.name == "header.py" and text == "checkpoint.safetensors"):
+                found.append(f"{path.relative_to(package.parent)}:{line}: {text!r}")
+    assert found == []

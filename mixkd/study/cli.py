@@ -8,9 +8,9 @@ from pathlib import Path
 
 from mixkd.control import StopControl, parse_duration
 from mixkd.errors import MixkdError
-from mixkd.run_folder import RESULT_NAME
+from mixkd.run_folder import ANALYSIS_ERROR_NAME, ERROR_NAME, RESULT_NAME
 from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
-from mixkd.study.folder import check_folder
+from mixkd.study.folder import STATE_NAME, check_folder
 from mixkd.study.report import claims_plan, claims_text
 from mixkd.study.spec import check_device
 from mixkd.study.status import format_status
@@ -52,7 +52,7 @@ def add_study_parser(sub) -> None:
                                                "or min(cores / --threads, 4) on the CPU; Ray default: one per GPU, "
                                                "or per CPU of a CPU-only cluster)")
     p.add_argument("--threads", type=int, help="CPU threads of each CPU worker (default: 1; recorded in each "
-                                               "result.json: CPU results are bit-exact for the same thread count)")
+                                               f"{RESULT_NAME}: CPU results are bit-exact for the same thread count)")
     p.add_argument("--time-limit", metavar="DURATION",
                    help="stop before DURATION (90s, 25m, 1:30:00) of wall time: every running run writes a "
                         "step-exact checkpoint and the command exits with status 75; run it again to continue. "
@@ -110,7 +110,7 @@ def summary_line(name: str, out: Path, counts: dict[str, int]) -> str:
     """The line a finished 'study run' prints: its counts, and where the errors are when there are any."""
     c = counts
     return (f"study {name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked"
-            + (f" (errors in {out}/<run>/error.txt and {out}/study-state.json)" if c["failed"] or c["blocked"] else ""))
+            + (f" (errors in {out}/<run>/{ERROR_NAME} and {out}/{STATE_NAME})" if c["failed"] or c["blocked"] else ""))
 
 
 def run_and_report(study, out: Path, executor: str = "local", workers: int | None = None, pack: int | None = None,
@@ -156,7 +156,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     a = outcome.analyses
     if a:
         print(f"analyses: {a['done']} of {sum(a.values())} done, {a['failed']} failed"
-              + (f" (errors in {out}/<run>/analysis-error.txt; run the study again to retry them)" if a["failed"] else ""))
+              + (f" (errors in {out}/<run>/{ANALYSIS_ERROR_NAME}; run the study again to retry them)" if a["failed"] else ""))
     if report:
         print(f"report: {write_report(out)}")
         print(claims_text(out))

@@ -27,7 +27,7 @@ from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text, flock_holders, open_nofollow
-from mixkd.run_folder import ANALYSIS_ERROR_NAME, ANALYSIS_NAME, ERROR_NAME  # noqa: F401 - the study reads them here
+from mixkd.run_folder import RunFolder, RunStatus
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
 STATE_NAME = "study-state.json"
@@ -58,33 +58,28 @@ class AnalysisState(StrEnum):
     FAILED = "failed"
 
 
-def run_status(out: Path, run_id: str) -> str:
-    """'done', 'failed', 'started' or 'new', from what the run directory holds."""
-    d = out / run_id
-    if (d / "result.json").exists():
-        return "done"
-    if (d / ERROR_NAME).exists():
-        return "failed"
-    return "started" if (d / "config.yaml").exists() else "new"
+def run_status(out: Path, run_id: str) -> RunStatus:
+    """The run folder's :class:`~mixkd.run_folder.RunStatus` as a study counts it: ``done`` (analysed
+    or not), ``failed``, ``started`` (begun, with or without a checkpoint) or ``new``."""
+    status = RunFolder(out / run_id).status()
+    return {RunStatus.ANALYSED: RunStatus.DONE, RunStatus.STOPPED: RunStatus.STARTED}.get(status, status)
 
 
-def analysis_status(out: Path, run_id: str) -> str:
-    """'done', 'failed' or 'new': the analysis of a run, from what its directory holds."""
-    d = out / run_id
-    if (d / ANALYSIS_NAME).exists():
-        return "done"
-    return "failed" if (d / ANALYSIS_ERROR_NAME).exists() else "new"
+def analysis_status(out: Path, run_id: str) -> RunStatus:
+    """``done``, ``failed`` or ``new``: the analysis of a run, from what its run folder holds."""
+    return RunFolder(out / run_id).analysis_status()
 
 
-def check_run(run: PlannedRun, out: Path) -> tuple[str, str | None]:
+def check_run(run: PlannedRun, out: Path) -> tuple[RunStatus, str | None]:
     """(run directory status, problem): :func:`run_status`, and where the run directory holds a run
     made with other settings than the study file now says (a recipe edited since, another file), why
     (a mismatch: the runner reports it as failed)."""
-    saved = out / run.id / "config.yaml"
-    if saved.exists():
-        mismatch = saved_config_mismatch(run, load_yaml(saved.read_text(), f"run config {saved}") or {}, out)
+    folder = RunFolder(out / run.id)
+    if folder.config.exists():
+        saved = load_yaml(folder.config.read_text(), f"run config {folder.config}") or {}
+        mismatch = saved_config_mismatch(run, saved, out)
         if mismatch:
-            return run_status(out, run.id), (f"{out / run.id} holds a run made with other settings ({mismatch}); "
+            return run_status(out, run.id), (f"{folder.path} holds a run made with other settings ({mismatch}); "
                                              "delete that folder to run it again, or use another --out")
     return run_status(out, run.id), None
 

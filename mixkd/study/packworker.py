@@ -23,7 +23,6 @@ from mixkd.control import StopControl
 from mixkd.engine import Run
 from mixkd.pack import Pack, failure_message
 from mixkd.run_folder import RunFolder
-from mixkd.study.folder import ERROR_NAME
 from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, record_failure
 
 
@@ -62,7 +61,7 @@ class PackWorker:
                 break
             self.pending.popleft()
             out = Path(run_dir)
-            (out / ERROR_NAME).unlink(missing_ok=True)
+            RunFolder(out).error.unlink(missing_ok=True)
             start = time.perf_counter()
             try:
                 # a folder holding only a config (a start that failed) is not a run yet: it starts afresh

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mixkd.run_folder import RESULT_NAME, RunFolder
 from mixkd.study.folder import analysis_status, check_run
 from mixkd.study.spec import PlannedRun, Study
 
@@ -65,19 +66,19 @@ def measurements(out: Path) -> tuple[dict[Key, list[float]], dict[str, float], s
     speed: dict[Key, list[float]] = defaultdict(list)
     images: dict[str, float] = {}
     devices: set[str] = set()
-    for path in sorted(out.glob("**/result.json")) if out.is_dir() else []:
+    for path in sorted(out.glob(f"**/{RESULT_NAME}")) if out.is_dir() else []:
+        folder = RunFolder(path.parent)
         try:
-            result = json.loads(path.read_text())
-            cfg = yaml.safe_load((path.parent / "config.yaml").read_text())
+            result = json.loads(folder.result.read_text())
+            cfg = yaml.safe_load(folder.config.read_text())
         except (OSError, ValueError, yaml.YAMLError):
             continue
         if not result.get("images_per_s"):
             continue
         speed[_key(cfg, result.get("teacher_model"))].append(result["images_per_s"])
         devices.add(str(result.get("device", "?")))
-        metrics = path.parent / "metrics.jsonl"
-        if metrics.exists() and cfg["dataset"] not in images:
-            for line in metrics.read_text().splitlines()[:1]:
+        if folder.metrics.exists() and cfg["dataset"] not in images:
+            for line in folder.metrics.read_text().splitlines()[:1]:
                 try:
                     row = json.loads(line)
                     images[cfg["dataset"]] = float(row["images_per_s"]) * float(row["epoch_seconds"])

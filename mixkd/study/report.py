@@ -38,6 +38,7 @@ from mixkd.claims import (
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
 from mixkd.results import write_csv as results_table
+from mixkd.run_folder import ANALYSIS_NAME
 from mixkd.study.figures import (
     METRICS,
     plot_fraction_curves,
@@ -73,7 +74,7 @@ def _analysis_section(out: Path, rows: list[dict[str, Any]], wanted_pair: tuple[
     eps = ", ".join(f"{e:g}" for e in rob.get("eps_255", []) if e)
     lines = ["## Analyses", "",
              f"`mixkd analyze` of {len(runs)} runs ({subset} for the metrics and attacks; each run's "
-             "`analysis.json` and PNGs are in its directory, and the main metrics in `results.csv`). "
+             f"`{ANALYSIS_NAME}` and PNGs are in its directory, and the main metrics in `results.csv`). "
              f"ECE: 15 equal-width confidence bins; entropy in nats; agreement: top-1 agreement with the "
              f"teacher; robust accuracy: L-inf attacks in pixel space, FGSM and PGD-{rob.get('pgd_steps', 10)} "
              f"(step eps/4, random start) at eps = {eps} /255.", "",

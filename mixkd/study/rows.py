@@ -22,7 +22,8 @@ from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write, read_json
 from mixkd.results import Result, cell_from_config, context_from_config, natural
-from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME, STATE_NAME, analysis_status, run_status
+from mixkd.run_folder import ANALYSIS_NAME, CONFIG_NAME, RunFolder, teacher_run
+from mixkd.study.folder import STATE_NAME, analysis_status, run_status
 from mixkd.study.spec import Study, mix_label
 
 COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "teacher_model", "teacher_mix",
@@ -38,11 +39,11 @@ def _teacher(out: Path, path: str | None) -> tuple[str | None, str | None, str |
     """(teacher id, its mix label, its model) for a student's ``kd.teacher``."""
     if not path:
         return None, None, None
-    p = Path(path)
-    local = out / "teachers" / p.name
-    if p.parent.name == "teachers" and (local / "config.yaml").exists():  # also after the folder moved
-        cfg = load_yaml((local / "config.yaml").read_text(), f"run config {local / 'config.yaml'}") or {}
-        return f"teachers/{p.name}", mix_label(cfg.get("mix", {})), cfg.get("model")
+    teacher_id = teacher_run(path, out, "teachers")  # also after the folder moved
+    if teacher_id:
+        config = RunFolder(out / teacher_id).config
+        cfg = load_yaml(config.read_text(), f"run config {config}") or {}
+        return teacher_id, mix_label(cfg.get("mix", {})), cfg.get("model")
     return str(path), "external", None
 
 
@@ -66,7 +67,7 @@ def _row(out: Path, run_id: str, cfg: dict[str, Any], result: dict[str, Any] | N
                 "device"):
         row[key] = result.get(key)
     if row["status"] == "failed":
-        row["error"] = ((out / run_id / ERROR_NAME).read_text().splitlines() or [""])[0]
+        row["error"] = (RunFolder(out / run_id).error.read_text().splitlines() or [""])[0]
     _analysis_columns(out, run_id, row)
     row["cell"] = cell
     row["context"] = context_from_config(cfg, teacher_model, row["teacher_mix"])
@@ -81,26 +82,26 @@ def _analysis_columns(out: Path, run_id: str, row: dict[str, Any]) -> None:
         try:
             values = summary_row(out / run_id)
         except (MixkdError, KeyError, TypeError, ValueError) as e:  # an analysis.json of another layout
-            row.update(analysis="unreadable", analysis_error=f"cannot read its analysis.json: {e}")
+            row.update(analysis="unreadable", analysis_error=f"cannot read its {ANALYSIS_NAME}: {e}")
             return
         row["analysis"] = "done"
         row.update({k: values.get(k) for k in ANALYSIS_METRICS})
     elif status == "failed":
         row["analysis"] = "failed"
-        row["analysis_error"] = ((out / run_id / ANALYSIS_ERROR_NAME).read_text().splitlines() or [""])[0]
+        row["analysis_error"] = (RunFolder(out / run_id).analysis_error.read_text().splitlines() or [""])[0]
 
 
 def collect(out: str | Path) -> list[dict[str, Any]]:
     """One row per run directory under ``out``."""
     out = Path(out)
     rows = []
-    for cfg_path in sorted(out.glob("**/config.yaml"), key=lambda p: natural(p.parent.relative_to(out).as_posix())):
+    for cfg_path in sorted(out.glob(f"**/{CONFIG_NAME}"), key=lambda p: natural(p.parent.relative_to(out).as_posix())):
         run_id = cfg_path.parent.relative_to(out).as_posix()
         if run_id == ".":
             continue
         try:
             cfg = yaml.safe_load(cfg_path.read_text()) or {}
-            result_path = cfg_path.parent / "result.json"
+            result_path = RunFolder(cfg_path.parent).result
             result = json.loads(result_path.read_text()) if result_path.exists() else None
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise MixkdError(f"cannot read run {cfg_path.parent}: {e}") from None

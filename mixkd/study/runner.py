@@ -24,13 +24,17 @@ from tqdm.auto import tqdm
 from mixkd.control import StopControl
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
-from mixkd.run_folder import RESULT_NAME, RunFolder, writable_dir_problem
-from mixkd.step import set_compile_cache
-from mixkd.study.executors import Executor
-from mixkd.study.folder import (
+from mixkd.run_folder import (
     ANALYSIS_ERROR_NAME,
     ANALYSIS_NAME,
     ERROR_NAME,
+    RESULT_NAME,
+    RunFolder,
+    writable_dir_problem,
+)
+from mixkd.step import set_compile_cache
+from mixkd.study.executors import Executor
+from mixkd.study.folder import (
     STUDY_COPY,
     AnalysisState,
     FolderLock,

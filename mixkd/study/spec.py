@@ -51,7 +51,6 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
-from mixkd.checkpoint import CHECKPOINT_NAME
 from mixkd.config import (
     GENERIC_KD_DEFAULTS,
     KD_METHODS,
@@ -64,6 +63,7 @@ from mixkd.config import (
 )
 from mixkd.errors import MixkdError
 from mixkd.models import default_lr
+from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
 
 @dataclass(frozen=True)
@@ -278,13 +278,7 @@ class PlannedRun:
 
     def teacher_path(self) -> str | None:
         """The path of this run's teacher run relative to this run's directory, or None."""
-        return _teacher_path(self.id, self.teacher_run)
-
-
-def _teacher_path(run_id: str, teacher_run: str | None) -> str | None:
-    if not teacher_run:
-        return None
-    return "/".join([".."] * len(Path(run_id).parts) + [teacher_run])
+        return relative_teacher(self.id, self.teacher_run) if self.teacher_run else None
 
 
 def check_device(device: str) -> str:
@@ -415,7 +409,8 @@ class _Expander:
     def add(self, tree: dict[str, Any], run_id: str, role: Literal["teacher", "student"], where: str, model: str,
             seed: int, **fields: Any) -> PlannedRun:
         """The run ``run_id`` of RunConfig ``tree`` (validated here, the one time), planned once."""
-        teacher = _teacher_path(run_id, fields.get("teacher_run")) or fields.get("teacher_checkpoint")
+        teacher_id = fields.get("teacher_run")
+        teacher = relative_teacher(run_id, teacher_id) if teacher_id else fields.get("teacher_checkpoint")
         tree = _merge(tree, {"progress": False}, {"kd": {"teacher": teacher}} if teacher else {})
         try:
             config = RunConfig.model_validate(tree)
@@ -685,7 +680,7 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")
     teacher = _get(saved, "kd.teacher")
-    if run.teacher_run and isinstance(teacher, str) and Path(teacher).parts[-2:] != Path(run.teacher_run).parts:
+    if run.teacher_run and isinstance(teacher, str) and not names_run(teacher, run.teacher_run):
         return f"kd.teacher: {teacher!r} -> {run.teacher_path()!r}"
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)

@@ -11,18 +11,14 @@ safetensors header only, not the weights).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
-from mixkd.checkpoint import CHECKPOINT_NAME
 from mixkd.control import STOP_WORDS
+from mixkd.errors import MixkdError
+from mixkd.run_folder import RunFolder
 from mixkd.study.folder import (
-    ANALYSIS_ERROR_NAME,
-    ERROR_NAME,
     RunState,
     analysis_status,
     check_run,
@@ -50,15 +46,7 @@ TOTALS = (RunState.DONE, RunState.RUNNING, RunState.STOPPED, RunState.FAILED, Ru
 def checkpoint_position(run_dir: Path) -> dict[str, Any] | None:
     """The ``mixkd`` metadata of a run's checkpoint (epoch, step, stopped, ...), read from the file's
     header without loading the weights; None where there is no readable checkpoint."""
-    path = run_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("mixkd", "{}"))
-    except Exception:  # noqa: BLE001 - a damaged file is reported as no position; the run finds out when it loads
-        return None
-    return meta if isinstance(meta, dict) else None
+    return RunFolder(run_dir).checkpoint_meta()
 
 
 @dataclass
@@ -81,18 +69,12 @@ def _fraction(meta: dict[str, Any] | None, epochs: int, steps_per_epoch: float |
     return min(1.0, (int(meta.get("epoch", 0)) + min(step, 1.0)) / epochs)
 
 
-def _first_line(path: Path) -> str:
-    try:
-        return (path.read_text().splitlines() or [""])[0]
-    except OSError:
-        return ""
-
-
 def _result_top1(run_dir: Path) -> str:
+    folder = RunFolder(run_dir)
     try:
-        return f"top-1 {float(json.loads((run_dir / 'result.json').read_text())['top1']):.2f}%"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "result.json unreadable"
+        return f"top-1 {float((folder.read_result() or {})['top1']):.2f}%"
+    except (MixkdError, OSError, ValueError, KeyError, TypeError):
+        return f"{folder.result.name} unreadable"
 
 
 def run_states(study: Study, out: Path, state: dict[str, Any] | None, live: bool,
@@ -104,6 +86,7 @@ def run_states(study: Study, out: Path, state: dict[str, Any] | None, live: bool
     states = []
     for run in study.runs:
         d = out / run.id
+        folder = RunFolder(d)
         entry = recorded.get(run.id, {})
         epochs = run.config.epochs
         status, problem = check_run(run, out) if check_settings else (run_status(out, run.id), None)
@@ -118,9 +101,9 @@ def run_states(study: Study, out: Path, state: dict[str, Any] | None, live: bool
             if run.analysis is not None:
                 a = analysis_status(out, run.id)
                 rs.text += {"done": ", analyzed", "new": ", analysis to do"}.get(
-                    a, f", analysis failed: {_first_line(d / ANALYSIS_ERROR_NAME)}")
+                    a, f", analysis failed: {folder.first_line(folder.analysis_error)}")
         elif status == "failed":
-            rs = RunLine(run, RunState.FAILED, f"failed: {_first_line(d / ERROR_NAME)}")
+            rs = RunLine(run, RunState.FAILED, f"failed: {folder.first_line(folder.error)}")
         elif status == "started" and live and entry.get("status") == RunState.RUNNING:
             rs = RunLine(run, RunState.RUNNING, "running" + (f", {_position(meta, epochs)}" if meta
                                                              else ", no checkpoint yet"),

@@ -24,8 +24,7 @@ from typing import Any, NamedTuple
 from mixkd.config import RunConfig
 from mixkd.files import atomic_write_text, open_nofollow
 from mixkd.pack import failure_message
-from mixkd.run_folder import LOG_NAME
-from mixkd.study.folder import ANALYSIS_ERROR_NAME, ERROR_NAME
+from mixkd.run_folder import ANALYSIS_ERROR_NAME, ANALYSIS_NAME, ERROR_NAME, LOG_NAME
 
 Outcome = dict[str, Any]  # {"ok": True, "top1": ..., "seconds": ...} or {"ok": False, "message": ..., ...}
 
@@ -76,12 +75,12 @@ def execute_analysis(config: RunConfig, run_dir: str, options: dict[str, Any]) -
     """``mixkd analyze`` the finished run in ``run_dir`` (on ``config``'s device) unless it has its
     ``analysis.json`` already. Returns ``{"ok": True, "seconds": ...}`` or ``{"ok": False, "message": ...}``."""
     # mixkd.analysis draws its figures with matplotlib (heavy): loaded by the workers that analyze only
-    from mixkd.analysis import ANALYSIS_FILE, analyze_run
+    from mixkd.analysis import analyze_run
 
     out = Path(run_dir)
     (out / ANALYSIS_ERROR_NAME).unlink(missing_ok=True)
     start = time.perf_counter()
-    if (out / ANALYSIS_FILE).exists():
+    if (out / ANALYSIS_NAME).exists():
         return {"ok": True, "seconds": 0.0, "skipped": True}
     try:
         with open_nofollow(out / LOG_NAME, "a") as log, redirect_stdout(log), redirect_stderr(log):
