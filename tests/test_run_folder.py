@@ -279,3 +279,18 @@ def test_no_run_folder_file_name_is_written_out_outside_the_run_folder_module():
             if not (path.name == "header.py" and text == "checkpoint.safetensors"):
                 found.append(f"{path.relative_to(package.parent)}:{line}: {text!r}")
     assert found == []
+
+
+def test_a_study_teacher_is_saved_relative_to_its_student_and_found_again_after_the_folder_moved(tmp_path):
+    from mixkd.run_folder import RunFolder, names_run, relative_teacher, teacher_run
+
+    assert relative_teacher("students/s0", "teachers/t") == "../../teachers/t"
+    assert relative_teacher("a/b/s0", "teachers/t") == "../../../teachers/t"
+    for saved in ("../../teachers/t", "/old/place/teachers/t", "runs/s/teachers/t"):
+        assert names_run(saved, "teachers/t")
+    assert not names_run("../../teachers/u", "teachers/t") and not names_run("/x/other/t", "teachers/t")
+    assert teacher_run("/old/place/teachers/t", tmp_path, "teachers") is None  # no such run here
+    (tmp_path / "teachers" / "t").mkdir(parents=True)
+    RunFolder(tmp_path / "teachers" / "t").config.write_text("model: resnet8\n")
+    assert teacher_run("/old/place/teachers/t", tmp_path, "teachers") == "teachers/t"
+    assert teacher_run("/old/place/elsewhere/t", tmp_path, "teachers") is None
