@@ -46,7 +46,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -228,7 +227,7 @@ class BenchRun:
 
     def __init__(self, step, loader, batch: int):
         self.step, self.loader = step, loader
-        self.cfg = SimpleNamespace(batch_size=batch)
+        self.batch_size = batch  # what Pack counts as a step's images
         self.step_in_epoch = 0
 
     def start(self) -> None:
