@@ -40,9 +40,7 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
-from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config
+from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import append_text, atomic_write_text, read_json
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
@@ -155,8 +153,9 @@ class RunFolder:
         return load_run_config(self.config)
 
     def read_config_tree(self) -> dict[str, Any]:
-        """``config.yaml`` as saved, without validating it (reports and folders of other versions)."""
-        return yaml.safe_load(self.config.read_text()) or {}
+        """``config.yaml`` as saved, without validating it (reports and folders of other versions); parsed
+        by :func:`mixkd.config.load_yaml` (repeated keys and alias bombs are one MixkdError naming the file)."""
+        return load_yaml(self.config.read_text(), f"run config {self.config}") or {}
 
     def read_result(self) -> dict[str, Any] | None:
         """``result.json``, or None where the run has not finished."""

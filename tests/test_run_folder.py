@@ -294,3 +294,19 @@ def test_a_study_teacher_is_saved_relative_to_its_student_and_found_again_after_
     RunFolder(tmp_path / "teachers" / "t").config.write_text("model: resnet8\n")
     assert teacher_run("/old/place/teachers/t", tmp_path, "teachers") == "teachers/t"
     assert teacher_run("/old/place/elsewhere/t", tmp_path, "teachers") is None
+
+
+def test_every_reader_of_a_saved_config_refuses_a_repeated_key(tmp_path):
+    from mixkd.run_folder import RunFolder
+    from mixkd.study.plan import measurements
+    from mixkd.study.rows import collect
+
+    run = tmp_path / "students" / "r-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: resnet8\nmodel: resnet20\ndataset: digits\n")
+    (run / "result.json").write_text(json.dumps({"top1": 50.0, "images_per_s": 100.0}))
+    with pytest.raises(MixkdError, match="config.yaml"):
+        RunFolder(run).read_config_tree()
+    with pytest.raises(MixkdError, match="config.yaml"):
+        collect(tmp_path)
+    assert measurements(tmp_path)[0] == {}  # a damaged run measures nothing

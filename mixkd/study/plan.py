@@ -15,8 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mixkd.errors import MixkdError
 from mixkd.run_folder import RESULT_NAME, RunFolder
 from mixkd.study.folder import analysis_status, check_run
 from mixkd.study.spec import PlannedRun, Study
@@ -69,11 +68,10 @@ def measurements(out: Path) -> tuple[dict[Key, list[float]], dict[str, float], s
     for path in sorted(out.glob(f"**/{RESULT_NAME}")) if out.is_dir() else []:
         folder = RunFolder(path.parent)
         try:
-            result = json.loads(folder.result.read_text())
-            cfg = yaml.safe_load(folder.config.read_text())
-        except (OSError, ValueError, yaml.YAMLError):
+            result, cfg = folder.read_result(), folder.read_config_tree()
+        except (OSError, MixkdError):  # a damaged run measures nothing
             continue
-        if not result.get("images_per_s"):
+        if not result or not result.get("images_per_s"):
             continue
         speed[_key(cfg, result.get("teacher_model"))].append(result["images_per_s"])
         devices.add(str(result.get("device", "?")))

@@ -11,14 +11,10 @@ tables, figures and claims read those, never the method back from the mix fracti
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write, read_json
 from mixkd.results import Result, cell_from_config, context_from_config, natural
@@ -41,8 +37,7 @@ def _teacher(out: Path, path: str | None) -> tuple[str | None, str | None, str |
         return None, None, None
     teacher_id = teacher_run(path, out, "teachers")  # also after the folder moved
     if teacher_id:
-        config = RunFolder(out / teacher_id).config
-        cfg = load_yaml(config.read_text(), f"run config {config}") or {}
+        cfg = RunFolder(out / teacher_id).read_config_tree()
         return teacher_id, mix_label(cfg.get("mix", {})), cfg.get("model")
     return str(path), "external", None
 
@@ -99,11 +94,10 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
         run_id = cfg_path.parent.relative_to(out).as_posix()
         if run_id == ".":
             continue
+        folder = RunFolder(cfg_path.parent)
         try:
-            cfg = yaml.safe_load(cfg_path.read_text()) or {}
-            result_path = RunFolder(cfg_path.parent).result
-            result = json.loads(result_path.read_text()) if result_path.exists() else None
-        except (OSError, ValueError, yaml.YAMLError) as e:
+            cfg, result = folder.read_config_tree(), folder.read_result()
+        except OSError as e:
             raise MixkdError(f"cannot read run {cfg_path.parent}: {e}") from None
         rows.append(_row(out, run_id, cfg, result))
     state = out / STATE_NAME
