@@ -2,10 +2,10 @@
 method with its own trainable module and an epoch schedule going through step, engine and checkpoint
 without any change to them."""
 
-import json
 
 import pytest
 import torch
+from run_rows import epoch_rows
 
 from mixkd.checkpoint import save_checkpoint
 from mixkd.config import KDConfig, RunConfig, build_config
@@ -127,10 +127,6 @@ def test_a_new_method_runs_through_the_engine_and_resumes_exactly(hint, tmp_path
              "device": "cpu", "progress": False, "compile": "off", "kd.method": "hint",
              "kd.teacher": str(tmp_path / "teacher.safetensors")}
 
-    def rows(out):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "epoch_seconds")}
-                for line in (out / "metrics.jsonl").read_text().splitlines()]
-
     whole = Run(build_config(flags={**flags, "out": str(tmp_path / "whole")}))
     while whole.advance():
         pass
@@ -143,5 +139,5 @@ def test_a_new_method_runs_through_the_engine_and_resumes_exactly(hint, tmp_path
     assert resumed.advance() and resumed.distiller.modules["scale"].weight.item() != 0.5  # restored, trained
     while resumed.advance():
         pass
-    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+    assert epoch_rows(tmp_path / "cut") == epoch_rows(tmp_path / "whole")
     assert whole.result["kd_method"] == "hint"

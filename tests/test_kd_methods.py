@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from run_rows import epoch_rows
 from test_distillation_loss import DIST_T4, DKD_MIXED, LSKD_T2, Y_MIXED, S, T, dec, softmax
 
 from mixkd.checkpoint import save_checkpoint
@@ -211,10 +212,6 @@ def test_fitnet_resumes_step_exact_with_its_regressor(teacher_file, tiny_cifar, 
              "device": "cpu", "progress": False, "compile": "off", "kd.method": "fitnet", "kd.teacher": str(teacher_file),
              "mix.method": "mixup", "mix.fraction": 0.5}
 
-    def rows(out):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "epoch_seconds")}
-                for line in (out / "metrics.jsonl").read_text().splitlines()]
-
     whole = Run(build_config(flags={**flags, "out": str(tmp_path / "whole")}))
     while whole.advance():
         pass
@@ -225,10 +222,10 @@ def test_fitnet_resumes_step_exact_with_its_regressor(teacher_file, tiny_cifar, 
     resumed = Run(build_config(flags={**flags, "out": str(tmp_path / "cut")}), resume=True)
     while resumed.advance():
         pass
-    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+    assert epoch_rows(tmp_path / "cut") == epoch_rows(tmp_path / "whole")
     for a, b in zip(whole.distiller.state_dict().values(), resumed.distiller.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # the regressor, with its batch-norm statistics
-    assert "train_hint" in rows(tmp_path / "whole")[0]
+    assert "train_hint" in epoch_rows(tmp_path / "whole")[0]
 
 
 @pytest.mark.parametrize("method", NEW)
