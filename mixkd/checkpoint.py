@@ -5,7 +5,8 @@ RNG states (``rng.*``) as tensors, and the epoch, model name, class count and op
 metadata, plus a SHA-256 of everything ``--resume`` trusts (the metadata JSON, every tensor's name,
 dtype, shape and bytes), so that a corrupt, truncated or edited file is refused on load. Checkpoints
 of older mixkd versions (format 1, whose SHA-256 covers the tensors only) still load.
-RepDistiller checkpoints (``.pth`` files holding ``{"model": state_dict, ...}``) load too.
+RepDistiller checkpoints (``.pth`` files holding ``{"model": state_dict, ...}``) and torchvision weight
+files (a bare state_dict, as ``torch.save(model.state_dict(), path)`` writes) load too.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def _load_torch(path: Path) -> Checkpoint:
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         state, meta = obj, {}
     else:
-        raise MixkdError(f"checkpoint {path} holds no state_dict: expected {{'model': state_dict, ...}} as RepDistiller saves")
+        raise MixkdError(f"checkpoint {path} holds no state_dict: expected {{'model': state_dict, ...}} as RepDistiller "
+                         "saves, or a bare state_dict as torchvision saves")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     return Checkpoint(state, meta)
 
@@ -202,8 +204,10 @@ def _looks_like_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors" and head[:2] != b"PK"  # a damaged safetensors file: report it as such
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                 arch: str | None = None) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not fit (``arch``: the
+    model's registry name, said in the error; else its class name)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -221,7 +225,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     if shapes:
         problems.append(f"shape mismatches (checkpoint vs model): {few(shapes)}")
     if problems:
-        name = type(model).__name__
+        name = arch or type(model).__name__
         raise MixkdError(f"checkpoint {source} does not fit {name}: " + "; ".join(problems)
                          + "; check --teacher-model / --model and the dataset's class count")
     model.load_state_dict(state_dict, strict=True)

@@ -67,8 +67,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
 ]
 
 DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
-    (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, or a RepDistiller .pth"),
-    (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a RepDistiller .pth)"),
+    (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, a RepDistiller .pth, or a torchvision state_dict .pth"),
+    (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a .pth, e.g. tv_resnet34 for torchvision's resnet34 weights)"),
     (("--kd",), "kd.method", {}, "a registered KD method (mixkd.distiller): kd (Hinton KD), std (the study's standardized KD), dkd, lskd, dist, fitnet; each one's settings default to its authors' CIFAR-100 ones"),
     (("--temperature", "-T"), "kd.temperature", {"type": float}, "softmax temperature (lskd: its base temperature; default: the method's, 4 or lskd 2)"),
     (("--ce-weight",), "kd.ce_weight", {"type": float}, "weight of the cross-entropy term (default: the method's, 0.1 or dkd, dist, fitnet 1)"),

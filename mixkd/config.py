@@ -34,7 +34,7 @@ SEED_MAX = 2**63 - 1  # what torch.manual_seed takes
 
 
 class OptimConfig(_Section):
-    lr: float | None = Field(None, gt=0, description="learning rate; default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
+    lr: float | None = Field(None, gt=0, description="learning rate; default 0.05, 0.01 for MobileNetV2/tv_mobilenet_v2/ShuffleV1/ShuffleV2")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     milestones: list[int] | None = Field(None, description="epochs at which lr is multiplied by lr_decay; default 62.5/75/87.5% of the run")
@@ -92,8 +92,8 @@ class KDConfig(_Section):
     default (:data:`KD_METHOD_DEFAULTS`, its authors' CIFAR-100 setting) and is written back resolved;
     one the method does not use stays empty and is refused when set."""
 
-    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint or a RepDistiller .pth")
-    teacher_model: str | None = Field(None, description="teacher architecture (needed for a RepDistiller .pth)")
+    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth or a torchvision state_dict .pth")
+    teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
     method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
     temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2; std ignores it")

@@ -1,5 +1,6 @@
-"""Models with the weights of a checkpoint: a mixkd run folder or ``.safetensors`` file, or a
-RepDistiller ``.pth``; and the frozen teacher of a distillation."""
+"""Models with the weights of a checkpoint: a mixkd run folder or ``.safetensors`` file, a
+RepDistiller ``.pth`` or a torchvision state_dict file (``--teacher resnet34.pth --teacher-model
+tv_resnet34``: strict keys, nothing downloaded); and the frozen teacher of a distillation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from mixkd.models import create_model
 
 
 def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model") -> tuple[torch.nn.Module, str]:
-    """A model with the weights of a mixkd checkpoint/run directory or a RepDistiller ``.pth``.
+    """A model with the weights of a mixkd checkpoint/run directory, a RepDistiller ``.pth`` or a
+    torchvision state_dict file.
 
     ``arch`` may be omitted when the checkpoint names its architecture (mixkd checkpoints do).
     """
@@ -20,7 +22,7 @@ def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = 
     if not arch:
         raise MixkdError(f"{checkpoint} does not say its architecture; pass {flag} (see 'mixkd models')")
     model = create_model(arch, num_classes)
-    load_weights(model, ckpt.state_dict, str(checkpoint))
+    load_weights(model, ckpt.state_dict, str(checkpoint), arch)
     return model, arch
 
 

@@ -17,7 +17,7 @@ REPDISTILLER = [
     "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
     "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2",
 ]  # fmt: skip
-TORCHVISION = ["tv_resnet18", "tv_resnet34", "tv_resnet50"]
+TORCHVISION = ["tv_resnet18", "tv_resnet34", "tv_resnet50", "tv_mobilenet_v2"]
 ALL = REPDISTILLER + TORCHVISION
 
 # Trainable parameters at num_classes=100. Published (RepDistiller/CRD) figures agree:
@@ -154,12 +154,13 @@ def test_available_models_is_sorted_naturally_and_complete() -> None:
     assert names[:6] == ["MobileNetV2", "resnet8", "resnet8x4", "resnet14", "resnet20", "resnet32"]  # numbers by value
     assert names.index("resnet44") < names.index("ResNet50") < names.index("resnet56") < names.index("resnet110")
     assert sorted(names) == sorted(ALL)
-    assert len(names) == 25
+    assert len(names) == 26
 
 
 def test_default_lr() -> None:
-    assert {n for n in ALL if default_lr(n) == 0.01} == {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
-    assert all(default_lr(n) == 0.05 for n in ALL if n not in {"MobileNetV2", "ShuffleV1", "ShuffleV2"})
+    small = {"MobileNetV2", "ShuffleV1", "ShuffleV2", "tv_mobilenet_v2"}
+    assert {n for n in ALL if default_lr(n) == 0.01} == small
+    assert all(default_lr(n) == 0.05 for n in ALL if n not in small)
 
 
 def test_unknown_model_lists_names() -> None:
@@ -217,7 +218,7 @@ def test_forward_contract(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "tv_resnet18"]
+    "name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "tv_resnet18", "tv_mobilenet_v2"]
 )
 def test_train_mode_backward(name: str) -> None:
     model = create_model(name, num_classes=5).train()
@@ -273,7 +274,7 @@ def test_checkpoint_roundtrip_strict(name: str, tmp_path) -> None:
 def test_torchvision_keys_and_outputs_match_torchvision(name: str) -> None:
     reference = getattr(torchvision.models, name.removeprefix("tv_"))(weights=None, num_classes=10).eval()
     model = create_model(name, num_classes=10).eval()
-    assert isinstance(model, torchvision.models.ResNet)
+    assert isinstance(model, type(reference))
     ref_sd = reference.state_dict()
     assert list(model.state_dict()) == list(ref_sd)
     model.load_state_dict(ref_sd, strict=True)
@@ -285,7 +286,9 @@ def test_torchvision_keys_and_outputs_match_torchvision(name: str) -> None:
     torch.testing.assert_close(model(x).detach(), expected)
     torch.testing.assert_close(logits, expected)
     torch.testing.assert_close(pre_logits, expected)
-    assert feats[-1].shape == (1, model.fc.in_features)
+    head = _classifier(model)
+    linear = head if isinstance(head, nn.Linear) else head[-1]  # MobileNet-V2: Sequential(Dropout, Linear)
+    assert feats[-1].shape == (1, linear.in_features)
 
 
 def test_torchvision_preact_features() -> None:
@@ -298,3 +301,57 @@ def test_torchvision_preact_features() -> None:
     for a, b in zip(pre[1:5], post[1:5], strict=True):  # the four stage outputs
         assert a.min() < 0
         torch.testing.assert_close(torch.relu(a), b)
+
+
+def test_torchvision_feature_maps_align_for_hints() -> None:
+    """tv_mobilenet_v2's feature i has tv_resnet50's spatial size (strides 2, 4, 8, 16, 32, then the
+    pooled vector), and RepDistiller's channel grouping (24, 32, 96, 320 at the four stages)."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        mobile, _ = create_model("tv_mobilenet_v2", num_classes=10).eval()(x, is_feat=True)
+        resnet, _ = create_model("tv_resnet50", num_classes=10).eval()(x, is_feat=True)
+    assert [tuple(f.shape[1:]) for f in mobile] == [(32, 32, 32), (24, 16, 16), (32, 8, 8), (96, 4, 4), (320, 2, 2),
+                                                   (1280,)]
+    assert [f.shape[2:] for f in mobile] == [f.shape[2:] for f in resnet]
+
+
+# --- teachers from torchvision weight files -----------------------------------
+
+
+@pytest.mark.parametrize(("name", "arch"), [("resnet18", "tv_resnet18"), ("mobilenet_v2", "tv_mobilenet_v2")])
+def test_teacher_from_a_torchvision_state_dict_gives_torchvision_logits(tmp_path, name: str, arch: str) -> None:
+    from mixkd.loading import load_teacher
+
+    torch.manual_seed(3)
+    reference = getattr(torchvision.models, name)(weights=None, num_classes=7)
+    _randomize_bn_buffers(reference)
+    path = tmp_path / f"{name}.pth"
+    torch.save(reference.state_dict(), path)  # a bare state_dict, as torchvision's own weight files are
+    teacher, got_arch = load_teacher(str(path), arch, 7, "cpu")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+        logits = teacher(x)
+        _, feat_logits = teacher(x, is_feat=True)
+    assert got_arch == arch and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(logits, expected)
+    assert torch.equal(feat_logits, expected)
+
+
+def test_a_torchvision_file_of_another_architecture_is_one_line_naming_file_and_keys(tmp_path) -> None:
+    from mixkd.loading import load_teacher
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=7).state_dict(), path)
+    with pytest.raises(MixkdError) as info:
+        load_teacher(str(path), "tv_resnet34", 7, "cpu")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"checkpoint {path} does not fit tv_resnet34: missing keys: layer1.2.conv1.weight, ")
+    assert "(+" in msg and "more)" in msg  # the first few keys, then a count
+    with pytest.raises(MixkdError, match=r"does not fit tv_resnet18: shape mismatches \(checkpoint vs model\): "
+                                         r"fc.weight \(7, 512\) vs \(1000, 512\)"):
+        load_teacher(str(path), "tv_resnet18", 1000, "cpu")  # the 1000 ImageNet classes against a 7-class file
+    with pytest.raises(MixkdError, match=r"does not fit tv_mobilenet_v2: missing keys: features\.0\.0\.weight"):
+        load_teacher(str(path), "tv_mobilenet_v2", 7, "cpu")

@@ -1,10 +1,11 @@
-"""Model zoo: RepDistiller's CIFAR architectures plus torchvision ResNets.
+"""Model zoo: RepDistiller's CIFAR architectures plus torchvision's ResNet-18/34/50 and MobileNet-V2.
 
 Every model's ``forward(x, is_feat=False, preact=False)`` returns logits, or
 ``(features, logits)`` when ``is_feat`` is true; ``features[-1]`` is the pooled,
 flattened vector fed to the classifier. The RepDistiller models keep its exact
 state_dict keys, so its published ``{"model": state_dict}`` checkpoints load
-with ``strict=True``.
+with ``strict=True``; the ``tv_*`` models keep torchvision's keys, so a state_dict
+saved from torchvision (``torch.save(model.state_dict(), path)``) loads the same way.
 """
 
 # Importing the family modules fills the registry.
@@ -14,6 +15,7 @@ from mixkd.models import (  # noqa: F401
     resnetv2,
     shufflenetv1,
     shufflenetv2,
+    torchvision_mobilenet,
     torchvision_resnet,
     vgg,
     wrn,
