@@ -797,3 +797,67 @@ def test_check_dataset_finds_missing_truncated_and_too_small_data_without_touchi
     make_fake_cifar_tar_gz(archive_dir, num_classes=100, n_train=20, n_test=10)
     listed = _listing(archive_dir)
     assert D.check_dataset("cifar100", archive_dir) == [] and _listing(archive_dir) == listed
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel shards: each rank's part of each global batch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rank_part_splits_a_batch_into_the_ranks_parts():
+    assert [D.rank_part(64, r, 2) for r in range(2)] == [(0, 32), (32, 64)]
+    assert [D.rank_part(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert [D.rank_part(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+
+
+def _rank_batches(make, world: int, seed: int, start: int = 0) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per rank, the batches of one epoch (from ``start``) of the loader ``make(rank, world)``."""
+    out = []
+    for r in range(world):
+        loader = make(r, world)
+        loader.set_epoch_seed(seed)
+        out.append(list(loader.iter_from(start)))
+    return out
+
+
+def _assert_parts_make_the_whole(make, world: int, start: int = 0) -> None:
+    (whole,) = _rank_batches(make, 1, seed=7, start=start)
+    parts = _rank_batches(make, world, seed=7, start=start)
+    assert all(len(p) == len(whole) for p in parts) and len(whole) > 0
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[b][0] for p in parts]), x)  # order, crops and flips: the same
+        assert torch.equal(torch.cat([p[b][1] for p in parts]), y)
+        assert [p[b][1].shape[0] for p in parts] == [x.shape[0] // world] * world
+
+
+def test_device_loader_ranks_together_yield_the_one_process_batches():
+    images = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8)
+    split = _split(images, torch.arange(100) % 7)
+
+    def make(rank, world):
+        return DeviceLoader(split, 12, "cpu", (0.5,) * 3, (0.25,) * 3, shuffle=True, augment=True, drop_last=True,
+                            rank=rank, world=world)
+
+    _assert_parts_make_the_whole(make, 2)
+    _assert_parts_make_the_whole(make, 4, start=3)  # a resumed epoch too
+    with pytest.raises(MixkdError, match="global batch size 12 does not divide over 5 processes"):
+        make(0, 5)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_folder_loader_ranks_together_yield_the_one_process_batches(tmp_path, workers):
+    spec = load_dataset("imagefolder", _write_image_folder(tmp_path, n=4), image_size=12)  # 8 training images
+
+    def make(rank, world):
+        return make_loaders(spec, batch_size=4, device="cpu", workers=workers, rank=rank, world=world)[0]
+
+    _assert_parts_make_the_whole(make, 2)
+    _assert_parts_make_the_whole(make, 2, start=1)
+
+
+def test_sharded_test_loaders_cover_the_test_split_once():
+    spec = load_dataset("digits", splits=("test",))  # 360 images: batches of 100, 100, 100, 60
+    whole = torch.cat([y for _, y in D.make_test_loader(spec, "cpu", 100)])
+    parts = [[y for _, y in D.make_test_loader(spec, "cpu", 100, rank=r, world=3)] for r in range(3)]
+    assert torch.equal(torch.cat([torch.cat([p[b] for p in parts]) for b in range(4)]), whole)
+    assert [sum(y.shape[0] for y in p) for p in parts] == [33 * 3 + 20, 33 * 3 + 20, 34 * 3 + 20]

@@ -28,6 +28,7 @@ from mixkd.data.loaders import (
     Loader,
     make_loaders,
     make_test_loader,
+    rank_part,
     resolve_workers,
 )
 from mixkd.data.spec import (
@@ -68,5 +69,6 @@ __all__ = [
     "load_dataset",
     "make_loaders",
     "make_test_loader",
+    "rank_part",
     "resolve_workers",
 ]

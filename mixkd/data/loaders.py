@@ -8,6 +8,11 @@
 Both follow the :class:`Loader` protocol. ``set_epoch_seed(seed)`` fixes the next epoch's order and
 augmentation; ``iter_from(s)`` yields exactly batches ``s, s + 1, ...`` of that epoch (what a full
 iteration would yield from its batch ``s`` on), so a run stopped mid-epoch resumes step-exactly.
+
+Data-parallel runs (``rank``, ``world``): ``batch_size`` is the global batch. Every rank draws the
+epoch's order and augmentation for the whole epoch exactly as one process would, and yields only
+its part of each global batch (:func:`rank_part`), so that N ranks together see what one process
+sees, batch by batch.
 """
 
 from __future__ import annotations
@@ -71,6 +76,21 @@ class Loader(Protocol):
         ...
 
 
+def rank_part(size: int, rank: int, world: int) -> tuple[int, int]:
+    """The [start, end) of rank ``rank``'s part of a batch of ``size`` samples split over ``world``
+    ranks: ``[r * size / world, (r + 1) * size / world)``, rounded down (equal parts when ``world``
+    divides ``size``)."""
+    return rank * size // world, (rank + 1) * size // world
+
+
+def _check_rank(rank: int, world: int, batch_size: int, drop_last: bool) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0..world-1 and world at least 1, got rank {rank} of {world}")
+    if drop_last and batch_size % world:
+        raise MixkdError(f"the global batch size {batch_size} does not divide over {world} processes: "
+                         f"use a batch size that is a multiple of {world}")
+
+
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
@@ -88,6 +108,8 @@ class DeviceLoader:
     on that device). At the start of each epoch (each ``iter()``), the permutation, the crop offsets
     and the flips of every sample are drawn from the loader's own generator, which lives on
     ``device``; the same code runs on CPU and CUDA.
+
+    With ``world > 1`` it yields rank ``rank``'s part of each global batch of ``batch_size``.
 
     Augmentation matches torchvision's ``RandomCrop(H, padding=4)`` (zero padding, offsets
     uniform in 0..8) followed by ``RandomHorizontalFlip(p=0.5)``, sample by sample, and is done as
@@ -107,11 +129,15 @@ class DeviceLoader:
         augment: bool,
         drop_last: bool,
         seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise MixkdError(f"batch size must be at least 1, got {batch_size}")
+        _check_rank(rank, world, batch_size, drop_last)
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size)  # the global batch; this rank yields its part of each
+        self.rank, self.world = rank, world
         self.shuffle = shuffle
         self.augment = augment
         self.drop_last = drop_last
@@ -153,6 +179,11 @@ class DeviceLoader:
                 order = torch.arange(n, device=dev)
         for b in range(start, len(self)):
             s, e = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            if self.world > 1:
+                lo, hi = rank_part(e - s, self.rank, self.world)
+                s, e = s + lo, s + hi
+                if s == e:  # a last partial batch smaller than the world: nothing for this rank
+                    continue
             if order is None:
                 xb, yb = self.images[s:e], self.labels[s:e]
             else:
@@ -184,24 +215,30 @@ class DeviceLoader:
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # a new tensor: .to copies
 
 
-class _SeededSampler(Sampler):
-    """Yields (index, sample_seed) pairs: the order and each sample's augmentation seed are drawn
-    in the main process from one generator, so they do not depend on worker count or state.
-    ``start`` skips the epoch's first ``start`` samples (after drawing the whole epoch)."""
+class _SeededBatchSampler(Sampler):
+    """Yields batches of (index, sample_seed) pairs: the order and each sample's augmentation seed
+    are drawn in the main process from one generator, for the whole epoch, so they depend neither on
+    the worker count nor on the world size. Each batch is rank ``rank``'s part of a global batch of
+    ``batch_size``; ``start`` skips the epoch's first ``start`` global batches."""
 
-    def __init__(self, n: int, shuffle: bool, generator: torch.Generator) -> None:
-        self.n, self.shuffle, self.generator = n, shuffle, generator
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.generator, self.rank, self.world = generator, rank, world
         self.start = 0
 
     def __len__(self) -> int:
-        return self.n
+        return _num_batches(self.n, self.batch_size, self.drop_last)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = self.generator
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        s = self.start
-        return iter(zip(order[s:].tolist(), seeds[s:].tolist(), strict=True))
+        for b in range(self.start, len(self)):
+            s, e = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
+            lo, hi = rank_part(e - s, self.rank, self.world)
+            if hi > lo:  # a last partial batch smaller than the world may leave this rank nothing
+                yield list(zip(order[s + lo:s + hi].tolist(), seeds[s + lo:s + hi].tolist(), strict=True))
 
 
 class _SeededFolder(Dataset):
@@ -231,7 +268,8 @@ class FolderLoader:
 
     Shuffling and each sample's augmentation are seeded from ``set_epoch_seed``, so an epoch is
     reproducible whatever the number of workers (persistent when ``workers > 0``; None: what the
-    machine has, see :func:`resolve_workers`). ``transform`` overrides the folder's own transform
+    machine has, see :func:`resolve_workers`). With ``world > 1`` it loads rank ``rank``'s part of each
+    global batch of ``batch_size`` (and only those images). ``transform`` overrides the folder's own transform
     (used for un-augmented training).
     """
 
@@ -246,23 +284,26 @@ class FolderLoader:
         workers: int | None = None,
         transform: Any = None,
         seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise MixkdError(f"batch size must be at least 1, got {batch_size}")
+        _check_rank(rank, world, batch_size, drop_last)
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size)  # the global batch; this rank loads its part of each
+        self.rank, self.world = rank, world
         self.drop_last = drop_last
         self.num_samples = len(folder)
         self.workers = resolve_workers(workers)
         self._gen = torch.Generator()
         self._gen.manual_seed(seed)
-        self._sampler = _SeededSampler(self.num_samples, shuffle, self._gen)
+        self._sampler = _SeededBatchSampler(self.num_samples, self.batch_size, shuffle, drop_last, self._gen,
+                                            rank, world)
         dataset = _SeededFolder(folder, folder.transform if transform is None else transform)
         self._loader = DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=self._sampler,
-            drop_last=drop_last,
+            batch_sampler=self._sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.workers > 0,
@@ -273,7 +314,7 @@ class FolderLoader:
         )
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return len(self._sampler)
 
     def set_epoch_seed(self, seed: int) -> None:
         self._gen.manual_seed(seed)
@@ -284,7 +325,7 @@ class FolderLoader:
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _check_start(start, len(self))
         # Read when the DataLoader starts the epoch's sampler, i.e. at the first batch.
-        self._sampler.start = start * self.batch_size
+        self._sampler.start = start
         return self._batches()
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -304,38 +345,45 @@ def make_loaders(
     augment: bool = True,
     drop_last: bool = True,
     workers: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader]:
     """(train_loader, test_loader) for ``spec``.
 
     The train loader shuffles, augments when ``augment`` and drops the last partial batch when
     ``drop_last``; the test loader keeps the dataset order, never augments and keeps every sample.
-    ``workers`` only matters for ``imagefolder`` (None: what the machine has).
+    ``workers`` only matters for ``imagefolder`` (None: what the machine has). With ``world > 1``
+    both loaders yield rank ``rank``'s part of each global batch (``batch_size`` and
+    ``eval_batch_size`` are global; the training batch must divide over ``world``).
     """
     if spec.train is None:
         raise ValueError("make_loaders needs the train split: load the dataset with both splits")
     train: DeviceLoader | FolderLoader
     if isinstance(spec.train, ArraySplit):
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
-                             drop_last=drop_last)
+                             drop_last=drop_last, rank=rank, world=world)
     else:
         test_tf = spec.test.transform if spec.test is not None else None
         train = FolderLoader(spec.train, batch_size, device, shuffle=True, drop_last=drop_last, workers=workers,
-                             transform=None if augment else test_tf)
+                             transform=None if augment else test_tf, rank=rank, world=world)
     if len(train) == 0:
         raise MixkdError(
             f"batch size {batch_size} is larger than the {train.num_samples} training samples of "
             f"{spec.name!r} (the last partial batch is dropped): use a smaller batch size"
         )
-    return train, make_test_loader(spec, device, eval_batch_size, workers=workers)
+    return train, make_test_loader(spec, device, eval_batch_size, workers=workers, rank=rank, world=world)
 
 
 def make_test_loader(
-    spec: DataSpec, device: torch.device | str, batch_size: int = 1024, *, workers: int | None = None
+    spec: DataSpec, device: torch.device | str, batch_size: int = 1024, *, workers: int | None = None,
+    rank: int = 0, world: int = 1,
 ) -> DeviceLoader | FolderLoader:
-    """The test split in dataset order, un-augmented, every sample kept."""
+    """The test split in dataset order, un-augmented, every sample kept (with ``world > 1``: rank
+    ``rank``'s part of each batch; :func:`mixkd.metrics.evaluate` sums the parts over the ranks)."""
     if spec.test is None:
         raise ValueError("make_test_loader needs the test split: load the dataset with splits including 'test'")
     if isinstance(spec.test, ArraySplit):
         return DeviceLoader(spec.test, batch_size, device, spec.mean, spec.std, shuffle=False, augment=False,
-                            drop_last=False)
-    return FolderLoader(spec.test, batch_size, device, shuffle=False, drop_last=False, workers=workers)
+                            drop_last=False, rank=rank, world=world)
+    return FolderLoader(spec.test, batch_size, device, shuffle=False, drop_last=False, workers=workers,
+                        rank=rank, world=world)
