@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
+from mixkd.control import release_early_stops
 from mixkd.errors import MixkdError
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, resume_config
 
@@ -114,7 +115,7 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
                    help="stop before DURATION (90s, 25m, 1:30:00) of wall time with a step-exact checkpoint and exit "
                         "with status 75 (resumable with --resume); SIGTERM/SIGUSR1 do the same")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(handler=_cmd_run, task=name, dests=dests)
+    p.set_defaults(handler=_cmd_run, task=name, dests=dests, stops=True)
     return p
 
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int_in(1, 100_000, "--epochs"), default=None, help="epochs per run (default: the demo's own)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX, "--seed"), default=0, help="random seed (default: 0)")
-    p.set_defaults(handler=_cmd_demo)
+    p.set_defaults(handler=_cmd_demo, stops=True)
 
     p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95% intervals",
                        description="Check the study's claims on a CSV with one row per trained student and the columns "
@@ -260,9 +261,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
                "interrupt": "interrupted"}[stopped.reason]
-        if not job.created and not args.resume:  # stopped before its first write: there is nothing to continue
-            print(f"{why} before the run began: nothing was written to {job.dir}; run the same command again to "
-                  "start it", file=sys.stderr)
+        if not job.created:  # stopped before this process wrote anything: never claim a checkpoint
+            what = "start it" if job.fresh else "continue it"
+            print(f"{why} before the run {'began' if job.fresh else 'continued'}: nothing was written to {job.dir}; "
+                  f"run the same command again to {what}", file=sys.stderr)
         else:
             print(f"{why} at epoch {job.epoch + 1} step {job.step_in_epoch} of {job.steps_per_epoch} (checkpoint "
                   f"written); continue with: mixkd {args.task} --out {job.dir} --resume", file=sys.stderr)
@@ -344,6 +346,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # a number out of its range is a MixkdError already here
+        if not getattr(args, "stops", False):
+            release_early_stops()  # a command without a graceful stop: SIGTERM and Ctrl-C act as usual
         status = args.handler(args)
     except MixkdError as e:
         print(f"mixkd: error: {e}", file=sys.stderr)

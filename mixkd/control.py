@@ -7,6 +7,12 @@ of every live run and the process's exit still fit before the limit; when they d
 writes its checkpoint and the process exits with :data:`EXIT_STOPPED` ("stopped on time, resumable").
 SIGTERM and SIGUSR1 (what SLURM's ``--signal`` and spot-instance reclaims send) do the same at the
 next step; SIGINT (Ctrl-C) stops the same way but exits with 130; a second Ctrl-C stops at once.
+
+Those signals are heard from the program's first line: the entry point (:mod:`mixkd.__main__`)
+calls :func:`catch_early_stops` before anything heavy is imported, and a :class:`StopControl` adopts
+a stop that came before it existed (:meth:`StopControl.install_signals`). A command that never stops
+gracefully (eval, models, ...) gets the signals' defaults back (:func:`release_early_stops`), and a
+stop heard meanwhile then acts as it would have.
 """
 
 from __future__ import annotations
@@ -25,6 +31,41 @@ EXIT_INTERRUPTED = 130
 STOP_WORDS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C"}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_early: dict[str, object] = {"installed": False, "pending": []}  # signals heard before a StopControl existed
+
+
+def _record_early(signum, frame) -> None:
+    pending = _early["pending"]
+    if signum == signal.SIGINT and signal.SIGINT in pending:  # a second Ctrl-C: at once
+        raise KeyboardInterrupt
+    pending.append(signum)
+
+
+def catch_early_stops() -> None:
+    """Record SIGTERM, SIGUSR1 and SIGINT from now on, until a :class:`StopControl` adopts them (or
+    :func:`release_early_stops`). Stdlib only: the entry point calls it before importing torch."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _record_early)
+    _early["installed"] = True
+
+
+def release_early_stops() -> None:
+    """The signals' defaults back (for commands that never stop gracefully); a stop heard meanwhile
+    acts now: Ctrl-C raises KeyboardInterrupt, SIGTERM/SIGUSR1 end the process as they would have."""
+    if not _early["installed"]:
+        return
+    _early["installed"] = False
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    pending, _early["pending"] = _early["pending"], []
+    if signal.SIGINT in pending:
+        raise KeyboardInterrupt
+    for sig in pending:
+        os.kill(os.getpid(), sig)
 
 
 def parse_duration(text: str, flag: str = "--time-limit") -> float:
@@ -146,6 +187,15 @@ class StopControl:
             handlers[signal.SIGINT] = on_int
         for sig, handler in handlers.items():
             self._installed[sig] = signal.signal(sig, handler)
+        # A stop that came before this control existed (see catch_early_stops) is this control's now.
+        adopted = [sig for sig in _early["pending"] if sig in handlers]
+        _early["pending"] = [sig for sig in _early["pending"] if sig not in handlers]
+        for sig in adopted:
+            if sig == signal.SIGINT:
+                self._interrupts += 1
+                self.request("interrupt")
+            else:
+                self.request("signal")
 
     def restore_signals(self) -> None:
         for sig, previous in self._installed.items():

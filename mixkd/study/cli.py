@@ -62,7 +62,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="print one line per finished run instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--set", **over)
-    p.set_defaults(handler=cmd_run)
+    p.set_defaults(handler=cmd_run, stops=True)
 
     p = commands.add_parser("status", help="where a study folder stands: one line per run, totals, compute left",
                             description="One line per run of a study folder (done with its top-1, running, stopped on "

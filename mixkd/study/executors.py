@@ -85,6 +85,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+# Signals a worker takes as a stop: blocked while it starts, heard once its handlers are in place.
+_STOPS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+# A worker ended by these (exit code -N) was stopped by the user or a scheduler, not failed.
+_STOPPED_BY = {-signal.SIGINT: "interrupt", -signal.SIGTERM: "signal", -signal.SIGHUP: "signal"}
+
+
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM (a graceful stop) when the parent process dies."""
     try:
@@ -124,6 +130,7 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
     control = StopControl(time_limit=limit, deadline=deadline)
     control.install_signals(interrupt=False)
     signal.signal(signal.SIGUSR2, lambda *_: control.request("time"))  # the study's time is up (see stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # a stop sent while it started is heard now
     worker = PackWorker(slots, control)
     closing, shown = False, time.monotonic()
     while True:
@@ -195,7 +202,9 @@ class LocalExecutor:
                   self._tasks[i], self._results))
         # Started with SIGINT blocked (the mask survives the exec): a Ctrl-C while the worker starts up
         # reaches the main process, which stops the workers in order, instead of killing the worker.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # SIGTERM, SIGUSR1 and SIGUSR2 (a scheduler's stop sent to every process, the study's own stop)
+        # wait, blocked, until the worker's handlers are in place: a stop, never a death.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *_STOPS})
         try:
             self._procs[i].start()
         finally:
@@ -238,6 +247,10 @@ class LocalExecutor:
                     if self.stopping:
                         outcome = {"ok": False, "stopped": True, "not_started": True, "seconds": None,
                                    "message": "not started before the stop"}
+                    elif proc.exitcode in _STOPPED_BY:  # the user's Ctrl-C or a scheduler's SIGTERM: stopped
+                        outcome = {"ok": False, "stopped": True, "killed": True, "seconds": None,
+                                   "reason": _STOPPED_BY[proc.exitcode],
+                                   "message": f"its worker was ended by {signal.Signals(-proc.exitcode).name}"}
                     else:
                         outcome = {"ok": False, "seconds": None,
                                    "message": f"the worker process running it died (exit code {proc.exitcode})"}

@@ -30,6 +30,7 @@ from mixkd.run_folder import (
     ERROR_NAME,
     RESULT_NAME,
     RunFolder,
+    RunStatus,
     writable_dir_problem,
 )
 from mixkd.step import set_compile_cache
@@ -229,6 +230,12 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
             state.seconds[run_id] = time.perf_counter() - started.pop(run_id)
             if outcome.get("stopped") and control.reason is None:
                 control.request(outcome.get("reason", "time"))  # a worker met the deadline first
+            if outcome.get("killed"):  # its worker was ended by the user's Ctrl-C or a scheduler: not a failure
+                has_checkpoint = RunFolder(out / run_id).status() == RunStatus.STOPPED
+                state.set(run_id, RunState.STOPPED if has_checkpoint else RunState.PENDING)
+                note(f"stopped {run_id}: {outcome['message']}"
+                     + (" (its last checkpoint continues it)" if has_checkpoint else ""))
+                continue
             if outcome.get("stopped"):
                 if outcome.get("not_started"):
                     state.set(run_id, RunState.PENDING)
