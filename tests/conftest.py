@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# mixkd's caches (image-folder indexes) go to a folder of this test session, not the user's ~/.cache
+# (subprocesses inherit it).
+os.environ["MIXKD_CACHE"] = tempfile.mkdtemp(prefix="mixkd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MIXKD_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,10 @@ loading anything.
   ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` and normalization as batched tensor ops
   there, with no per-sample Python work and no host synchronization.
 * ``imagefolder`` (ImageNet layout, :mod:`~mixkd.data.imagefolder`) is read lazily through
-  torchvision's ``ImageFolder`` and :class:`FolderLoader`, a thin wrapper around
-  ``torch.utils.data.DataLoader`` (``workers=None``: what the machine has).
+  torchvision's ``ImageFolder``, listed once and then read from an index file while the folder is
+  unchanged (:mod:`~mixkd.data.folder_index`), and :class:`FolderLoader`, a thin wrapper around
+  ``torch.utils.data.DataLoader`` that decodes and augments in worker processes
+  (``workers=None``: what the machine has), each sample under its own seed.
 
 Both loaders follow the :class:`Loader` protocol (:mod:`~mixkd.data.loaders`):
 ``set_epoch_seed(seed)`` makes the order and the augmentation of the next epoch a pure function of

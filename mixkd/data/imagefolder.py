@@ -1,17 +1,23 @@
 """Image folders in the ImageNet layout: ``<data-dir>/train/<class>/<image>`` and ``val/``.
 
-Images are read lazily (torchvision's ``ImageFolder``); an image that cannot be read raises
-:class:`UnreadableImageError`, one line naming the file, also from a ``DataLoader`` worker.
+A split is an :class:`IndexedImageFolder`: torchvision's ``ImageFolder`` whose file listing comes
+from :func:`~mixkd.data.folder_index.folder_index` (listed once, then read from an index file while
+the folder is unchanged). Images are read lazily, in the loader's worker processes; an image that
+cannot be read raises :class:`UnreadableImageError`, one line naming the file, also from a
+``DataLoader`` worker.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torchvision
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.vision import VisionDataset
 
+from mixkd.data.folder_index import class_dirs, folder_index
 from mixkd.data.spec import IMAGENET_MEAN, IMAGENET_STD, DataSpec, few, one_line
 from mixkd.errors import MixkdError
 
@@ -54,8 +60,25 @@ def read_image(path: str):
         ) from None
 
 
-def class_dirs(path: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+class IndexedImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ``ImageFolder`` (same samples, same ``__getitem__``) listed through
+    :func:`~mixkd.data.folder_index.folder_index`: ``samples`` is a :class:`FolderIndex`, ``targets``
+    an int64 array. ``cache=False`` lists the folder now and writes no index file."""
+
+    def __init__(self, root: str | Path, transform: Any = None, loader: Any = read_image, cache: bool = True) -> None:
+        VisionDataset.__init__(self, str(root), transform=transform)  # ImageFolder.__init__ would list the folder
+        index = folder_index(self.root, cache=cache)
+        if not index.classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {self.root}.")
+        empty = index.empty_classes()
+        if empty:
+            raise FileNotFoundError(f"no image file in the class folder(s) {few(empty)}; image files end in "
+                                    f"{', '.join(IMG_EXTENSIONS)}")
+        self.loader, self.extensions = loader, IMG_EXTENSIONS
+        self.classes = list(index.classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = self.imgs = index  # type: ignore[assignment]
+        self.targets = index.targets  # type: ignore[assignment]
 
 
 def check_imagefolder(data_dir: str | Path | None, image_size: int | None = None,
@@ -111,7 +134,7 @@ def load_imagefolder(data_dir: str | Path | None, image_size: int = DEFAULT_IMAG
     for split in splits:
         d = root / _FOLDERS[split]
         try:
-            loaded[split] = torchvision.datasets.ImageFolder(str(d), transform=transforms[split], loader=read_image)
+            loaded[split] = IndexedImageFolder(d, transform=transforms[split])
         except (FileNotFoundError, OSError) as e:  # e.g. a class folder without any image
             raise MixkdError(f"dataset 'imagefolder' in {d}: {one_line(e)}") from e
     first = next(iter(loaded.values()))
