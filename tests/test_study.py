@@ -232,7 +232,7 @@ def test_cli_reports_a_bad_study_file_on_one_line_with_status_2(tmp_path, capsys
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_every_shipped_study_file_expands(path):
-    study = load_study(path)
+    study = load_study(path, check_files=False)  # imagenet-scale.yaml's teachers are weight files the user brings
     assert study.runs and len({r.id for r in study.runs}) == len(study.runs)
     assert all(r.teacher_run is None or r.teacher_run in {t.id for t in study.runs} for r in study.runs)
 
