@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.control import release_early_stops
 from mixkd.errors import MixkdError
-from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, resume_config
+from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
 _METHOD_KEYS = {f"kd.{k}" for k in KD_PARAMS}  # their defaults are the method's
@@ -108,9 +109,13 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     if distill:
         _add_run_options(p, DISTILL_OPTIONS, dests)
     _add_run_options(p, RUN_OPTIONS, dests)
-    p.add_argument("--resume", action="store_true",
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
                    help="continue the run in --out from its last checkpoint (only machine-local flags such as "
-                        "--device, --data-dir, --workers, --no-progress may change)")
+                        "--device, --data-dir, --workers, --no-progress may change); the folder must hold a run. "
+                        "--resume auto (for a scheduler's requeue: one command rerun as it is; needs --out): "
+                        "continue the run in --out if it has begun, else start it there; a folder holding another "
+                        "run is refused. A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) with --out counts as "
+                        "--resume auto")
     p.add_argument("--time-limit", metavar="DURATION",
                    help="stop before DURATION (90s, 25m, 1:30:00) of wall time with a step-exact checkpoint and exit "
                         "with status 75 (resumable with --resume); SIGTERM/SIGUSR1 do the same")
@@ -218,12 +223,30 @@ def _given_keys(args: argparse.Namespace, flags: dict[str, Any]) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run's config. With --resume: the saved one, where only machine-local keys (config.MACHINE_KEYS: device, data
-    folder, progress, ...) may be changed; any other flag that differs from it is refused (mixkd.run_folder decides)."""
+    """The run's config (:func:`run_from_args`'s)."""
+    return run_from_args(args)[0]
+
+
+def run_from_args(args: argparse.Namespace) -> tuple[RunConfig, bool]:
+    """(the run's config, whether it continues a run). mixkd.run_folder decides whether to resume
+    (resume_mode, auto_resumes). Resuming: the saved config, where only machine-local keys
+    (config.MACHINE_KEYS: device, data folder, progress, ...) may be changed; any other flag that differs from it
+    is refused."""
+    if args.resume not in (True, False, "auto"):
+        if "=" not in args.resume:
+            raise MixkdError(f"--resume takes no value, or 'auto' (got {args.resume!r})")
+        args.overrides = [args.resume, *(args.overrides or [])]  # a key=value after a plain --resume
+        args.resume = True
     flags = {key: getattr(args, dest) for dest, key in args.dests.items()}
     flags["task"] = args.task
-    if not args.resume:
-        return build_config(args.config, flags, args.overrides)
+    mode = resume_mode(args.resume, bool(flags.get("out")))
+    if mode == "auto":
+        cfg = build_config(args.config, flags, args.overrides)
+        if not auto_resumes(cfg):
+            return cfg, False
+        return resume_config(cfg.out, task=args.task, machine=cfg), True
+    if mode is None:
+        return build_config(args.config, flags, args.overrides), False
     if not flags.get("out"):
         raise MixkdError("--resume needs --out: the run directory to continue")
     out = Path(flags["out"])
@@ -234,7 +257,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         saved_teacher = folder.read_config().kd.teacher
         tree = build_config(args.config, {**flags, "kd.teacher": flags.get("kd.teacher") or saved_teacher}, args.overrides)
         asked = {k: _dotted(tree, k) for k in given}
-    return resume_config(out, task=args.task, asked=asked)
+    return resume_config(out, task=args.task, asked=asked), True
 
 
 def _dotted(cfg: RunConfig, key: str) -> Any:
@@ -248,7 +271,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mixkd.control import StopControl, parse_duration
     from mixkd.engine import StoppedRun, run_job
 
-    cfg = config_from_args(args)
+    cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
 
     def echo(line: str) -> None:
@@ -256,7 +279,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     control.install_signals()
     try:
-        job = run_job(cfg, resume=args.resume, control=control, echo=echo)
+        job = run_job(cfg, resume=resume, control=control, echo=echo)
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
@@ -266,8 +289,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{why} before the run {'began' if job.fresh else 'continued'}: nothing was written to {job.dir}; "
                   f"run the same command again to {what}", file=sys.stderr)
         else:
+            again = " (or run the same command again)" if args.resume == "auto" else ""
             print(f"{why} at epoch {job.epoch + 1} step {job.step_in_epoch} of {job.steps_per_epoch} (checkpoint "
-                  f"written); continue with: mixkd {args.task} --out {job.dir} --resume", file=sys.stderr)
+                  f"written); continue with: mixkd {args.task} --out {shlex.quote(str(job.dir))} --resume{again}",
+                  file=sys.stderr)
         return control.exit_status
     finally:
         control.restore_signals()

@@ -93,6 +93,9 @@ class Run:
         self.wall_start = time.perf_counter()
         self._batches = None  # the current epoch's batches, from its first step on
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
+        # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
+        # holds a run already, else from the first write (_create), which makes the folder.
+        self._lock = None if self.fresh else self.folder.lock()
 
     # ---- paths -----------------------------------------------------------------------------
     @property
@@ -218,6 +221,7 @@ class Run:
         if not self.fresh and self.folder.result.exists():
             self.result = self.folder.read_result()
             self.phase = "finished"
+            self.close()
             return
         self._build()
         self._restore()
@@ -239,6 +243,11 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MixkdError(f"cannot create the run directory {self.dir}: {e.strerror or e}; choose another --out") from None
+        if self._lock is None:
+            self._lock = self.folder.lock()
+            if self.fresh and self.folder.has_begun():  # another process began a run there meanwhile
+                self.close()
+                raise MixkdError(f"{self.dir} already holds a run; pass --resume to continue it, or choose another --out")
         if self.fresh:
             self.folder.write_config(self._saved_config())
             self.folder.metrics.unlink(missing_ok=True)
@@ -455,6 +464,9 @@ class Run:
 
     def close(self) -> None:
         self.output.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 class StoppedRun(Exception):
     """Raised by :func:`run` when the run stopped before finishing (deadline, signal, Ctrl-C)."""

@@ -13,7 +13,14 @@ A run folder holds:
 ``analysis.json``           the analysis (``mixkd analyze``), with its PNGs beside it
 ``analysis-error.txt``      why the analysis of a study run failed
 ``tensorboard/``            TensorBoard scalars, when asked for
+``.run.lock``               held (``flock``) by the process running the run; gone when it ends
 ==========================  ===================================================================
+
+**One process per run folder** (:meth:`RunFolder.lock`): the process that runs a run (``mixkd train``,
+``mixkd distill``, a study's worker) holds an exclusive ``flock`` on ``.run.lock`` from its first
+write (from the start, resuming) to its end; another process finds it held and is refused with one
+line naming the folder and the holder's PID. The kernel drops the lock with its holder (also after
+``kill -9``), so a lock file left behind never blocks anyone.
 
 Its status (:func:`run_status`) is read from which of those files exist: ``new`` (no config yet),
 ``started`` (a config but no checkpoint: running, or interrupted before its first checkpoint),
@@ -29,10 +36,19 @@ A run started from the command line saves its teacher as an absolute path.
 **Resuming** (:func:`open_run`, :func:`resume_config`): the saved config wins; only the machine-local
 keys (:data:`mixkd.config.MACHINE_KEYS`: device, data folder, ...) may change, and a caller asking
 for another value of any other key is refused with one line.
+
+**Whether to resume** (:func:`resume_mode`, :func:`auto_resumes`): ``--resume`` is strict (the folder
+must hold a run: a mistyped ``--out`` is one line, never a new run); ``--resume auto`` is the one
+command a scheduler reruns as it is: it needs an explicit ``--out``, starts the run where that folder
+does not exist, is empty or holds this same run (the same ``config.yaml``, machine-local keys aside)
+that never reached a checkpoint, continues it where it has, and refuses a folder holding another
+run. A torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) given an explicit ``--out`` and no
+``--resume`` counts as ``--resume auto``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from datetime import datetime
@@ -42,7 +58,7 @@ from typing import Any
 
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import append_text, atomic_write_text, read_json
+from mixkd.files import append_text, atomic_write_text, open_nofollow, read_json
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
 CONFIG_NAME = "config.yaml"
@@ -53,11 +69,12 @@ ERROR_NAME = "error.txt"
 ANALYSIS_NAME = "analysis.json"
 ANALYSIS_ERROR_NAME = "analysis-error.txt"
 TENSORBOARD_NAME = "tensorboard"
+LOCK_NAME = ".run.lock"
 
 __all__ = ["ANALYSIS_ERROR_NAME", "ANALYSIS_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "ERROR_NAME", "LOG_NAME",
-           "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunStatus", "config_to_save",
-           "default_run_dir", "names_run", "open_run", "relative_teacher", "resolve_teacher", "resume_config",
-           "run_status", "teacher_path", "teacher_run", "writable_dir_problem"]
+           "LOCK_NAME", "METRICS_NAME", "RESULT_NAME", "TENSORBOARD_NAME", "RunFolder", "RunLock", "RunStatus", "config_to_save",
+           "auto_resumes", "default_run_dir", "names_run", "open_run", "relative_teacher", "resolve_teacher", "resume_config",
+           "resume_mode", "run_status", "teacher_path", "teacher_run", "writable_dir_problem"]
 
 
 class RunStatus(str, Enum):
@@ -126,6 +143,36 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_NAME
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_NAME
+
+    # ---- one process at a time ------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """Hold the folder for this process (it must exist) until :meth:`RunLock.release` or the
+        process's end; held by another live process: one MixkdError naming it and its PID."""
+        while True:
+            f = open_nofollow(self.lock_file, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise MixkdError(f"{self.path} is in use by another mixkd process (PID {holder}); wait for it to "
+                                 "end or stop it (it checkpoints on SIGTERM), or choose another --out") from None
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # its holder removed the file as it ended: lock the one there now
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return RunLock(self.lock_file, f)
 
     # ---- where it stands ------------------------------------------------------------------------
     def status(self) -> RunStatus:
@@ -220,6 +267,19 @@ class RunFolder:
         if not path.exists():
             self.path.mkdir(parents=True, exist_ok=True)
             path.write_text(message + "\n")
+
+
+class RunLock:
+    """A held :meth:`RunFolder.lock`: :meth:`release` removes the lock file, then lets it go."""
+
+    def __init__(self, path: Path, file):
+        self.path, self._file = path, file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+            self._file = None
 
 
 def run_status(run_dir: str | os.PathLike) -> RunStatus:
@@ -335,7 +395,8 @@ def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dic
             raise MixkdError(f"cannot resume {folder.path}: it has no {CONFIG_NAME}; is it a mixkd run folder? "
                              "(drop --resume to start a new run elsewhere)")
         what = "holds no run" if folder.path.is_dir() else "does not exist"
-        raise MixkdError(f"cannot resume {folder.path}: it {what}; drop --resume to start a new run there")
+        raise MixkdError(f"cannot resume {folder.path}: it {what}; check --out, or drop --resume to start a new run "
+                         "there (--resume auto starts it when there is none, and continues it when rerun)")
     saved = folder.read_config()
     if task is not None and saved.task != task:
         raise MixkdError(f"{folder.path} holds a '{saved.task}' run: continue it with "
@@ -350,6 +411,57 @@ def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dic
     local = {k: getattr(machine, k) for k in MACHINE_KEYS} if machine is not None else {
         k: v for k, v in asked.items() if k in MACHINE_KEYS}
     return _updated(saved, {**local, "out": str(folder.path)})
+
+
+def resume_mode(flag: bool | str, out_given: bool, environ: dict[str, str] | None = None) -> str | None:
+    """How a command line treats its folder: None (start a run; a folder holding one is refused),
+    ``"strict"`` (``--resume``) or ``"auto"`` (``--resume auto``; also a torchrun restart,
+    ``TORCHELASTIC_RESTART_COUNT`` > 0, given an explicit ``--out``)."""
+    if flag == "auto":
+        return "auto"
+    if flag:
+        return "strict"
+    restarts = (os.environ if environ is None else environ).get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    return "auto" if out_given and restarts.isdigit() and int(restarts) > 0 else None
+
+
+def _differences(saved: RunConfig, mine: RunConfig) -> list[str]:
+    """The dotted keys (machine-local ones and ``out`` aside) where two configs differ, with the saved value."""
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(saved.model_dump()), flat(mine.model_dump())
+    return [f"{k} {b.get(k)!r} (saved: {a.get(k)!r})" for k in sorted(a.keys() | b.keys())
+            if k not in MACHINE_KEYS and k != "out" and a.get(k) != b.get(k)]
+
+
+def auto_resumes(cfg: RunConfig) -> bool:
+    """``--resume auto``: True to continue the run in ``cfg.out``, False to start it there (see the
+    module docstring). Refused with one line: no ``--out``, a folder holding files but no run, a
+    folder holding another run."""
+    if not cfg.out:
+        raise MixkdError("--resume auto needs --out: the folder the run starts in and every rerun of the same "
+                         "command continues (a default folder is new each time)")
+    folder = RunFolder(cfg.out)
+    problem = writable_dir_problem(folder.path)
+    if problem:
+        raise MixkdError(problem)
+    if not folder.config.is_file():
+        if folder.path.is_dir() and any(p.name != LOCK_NAME for p in folder.path.iterdir()):
+            raise MixkdError(f"--resume auto: {folder.path} holds files but no {CONFIG_NAME}; is it a mixkd run "
+                             "folder? choose another --out")
+        return False
+    saved = folder.read_config()
+    differ = _differences(saved, config_to_save(cfg, folder.path, relative_to_run=False))
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise MixkdError(f"--resume auto: {folder.path} holds another run, its {CONFIG_NAME} differs: "
+                         f"{', '.join(differ[:3])}{more}; choose another --out, or continue that run with "
+                         f"mixkd {saved.task} --out {folder.path} --resume")
+    return folder.has_begun()
 
 
 def open_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, RunFolder, bool]:

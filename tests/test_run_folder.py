@@ -214,7 +214,7 @@ def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
     from mixkd.run_folder import resume_config
 
     folder, cfg = _saved_run(tmp_path, epochs=3)
-    with pytest.raises(MixkdError, match=r"cannot resume .*nothing: it does not exist; drop --resume"):
+    with pytest.raises(MixkdError, match=r"cannot resume .*nothing: it does not exist; check --out, or drop --resume"):
         resume_config(tmp_path / "nothing")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")

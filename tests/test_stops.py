@@ -98,3 +98,129 @@ def test_a_study_worker_sent_sigterm_while_it_starts_stops_its_run_instead_of_fa
     outcome = done[0][1]
     assert outcome["stopped"] and not outcome["ok"] and "died" not in outcome["message"], outcome
     assert not (tmp_path / "teachers" / "t" / "error.txt").exists()
+
+
+# ---- the run folder's lock ------------------------------------------------------------------------
+TINY = ["--model", "resnet8", "--dataset", "cifar10", "--epochs", "1", "--batch-size", "32", "--eval-batch-size", "80",
+        "--device", "cpu", "--no-progress"]
+
+
+def test_a_run_folder_held_by_a_live_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, capsys, cifar10_dir,
+                                                                                          one_thread):
+    from mixkd.cli import main
+    from mixkd.run_folder import LOCK_NAME, RunFolder
+
+    out = tmp_path / "d"
+    out.mkdir()
+    hold = "import sys, time; from mixkd.run_folder import RunFolder; held = RunFolder(sys.argv[1]).lock(); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train", *TINY, "--data-dir", str(cifar10_dir), "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"mixkd: error: {out} is in use by another mixkd process (PID {holder.pid}); wait for it to end "
+                       "or stop it (it checkpoints on SIGTERM), or choose another --out"]
+        assert not RunFolder(out).config.exists()  # refused before its first write
+    finally:
+        holder.kill()  # kill -9: the lock dies with it, its file stays
+        holder.wait()
+    assert (out / LOCK_NAME).exists()
+    assert main(args) == 0
+    assert RunFolder(out).status() == "done" and not (out / LOCK_NAME).exists()  # released at the end
+    # resuming takes the folder at once: a finished run's folder, held, is refused too
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", "--out", str(out), "--resume"]) == 2
+        assert f"(PID {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---- the requeue command: --resume auto -------------------------------------------------------------
+def _stop_at_call(monkeypatch, n: int, reason: str = "signal") -> None:
+    """The n-th StopControl.should_stop of this process hears a stop (as from SIGUSR1 at that step)."""
+    from mixkd.control import StopControl
+
+    real, calls = StopControl.should_stop, [0]
+
+    def should_stop(self, next_cost=0.0):
+        calls[0] += 1
+        if calls[0] == n:
+            self.request(reason)
+        return real(self, next_cost)
+
+    monkeypatch.setattr(StopControl, "should_stop", should_stop)
+
+
+def _last_error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_resume_auto_starts_then_continues_the_run_and_its_stop_prints_a_command_that_works(tmp_path, capsys, cifar10_dir,
+                                                                                          monkeypatch, one_thread):
+    import shlex
+
+    from mixkd.cli import main
+    from mixkd.run_folder import RunFolder
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "requeued"
+    requeue = ["train", *TINY, "--data-dir", str(cifar10_dir), "--epochs", "2", "--out", str(out), "--resume", "auto"]
+    _stop_at_call(monkeypatch, 3)
+    assert main(requeue) == 75  # the folder did not exist: it starts, then a stop at its third step
+    line = _last_error(capsys)
+    assert line == (f"stopped by a signal at epoch 1 step 2 of 5 (checkpoint written); continue with: mixkd train "
+                    f"--out {out} --resume (or run the same command again)")
+    assert RunFolder(out).checkpoint_meta()["step"] == 2
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _stop_at_call(monkeypatch, 4)
+    assert main(requeue) == 75  # the same command continues it (and is stopped again, at step 2 + 3)
+    assert "stopped by a signal at epoch 1 step 5 of 5" in _last_error(capsys)
+    assert "resume at epoch 1 step 2" in RunFolder(out).log.read_text()
+    monkeypatch.undo()
+    printed = shlex.split(line.split("continue with: ")[1].split(" (or")[0])
+    assert printed[0] == "mixkd" and main(printed[1:]) == 0  # the printed command finishes it
+    assert RunFolder(out).status() == "done"
+    assert main(requeue) == 0  # and the requeue command, rerun, reports the finished run
+    assert "train resnet8: top-1" in capsys.readouterr().out
+
+
+def test_resume_auto_refuses_another_run_and_a_default_folder_and_plain_resume_never_starts_one(tmp_path, capsys,
+                                                                                               cifar10_dir, one_thread):
+    from mixkd.cli import main
+    from mixkd.run_folder import RunFolder
+
+    base = ["train", *TINY, "--data-dir", str(cifar10_dir)]
+    assert main([*base, "--resume", "auto"]) == 2
+    assert _last_error(capsys).startswith("mixkd: error: --resume auto needs --out")
+    mistyped = tmp_path / "mistyped"
+    assert main(["train", "--out", str(mistyped), "--resume"]) == 2
+    assert _last_error(capsys).startswith(f"mixkd: error: cannot resume {mistyped}: it does not exist")
+    assert not mistyped.exists()
+    # a run that wrote its config but never reached a checkpoint: the same command starts it afresh
+    started = tmp_path / "started"
+    assert main([*base, "--seed", "4", "--out", str(started)]) == 0
+    for name in ("checkpoint.safetensors", "metrics.jsonl", "result.json"):
+        (started / name).unlink()
+    assert main([*base, "--seed", "4", "--out", str(started), "--resume", "auto"]) == 0
+    assert RunFolder(started).status() == "done" and "resume at" not in RunFolder(started).log.read_text()
+    # the same folder asked for another run: one line, nothing changed
+    before = RunFolder(started).config.read_text()
+    assert main([*base, "--seed", "5", "--out", str(started), "--resume", "auto"]) == 2
+    line = _last_error(capsys)
+    assert line.startswith(f"mixkd: error: --resume auto: {started} holds another run") and "seed 5 (saved: 4)" in line
+    assert RunFolder(started).config.read_text() == before
+
+
+def test_a_torchrun_restart_with_an_explicit_out_resumes_like_resume_auto():
+    from mixkd.run_folder import resume_mode
+
+    assert resume_mode(False, True, {"TORCHELASTIC_RESTART_COUNT": "1"}) == "auto"
+    assert resume_mode(False, False, {"TORCHELASTIC_RESTART_COUNT": "1"}) is None  # a default folder: a new run
+    assert resume_mode(False, True, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None
+    assert resume_mode(True, True, {"TORCHELASTIC_RESTART_COUNT": "2"}) == "strict"
+    assert resume_mode("auto", True, {}) == "auto"
