@@ -5,6 +5,7 @@
 #   OUT=/tmp/out bash bench/device.sh bench    # call 2, at most 160 s: the benchmark
 #   OUT=/tmp/out bash bench/device.sh try      # not in the window plan (does not fit): max-autotune, 75 s
 #   OUT=/tmp/out bash bench/device.sh methods  # not in the window plan: the KD methods' CUDA tests, 40 s
+#   OUT=/tmp/out bash bench/device.sh data     # not in the window plan: image-folder data rates, 90 s
 #   OUT=/tmp/out bash bench/device.sh          # tests, bench, try in one call (~7 min)
 #   SMOKE=1 OUT=/tmp/out bash bench/device.sh  # every step on the CPU with tiny sizes (CI runs this)
 # Set-up (wheels, header, output rules): bench/window.sh. Every step runs under `timeout` and writes what
@@ -29,6 +30,9 @@
 # try (try.txt/.json, cap 75 s): m (inductor's max-autotune-no-cudagraphs) beside g.
 # methods (methods.txt, cap 40 s): DKD, LS-KD, DIST and FitNet, graphed == eager over 20 steps (fp32, bf16)
 #   and 3 steps under torch.cuda.set_sync_debug_mode("error") (no host synchronization in their losses).
+# data (data.txt/.json, cap 90 s): bench/data_bench.py on generated ImageNet-sized JPEGs: decoded-and-augmented
+#   images/s per DataLoader worker count (0, 1, 2, 4, 8, 16) on the machine's CPU, then
+#   torchvision.io.decode_jpeg(device='cuda') batches of 64 and 256 (+ RandomResizedCrop 224 + flip on the GPU).
 # inductor's cache is kept in $WINDOW/compile-cache, so later steps and calls reuse what was compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,17 +41,19 @@ OUT=${OUT:-/tmp/mixkd-bench}
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests bench try)
 for s in "${steps[@]}"; do
-  case $s in tests|bench|try|methods) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try, methods" >&2; exit 2 ;; esac
+  case $s in tests|bench|try|methods|data) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try, methods, data" >&2; exit 2 ;; esac
 done
 window_setup device.sh
 export TORCHINDUCTOR_CACHE_DIR=$WINDOW/compile-cache
 PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
 FIRST=resnet32x4:resnet8x4
 SIZES=(--steps 100 --warmup 10)
-CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40
+CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40 CAP_DATA=90
+DATA_ARGS=(--workers 0,1,2,4,8,16)
 if [ "$SMOKE" = 1 ]; then  # the tiny pair twice (so that the mixed pack runs), CPU-sized caps
   PAIRS=tiny:tiny,tiny:tiny FIRST=tiny:tiny SIZES=(--small)
-  CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240
+  CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240 CAP_DATA=120
+  DATA_ARGS=(--small --workers 0,1)
 fi
 rc=0
 
@@ -112,6 +118,11 @@ for s in "${steps[@]}"; do
                tests/test_kd_methods.py::test_each_method_steps_without_host_sync_on_cuda >>"$OUT/methods.txt" 2>&1 \
                || rc=1
              fit "$OUT/methods.txt" ;;
+    data) with_header "$OUT/data.txt"
+          echo "command: python3 bench/data_bench.py ${DATA_ARGS[*]} (cap $CAP_DATA s)" >>"$OUT/data.txt"
+          capped "$CAP_DATA" "$OUT/data.txt" python3 bench/data_bench.py "${DATA_ARGS[@]}" --json "$OUT/data.json" \
+            >>"$OUT/data.txt" 2>&1 || rc=1
+          fit "$OUT/data.txt" ;;
   esac
 done
 
@@ -119,6 +130,9 @@ echo; echo "== summary =="
 cat "$HEADER"
 if [ -f "$OUT/tests.txt" ]; then
   echo "-- tests (tests.txt)"; grep -E "passed|failed|error|skipped|SKIPPED|FAILED|ERROR|exit status|cap of|compile tests" "$OUT/tests.txt" | tail -n 30
+fi
+if [ -f "$OUT/data.txt" ]; then
+  echo "-- data (data.txt, data.json; $(tail -n 1 "$OUT/data.txt"))"; awk '/^\| /' "$OUT/data.txt"
 fi
 for name in try compiled bench; do
   [ -f "$OUT/$name.txt" ] || continue
