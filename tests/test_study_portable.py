@@ -15,7 +15,7 @@ from mixkd.checkpoint import atomic_write_text
 from mixkd.cli import main
 from mixkd.errors import MixkdError
 from mixkd.study import InProcessExecutor, load_study, run_study
-from mixkd.study.folder import FOLDER_FORMAT
+from mixkd.study.folder import FOLDER_FORMAT, STATE_NAME, RunState, StudyState, folder_problem
 from mixkd.study.report import collect
 from mixkd.study.spec import saved_config_mismatch
 
@@ -202,3 +202,20 @@ def test_atomically_written_files_get_the_mode_of_a_plain_open(tmp_path):
     atomic_write_text(tmp_path / "c.txt", "y")
     assert stat.S_IMODE((tmp_path / "c.txt").stat().st_mode) == 0o666 & ~old and (tmp_path / "c.txt").read_text() == "y"
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")]
+
+
+def test_a_study_folder_keeps_its_id_and_a_worker_elsewhere_checks_it_sees_that_folder(tmp_path):
+    study, out = load_study(_study(tmp_path / "s.yaml")), tmp_path / "out"
+    assert folder_problem(out, "x") == f"{out} is not there or holds no {STATE_NAME}"  # not mounted there
+    out.mkdir()
+    first = StudyState(study, out)
+    for run in study.runs:
+        first.set(run.id, RunState.PENDING)
+    first.save()
+    assert len(first.id) == 32 and json.loads((out / STATE_NAME).read_text())["id"] == first.id
+    assert StudyState(study, out).id == first.id  # kept by every later 'study run' of the folder
+    assert StudyState(study, tmp_path).id != first.id  # a new folder, a new study
+    assert folder_problem(out, first.id) is None
+    assert folder_problem(out, "other") == f"{out} holds another study (id {first.id}, not other)"
+    (out / STATE_NAME).write_text("{")
+    assert folder_problem(out, first.id).startswith(f"cannot read {out / STATE_NAME} (")

@@ -19,8 +19,10 @@ process, stepped in turn, each on its own CUDA stream, with a slot refilled as s
 * ``InProcessExecutor``: one pack in the study's own process, stepped while the study waits (tests,
   debugging).
 * ``RayExecutor``: one actor per GPU of the cluster (per CPU on a CPU-only cluster, or ``--workers``),
-  each holding a pack. Actors write to the study folder by its path, so the folder must be on
-  storage every node mounts at the same path, and mixkd must be installed on every node.
+  spread over its nodes, each holding a pack. Actors write to the study folder by its absolute path,
+  so the folder must be on storage every node mounts at the same path (each actor checks that it
+  sees the study's folder before its first job), and mixkd must be installed on every node. Runs of
+  a node that goes away continue from their checkpoints on the nodes left.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from mixkd.control import StopControl, wall_to_monotonic
 from mixkd.data.loaders import available_cores
 from mixkd.errors import MixkdError
 from mixkd.files import open_nofollow
-from mixkd.study.folder import WORKERS_LOCK
+from mixkd.run_folder import RunFolder
+from mixkd.study.folder import WORKERS_LOCK, folder_problem
 from mixkd.study.packworker import PackWorker
 from mixkd.study.worker import Job, Outcome
 
@@ -58,6 +61,10 @@ class Executor(Protocol):
 
     kind: str
     description: str  # what runs where, for the study's first line
+
+    def attach(self, out: str | os.PathLike, study_id: str) -> None:
+        """The study folder its jobs write to, and the study's id (workers on other machines check
+        that they see that folder, before the first job)."""
 
     def capacity(self) -> int:
         """How many more jobs it takes now (0 once a stop has come)."""
@@ -210,6 +217,9 @@ class LocalExecutor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
+    def attach(self, out: str | os.PathLike, study_id: str) -> None:
+        pass  # its workers run on this machine: they see the folder the study sees
+
     def capacity(self) -> int:
         if self.stopping:
             return 0
@@ -295,13 +305,20 @@ class LocalExecutor:
 
 
 class _PackActor:
-    """A Ray actor holding one pack; its loop runs in a thread, ``submit``/``poll`` talk to it."""
+    """A Ray actor holding one pack; its loop runs in a thread, ``submit``/``poll`` talk to it. Before
+    a job of a study folder it has not seen yet, it checks that its node sees that folder, the same
+    study's (:func:`mixkd.study.folder.folder_problem`), and it notes its node in each run's log."""
 
     def __init__(self, slots: int, threads: int | None, limit: float | None, wall_deadline: float | None):
+        import ray  # optional (mixkd[ray]): this class runs in Ray's worker processes only
+
         if threads:
             torch.set_num_threads(threads)
         deadline = None if wall_deadline is None else wall_to_monotonic(wall_deadline)  # another machine's clock
         self.worker = PackWorker(slots, StopControl(time_limit=limit, deadline=deadline))
+        self.node = ray.get_runtime_context().get_node_id()
+        self.name = f"Ray node {ray.util.get_node_ip_address()} ({self.node[:8]})"
+        self.folders: set[tuple[str, str]] = set()  # (study folder, study id) seen from here
         self.lock = threading.Lock()
         self.done: list[Completion] = []
         self.crash: str | None = None
@@ -319,7 +336,25 @@ class _PackActor:
         except BaseException as e:  # noqa: BLE001 - reported by the next poll
             self.crash = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
 
-    def submit(self, job: Job) -> None:
+    def check(self, folder: str, study_id: str) -> tuple[str, str | None]:
+        """(this node's id, why it cannot work in ``folder`` or None)."""
+        problem = folder_problem(folder, study_id)
+        if problem is None:
+            self.folders.add((folder, study_id))
+            return self.node, None
+        return self.node, (f"{self.name} does not see the study folder: {problem}; the folder must be on storage "
+                           "every node mounts at the same path")
+
+    def submit(self, job: Job, folder: str, study_id: str) -> None:
+        if (folder, study_id) not in self.folders:
+            _, problem = self.check(folder, study_id)
+            if problem is not None:
+                with self.lock:
+                    self.done.append((job.run_id, {"ok": False, "message": problem, "seconds": 0.0}))
+                return
+        if job.analysis is None:  # where each attempt of a run trained, in its log
+            os.makedirs(job.run_dir, exist_ok=True)
+            RunFolder(job.run_dir).append_log(f"placed on {self.name}, node id {self.node}, worker pid {os.getpid()}")
         with self.lock:
             self.worker.submit(job)
 
@@ -357,7 +392,22 @@ def _ray_local_only():
             os.environ[name] = before
 
 
+MAX_LOST = 3  # a run whose worker dies this many times (its node lost each time, or the run kills it) fails
+ORPHAN_WAIT = 120.0  # seconds runs of a lost worker wait for a new one when no other is left
+
+
 class RayExecutor:
+    """One actor per GPU of the cluster (per CPU of a CPU-only cluster, or ``workers``), spread over its
+    nodes (Ray's SPREAD strategy; each actor takes 1 CPU, and 1 GPU where runs use CUDA), each holding a
+    pack. The study folder is the contract between nodes: every actor checks at ``attach`` (and before
+    any job of a folder it has not seen) that its node sees the folder at the driver's path, the same
+    study by the id of its state file; jobs carry absolute paths.
+
+    A worker lost with its node (or killed) does not fail its runs: they go to the workers left, or to
+    a new actor Ray places where it can, and resume there from their last checkpoint through the usual
+    resume path (the runner hears "rescheduled"). A run lost :data:`MAX_LOST` times fails; runs left
+    without any worker for :data:`ORPHAN_WAIT` s fail too (running the study again resumes them)."""
+
     kind = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, runs_per_gpu: int | None = None,
@@ -373,6 +423,7 @@ class RayExecutor:
         self._ray = ray
         self._temp_dir: str | None = None
         self._owns = not ray.is_initialized()
+        self.address = address or "this machine"
         if self._owns:
             try:
                 if address:
@@ -387,53 +438,179 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 if self._temp_dir is not None:
                     shutil.rmtree(self._temp_dir, ignore_errors=True)
-                raise MixkdError(f"cannot start or reach the Ray cluster at {address or 'this machine'}: "
+                raise MixkdError(f"cannot start or reach the Ray cluster at {self.address}: "
                                  f"{str(e).splitlines()[0]}") from None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if use_gpu else 0
         cpus = int(resources.get("CPU", 0))
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         n = workers or (gpus if gpus else max(1, cpus))
+        self.gpus = gpus
         self.slots = pack or (DEFAULT_GPU_PACK if gpus else 1)
-        actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0, max_concurrency=4)(_PackActor)
+        self._actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=0, max_concurrency=4,
+                                 scheduling_strategy="SPREAD")(_PackActor)
         wall = None if deadline is None else time.time() + (deadline - time.monotonic())
-        self._actors = [actor.remote(self.slots, None if gpus else (threads or 1), time_limit, wall)
-                        for _ in range(n)]
-        self._assigned: list[list[str]] = [[] for _ in range(n)]
+        self._args = (self.slots, None if gpus else (threads or 1), time_limit, wall)
+        self._actors: list[Any] = []
+        self._state: list[str] = []  # per actor: "starting" (until its check answers), "ready" or "dead"
+        self._node: list[str | None] = []
+        self._assigned: list[list[str]] = []
+        for _ in range(n):
+            self._add_actor()
+        self._spares = n * MAX_LOST  # new actors for lost ones, at most
+        self._checks: dict[Any, int] = {}
         self._polls: dict[Any, int] = {}
         self._progress: dict[int, dict[str, Any]] = {}
+        self._jobs: dict[str, Job] = {}  # run id -> its job, while it runs (to place it again)
+        self._lost: dict[str, int] = {}  # run id -> times its worker was lost
+        self._homeless: list[Job] = []  # jobs of lost workers, waiting for a slot
+        self._homeless_since: float | None = None
+        self._folder: tuple[str, str] | None = None
         self.stopping: str | None = None
-        self.description = (f"Ray cluster at {address or 'this machine'} ({cpus} CPUs, {gpus:g} GPUs), {n} pack(s) "
-                            f"of up to {self.slots} run(s)" + (", one per GPU" if gpus else ""))
+        self.description = (f"Ray cluster at {self.address} ({nodes} node(s), {cpus} CPUs, {gpus:g} GPUs), {n} pack(s) "
+                            f"of up to {self.slots} run(s)" + (", one per GPU" if gpus else "") + ", spread over the nodes")
+
+    def _add_actor(self) -> int:
+        self._actors.append(self._actor.remote(*self._args))
+        self._state.append("starting")
+        self._node.append(None)
+        self._assigned.append([])
+        return len(self._actors) - 1
+
+    def _check(self, i: int) -> None:
+        assert self._folder is not None
+        self._checks[self._actors[i].check.remote(*self._folder)] = i
+
+    def attach(self, out: str | os.PathLike, study_id: str, timeout: float = ORPHAN_WAIT) -> None:
+        """Bind the study folder; wait until a first actor has checked that its node sees it (and the
+        others a moment more). One line naming the node and the path where a node does not see it."""
+        self._folder = (os.path.abspath(out), study_id)
+        for i in range(len(self._actors)):
+            self._check(i)
+        deadline = time.monotonic() + timeout
+        while not any(s == "ready" for s in self._state):
+            if not self._checks or time.monotonic() > deadline:
+                raise MixkdError(f"no Ray worker started on the cluster at {self.address} within {timeout:.0f} s "
+                                 f"(each needs 1 CPU{' and 1 GPU' if self.gpus else ''}); see 'ray status'")
+            self._answer_checks(1.0, strict=True)
+        self._answer_checks(min(10.0, max(0.0, deadline - time.monotonic())), strict=True)
+
+    def _answer_checks(self, timeout: float, strict: bool = False) -> None:
+        """Actors whose check has answered become ready (or, on a node without the folder, are dropped:
+        an error with ``strict``, before the study starts)."""
+        if not self._checks:
+            return
+        ready, _ = self._ray.wait(list(self._checks), num_returns=len(self._checks), timeout=timeout)
+        for ref in ready:
+            i = self._checks.pop(ref)
+            try:
+                node, problem = self._ray.get(ref)
+            except Exception:  # noqa: BLE001 - the actor could not start, or died with its node
+                self._drop(i)
+                continue
+            if problem is not None:
+                self._drop(i)
+                if strict:
+                    raise MixkdError(problem)
+                continue
+            self._state[i], self._node[i] = "ready", node
+
+    def _drop(self, i: int) -> None:
+        self._state[i] = "dead"
+        self._ray.kill(self._actors[i])
+        self._progress.pop(i, None)
 
     def capacity(self) -> int:
-        return 0 if self.stopping else sum(self.slots - len(a) for a in self._assigned)
+        if self.stopping:
+            return 0
+        free = sum(max(0, self.slots - len(a)) for a, s in zip(self._assigned, self._state) if s == "ready")
+        return max(0, free - len(self._homeless))
+
+    def _place(self, job: Job) -> bool:
+        """Give ``job`` to the least loaded ready actor with a free slot; False where none has one."""
+        ready = [i for i, s in enumerate(self._state) if s == "ready" and len(self._assigned[i]) < self.slots]
+        if not ready:
+            return False
+        i = min(ready, key=lambda k: len(self._assigned[k]))
+        self._assigned[i].append(job.run_id)
+        self._jobs[job.run_id] = job
+        self._actors[i].submit.remote(job, *self._folder)
+        return True
 
     def submit(self, job: Job) -> None:
-        i = min(range(len(self._assigned)), key=lambda k: len(self._assigned[k]))
-        self._assigned[i].append(job.run_id)
-        self._actors[i].submit.remote(job)
+        # paths as this machine resolves them, the same on every node; each actor sees its one GPU as cuda:0
+        run_dir = os.path.abspath(job.run_dir)
+        update: dict[str, Any] = {"out": run_dir}
+        if self.gpus and job.config.device.startswith("cuda:"):
+            update["device"] = "cuda"
+        job = job._replace(run_dir=run_dir, config=job.config.model_copy(update=update))
+        if not self._place(job):
+            self._homeless.append(job)
+
+    def _lose(self, i: int, why: str) -> list[Completion]:
+        """Actor ``i`` died (its node gone, killed): its runs go elsewhere, or fail after MAX_LOST losses."""
+        done: list[Completion] = []
+        node = (self._node[i] or "?")[:8]
+        self._drop(i)
+        for run_id in self._assigned[i]:
+            job = self._jobs.pop(run_id)
+            self._lost[run_id] = self._lost.get(run_id, 0) + 1
+            if self._lost[run_id] >= MAX_LOST:
+                done.append((run_id, {"ok": False, "seconds": None, "message": f"its Ray worker was lost "
+                                      f"{self._lost[run_id]} times (last on node {node}: {why})"}))
+            elif self.stopping:
+                done.append((run_id, {"ok": False, "stopped": True, "not_started": True, "seconds": None,
+                                      "message": "its Ray worker was lost during the stop"}))
+            else:
+                self._homeless.append(job)
+                done.append((run_id, {"rescheduled": True, "message": f"its Ray worker on node {node} was lost "
+                                      f"({why}); it continues from its last checkpoint on another worker"}))
+        self._assigned[i] = []
+        if self._spares > 0 and not self.stopping:  # Ray places it where resources are (maybe nowhere yet)
+            self._spares -= 1
+            self._check(self._add_actor())
+        return done
+
+    def _rehome(self) -> list[Completion]:
+        """Jobs of lost workers to free slots; failed when no worker has been there for ORPHAN_WAIT s."""
+        while self._homeless and self._place(self._homeless[0]):
+            self._homeless.pop(0)
+        if not self._homeless or any(s == "ready" for s in self._state):
+            self._homeless_since = None
+            return []
+        if self._homeless_since is None:
+            self._homeless_since = time.monotonic()
+        if self.stopping or time.monotonic() - self._homeless_since > ORPHAN_WAIT:
+            jobs, self._homeless = self._homeless, []
+            if self.stopping:
+                return [(job.run_id, {"ok": False, "stopped": True, "not_started": True, "seconds": None,
+                                      "message": "not started before the stop"}) for job in jobs]
+            return [(job.run_id, {"ok": False, "seconds": None, "message": f"no Ray worker was left to continue it "
+                                  f"for {ORPHAN_WAIT:.0f} s; run the study again once the cluster has room (it "
+                                  "resumes from its checkpoint)"}) for job in jobs]
+        return []
 
     def wait(self, timeout: float) -> list[Completion]:
-        done: list[Completion] = []
-        for i in range(len(self._actors)):  # a poll not answered yet stays outstanding: its answer holds results
-            if self._assigned[i] and i not in self._polls.values():
+        self._answer_checks(0)
+        done = self._rehome()
+        for i, state in enumerate(self._state):  # a poll not answered yet stays outstanding: its answer holds results
+            if state == "ready" and self._assigned[i] and i not in self._polls.values():
                 self._polls[self._actors[i].poll.remote()] = i
-        if not self._polls:
-            return done
-        ready, _ = self._ray.wait(list(self._polls), num_returns=len(self._polls), timeout=timeout)
+        if self._polls:
+            ready, _ = self._ray.wait(list(self._polls), num_returns=len(self._polls), timeout=timeout)
+        else:
+            ready = []
         for ref in ready:
             i = self._polls.pop(ref)
             try:
                 completions, progress = self._ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the actor's process died, or Ray lost it
-                line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                done += [(run_id, {"ok": False, "seconds": None, "message": f"Ray actor failed: {line}"})
-                         for run_id in self._assigned[i]]
-                self._assigned[i] = []
+            except Exception as e:  # noqa: BLE001 - the actor's process died, or its node
+                done += self._lose(i, (str(e).strip().splitlines() or [type(e).__name__])[-1].strip())
                 continue
             for run_id, outcome in completions:
                 if run_id in self._assigned[i]:
                     self._assigned[i].remove(run_id)
+                self._jobs.pop(run_id, None)
                 done.append((run_id, outcome))
             if progress:
                 self._progress[i] = progress
@@ -444,21 +621,25 @@ class RayExecutor:
         return done
 
     def in_flight(self) -> int:
-        return sum(len(a) for a in self._assigned)
+        return sum(len(a) for a in self._assigned) + len(self._homeless)
 
     def stop(self, reason: str) -> None:
         self.stopping = reason
-        for a in self._actors:
-            a.stop.remote(reason)
+        for a, s in zip(self._actors, self._state):
+            if s != "dead":
+                a.stop.remote(reason)
 
     def progress(self) -> list[dict[str, Any]]:
         return [self._progress[i] for i in sorted(self._progress)]
 
+    def nodes(self) -> dict[int, str | None]:
+        """Each live actor's node id (None until its first check answered)."""
+        return {i: self._node[i] for i, s in enumerate(self._state) if s != "dead"}
+
     def shutdown(self, terminate: bool = False) -> None:
         for a in self._actors:
             self._ray.kill(a)
-        self._actors = []
-        self._assigned = []
+        self._actors, self._state, self._node, self._assigned = [], [], [], []
         if self._owns:
             self._ray.shutdown()
             if self._temp_dir is not None:
@@ -476,6 +657,9 @@ class InProcessExecutor:
         self.slots = slots
         self._jobs = 0
         self.description = f"in this process, a pack of up to {slots} run(s)"
+
+    def attach(self, out: str | os.PathLike, study_id: str) -> None:
+        pass
 
     def capacity(self) -> int:
         return 0 if self.worker.control.reason is not None else self.slots - self._jobs

@@ -3,7 +3,9 @@
 A study folder ``DIR`` holds one run directory per run id, ``study.yaml`` (the study file as last
 run), ``study-state.json`` (each run's state and error, rewritten atomically after every change),
 ``.study.lock`` (held by the ``mixkd study run`` using the folder) and ``.study.workers.lock``
-(held shared by its worker processes). The planner, ``mixkd study status`` and the runner all read
+(held shared by its worker processes). The state file carries the study's ``id`` (made at its first
+run, kept by every later one): a worker on another machine checks, with :func:`folder_problem`, that
+the folder it sees at the same path is this study's (a shared filesystem is the contract). The planner, ``mixkd study status`` and the runner all read
 the folder through this module; only the runner writes the state file and takes the lock.
 
 A run's state in a study is a :class:`RunState`. What a run directory itself holds (new, started,
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import time
+import uuid
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
@@ -121,11 +124,30 @@ def load_folder(out: str | Path) -> tuple[Study, dict[str, Any] | None]:
     return study, state
 
 
+def folder_problem(out: str | Path, study_id: str) -> str | None:
+    """Why the study folder ``out``, as this machine sees it, is not the one of study ``study_id``
+    (absent, unreadable, another study's), or None: what a worker on another machine checks before
+    it writes there."""
+    path = Path(out) / STATE_NAME
+    if not path.is_file():
+        return f"{out} is not there or holds no {STATE_NAME}"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"cannot read {path} ({e})"
+    found = state.get("id") if isinstance(state, dict) else None
+    if found != study_id:
+        return f"{out} holds another study (id {found}, not {study_id})"
+    return None
+
+
 class StudyState:
-    """Each run's state (and error, seconds, analysis) during ``mixkd study run``, saved to the state file."""
+    """Each run's state (and error, seconds, analysis) during ``mixkd study run``, saved to the state
+    file, and the study's ``id`` (kept from the folder's state file, else new)."""
 
     def __init__(self, study: Study, out: Path):
         self.study, self.out = study, out
+        self.id = str((check_folder(out) or {}).get("id") or uuid.uuid4().hex)
         self.status: dict[str, RunState] = {}
         self.error: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
@@ -173,7 +195,7 @@ class StudyState:
             if run.id in self.analysis_error:
                 entry["analysis_error"] = self.analysis_error[run.id]
             runs[run.id] = entry
-        state = {"format": FOLDER_FORMAT, "mixkd_version": __version__, "overrides": self.study.overrides,
+        state = {"format": FOLDER_FORMAT, "id": self.id, "mixkd_version": __version__, "overrides": self.study.overrides,
                  "study": self.study.name, "source": str(self.study.source),
                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "interrupted": interrupted, "counts": self.counts(),

@@ -117,6 +117,7 @@ def run_study(study: Study, out: str | Path, executor: Executor, device: str | N
         bar = _progress(len(study.runs), counts["done"] + counts["failed"], progress)
         started: dict[str, float] = {}
         try:
+            executor.attach(out, state.id)  # workers elsewhere (Ray nodes) check that they see this folder
             _loop(study, out, executor, device, state, bar, started, echo, control)
         except KeyboardInterrupt:
             executor.shutdown(terminate=True)
@@ -219,6 +220,9 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
         if not started:
             return
         for run_id, outcome in executor.wait(timeout=1.0):
+            if outcome.get("rescheduled"):  # its worker was lost (a Ray node gone): it resumes elsewhere
+                note(f"moved   {run_id}: {outcome['message']}")
+                continue
             changed = True
             if state.analysis.get(run_id) == AnalysisState.RUNNING:
                 if outcome.get("stopped"):
