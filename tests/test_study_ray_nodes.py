@@ -2,16 +2,23 @@
 head and a second node, 1 CPU each, every process on 127.0.0.1). The study's runs land on both
 nodes; the second node removed mid-study (after one of its runs wrote a checkpoint) has its run
 moved to the head, where it resumes from that checkpoint; the study finishes equal to an
-uninterrupted one in the test's own process."""
+uninterrupted one.
 
+The test runs in a process of its own: a Ray session leaves state in its process (its authentication
+mode, cached where the environment that pytest restores between tests cannot reach it) that a later
+session in the same process, on a cluster started with another environment, trips over."""
+
+import multiprocessing as mp
 import os
 import re
 import signal
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from run_rows import epoch_rows
 
@@ -37,7 +44,13 @@ def _placements(run_dir: Path) -> list[tuple[str, int]]:
     return [(m[1], int(m[2])) for m in PLACED.finditer(log.read_text())] if log.exists() else []
 
 
-def test_runs_spread_over_two_nodes_and_a_lost_node_s_run_resumes_from_its_checkpoint(tmp_path, one_thread):
+def test_runs_spread_over_two_nodes_and_a_lost_node_s_run_resumes_from_its_checkpoint(tmp_path):
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as process:
+        process.submit(_study_on_two_nodes, tmp_path).result()  # its assertion errors are raised here
+
+
+def _study_on_two_nodes(tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # the uninterrupted study's runs, as the Ray workers' (--threads 1)
     path = tmp_path / "nodes.yaml"
     path.write_text(yaml.safe_dump(STUDY))
     study, out, reference = load_study(path), tmp_path / "out", tmp_path / "reference"
@@ -53,16 +66,17 @@ def test_runs_spread_over_two_nodes_and_a_lost_node_s_run_resumes_from_its_check
         try:
             second = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
             ex = RayExecutor(address=cluster.address, workers=2, use_gpu=False, pack=1)
-            assert "2 node(s), 2 CPUs" in ex.description and "2 pack(s) of up to 1 run(s)" in ex.description
+            assert "2 node(s), 2 CPUs" in ex.description and "2 pack(s) of up to 1 run(s)" in ex.description, \
+                ex.description
             head = ray.get_runtime_context().get_node_id()  # the driver's node
             other = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - {head}
-            assert len(other) == 1
+            assert len(other) == 1, ray.nodes()
             other_id = other.pop()
             # a node that does not see the study folder at the driver's path says so in one line, naming itself
             node, problem = ray.get(ex._actors[1].check.remote(str(tmp_path / "elsewhere"), "some-id"))
             assert problem == (f"Ray node 127.0.0.1 ({node[:8]}) does not see the study folder: {tmp_path / 'elsewhere'} "
                                "is not there or holds no study-state.json; the folder must be on storage every node "
-                               "mounts at the same path")
+                               "mounts at the same path"), problem
             outcome: dict = {}
             study_thread = threading.Thread(target=lambda: outcome.setdefault(
                 "value", run_study(study, out, ex, progress=False, echo=lines.append)))
@@ -91,17 +105,17 @@ def test_runs_spread_over_two_nodes_and_a_lost_node_s_run_resumes_from_its_check
 
     # (a) the runs landed on both nodes
     first = {run.id: _placements(out / run.id)[0][0] for run in study.runs}
-    assert set(first.values()) == {head, other_id}
+    assert set(first.values()) == {head, other_id}, (first, head, other_id)
     # (b) the lost run was placed again on the head and resumed there from its checkpoint (epoch 1 done)
     attempts = _placements(out / lost)
-    assert [node for node, _ in attempts] == [other_id, head]
+    assert [node for node, _ in attempts] == [other_id, head], (attempts, head, other_id)
     log = (out / lost / "log.txt").read_text()
-    assert "resume at epoch 2" in log.split("node id " + head)[1]  # after its first epoch's checkpoint
-    assert any(line.startswith(f"moved   {lost}: its Ray worker on node {other_id[:8]} was lost") for line in lines)
+    assert "resume at epoch 2" in log.split("node id " + head)[1], log  # after its first epoch's checkpoint
+    assert any(line.startswith(f"moved   {lost}: its Ray worker on node {other_id[:8]} was lost") for line in lines), lines
 
     # ... and the study equals the uninterrupted one
     uninterrupted.join()
-    assert [{k: r[k] for k in ("id", *ACCURACY)} for r in collect(out)] == \
-           [{k: r[k] for k in ("id", *ACCURACY)} for r in collect(reference)]
+    rows = [[{k: r[k] for k in ("id", *ACCURACY)} for r in collect(folder)] for folder in (out, reference)]
+    assert rows[0] == rows[1], rows
     for run in study.runs:
-        assert epoch_rows(out / run.id) == epoch_rows(reference / run.id)
+        assert epoch_rows(out / run.id) == epoch_rows(reference / run.id), run.id

@@ -639,7 +639,11 @@ class RayExecutor:
     def shutdown(self, terminate: bool = False) -> None:
         for a in self._actors:
             self._ray.kill(a)
+        # every handle and reference of this Ray session dropped while it runs: after its shutdown they
+        # would be released into the next session of this process, whose ids repeat this one's
         self._actors, self._state, self._node, self._assigned = [], [], [], []
+        self._polls, self._checks, self._jobs, self._homeless, self._progress = {}, {}, {}, [], {}
+        self._actor = None
         if self._owns:
             self._ray.shutdown()
             if self._temp_dir is not None:
