@@ -6,11 +6,12 @@
 #   OUT=/tmp/out bash bench/device.sh try      # not in the window plan (does not fit): max-autotune, 75 s
 #   OUT=/tmp/out bash bench/device.sh methods  # not in the window plan: the KD methods' CUDA tests, 40 s
 #   OUT=/tmp/out bash bench/device.sh data     # not in the window plan: image-folder data rates, 90 s
-#   OUT=/tmp/out bash bench/device.sh          # tests, bench, try in one call (~7 min)
+#   OUT=/tmp/out bash bench/device.sh ddp      # call 1 after tests, at most 60 s: one run in 2 processes on the GPU
+#   OUT=/tmp/out bash bench/device.sh          # tests, bench, try, ddp in one call (~8 min)
 #   SMOKE=1 OUT=/tmp/out bash bench/device.sh  # every step on the CPU with tiny sizes (CI runs this)
 # Set-up (wheels, header, output rules): bench/window.sh. Every step runs under `timeout` and writes what
 # it measured even when its cap stops it; the header (commit, device, torch, wheels) tops every text file;
-# at most 8 files come back (this script writes at most 7), each checked to be under 15 MiB.
+# at most 8 files come back (this script writes at most 8), each checked to be under 15 MiB.
 #
 # tests (tests.txt; caps 70 s + 60 s): the CUDA tests, compile last so that its failure costs nothing else:
 #   loaders (tests/test_data.py, device=cuda), packs (three different runs packed on streams == alone;
@@ -33,27 +34,34 @@
 # data (data.txt/.json, cap 90 s): bench/data_bench.py on generated ImageNet-sized JPEGs: decoded-and-augmented
 #   images/s per DataLoader worker count (0, 1, 2, 4, 8, 16) on the machine's CPU, then
 #   torchvision.io.decode_jpeg(device='cuda') batches of 64 and 256 (+ RandomResizedCrop 224 + flip on the GPU).
+# ddp (ddp.txt, cap 60 s): torchrun --nproc-per-node 2 on the one GPU (both ranks on cuda:0, so the backend
+#   is gloo: NCCL refuses two ranks on one GPU), --sync-bn, fp32, eager (a data-parallel step is eager), against
+#   the 1-process run of the same config (eager too): digits, resnet8, batch 64 (2 x 32), 2 epochs of 22 steps;
+#   bench/ddp_check.py compares the losses epoch by epoch (rtol 1e-3: cuDNN picks its kernels per batch size)
+#   and prints each run's images/s (2 processes on one GPU show the cost of DDP's all-reduce, not a speed-up).
 # inductor's cache is kept in $WINDOW/compile-cache, so later steps and calls reuse what was compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mixkd-bench}
 . bench/window.sh
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests bench try)
+[ ${#steps[@]} -gt 0 ] || steps=(tests bench try ddp)
 for s in "${steps[@]}"; do
-  case $s in tests|bench|try|methods|data) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try, methods, data" >&2; exit 2 ;; esac
+  case $s in tests|bench|try|methods|data|ddp) ;; *) echo "device.sh: unknown step '$s'; choose from tests, bench, try, methods, data, ddp" >&2; exit 2 ;; esac
 done
 window_setup device.sh
 export TORCHINDUCTOR_CACHE_DIR=$WINDOW/compile-cache
 PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
 FIRST=resnet32x4:resnet8x4
 SIZES=(--steps 100 --warmup 10)
-CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40 CAP_DATA=90
+CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40 CAP_DATA=90 CAP_DDP=60
 DATA_ARGS=(--workers 0,1,2,4,8,16)
+DDP_DATA=(--dataset digits --epochs 2 --device cuda)
 if [ "$SMOKE" = 1 ]; then  # the tiny pair twice (so that the mixed pack runs), CPU-sized caps
   PAIRS=tiny:tiny,tiny:tiny FIRST=tiny:tiny SIZES=(--small)
-  CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240 CAP_DATA=120
+  CAP_TESTS=120 CAP_COMPILE=120 CAP_BENCH=240 CAP_COMPILED=240 CAP_TRY=240 CAP_DATA=120 CAP_DDP=240
   DATA_ARGS=(--small --workers 0,1)
+  DDP_DATA=(--dataset cifar10 --data-dir "$WINDOW/ddp-data" --epochs 2 --device cpu)  # 64 fake images: 1 step an epoch
 fi
 rc=0
 
@@ -106,9 +114,34 @@ bench_step() {
   fit "$OUT/$name.txt"
 }
 
+# run_ddp: one run in 2 processes (torchrun, one GPU) against the same run in one process: ddp.txt
+run_ddp() {
+  local t=$OUT/ddp.txt dir=$WINDOW/ddp status
+  with_header "$t"
+  rm -rf "$dir" && mkdir -p "$dir"
+  if [ "$SMOKE" = 1 ]; then
+    python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from cifar_fixture import write_fake_cifar
+write_fake_cifar(Path(sys.argv[1]), num_classes=10, n_train=64, n_test=40, seed=0)" "$WINDOW/ddp-data" >>"$t" 2>&1
+  fi
+  local args=(train "${DDP_DATA[@]}" --model resnet8 --batch-size 64 --precision fp32 --no-graph --compile off --sync-bn
+              --no-progress --save-every 1000)
+  echo "-- 1 process: python3 -m mixkd ${args[*]} --out $dir/one (cap $CAP_DDP s for both runs)" >>"$t"
+  local start=$SECONDS
+  capped "$CAP_DDP" "$t" python3 -m mixkd "${args[@]}" --out "$dir/one" >>"$t" 2>&1 || rc=1
+  echo "-- 2 processes: python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m mixkd ${args[*]} --out $dir/two" >>"$t"
+  capped $((CAP_DDP - (SECONDS - start) > 5 ? CAP_DDP - (SECONDS - start) : 5)) "$t" \
+    python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m mixkd "${args[@]}" --out "$dir/two" >>"$t" 2>&1
+  status=$?
+  [ $status = 0 ] || rc=1
+  grep -h "x 2 processes" "$dir/two/log.txt" >>"$t" 2>/dev/null
+  python3 bench/ddp_check.py "$dir/one" "$dir/two" --rtol 1e-3 >>"$t" 2>&1 || rc=1
+  fit "$t"
+}
+
 for s in "${steps[@]}"; do
   case $s in
     tests) run_tests ;;
+    ddp) run_ddp ;;
     bench) bench_step bench "$CAP_BENCH" --pairs "$PAIRS" --variants dep --pack 2,4,8
            bench_step compiled "$CAP_COMPILED" --pairs "$FIRST" --variants ghqs --pack 8 ;;
     try) bench_step try "$CAP_TRY" --pairs "$FIRST" --variants gm ;;
@@ -133,6 +166,9 @@ if [ -f "$OUT/tests.txt" ]; then
 fi
 if [ -f "$OUT/data.txt" ]; then
   echo "-- data (data.txt, data.json; $(tail -n 1 "$OUT/data.txt"))"; awk '/^\| /' "$OUT/data.txt"
+fi
+if [ -f "$OUT/ddp.txt" ]; then
+  echo "-- ddp (ddp.txt)"; grep -E "^epoch|^images/s|^ddp check|exit status|cap of" "$OUT/ddp.txt" | tail -n 12
 fi
 for name in try compiled bench; do
   [ -f "$OUT/$name.txt" ] || continue

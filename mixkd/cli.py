@@ -44,7 +44,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--download",), "download", {"action": "store_const", "const": True}, "download CIFAR if it is missing (checks the official MD5)"),
     (("--image-size",), "image_size", {"type": int}, "crop size for imagefolder data (default 224)"),
     (("--epochs",), "epochs", {"type": int}, "training epochs"),
-    (("--batch-size",), "batch_size", {"type": int}, "training batch size"),
+    (("--batch-size",), "batch_size", {"type": int}, "training batch size: the global batch, split over the processes of a torchrun/srun launch (each takes batch/N; --lr is for the global batch, scaling it is your choice)"),
     (("--eval-batch-size",), "eval_batch_size", {"type": int}, "evaluation batch size"),
     (("--lr",), "optim.lr", {"type": float}, "learning rate (default 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2)"),
     (("--momentum",), "optim.momentum", {"type": float}, "SGD momentum"),
@@ -58,6 +58,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--seed",), "seed", {"type": int}, "random seed"),
     (("--device",), "device", {}, "auto, cpu, cuda or cuda:N"),
     (("--precision",), "precision", {"choices": ["auto", "fp32", "bf16"]}, "auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast with channels-last (losses in fp32)"),
+    (("--sync-bn",), "sync_bn", {"action": "store_const", "const": True}, "under torchrun/srun: BatchNorm over the global batch (SyncBatchNorm), so N processes compute what one does"),
     (("--no-graph",), "graph", {"action": "store_const", "const": False}, "on CUDA, run the training step eagerly instead of replaying a CUDA graph"),
     (("--compile",), "compile", {"choices": ["auto", "on", "off"]}, "torch.compile the teacher and student inside the step (about 20 s of compilation per teacher-student pair, cached on disk); auto: on for CUDA runs except imagefolder, off on the CPU"),
     (("--out",), "out", {}, "run directory (default runs/<task>-<model>-<dataset>-<time>-<pid>)"),
@@ -119,6 +120,9 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     p.add_argument("--time-limit", metavar="DURATION",
                    help="stop before DURATION (90s, 25m, 1:30:00) of wall time with a step-exact checkpoint and exit "
                         "with status 75 (resumable with --resume); SIGTERM/SIGUSR1 do the same")
+    p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="under torchrun/srun: the process group's backend; auto: nccl when each process has a GPU of "
+                        "its own, gloo on the CPU or when processes share a GPU (default: auto)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(handler=_cmd_run, task=name, dests=dests, stops=True)
     return p
@@ -268,23 +272,38 @@ def _dotted(cfg: RunConfig, key: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mixkd.control import StopControl, parse_duration
+    from mixkd import distributed
+
+    try:
+        return _run_command(args, distributed)
+    finally:
+        distributed.shutdown()
+
+
+def _run_command(args: argparse.Namespace, distributed) -> int:
+    from mixkd.control import STOP_WORDS, StopControl, parse_duration
+    from mixkd.device import resolve_device
     from mixkd.engine import StoppedRun, run_job
 
     cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+    distributed.setup(resolve_device(cfg.device), args.dist_backend)  # torchrun / srun: one run, many processes
 
     def echo(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print(line, file=sys.stderr, flush=True)
 
-    control.install_signals()
+    control.install_signals(same_interrupt_within=5.0 if distributed.active() else 0.0)
     try:
         job = run_job(cfg, resume=resume, control=control, echo=echo)
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
                "interrupt": "interrupted"}[stopped.reason]
-        if not job.created:  # stopped before this process wrote anything: never claim a checkpoint
+        if not distributed.is_main():
+            print(f"rank {distributed.rank()} of {distributed.world()}: {STOP_WORDS[stopped.reason]} at epoch "
+                  f"{job.epoch + 1} step {job.step_in_epoch}", file=sys.stderr)
+        elif not job.created:  # stopped before this process wrote anything: never claim a checkpoint
             what = "start it" if job.fresh else "continue it"
             print(f"{why} before the run {'began' if job.fresh else 'continued'}: nothing was written to {job.dir}; "
                   f"run the same command again to {what}", file=sys.stderr)
@@ -297,6 +316,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         control.restore_signals()
     result = job.result
+    if not distributed.is_main():
+        return 0
     print(f"{args.task} {result['model']}: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
           f"(epoch {result['best_epoch']}), top-5 {result['top5']:.2f}%; run in {job.dir}")
     return 0

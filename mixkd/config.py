@@ -144,6 +144,7 @@ class RunConfig(_Section):
     workers: int | None = Field(None, ge=0, le=256, description="data-loading processes (image folders only); default: the cores available, at most 4")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast, channels-last; losses stay fp32")
     graph: bool = Field(True, description="on CUDA, capture the training step as a CUDA graph (false: eager)")
+    sync_bn: bool = Field(False, description="data-parallel runs (torchrun, srun): BatchNorm with the statistics of the global batch; no effect on one process")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the teacher and student inside the step; auto: on for CUDA runs of in-memory datasets (24-37% faster on an H100), off on the CPU and for imagefolder")
     tensorboard: bool = False
     progress: bool = True

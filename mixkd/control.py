@@ -29,6 +29,9 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on time or by SIGTERM/SIGUSR1; run the
 EXIT_INTERRUPTED = 130
 # How a stop reads in logs, per-run lines and status, by its reason.
 STOP_WORDS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C"}
+# Stop reasons as numbers, for the ranks of a data-parallel run to agree on (their maximum wins: Ctrl-C over a signal over time).
+STOP_CODES = {None: 0, "time": 1, "signal": 2, "interrupt": 3}
+STOP_REASONS = {code: reason for reason, code in STOP_CODES.items()}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -169,17 +172,24 @@ class StopControl:
         return EXIT_INTERRUPTED if self.reason == "interrupt" else EXIT_STOPPED
 
     # ---- signals ---------------------------------------------------------------------------
-    def install_signals(self, interrupt: bool = True) -> None:
+    def install_signals(self, interrupt: bool = True, same_interrupt_within: float = 0.0) -> None:
         """SIGTERM/SIGUSR1 request a stop at the next step; with ``interrupt`` the first SIGINT too
-        (the second raises KeyboardInterrupt at once). Main thread only."""
+        (the second raises KeyboardInterrupt at once, unless it comes within ``same_interrupt_within``
+        seconds of the first: torchrun passes the terminal's Ctrl-C on to workers that got it already).
+        Main thread only."""
+        first_interrupt: list[float] = []
 
         def on_term(signum, frame):
             self.request("signal")
 
         def on_int(signum, frame):
+            now = time.monotonic()
+            if first_interrupt and now - first_interrupt[0] < same_interrupt_within:
+                return
             self._interrupts += 1
             if self._interrupts > 1:
                 raise KeyboardInterrupt
+            first_interrupt.append(now)
             self.request("interrupt")
 
         handlers = {signal.SIGTERM: on_term, signal.SIGUSR1: on_term}
@@ -193,6 +203,7 @@ class StopControl:
         for sig in adopted:
             if sig == signal.SIGINT:
                 self._interrupts += 1
+                first_interrupt.append(time.monotonic())
                 self.request("interrupt")
             else:
                 self.request("signal")

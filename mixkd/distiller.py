@@ -131,6 +131,7 @@ class Distiller:
         self.modules = torch.nn.ModuleDict()  # the method's own trainable modules
         self.epoch = torch.ones((), dtype=torch.float32, device=self.device)  # from 1; see set_epoch
         self.epochs = 1
+        self._parallel: torch.nn.Module | None = None  # the DDP wrapper of a data-parallel run
 
     # ---- what a subclass writes -------------------------------------------------------------
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,7 +142,18 @@ class Distiller:
         """The named losses of one (mixed) batch (see :meth:`forward_train`)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._parallel is not None:
+            return self._parallel(x, target)
         return self.forward_train(x, target)
+
+    def data_parallel(self, device: torch.device, broadcast_buffers: bool = True) -> None:
+        """Train data-parallel: the student and the method's modules go under one
+        ``DistributedDataParallel`` (their gradients are averaged over the ranks in the backward);
+        the frozen teacher stays outside. Needs the process group (:mod:`mixkd.distributed`)."""
+        trainable = _Trainable(self)
+        ids = [device.index] if device.type == "cuda" else None
+        self._parallel = torch.nn.parallel.DistributedDataParallel(
+            trainable, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=broadcast_buffers)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """What the optimizer trains: the student's parameters, then the method's own (in that order,
@@ -190,6 +202,19 @@ class Distiller:
         view = copy.copy(self)
         view.student, view.teacher = student, teacher
         return view
+
+
+class _Trainable(torch.nn.Module):
+    """The student and a distiller's own modules as one module whose forward is the distiller's
+    :meth:`Distiller.forward_train` (what ``DistributedDataParallel`` wraps)."""
+
+    def __init__(self, distiller: Distiller):
+        super().__init__()
+        self.student, self.extra = distiller.student, distiller.modules
+        self._forward = distiller.forward_train
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._forward(x, target)
 
 
 @register("alone")

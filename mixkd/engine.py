@@ -17,6 +17,15 @@ count). A finished run keeps only its weights (no momentum), so that study folde
 
 Nothing is written before everything was built and checked: a run that cannot start leaves
 ``--out`` as it found it.
+
+Data-parallel runs (:mod:`mixkd.distributed`: torchrun, srun): every rank builds the same run and
+trains on its part of each global batch (the loaders draw the epoch for the global batch), the
+student and the method's modules under ``DistributedDataParallel``; with ``sync_bn`` BatchNorm
+uses the global batch's statistics, so N ranks compute what one process computes (up to float
+order) when nothing is mixed; with mixing, each rank mixes within its part, from its own generator
+(seeded from (seed, epoch, rank) and saved for every rank in mid-epoch checkpoints). Only rank 0
+writes the run folder; evaluation is sharded and summed over the ranks; stops and mid-epoch saves
+are agreed by all ranks (:meth:`Run.sync`), at the same step.
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from typing import Any
 
 import torch
 
+from mixkd import distributed
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
-from mixkd.control import STOP_WORDS, StopControl, check_first_step
+from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
 from mixkd.data import DeviceLoader, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
@@ -41,13 +51,35 @@ from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
+from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
-from mixkd.run_folder import CHECKPOINT_NAME, METRICS_NAME, RESULT_NAME, config_to_save, open_run, teacher_path
+from mixkd.run_folder import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    RESULT_NAME,
+    config_to_save,
+    default_run_dir,
+    open_run,
+    teacher_path,
+)
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
 from mixkd.validate import unfinished_teacher_note, validate_run_config
 
 DISTILLER_STATE = "distiller."  # checkpoint state keys of the KD method's own modules
+EAGER_UNDER_DDP = ("note: under DDP the step runs eagerly (no CUDA graph, no torch.compile): a captured graph "
+                   "cannot replay DDP's gradient all-reduce across processes safely, and compile with DDP is untested "
+                   "in mixkd")
+
+
+def mix_stream(rank: int) -> int:
+    """The :func:`epoch_seed` stream of rank ``rank``'s mixing generator (rank 0: 1, as a process alone)."""
+    return 1 if rank == 0 else 1000 + rank
+
+
+def mix_state_key(rank: int) -> str:
+    """The checkpoint's RNG key of rank ``rank``'s mixing generator (rank 0: ``mix``, as a process alone)."""
+    return "mix" if rank == 0 else f"mix.{rank}"
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -65,14 +97,19 @@ class Run:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
+        self.rank, self.world = distributed.rank(), distributed.world()
+        self.writes = distributed.is_main()  # only rank 0 writes the run folder
+        if self.world > 1 and not cfg.out:  # every rank's default folder: rank 0's
+            cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
         self.cfg, self.folder, self.fresh = open_run(cfg, resume)
         self.dir = self.folder.path
         self.relative_teacher = paths_relative_to_run or not self.fresh  # saved: relative to the run
         if self.fresh or not self.folder.result.exists():
             self._validate()  # every problem in one line, before anything is built or written
-        self.device = resolve_device(self.cfg.device)
+        self.device = distributed.local_device(resolve_device(self.cfg.device))
         self.precision = resolve_precision(self.cfg.precision, self.device.type)
-        self.output = RunOutput(self.folder, echo, progress=self.cfg.progress, tensorboard=self.cfg.tensorboard,
+        self.output = RunOutput(self.folder, echo if self.writes else None, progress=self.cfg.progress and self.writes,
+                                tensorboard=self.cfg.tensorboard and self.writes,
                                 title=f"{self.cfg.task} {self.cfg.model}")
         self.phase = "new"  # new -> training -> finished | stopped | failed
         self.created = False  # whether anything was written for this process's part of the run
@@ -117,11 +154,14 @@ class Run:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         self.train_loader, self.test_loader = make_loaders(
-            self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers)
+            self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
+            rank=self.rank, world=self.world)
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
+        if cfg.sync_bn and self.world > 1:
+            self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl")
         self.teacher, self.teacher_arch = None, None
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
@@ -132,15 +172,22 @@ class Run:
                              weight_decay=cfg.optim.weight_decay)
         self.mix = MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
         self.mix_generator = torch.Generator(device=self.device)
+        compile_step = resolve_compile(cfg.compile, self.device.type, cfg.dataset)
+        if self.world > 1:
+            if compile_step or (cfg.graph and self.device.type == "cuda" and isinstance(self.train_loader, DeviceLoader)):
+                self.notes.append(EAGER_UNDER_DDP)
+            compile_step = False
+            self.distiller.data_parallel(self.device, broadcast_buffers=not cfg.sync_bn)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             self.precision, compile=resolve_compile(cfg.compile, self.device.type, cfg.dataset))
+                             self.precision, compile=compile_step)
         self.steps_per_epoch = len(self.train_loader)
 
     @property
     def uses_graph(self) -> bool:
         """CUDA graphs need CUDA and fixed-size batches from the device-resident loader."""
-        return self.cfg.graph and self.device.type == "cuda" and isinstance(self.train_loader, DeviceLoader)
+        return (self.cfg.graph and self.device.type == "cuda" and isinstance(self.train_loader, DeviceLoader)
+                and self.world == 1)
 
     def lr_at(self, epoch: int) -> float:
         passed = sum(1 for m in self.cfg.milestones() if epoch >= m)
@@ -153,22 +200,29 @@ class Run:
         t0 = time.perf_counter()
         meta = {"dataset": self.cfg.dataset, "task": self.cfg.task, "step": self.step_in_epoch,
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "epoch_seconds": self.epoch_seconds}
+                "epoch_seconds": self.epoch_seconds, "world": self.world}
         if stopped:
             meta["stopped"] = stopped
         state, rng = {}, {}
         if not final:
             rng = {"torch_cpu": torch.get_rng_state()}
             state = {f"{DISTILLER_STATE}{k}": v for k, v in self.distiller.state_dict().items()}
-            if self.step_in_epoch:
-                rng["mix"] = self.mix_generator.get_state()
-                state["loss_sums"] = self.step.sums
-        save_checkpoint(self.folder.checkpoint, self.model, model_name=self.cfg.model,
-                        num_classes=self.data.num_classes, epoch=self.epoch,
-                        optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
+            if self.step_in_epoch:  # every rank's mixing generator, the global batch's loss sums
+                for r, mix_state in enumerate(distributed.gather_objects(self.mix_generator.get_state())):
+                    rng[mix_state_key(r)] = mix_state
+                state["loss_sums"] = self.step.global_sums()
+        if self.writes:
+            self._write_checkpoint(final, meta, rng, state)
+        distributed.barrier()  # no rank goes on (and may stop) before the checkpoint is on disk
         self.saved_at = time.monotonic()
         self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
         self.checkpoint_seconds = max(self.checkpoint_seconds or 0.0, time.perf_counter() - t0)
+
+    def _write_checkpoint(self, final: bool, meta: dict[str, Any], rng: dict[str, torch.Tensor],
+                          state: dict[str, torch.Tensor]) -> None:
+        save_checkpoint(self.folder.checkpoint, self.model, model_name=self.cfg.model,
+                        num_classes=self.data.num_classes, epoch=self.epoch,
+                        optimizer=None if final else self.optimizer, rng=rng, extra=meta, state=state)
 
     def _restore(self) -> None:
         """Load the last checkpoint, if any, and the metrics logged up to it."""
@@ -190,8 +244,16 @@ class Run:
         self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
         self.train_images = int(ckpt.meta.get("train_images", 0))
+        saved_world = int(ckpt.meta.get("world", 1))
         if self.step_in_epoch:
-            self.mix_generator.set_state(ckpt.rng["mix"])
+            key = mix_state_key(self.rank)
+            if saved_world == self.world or not self.mix.active:
+                self.mix_generator.set_state(ckpt.rng[key] if key in ckpt.rng else ckpt.rng["mix"])
+            else:
+                self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, mix_stream(self.rank)) + self.step_in_epoch)
+                self.notes.append(f"note: the checkpoint was written by {saved_world} process(es) and the run continues "
+                                  f"with {self.world}: the mixing of the rest of epoch {self.epoch + 1} is drawn afresh "
+                                  "for each process's part (order and augmentation are as before)")
             sums = ckpt.state["loss_sums"]  # older versions summed ("loss", "ce", "kd") for every run
             self.step.sums.copy_(sums[:len(self.step.sums)].to(self.step.sums.device))
             self.step.steps = self.step_in_epoch
@@ -210,7 +272,8 @@ class Run:
         self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
 
     def _log(self, line: str) -> None:
-        self.output.log(line)
+        if self.writes:
+            self.output.log(line)
 
     # ---- the state machine -----------------------------------------------------------------
     def start(self) -> None:
@@ -235,10 +298,15 @@ class Run:
             t0 = time.perf_counter()
             self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
             self.eval_seconds = time.perf_counter() - t0
+        distributed.barrier()  # every rank has opened the run folder before rank 0 writes to it
         self.phase = "training"
 
     def _create(self) -> None:
-        """The first write: the run directory and its config (or, resuming, the log line)."""
+        """The first write: the run directory and its config (or, resuming, the log line); rank 0's alone."""
+        self.created = True
+        if not self.writes:
+            self.output.open(self.cfg.epochs * self.steps_per_epoch, 0)
+            return
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -253,13 +321,13 @@ class Run:
             self.folder.metrics.unlink(missing_ok=True)
             self.folder.checkpoint.unlink(missing_ok=True)
         where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
+        ranks = f" x {self.world} processes ({distributed.backend()}, batch {self.cfg.batch_size // self.world} each)" if self.world > 1 else ""
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
-                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}, "
+                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}{ranks}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)
         self.output.open(self.cfg.epochs * self.steps_per_epoch, self.epoch * self.steps_per_epoch + self.step_in_epoch)
-        self.created = True
 
     @property
     def done(self) -> bool:
@@ -317,7 +385,8 @@ class Run:
         if self.step_in_epoch >= self.steps_per_epoch:
             return 0.0
         x, y = next(iter(self.train_loader))
-        self.step_seconds = self.step.measure(x, y)
+        seconds = torch.tensor([self.step.measure(x, y)], dtype=torch.float64)
+        self.step_seconds = float(distributed.all_reduce(seconds, "max"))  # the slowest rank's
         return self.step_seconds
 
     def _begin_epoch(self) -> None:
@@ -326,7 +395,7 @@ class Run:
         self.distiller.set_epoch(self.epoch + 1, self.cfg.epochs)
         self.train_loader.set_epoch_seed(epoch_seed(self.cfg.seed, self.epoch, 0))
         if self.step_in_epoch == 0:
-            self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, 1))
+            self.mix_generator.manual_seed(epoch_seed(self.cfg.seed, self.epoch, mix_stream(self.rank)))
             self.epoch_seconds = 0.0
         self._batches = self.train_loader.iter_from(self.step_in_epoch)
         self._clock = (time.perf_counter(), self.step_in_epoch)
@@ -387,9 +456,34 @@ class Run:
             self.epoch_seconds += now - t0
             self.step_seconds = per_step if self.step_seconds is None else max(per_step, 0.8 * self.step_seconds)
             self._clock = (now, self.step_in_epoch)
-        minutes = self.cfg.save_every_minutes
-        if minutes and time.monotonic() - self.saved_at >= 60.0 * minutes and self.step_in_epoch < self.steps_per_epoch:
+        if self.world == 1 and self.save_due():  # data-parallel: agreed in sync()
             self._save()
+
+    def save_due(self) -> bool:
+        """Whether a mid-epoch checkpoint is due (``--save-every-minutes``)."""
+        minutes = self.cfg.save_every_minutes
+        return bool(minutes and self.phase == "training" and self.created and 0 < self.step_in_epoch < self.steps_per_epoch
+                    and time.monotonic() - self.saved_at >= 60.0 * minutes)
+
+    def window_cost(self, steps: int) -> float:
+        """Estimated seconds of the next ``steps`` actions (for deadlines checked every ``steps``)."""
+        if self.phase != "training":
+            return 0.0
+        cost = steps * (self.step_seconds or 0.0)
+        if self.step_in_epoch + steps >= self.steps_per_epoch:
+            step = self.step_seconds or 0.0
+            cost += self.eval_seconds if self.eval_seconds is not None else step * self.test_loader.num_samples / self.cfg.batch_size
+            cost += self.checkpoint_cost()
+        return cost
+
+    def sync(self, stop: int) -> int:
+        """Data-parallel runs: agree with every rank, at the same step, on stopping (``stop``: this
+        rank's :data:`STOP_CODES` code, 0 for none; returns the ranks' highest) and on a due mid-epoch
+        checkpoint (written here when no stop is agreed: the stop writes its own)."""
+        stop, save = distributed.agree([stop, int(self.save_due())])
+        if save and not stop:
+            self._save()
+        return stop
 
     def _end_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
@@ -411,7 +505,8 @@ class Run:
                "images_per_s": images / seconds, "epoch_seconds": seconds}
         self.history.append(row)
         self.epoch, self.step_in_epoch, self._batches = epoch + 1, 0, None
-        self.folder.write_metrics(self.history)
+        if self.writes:
+            self.folder.write_metrics(self.history)
         self._log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, test top-1 {test['top1']:.2f}%, "
                   f"{row['images_per_s']:.0f} images/s, {seconds:.1f} s")
         self.output.epoch(row)
@@ -454,7 +549,11 @@ class Run:
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.temperature)
         result["mix"] = self.cfg.mix.model_dump()
-        self.folder.write_result(result)
+        if self.world > 1:
+            result.update(processes=self.world, dist_backend=distributed.backend(), sync_bn=self.cfg.sync_bn)
+        if self.writes:
+            self.folder.write_result(result)
+        distributed.barrier()  # result.json is written before any rank reports the run finished
         self._log(f"finished: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
                   f"(epoch {result['best_epoch']})")
         self.result = result
@@ -467,6 +566,12 @@ class Run:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+def sync_every(device: torch.device) -> int:
+    """Actions between the stop agreements of a data-parallel run: every step on the CPU (where an
+    all-reduce of two numbers is negligible), every 8 on GPUs (each agreement waits for the device)."""
+    return 1 if device.type == "cpu" else 8
+
 
 class StoppedRun(Exception):
     """Raised by :func:`run` when the run stopped before finishing (deadline, signal, Ctrl-C)."""
@@ -493,10 +598,21 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
     control = control or StopControl()
     if job.phase == "training" and control.deadline is not None:
         check_first_step(job, control)
+    every = sync_every(job.device)
+    actions = 0
     while pack.live:
-        if control.should_stop(lambda: pack.next_cost() + pack.checkpoint_cost()):
+        if job.world > 1:  # the ranks agree every `every` actions, all at the same step
+            if actions % every == 0:
+                control.should_stop(lambda: job.window_cost(every) + job.checkpoint_cost())
+                agreed = STOP_REASONS[job.sync(STOP_CODES[control.reason])]
+                if agreed is not None:
+                    control.reason = agreed
+                    pack.stop_all(agreed)
+                    raise StoppedRun(job, agreed)
+        elif control.should_stop(lambda: pack.next_cost() + pack.checkpoint_cost()):
             pack.stop_all(control.reason)
             raise StoppedRun(job, control.reason)
+        actions += 1
         for _, outcome in pack.round():
             if outcome.get("error") is not None:
                 raise outcome["error"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixkd import distributed
+
 
 def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Summed (not averaged) top-1 / top-5 hits and NLL of a batch, as device tensors."""
@@ -21,7 +23,11 @@ def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean NLL of ``model`` over ``loader``."""
+    """Top-1 and top-5 accuracy (%) and mean NLL of ``model`` over ``loader``.
+
+    A loader that yields one rank's part of the data (``loader.world > 1``, see
+    :func:`mixkd.data.make_test_loader`) is summed over the ranks: every rank gets the metrics of the
+    whole split (a collective: every rank calls it)."""
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -37,9 +43,14 @@ def evaluate(model: torch.nn.Module, loader, precision: str = "fp32") -> dict[st
             totals[key] = totals[key] + value if key in totals else value
         n += y.shape[0]
     model.train(was_training)
+    keys = ["top1", "top5", "nll"]
+    device = next(iter(totals.values())).device if totals else torch.device("cpu")
+    packed = torch.stack([totals[k].double() if k in totals else torch.zeros((), dtype=torch.float64, device=device)
+                          for k in keys] + [torch.tensor(float(n), dtype=torch.float64, device=device)])
+    if getattr(loader, "world", 1) > 1:
+        distributed.all_reduce(packed)
+    *values, n = packed.cpu().tolist()
     if n == 0:
         return {"top1": float("nan"), "top5": float("nan"), "nll": float("nan")}
-    keys = list(totals)
-    values = torch.stack([totals[k] for k in keys]).cpu().tolist()
     out = dict(zip(keys, values))
     return {"top1": 100.0 * out["top1"] / n, "top5": 100.0 * out["top5"] / n, "nll": out["nll"] / n}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mixkd import distributed
 from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
 from mixkd.mix import MixSpec, mix_batch
@@ -233,9 +234,18 @@ class TrainStep:
         self.steps += 1
         self._warm = True
 
+    def global_sums(self) -> torch.Tensor:
+        """The loss sums of the global batch: in a data-parallel run, each rank's sums of its part's
+        mean losses, averaged over the ranks (equal parts); else :attr:`sums` itself (a copy)."""
+        sums = self.sums.clone()
+        if distributed.active():
+            distributed.all_reduce(sums).div_(distributed.world())
+        return sums
+
     def epoch_means(self) -> dict[str, float]:
-        """Mean losses over the steps since the last call (one device read), then reset."""
-        values = (self.sums / max(self.steps, 1)).tolist()
+        """Mean losses over the steps since the last call (one device read), then reset. In a
+        data-parallel run: the means of the global batch's losses (a collective: every rank calls it)."""
+        values = (self.global_sums() / max(self.steps, 1)).tolist()
         self.sums.zero_()
         self.steps = 0
         return dict(zip(self.loss_names, values, strict=True))

@@ -60,10 +60,12 @@ def test_device_script_smoke_runs_every_step_and_variant(tmp_path):
     proc, out, window = _script("device.sh", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _files_obey_the_rules(out) == {"tests.txt", "bench.txt", "bench.json", "compiled.txt", "compiled.json",
-                                          "try.txt", "try.json"}
+                                          "try.txt", "try.json", "ddp.txt"}
     assert "output rules: OK" in proc.stdout
-    for name in ("tests.txt", "bench.txt", "compiled.txt", "try.txt"):
+    for name in ("tests.txt", "bench.txt", "compiled.txt", "try.txt", "ddp.txt"):
         _header((out / name).read_text(), "device.sh")
+    ddp = (out / "ddp.txt").read_text()  # torchrun, 2 gloo processes, against one process
+    assert "ddp check: losses agree" in ddp and ddp.count("exit status 0") == 2 and "images/s, 2 processes" in ddp
     tests = (out / "tests.txt").read_text()
     assert tests.count("exit status 0") == 2 and "skipped" in tests  # the CUDA tests exist (and skip on the CPU)
     assert (window / "compile-tests").read_text().strip() == "skipped (no CUDA)"

@@ -1,0 +1,259 @@
+"""One run over many processes (mixkd.distributed): the launch environment, the backend choice, the
+gloo SyncBatchNorm, and 2-rank gloo runs under torchrun on the CPU: N ranks compute what one
+process computes, stops are collective, a dead rank ends the launch and a restart resumes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mixkd import distributed
+from mixkd.checkpoint import load_checkpoint
+from mixkd.cli import main
+from mixkd.errors import MixkdError
+from mixkd.models.sync_bn import GlooSyncBatchNorm, convert_sync_batchnorm
+
+try:
+    from cifar_fixture import write_fake_cifar
+except ImportError:  # run from the repository root
+    from tests.cifar_fixture import write_fake_cifar
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- the launch environment ---------------------------------------------------------------------
+def test_first_host_of_slurm_node_lists():
+    assert distributed.first_host("gpu[003-004,010],cpu1") == "gpu003"
+    assert distributed.first_host("node7") == "node7"
+    assert distributed.first_host("a1,b[1-2]") == "a1"
+    assert distributed.first_host("rack[12,14]-gpu") == "rack12-gpu"
+
+
+def test_launch_from_torchrun_and_slurm_environments():
+    assert distributed.launch_from_env({}) is None
+    assert distributed.launch_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: nothing to join
+    t = distributed.launch_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                                     "MASTER_ADDR": "h0", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "2",
+                                     "TORCHELASTIC_USE_AGENT_STORE": "True", "SLURM_PROCID": "0"})
+    assert (t.rank, t.world, t.local_rank, t.local_world, t.addr, t.port, t.launcher, t.agent_store, t.attempt) == (
+        3, 4, 1, 2, "h0", 1234, "torchrun", True, 2)  # torchrun's variables win under srun too
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_JOB_ID": "123456", "SLURM_STEP_TASKS_PER_NODE": "2(x4)"}
+    s = distributed.launch_from_env(slurm)
+    assert (s.rank, s.world, s.local_rank, s.local_world, s.addr, s.port, s.launcher) == (
+        5, 8, 1, 2, "gpu07", distributed.SLURM_PORT_BASE + 123456 % 20000, "slurm")
+    s = distributed.launch_from_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "999"})
+    assert (s.addr, s.port) == ("head", 999)
+    batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}  # sbatch's script outside srun
+    assert distributed.launch_from_env(batch_shell) is None
+    with pytest.raises(MixkdError, match="RANK='x' is not a number"):
+        distributed.launch_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_backend_nccl_only_for_one_gpu_per_rank():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert distributed.choose_backend("auto", cuda, ["h/GPU-a", "h/GPU-b"]) == "nccl"
+    assert distributed.choose_backend("auto", cuda, ["h/GPU-a", "h/GPU-a"]) == "gloo"  # two ranks share a GPU
+    assert distributed.choose_backend("auto", cpu, ["cpu0", "cpu1"]) == "gloo"
+    assert distributed.choose_backend("nccl", cuda, ["h/GPU-a", "h/GPU-a"]) == "nccl"  # asked for: the user's call
+    with pytest.raises(MixkdError, match="nccl needs a GPU"):
+        distributed.choose_backend("nccl", cpu, ["cpu0"])
+
+
+# ---- the gloo SyncBatchNorm ---------------------------------------------------------------------
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_gloo_sync_batchnorm_of_one_rank_is_batchnorm(one_rank_group):
+    """Forward, input and parameter gradients and running statistics, over a few steps, as BatchNorm2d's."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.3))
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5)
+        ref[1].bias.uniform_(-1, 1)
+    sync = convert_sync_batchnorm(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.3)), use_torch=False)
+    sync.load_state_dict(ref.state_dict())  # BatchNorm's keys
+    assert isinstance(sync[1], GlooSyncBatchNorm)
+    for step in range(3):
+        x = (torch.randn(6, 3, 7, 7) * (step + 1)).requires_grad_(True)
+        xs = x.detach().clone().requires_grad_(True)
+        y, ys = ref(x), sync(xs)
+        torch.testing.assert_close(ys, y, rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(y)
+        ref.zero_grad()
+        sync.zero_grad()
+        (y * w).sum().backward()
+        (ys * w).sum().backward()
+        torch.testing.assert_close(xs.grad, x.grad, rtol=1e-4, atol=1e-5)
+        for p, q in zip(ref.parameters(), sync.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    for key, value in ref.state_dict().items():  # running mean, unbiased running variance, batches tracked
+        torch.testing.assert_close(sync.state_dict()[key], value)
+    sync.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(sync(x), ref(x))
+
+
+# ---- 2-rank gloo runs under torchrun ------------------------------------------------------------
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(args: list[str], *, restarts: int = 0, wait: bool = True, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", str(restarts), "--monitor-interval", "0.2", "-m", "mixkd", *args]
+    if wait:
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, limit: float = 120.0) -> int:
+    """The PID of the worker of ``rank`` (a child of torchrun's agent whose environment says so)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in env:
+                    return int(child)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} appeared")
+
+
+def _wait_for_epochs(run: Path, epochs: int, launcher: subprocess.Popen, limit: float = 240.0) -> None:
+    end = time.monotonic() + limit  # a bound against a hang, not a timing assertion
+    while time.monotonic() < end:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs:
+            return
+        assert launcher.poll() is None, launcher.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError(f"{run} did not reach epoch {epochs}")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run).state_dict
+
+
+def _assert_same_run(a: Path, b: Path, rtol: float, weights_tol: float | None = None) -> None:
+    """The same per-epoch losses and test metrics, and the same final weights (BatchNorm statistics too)."""
+    weights_tol = rtol if weights_tol is None else weights_tol
+    ra, rb = _rows(a), _rows(b)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=rtol), (x["epoch"], x["train_loss"], y["train_loss"])
+        assert x["test_nll"] == pytest.approx(y["test_nll"], rel=rtol)
+        assert x["test_top1"] == y["test_top1"]
+    wa, wb = _weights(a), _weights(b)
+    assert set(wa) == set(wb)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=weights_tol, atol=weights_tol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10-64")
+    write_fake_cifar(root, num_classes=10, n_train=64, n_test=40, seed=0)  # one step of 64 per epoch
+    return root
+
+
+def _args(data_dir: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return ["train", "--dataset", "cifar10", "--data-dir", str(data_dir), "--model", "resnet8", "--epochs", str(epochs),
+            "--batch-size", "64", "--lr", "0.02", "--milestones", "5", "--device", "cpu", "--no-progress", "--save-every", "1",
+            "--sync-bn",
+            "--out", str(out), *extra]
+
+
+EPOCHS = 6  # one step each: the per-epoch losses are the per-step losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """(1 process x 64, torchrun 2 ranks x 32) runs of the same config."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    one, two = root / "one", root / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(data_dir, one, EPOCHS)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    proc = _torchrun(_args(data_dir, two, EPOCHS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
+def test_two_ranks_compute_what_one_process_computes_and_stop_together(tmp_path, data_dir, uninterrupted):
+    """2 ranks x 32 (torchrun, gloo, --sync-bn) vs 1 process x 64: the same loss at every step, the same
+    test metrics, the same weights. Then SIGTERM to rank 1 alone: both ranks stop at the same step with
+    one checkpoint (exit 75 each), and the resumed run equals the uninterrupted one."""
+    (one, two), stopped = uninterrupted, tmp_path / "stopped"
+    assert "x 2 processes (gloo, batch 32 each)" in (two / "log.txt").read_text()
+    assert len(list(two.iterdir())) == len(list(one.iterdir()))  # only rank 0 wrote, and what one process writes
+    result = json.loads((two / "result.json").read_text())
+    assert (result["processes"], result["dist_backend"], result["sync_bn"]) == (2, "gloo", True)
+    _assert_same_run(one, two, rtol=1e-4, weights_tol=1e-3)  # measured: 8e-6 and 1.1e-4 at most
+
+    launcher = _torchrun(_args(data_dir, stopped, EPOCHS), wait=False)
+    rank1 = _rank_pid(launcher, 1)
+    _wait_for_epochs(stopped, 2, launcher)
+    os.kill(rank1, signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0  # torchrun reports its workers' exit 75 as a failure
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", out)) == {"75"}, out[-3000:]
+    where = re.search(r"stopped by a signal at epoch (\d+) step (\d+) of", out)
+    assert where, out[-3000:]
+    assert f"rank 1 of 2: stopped by a signal at epoch {where[1]} step {where[2]}" in out  # the same step
+    assert int(where[1]) <= EPOCHS and not (stopped / "result.json").exists()
+    proc = _torchrun(_args(data_dir, stopped, EPOCHS, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(stopped, two, rtol=1e-6)
+
+
+def test_a_dead_rank_ends_the_launch_and_a_restart_resumes_it(tmp_path, data_dir, uninterrupted):
+    """kill -9 of rank 1: torchrun ends the other rank and exits non-zero (no hang on a collective);
+    with --max-restarts 1, the restarted ranks continue from the last checkpoint and finish with what
+    an uninterrupted 2-rank run computes."""
+    run = tmp_path / "run"
+    launcher = _torchrun(_args(data_dir, run, EPOCHS), wait=False)
+    rank1 = _rank_pid(launcher, 1)
+    _wait_for_epochs(run, 1, launcher)
+    os.kill(rank1, signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0 and "Signal 9 (SIGKILL)" in out, out[-3000:]
+    done = len(_rows(run))
+    assert 1 <= done < EPOCHS and not (run / "result.json").exists()
+
+    launcher = _torchrun(_args(data_dir, run, EPOCHS, "--resume"), restarts=1, wait=False)
+    first = _rank_pid(launcher, 1)
+    _wait_for_epochs(run, done + 1, launcher)
+    os.kill(first, signal.SIGKILL)  # the second attempt resumes from the checkpoint of this one
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, out[-3000:]
+    log = (run / "log.txt").read_text()
+    assert log.count("resume at") == 2, log
+    _assert_same_run(run, uninterrupted[1], rtol=1e-6)
