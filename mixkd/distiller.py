@@ -51,6 +51,7 @@ Registered methods: ``alone`` (:class:`Supervised`, the student trained alone: n
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -150,10 +151,12 @@ class Distiller:
         """Train data-parallel: the student and the method's modules go under one
         ``DistributedDataParallel`` (their gradients are averaged over the ranks in the backward);
         the frozen teacher stays outside. Needs the process group (:mod:`mixkd.distributed`)."""
-        trainable = _Trainable(self)
+        ddp = torch.nn.parallel.DistributedDataParallel
         ids = [device.index] if device.type == "cuda" else None
-        self._parallel = torch.nn.parallel.DistributedDataParallel(
-            trainable, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=broadcast_buffers)
+        # torch 2.14 renamed broadcast_buffers (both still sync the buffers once, when wrapping)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+        self._parallel = ddp(_Trainable(self), device_ids=ids, output_device=ids[0] if ids else None,
+                             **{sync: broadcast_buffers})
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """What the optimizer trains: the student's parameters, then the method's own (in that order,
