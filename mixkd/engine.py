@@ -132,7 +132,7 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
-        self._lock = None if self.fresh else self.folder.lock()
+        self._lock = None if self.fresh or not self.writes else self.folder.lock()  # rank 0 writes, and locks
 
     # ---- paths -----------------------------------------------------------------------------
     @property

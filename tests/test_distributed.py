@@ -279,8 +279,8 @@ def test_srun_tasks_run_one_run(tmp_path, data_dir, uninterrupted):
 
 def test_a_dead_rank_ends_the_launch_and_a_restart_resumes_it(tmp_path, data_dir, uninterrupted):
     """kill -9 of rank 1: torchrun ends the other rank and exits non-zero (no hang on a collective);
-    with --max-restarts 1, the restarted ranks continue from the last checkpoint and finish with what
-    an uninterrupted 2-rank run computes."""
+    ``torchrun --max-restarts 1 ... --resume auto`` continues from the last checkpoint, and again after
+    another kill -9, and finishes with what an uninterrupted 2-rank run computes."""
     run = tmp_path / "run"
     launcher = _torchrun(_args(data_dir, run, EPOCHS), wait=False)
     rank1 = _rank_pid(launcher, 1)
@@ -291,7 +291,7 @@ def test_a_dead_rank_ends_the_launch_and_a_restart_resumes_it(tmp_path, data_dir
     done = len(_rows(run))
     assert 1 <= done < EPOCHS and not (run / "result.json").exists()
 
-    launcher = _torchrun(_args(data_dir, run, EPOCHS, "--resume"), restarts=1, wait=False)
+    launcher = _torchrun(_args(data_dir, run, EPOCHS, "--resume", "auto"), restarts=1, wait=False)
     first = _rank_pid(launcher, 1)
     _wait_for_epochs(run, done + 1, launcher)
     os.kill(first, signal.SIGKILL)  # the second attempt resumes from the checkpoint of this one
