@@ -88,7 +88,7 @@ def _check_rank(rank: int, world: int, batch_size: int, drop_last: bool) -> None
         raise ValueError(f"rank must be in 0..world-1 and world at least 1, got rank {rank} of {world}")
     if drop_last and batch_size % world:
         raise MixkdError(f"the global batch size {batch_size} does not divide over {world} processes: "
-                         f"use a batch size that is a multiple of {world}")
+                         f"use a batch size that is a multiple of {world}, or another number of processes")
 
 
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
