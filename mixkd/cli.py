@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_in(0, SEED_MAX, "--seed"), default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_demo, stops=True)
 
-    p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95% intervals",
+    p = sub.add_parser("claims", help="the study's five claims on a results table (CSV): verdicts with 95%% intervals",
                        description="Check the study's claims on a CSV with one row per trained student and the columns "
                                    "teacher, teacher_mix, student, kd, temperature, mix, mix_fraction, sampling, seed, "
                                    "top1 (see mixkd/results.py); print each claim's verdict, parts and intervals.")

@@ -149,6 +149,9 @@ def test_help_lists_every_option_with_its_default(capsys):
                  "--seed", "--resume", "--download", "--temperature", "--mix-fraction"):
         assert flag in text
     assert "(default: 240)" in text and "default: the method's, 4 or lskd 2" in text  # KD settings: the method's
+    with pytest.raises(SystemExit) as top:  # the command list too (a bare % in a help line broke it)
+        main(["--help"])
+    assert top.value.code == 0 and "verdicts with 95% intervals" in " ".join(capsys.readouterr().out.split())
 
 
 def test_models_lists_the_zoo(capsys):
