@@ -392,6 +392,11 @@ def _ray_local_only():
             os.environ[name] = before
 
 
+def _last_line(error: BaseException) -> str:
+    """The last line of a Ray error (its cause, under Ray's own lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()
+
+
 MAX_LOST = 3  # a run whose worker dies this many times (its node lost each time, or the run kills it) fails
 ORPHAN_WAIT = 120.0  # seconds runs of a lost worker wait for a new one when no other is left
 
@@ -466,6 +471,7 @@ class RayExecutor:
         self._homeless: list[Job] = []  # jobs of lost workers, waiting for a slot
         self._homeless_since: float | None = None
         self._folder: tuple[str, str] | None = None
+        self._start_error = "?"
         self.stopping: str | None = None
         self.description = (f"Ray cluster at {self.address} ({nodes} node(s), {cpus} CPUs, {gpus:g} GPUs), {n} pack(s) "
                             f"of up to {self.slots} run(s)" + (", one per GPU" if gpus else "") + ", spread over the nodes")
@@ -489,7 +495,9 @@ class RayExecutor:
             self._check(i)
         deadline = time.monotonic() + timeout
         while not any(s == "ready" for s in self._state):
-            if not self._checks or time.monotonic() > deadline:
+            if not self._checks:  # every actor failed to start (mixkd missing on the nodes, ...)
+                raise MixkdError(f"no Ray worker could start on the cluster at {self.address}: {self._start_error}")
+            if time.monotonic() > deadline:
                 raise MixkdError(f"no Ray worker started on the cluster at {self.address} within {timeout:.0f} s "
                                  f"(each needs 1 CPU{' and 1 GPU' if self.gpus else ''}); see 'ray status'")
             self._answer_checks(1.0, strict=True)
@@ -505,7 +513,8 @@ class RayExecutor:
             i = self._checks.pop(ref)
             try:
                 node, problem = self._ray.get(ref)
-            except Exception:  # noqa: BLE001 - the actor could not start, or died with its node
+            except Exception as e:  # noqa: BLE001 - the actor could not start, or died with its node
+                self._start_error = _last_line(e)
                 self._drop(i)
                 continue
             if problem is not None:
@@ -605,7 +614,7 @@ class RayExecutor:
             try:
                 completions, progress = self._ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the actor's process died, or its node
-                done += self._lose(i, (str(e).strip().splitlines() or [type(e).__name__])[-1].strip())
+                done += self._lose(i, _last_line(e))
                 continue
             for run_id, outcome in completions:
                 if run_id in self._assigned[i]:
