@@ -355,3 +355,18 @@ def test_a_torchvision_file_of_another_architecture_is_one_line_naming_file_and_
         load_teacher(str(path), "tv_resnet18", 1000, "cpu")  # the 1000 ImageNet classes against a 7-class file
     with pytest.raises(MixkdError, match=r"does not fit tv_mobilenet_v2: missing keys: features\.0\.0\.weight"):
         load_teacher(str(path), "tv_mobilenet_v2", 7, "cpu")
+
+
+@pytest.mark.parametrize(("teacher", "student", "channels"), [("tv_resnet50", "tv_mobilenet_v2", (32, 512)),
+                                                              ("tv_resnet34", "tv_resnet18", (128, 128))])
+def test_fitnet_hints_between_the_imagenet_pairs_need_no_resizing(teacher, student, channels) -> None:
+    from mixkd.config import KDConfig
+    from mixkd.distiller import make_distiller
+
+    torch.manual_seed(0)
+    d = make_distiller("fitnet", create_model(student, 5), create_model(teacher, 5).eval(),
+                       KDConfig(method="fitnet", teacher="t.pth"))
+    conv = d.modules["regressor"].conv
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and (conv.in_channels, conv.out_channels) == channels
+    losses = d.forward_train(torch.randn(2, 3, 64, 64), torch.eye(5)[[0, 3]])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["hint"] > 0
