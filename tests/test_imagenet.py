@@ -1,10 +1,14 @@
 """The ImageNet recipe (configs/imagenet/, configs/studies/imagenet-scale.yaml) and, on a tiny
 ImageNet-shaped folder of generated JPEGs, the recipe end to end on the CPU: mixkd train, then
-mixkd distill from that teacher and from a torchvision weight file."""
+mixkd distill from that teacher and from a torchvision weight file, alone and under torchrun with
+2 gloo ranks."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +109,25 @@ SMALL = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--eval-bat
          "--workers", "1", "--no-progress"]
 
 
-def test_the_recipe_end_to_end_on_a_tiny_imagenet_folder(tmp_path, capsys, one_thread):
-    data = write_jpeg_folder(tmp_path / "imagenet")
-    teacher = tmp_path / "runs" / "teacher"
-    assert main(["train", "--config", str(IMAGENET / "teacher.yaml"), "--data-dir", str(data), "--out", str(teacher),
-                 *SMALL]) == 0
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    """(data folder, teacher run): configs/imagenet/teacher.yaml trained for one short epoch by mixkd train."""
+    tmp = tmp_path_factory.mktemp("tiny-imagenet")
+    data = write_jpeg_folder(tmp / "imagenet")
+    teacher = tmp / "teacher"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "--config", str(IMAGENET / "teacher.yaml"), "--data-dir", str(data), "--out",
+                     str(teacher), *SMALL])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return data, teacher
+
+
+def test_the_recipe_end_to_end_on_a_tiny_imagenet_folder(tiny_imagenet, tmp_path, capsys, one_thread):
+    data, teacher = tiny_imagenet
     result = json.loads((teacher / "result.json").read_text())
     assert (result["model"], result["dataset"], result["epochs"]) == ("tv_resnet34", "imagefolder", 1)
     saved = build_config(teacher / "config.yaml")
@@ -151,3 +169,24 @@ def test_the_recipe_end_to_end_on_a_tiny_imagenet_folder(tmp_path, capsys, one_t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"checkpoint {weights} does not fit tv_resnet18: unexpected keys: layer1.2.conv1.weight" in err
+
+
+def test_the_kd_student_under_torchrun_with_two_gloo_ranks(tiny_imagenet, tmp_path):
+    """The same student config under ``torch.distributed.run --nproc-per-node 2`` (gloo on the CPU): the
+    global batch of 8 split 4 + 4, each rank's image folder read by its own worker process."""
+    data, teacher = tiny_imagenet
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixkd",
+           "distill", "--config", str(IMAGENET / "student_kd_pmu.yaml"), "--data-dir", str(data),
+           "--teacher", str(teacher), "--out", str(out), *SMALL]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert (result["processes"], result["dist_backend"], result["model"], result["kd_method"]) == (
+        2, "gloo", "tv_resnet18", "kd")
+    assert result["teacher_model"] == "tv_resnet34" and result["mix"]["fraction"] == 0.1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_loss"])
+    assert "x 2 processes (gloo, batch 4 each)" in (out / "log.txt").read_text()
