@@ -173,14 +173,15 @@ def test_the_recipe_end_to_end_on_a_tiny_imagenet_folder(tiny_imagenet, tmp_path
 
 def test_the_kd_student_under_torchrun_with_two_gloo_ranks(tiny_imagenet, tmp_path):
     """The same student config under ``torch.distributed.run --nproc-per-node 2`` (gloo on the CPU): the
-    global batch of 8 split 4 + 4, each rank's image folder read by its own worker process."""
+    global batch of 8 split 4 + 4. Each rank reads its part in its own process (``--workers 0``: the
+    ranks' sharded loaders with worker processes are tests/test_data.py's)."""
     data, teacher = tiny_imagenet
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixkd",
            "distill", "--config", str(IMAGENET / "student_kd_pmu.yaml"), "--data-dir", str(data),
-           "--teacher", str(teacher), "--out", str(out), *SMALL]
+           "--teacher", str(teacher), "--out", str(out), *SMALL, "--workers", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
