@@ -567,6 +567,20 @@ class Run:
             self._lock.release()
             self._lock = None
 
+
+def _check_first_step_together(job: Run, control: StopControl) -> None:
+    """:func:`mixkd.control.check_first_step`, the same verdict on every rank of a data-parallel run
+    (each rank measures its own start-up time): where one rank refuses, all do."""
+    try:
+        check_first_step(job, control)
+        refused = None
+    except MixkdError as e:
+        refused = e
+    if distributed.agree([int(refused is not None)])[0]:
+        raise refused or MixkdError(f"another process of this run refused the time limit (rank {distributed.rank()} "
+                                    f"of {distributed.world()} would have started): give a longer --time-limit")
+
+
 def sync_every(device: torch.device) -> int:
     """Actions between the stop agreements of a data-parallel run: every step on the CPU (where an
     all-reduce of two numbers is negligible), every 8 on GPUs (each agreement waits for the device)."""
@@ -597,7 +611,7 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
         raise ended["error"]
     control = control or StopControl()
     if job.phase == "training" and control.deadline is not None:
-        check_first_step(job, control)
+        _check_first_step_together(job, control)
     every = sync_every(job.device)
     actions = 0
     while pack.live:

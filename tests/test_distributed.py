@@ -258,6 +258,14 @@ def test_two_ranks_compute_what_one_process_computes_and_stop_together(tmp_path,
     _assert_same_run(stopped, one, rtol=1e-4, weights_tol=1e-3)
 
 
+def test_a_time_limit_too_short_for_a_step_is_refused_by_every_rank(tmp_path, data_dir):
+    run = tmp_path / "short"
+    proc = _torchrun(_args(data_dir, run, EPOCHS, "--time-limit", "1s"))
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr + proc.stdout)) == {"2"}, proc.stderr[-3000:]
+    assert (proc.stderr + proc.stdout).count("mixkd: error: --time-limit 1.0 s is too short to take even one step") == 2
+    assert not run.exists()  # nothing written
+
+
 def test_srun_tasks_run_one_run(tmp_path, data_dir, uninterrupted):
     """Two processes started as srun starts its tasks (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID,
     the node list; rank 0 serves the rendezvous): the run of the torchrun launch, bit for bit."""
