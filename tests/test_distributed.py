@@ -225,7 +225,7 @@ def uninterrupted(tmp_path_factory, data_dir) -> tuple[Path, Path]:
         assert main(_args(data_dir, one, EPOCHS)) == 0
     finally:
         torch.set_num_threads(threads)
-    proc = _torchrun(_args(data_dir, two, EPOCHS))
+    proc = _torchrun(_args(data_dir, two, EPOCHS, "--compile", "on"))  # under DDP: eager, and the log says so
     assert proc.returncode == 0, proc.stderr[-3000:]
     return one, two
 
@@ -235,7 +235,8 @@ def test_two_ranks_compute_what_one_process_computes_and_stop_together(tmp_path,
     test metrics, the same weights. Then SIGTERM to rank 1 alone: both ranks stop at the same step with
     one checkpoint (exit 75 each), and the run resumed by one process equals the uninterrupted ones."""
     (one, two), stopped = uninterrupted, tmp_path / "stopped"
-    assert "x 2 processes (gloo, batch 32 each)" in (two / "log.txt").read_text()
+    log = (two / "log.txt").read_text()
+    assert "x 2 processes (gloo, batch 32 each)" in log and "under DDP the step runs eagerly" in log
     assert len(list(two.iterdir())) == len(list(one.iterdir()))  # only rank 0 wrote, and what one process writes
     result = json.loads((two / "result.json").read_text())
     assert (result["processes"], result["dist_backend"], result["sync_bn"]) == (2, "gloo", True)
