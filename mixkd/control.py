@@ -28,7 +28,8 @@ from mixkd.errors import MixkdError
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on time or by SIGTERM/SIGUSR1; run the same command again to continue
 EXIT_INTERRUPTED = 130
 # How a stop reads in logs, per-run lines and status, by its reason.
-STOP_WORDS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C"}
+STOP_WORDS = {"time": "stopped on time", "signal": "stopped by a signal", "interrupt": "stopped by Ctrl-C",
+              "storage": "stopped: a write failed (full disk or read-only)"}
 # Stop reasons as numbers, for the ranks of a data-parallel run to agree on (their maximum wins: Ctrl-C over a signal over time).
 STOP_CODES = {None: 0, "time": 1, "signal": 2, "interrupt": 3}
 STOP_REASONS = {code: reason for reason, code in STOP_CODES.items()}

@@ -47,6 +47,7 @@ from mixkd.data import DeviceLoader, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
+from mixkd.files import storage_error
 from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
@@ -310,6 +311,8 @@ class Run:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            if storage_error(e) is not None:  # no room: the machine's state (a study stops, not fails)
+                raise storage_error(e) from None
             raise MixkdError(f"cannot create the run directory {self.dir}: {e.strerror or e}; choose another --out") from None
         if self._lock is None:
             self._lock = self.folder.lock()

@@ -8,5 +8,11 @@ class MixkdError(Exception):
     """
 
 
+class StorageError(MixkdError):
+    """A write failed for want of room (a full disk, a quota) or on a read-only file system: the
+    machine's state, not the run's. The run keeps its last checkpoint; a study stops (every run
+    resumable) instead of failing its runs one by one."""
+
+
 class TrainingDiverged(MixkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

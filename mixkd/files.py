@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
 
 # Writes failing for these reasons are the machine's state, not a bug: one line, the file named.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+# ... and for these the storage's (no room, read-only): a StorageError, which stops a whole study.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _umask() -> int:
@@ -47,8 +49,19 @@ def write_error(path: str | Path, err: BaseException) -> MixkdError:
     elif getattr(err, "errno", None) == errno.EROFS or "ReadOnly" in str(err):
         hint = "the file system is read-only: write elsewhere (--out) or copy the folder to writable storage"
     else:
-        hint = "check the folder's permissions and free space"
-    return MixkdError(f"cannot write {path}: {reason}; {hint}")
+        return MixkdError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
+    return StorageError(f"cannot write {path}: {reason}; {hint}")
+
+
+def storage_error(err: BaseException) -> StorageError | None:
+    """``err`` as a :class:`StorageError` where it is a write refused for want of room or on a
+    read-only file system (also one raised raw, past :func:`write_error`), else None."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        found = write_error(err.filename or "a file", err)
+        return found if isinstance(found, StorageError) else None
+    return None
 
 
 def is_environment_error(err: BaseException) -> bool:

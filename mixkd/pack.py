@@ -143,8 +143,14 @@ class Pack:
             if job is None:
                 continue
             begun = job.created
-            with self._stream(i):
-                job.stop(reason)
+            try:
+                with self._stream(i):
+                    job.stop(reason)
+            except Exception as e:  # noqa: BLE001 - its checkpoint failed (a full disk): it ends alone
+                job.fail()
+                stopped.append((job, {"ok": False, "message": failure_message(e), "error": e}))
+                self.jobs[i] = None
+                continue
             stopped.append((job, {"ok": False, "stopped": True, "reason": reason, "not_started": not begun,
                                   "message": f"{STOP_WORDS.get(reason, reason)} at epoch {job.epoch + 1} "
                                              f"step {job.step_in_epoch}"}))

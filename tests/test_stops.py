@@ -96,7 +96,7 @@ def test_a_study_worker_sent_sigterm_while_it_starts_stops_its_run_instead_of_fa
         ex.shutdown()
     assert len(done) == 1 and done[0][0] == "teachers/t"
     outcome = done[0][1]
-    assert outcome["stopped"] and not outcome["ok"] and "died" not in outcome["message"], outcome
+    assert outcome.get("stopped") and not outcome["ok"] and "died" not in outcome["message"], outcome
     assert not (tmp_path / "teachers" / "t" / "error.txt").exists()
 
 
@@ -224,3 +224,48 @@ def test_a_torchrun_restart_with_an_explicit_out_resumes_like_resume_auto():
     assert resume_mode(False, True, {"TORCHELASTIC_RESTART_COUNT": "0"}) is None
     assert resume_mode(True, True, {"TORCHELASTIC_RESTART_COUNT": "2"}) == "strict"
     assert resume_mode("auto", True, {}) == "auto"
+
+
+# ---- a full disk in a study ------------------------------------------------------------------------
+def test_a_full_disk_stops_the_study_with_one_line_and_leaves_every_run_resumable(tmp_path, capsys, cifar10_dir,
+                                                                                 monkeypatch, one_thread):
+    import errno
+    import json
+
+    import mixkd.checkpoint
+    import mixkd.study.cli
+    from mixkd.cli import main
+    from mixkd.run_folder import ERROR_NAME, RunFolder
+    from mixkd.study import InProcessExecutor
+
+    monkeypatch.setattr(mixkd.study.cli, "make_executor", lambda *args, **kwargs: InProcessExecutor())
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\ndefaults: {{dataset: cifar10, data_dir: {cifar10_dir}, device: cpu, epochs: 2, "
+                     "save_every: 1, batch_size: 32, eval_batch_size: 80}\n"
+                     "teachers: [{name: a, models: resnet8}, {name: b, models: resnet8}]\n")
+    out = tmp_path / "s"
+    real, saves = mixkd.checkpoint._save_file, []
+
+    def full_after_the_first(tensors, path, metadata):  # the disk fills up after the first checkpoint
+        saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(mixkd.checkpoint, "_save_file", full_after_the_first)
+    command = ["study", "run", str(study), "--out", str(out), "--no-report", "--no-progress"]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    first = out / "teachers" / "resnet8_a-s0"
+    assert len(err) == 1 and err[0] == (
+        f"mixkd: error: the study stopped, every run resumable ({out}): cannot write {first / 'checkpoint.safetensors'}: "
+        "No space left on device; free some space (the last checkpoint is kept) and run the same command again"), err
+    assert not list(out.glob(f"**/{ERROR_NAME}"))  # nothing failed
+    assert RunFolder(first).status() == "stopped" and RunFolder(first).checkpoint_meta()["epoch"] == 1
+    state = json.loads((out / "study-state.json").read_text())["runs"]
+    assert {run_id: s["status"] for run_id, s in state.items()} == {"teachers/resnet8_a-s0": "stopped",
+                                                                  "teachers/resnet8_b-s0": "pending"}
+    monkeypatch.setattr(mixkd.checkpoint, "_save_file", real)  # space freed: the same command finishes the study
+    assert main(command) == 0
+    assert "resume at epoch 2" in RunFolder(first).log.read_text()
+    assert RunFolder(out / "teachers" / "resnet8_b-s0").status() == "done"

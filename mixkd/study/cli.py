@@ -117,7 +117,9 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
                    address: str | None = None, device: str | None = None, progress: bool = True,
                    report: bool = True, threads: int | None = None, time_limit: float | None = None) -> int:
     """Run ``study`` into ``out`` and write its report; returns the exit status (0: every run finished,
-    75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable)."""
+    75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable). A write the storage
+    refuses (a full disk, a quota, a read-only mount) stops the study: a StorageError (one line, exit
+    status 2), every run resumable."""
     if device:
         check_device(device)
     check_folder(out)  # a folder of another mixkd version: said first, before what this machine lacks

@@ -94,8 +94,9 @@ def visible_gpus() -> list[str]:
 
 # Signals a worker takes as a stop: blocked while it starts, heard once its handlers are in place.
 _STOPS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
-# A worker ended by these (exit code -N) was stopped by the user or a scheduler, not failed.
-_STOPPED_BY = {-signal.SIGINT: "interrupt", -signal.SIGTERM: "signal", -signal.SIGHUP: "signal"}
+# A worker ended by these (exit code -N) was stopped by the user or a scheduler, not failed; one that
+# left on its own (0) with runs still assigned heard a stop (a SIGTERM sent to every process) first.
+_STOPPED_BY = {-signal.SIGINT: "interrupt", -signal.SIGTERM: "signal", -signal.SIGHUP: "signal", 0: "signal"}
 
 
 def _die_with_parent() -> None:
@@ -260,7 +261,8 @@ class LocalExecutor:
                     elif proc.exitcode in _STOPPED_BY:  # the user's Ctrl-C or a scheduler's SIGTERM: stopped
                         outcome = {"ok": False, "stopped": True, "killed": True, "seconds": None,
                                    "reason": _STOPPED_BY[proc.exitcode],
-                                   "message": f"its worker was ended by {signal.Signals(-proc.exitcode).name}"}
+                                   "message": f"its worker was ended by {signal.Signals(-proc.exitcode).name}"
+                                   if proc.exitcode else "its worker stopped before it took the run"}
                     else:
                         outcome = {"ok": False, "seconds": None,
                                    "message": f"the worker process running it died (exit code {proc.exitcode})"}

@@ -21,6 +21,8 @@ from typing import Any
 
 from mixkd.control import StopControl
 from mixkd.engine import Run
+from mixkd.errors import MixkdError
+from mixkd.files import storage_error
 from mixkd.pack import Pack, failure_message
 from mixkd.run_folder import RunFolder
 from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, record_failure
@@ -67,17 +69,14 @@ class PackWorker:
                 # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
                 run = Run(config, resume=RunFolder(out).has_begun(), paths_relative_to_run=True)
             except Exception as e:  # noqa: BLE001 - recorded, the study goes on
-                message = failure_message(e)
-                record_failure(out, message, e)
-                done.append((run_id, {"ok": False, "message": message, "seconds": 0.0}))
+                done.append(self._failed(run_id, out, {"ok": False, "message": failure_message(e), "error": e}, start))
                 continue
             if self.pack is None or self.pack.device != run.device or (self.pack.slots != self.slots and not self.pack.live):
                 self.pack = Pack(run.device, self.slots)
             ended = self.pack.admit(run)
             if ended is not None:
-                if not ended["ok"]:
-                    record_failure(out, ended["message"], ended.get("error"))
-                done.append((run_id, self._outcome(run_id, out, ended, start)))
+                done.append(self._failed(run_id, out, ended, start) if not ended["ok"]
+                            else (run_id, self._outcome(run_id, out, ended, start)))
                 continue
             self.ids[id(run)] = run_id
             self.started[run_id] = start
@@ -87,9 +86,25 @@ class PackWorker:
                 if failed is not None:
                     self.ids.pop(id(run))
                     self.exclusive = False  # its slot is free again, and the pack holds no folder run
-                    record_failure(out, failed["message"], failed.get("error"))
-                    done.append((run_id, self._outcome(run_id, out, failed, self.started.pop(run_id))))
+                    done.append(self._failed(run_id, out, failed, self.started.pop(run_id)))
         return done
+
+    def _failed(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> tuple[str, Outcome]:
+        """A run that failed: its error file written. A write the storage refused (a full disk, a
+        quota, a read-only mount) fails nothing: the run stays as it was (resumable, its last
+        checkpoint kept) and the outcome's ``storage`` says why, for the study to stop."""
+        error = outcome.get("error")
+        storage = storage_error(error) if error is not None else None
+        if storage is None:
+            try:
+                record_failure(out, outcome["message"], error)
+            except (OSError, MixkdError) as e:  # the error file itself could not be written
+                storage = storage_error(e)
+                if storage is None:
+                    raise
+        if storage is not None:
+            outcome = {**outcome, "storage": str(storage), "message": str(storage)}
+        return run_id, self._outcome(run_id, out, outcome, start)
 
     def _outcome(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> dict[str, Any]:
         outcome = {k: v for k, v in outcome.items() if k != "error"} | {"seconds": time.perf_counter() - start}
@@ -122,7 +137,7 @@ class PackWorker:
         run_id = self.ids.pop(id(run))
         start = self.started.pop(run_id)
         if not outcome["ok"] and not outcome.get("stopped"):
-            record_failure(run.dir, outcome["message"], outcome.get("error"))
+            return self._failed(run_id, run.dir, outcome, start)
         return run_id, self._outcome(run_id, run.dir, outcome, start)
 
     def drop_pending(self) -> list[tuple[str, Outcome]]:

@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mixkd.control import StopControl
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
 from mixkd.files import atomic_write_text
 from mixkd.run_folder import (
     ANALYSIS_ERROR_NAME,
@@ -118,7 +118,7 @@ def run_study(study: Study, out: str | Path, executor: Executor, device: str | N
         started: dict[str, float] = {}
         try:
             executor.attach(out, state.id)  # workers elsewhere (Ray nodes) check that they see this folder
-            _loop(study, out, executor, device, state, bar, started, echo, control)
+            storage = _loop(study, out, executor, device, state, bar, started, echo, control)
         except KeyboardInterrupt:
             executor.shutdown(terminate=True)
             for run_id in started:
@@ -136,6 +136,8 @@ def run_study(study: Study, out: str | Path, executor: Executor, device: str | N
                 bar.close()
         executor.shutdown()
         state.save(interrupted=control.reason is not None)
+        if storage is not None:  # the machine's state: every run keeps its last checkpoint, none failed
+            raise StorageError(f"the study stopped, every run resumable ({out}): {storage}")
         return _outcome(state, interrupted=control.reason == "interrupt", stopped=control.reason)
 
 
@@ -166,7 +168,8 @@ def _slots_line(executor: Executor) -> str:
 
 
 def _loop(study: Study, out: Path, executor: Executor, device: str | None, state: StudyState, bar,
-          started: dict[str, float], echo, control: StopControl) -> None:
+          started: dict[str, float], echo, control: StopControl) -> str | None:
+    """Submit, wait, record; returns why the storage refused a write (the study stopped), or None."""
     def note(text: str) -> None:
         (bar.write if bar is not None else echo)(text)
 
@@ -180,6 +183,7 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
 
     changed = True
     told = False
+    storage: str | None = None
     while True:
         if control.reason is None:
             control.should_stop(0.0)  # the deadline itself has come
@@ -218,10 +222,12 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
             changed = False
         show()  # also moves the clock and the ETA on
         if not started:
-            return
+            return storage
         for run_id, outcome in executor.wait(timeout=1.0):
             if outcome.get("rescheduled"):  # its worker was lost (a Ray node gone): it resumes elsewhere
                 note(f"moved   {run_id}: {outcome['message']}")
+                continue
+            if run_id not in started:  # told already (its worker's end was read before its last message)
                 continue
             changed = True
             if state.analysis.get(run_id) == AnalysisState.RUNNING:
@@ -234,6 +240,14 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
             state.seconds[run_id] = time.perf_counter() - started.pop(run_id)
             if outcome.get("stopped") and control.reason is None:
                 control.request(outcome.get("reason", "time"))  # a worker met the deadline first
+            if outcome.get("storage"):  # a write the storage refused: the study stops, the run stays resumable
+                has_checkpoint = RunFolder(out / run_id).status() == RunStatus.STOPPED
+                state.set(run_id, RunState.STOPPED if has_checkpoint else RunState.PENDING)
+                if storage is None:
+                    storage = outcome["storage"]
+                    control.request("storage")
+                note(f"stopped {run_id}: {outcome['storage']}")
+                continue
             if outcome.get("killed"):  # its worker was ended by the user's Ctrl-C or a scheduler: not a failure
                 has_checkpoint = RunFolder(out / run_id).status() == RunStatus.STOPPED
                 state.set(run_id, RunState.STOPPED if has_checkpoint else RunState.PENDING)
