@@ -11,6 +11,7 @@ fails for want of room or permission (full disk, read-only mount) is one line na
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -117,6 +118,34 @@ def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
             raise write_error(path, e) from None
         raise
     return os.fdopen(fd, mode)
+
+
+def hold_lock(path: str | Path) -> tuple[IO[str] | None, str]:
+    """An exclusive ``flock`` on ``path`` (created, never through a link) for this process, the file
+    then naming its PID: (the open file, which holds it until closed, ""), or (None, the holder's PID
+    as the file names it, "?" where it names none) where another process holds it. The kernel drops a
+    lock with its holder, so a file left by a killed process blocks nothing; one replaced or removed
+    while this process waited for it is locked anew."""
+    while True:
+        f = open_nofollow(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            return None, holder
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # its holder removed the file as it let go: lock the one there now
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, ""
 
 
 def append_text(path: str | Path, text: str) -> None:

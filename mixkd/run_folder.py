@@ -48,7 +48,6 @@ run. A torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) given an explicit `
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from datetime import datetime
@@ -58,7 +57,7 @@ from typing import Any
 
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import append_text, atomic_write_text, open_nofollow, read_json
+from mixkd.files import append_text, atomic_write_text, hold_lock, read_json
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
 CONFIG_NAME = "config.yaml"
@@ -152,26 +151,10 @@ class RunFolder:
     def lock(self) -> RunLock:
         """Hold the folder for this process (it must exist) until :meth:`RunLock.release` or the
         process's end; held by another live process: one MixkdError naming it and its PID."""
-        while True:
-            f = open_nofollow(self.lock_file, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                f.close()
-                raise MixkdError(f"{self.path} is in use by another mixkd process (PID {holder}); wait for it to "
-                                 "end or stop it (it checkpoints on SIGTERM), or choose another --out") from None
-            try:
-                same = os.stat(self.lock_file).st_ino == os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            f.close()  # its holder removed the file as it ended: lock the one there now
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        f, holder = hold_lock(self.lock_file)
+        if f is None:
+            raise MixkdError(f"{self.path} is in use by another mixkd process (PID {holder}); wait for it to "
+                             "end or stop it (it checkpoints on SIGTERM), or choose another --out")
         return RunLock(self.lock_file, f)
 
     # ---- where it stands ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, flock_holders, open_nofollow
+from mixkd.files import atomic_write_text, flock_holders, hold_lock, open_nofollow
 from mixkd.run_folder import RunFolder, RunStatus
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
@@ -217,22 +217,10 @@ class FolderLock:
         self._file = None
 
     def __enter__(self) -> FolderLock:
-        while True:
-            f = open_nofollow(self.path, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                f.close()
-                raise MixkdError(f"another 'mixkd study run' (pid {holder}) is using {self.path.parent}; wait for it "
-                                 "to finish or stop it (it checkpoints on SIGTERM)") from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-            f.close()  # the file was replaced while we waited: lock the new one
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+        f, holder = hold_lock(self.path)
+        if f is None:
+            raise MixkdError(f"another 'mixkd study run' (pid {holder}) is using {self.path.parent}; wait for it "
+                             "to finish or stop it (it checkpoints on SIGTERM)")
         self._file = f
         self._await_old_workers()
         return self
