@@ -16,3 +16,7 @@ class StorageError(MixkdError):
 
 class TrainingDiverged(MixkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class FolderInUse(MixkdError):
+    """A run folder held by another live process (its lock; :meth:`mixkd.run_folder.RunFolder.lock`)."""

@@ -56,7 +56,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
-from mixkd.errors import MixkdError
+from mixkd.errors import FolderInUse, MixkdError
 from mixkd.files import append_text, atomic_write_text, hold_lock, read_json
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
@@ -150,10 +150,10 @@ class RunFolder:
     # ---- one process at a time ------------------------------------------------------------------
     def lock(self) -> RunLock:
         """Hold the folder for this process (it must exist) until :meth:`RunLock.release` or the
-        process's end; held by another live process: one MixkdError naming it and its PID."""
+        process's end; held by another live process: one FolderInUse error naming it and its PID."""
         f, holder = hold_lock(self.lock_file)
         if f is None:
-            raise MixkdError(f"{self.path} is in use by another mixkd process (PID {holder}); wait for it to "
+            raise FolderInUse(f"{self.path} is in use by another mixkd process (PID {holder}); wait for it to "
                              "end or stop it (it checkpoints on SIGTERM), or choose another --out")
         return RunLock(self.lock_file, f)
 

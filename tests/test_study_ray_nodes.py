@@ -1,8 +1,8 @@
 """The Ray executor across nodes, on one machine: a two-node Ray cluster (Ray's cluster utilities: a
 head and a second node, 1 CPU each, every process on 127.0.0.1). The study's runs land on both
 nodes; the second node removed mid-study (after one of its runs wrote a checkpoint) has its run
-moved to the head, where it resumes from that checkpoint; the study finishes equal to an
-uninterrupted one.
+moved to the head, where it resumes from that checkpoint (once the folder's lock, held on as NFS
+would hold a dead client's, is free); the study finishes equal to an uninterrupted one.
 
 The test runs in a process of its own: a Ray session leaves state in its process (its authentication
 mode, cached where the environment that pytest restores between tests cannot reach it) that a later
@@ -22,7 +22,9 @@ import torch
 import yaml
 from run_rows import epoch_rows
 
+from mixkd.errors import FolderInUse
 from mixkd.header import CHECKPOINT_NAME
+from mixkd.run_folder import RunFolder
 from mixkd.study import InProcessExecutor, RayExecutor, collect, load_study, run_study
 from mixkd.study.executors import _ray_local_only
 
@@ -42,6 +44,15 @@ def _placements(run_dir: Path) -> list[tuple[str, int]]:
     """(node id, worker pid) of each attempt of a run, from its log."""
     log = run_dir / "log.txt"
     return [(m[1], int(m[2])) for m in PLACED.finditer(log.read_text())] if log.exists() else []
+
+
+def _lock_once_free(run_dir: Path):
+    """The run folder's lock, taken as soon as the killed worker's process has let it go."""
+    while True:
+        try:
+            return RunFolder(run_dir).lock()
+        except FolderInUse:
+            time.sleep(0.01)
 
 
 def test_runs_spread_over_two_nodes_and_a_lost_node_s_run_resumes_from_its_checkpoint(tmp_path):
@@ -81,7 +92,7 @@ def _study_on_two_nodes(tmp_path: Path) -> None:
             study_thread = threading.Thread(target=lambda: outcome.setdefault(
                 "value", run_study(study, out, ex, progress=False, echo=lines.append)))
             study_thread.start()
-            lost = None
+            lost = held = None
             give_up = time.monotonic() + 240  # a guard against a hang, not a timing assertion
             while lost is None and study_thread.is_alive() and time.monotonic() < give_up:
                 for run in study.runs:
@@ -92,7 +103,13 @@ def _study_on_two_nodes(tmp_path: Path) -> None:
                         assert not (out / run.id / "result.json").exists()  # ...with epochs still to train
                         cluster.remove_node(second, allow_graceful=False)  # ...and its node goes away
                         os.kill(places[0][1], signal.SIGKILL)  # (a frozen process cannot hear its raylet die)
+                        held = _lock_once_free(out / run.id)  # as NFS would keep the dead node's lock a while
                         break
+                time.sleep(0.02)
+            while held is not None and study_thread.is_alive() and time.monotonic() < give_up:
+                if any(line.startswith(f"moved   {lost}: its run folder is still locked") for line in lines):
+                    held.release()  # the lease expired: the next try takes it
+                    held = None
                 time.sleep(0.02)
             study_thread.join(timeout=240)
             assert not study_thread.is_alive()
@@ -108,10 +125,12 @@ def _study_on_two_nodes(tmp_path: Path) -> None:
     assert set(first.values()) == {head, other_id}, (first, head, other_id)
     # (b) the lost run was placed again on the head and resumed there from its checkpoint (epoch 1 done)
     attempts = _placements(out / lost)
-    assert [node for node, _ in attempts] == [other_id, head], (attempts, head, other_id)
+    # (refused once on the head while the lock was held, then taken)
+    assert [node for node, _ in attempts] == [other_id, head, head], (attempts, head, other_id)
     log = (out / lost / "log.txt").read_text()
-    assert "resume at epoch 2" in log.split("node id " + head)[1], log  # after its first epoch's checkpoint
+    assert "resume at epoch 2" in log.split("node id " + head)[-1], log  # after its first epoch's checkpoint
     assert any(line.startswith(f"moved   {lost}: its Ray worker on node {other_id[:8]} was lost") for line in lines), lines
+    assert any(line.startswith(f"moved   {lost}: its run folder is still locked") for line in lines), lines
 
     # ... and the study equals the uninterrupted one
     uninterrupted.join()

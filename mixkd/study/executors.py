@@ -401,6 +401,9 @@ def _last_line(error: BaseException) -> str:
 
 MAX_LOST = 3  # a run whose worker dies this many times (its node lost each time, or the run kills it) fails
 ORPHAN_WAIT = 120.0  # seconds runs of a lost worker wait for a new one when no other is left
+# A moved run refused because its folder is still locked (NFS keeps a dead client's lock until its lease
+# expires, about 90 s on NFSv4) is tried again every LOCK_RETRY s for up to LOCK_WAIT s.
+LOCK_RETRY, LOCK_WAIT = 5.0, 300.0
 
 
 class RayExecutor:
@@ -471,6 +474,8 @@ class RayExecutor:
         self._jobs: dict[str, Job] = {}  # run id -> its job, while it runs (to place it again)
         self._lost: dict[str, int] = {}  # run id -> times its worker was lost
         self._homeless: list[Job] = []  # jobs of lost workers, waiting for a slot
+        self._not_before: dict[str, float] = {}  # run id -> when a run refused for a held lock is tried again
+        self._held_since: dict[str, float] = {}  # run id -> its first refusal for a held lock
         self._homeless_since: float | None = None
         self._folder: tuple[str, str] | None = None
         self._start_error = "?"
@@ -584,8 +589,10 @@ class RayExecutor:
 
     def _rehome(self) -> list[Completion]:
         """Jobs of lost workers to free slots; failed when no worker has been there for ORPHAN_WAIT s."""
-        while self._homeless and self._place(self._homeless[0]):
-            self._homeless.pop(0)
+        now = time.monotonic()
+        for job in list(self._homeless):
+            if self._not_before.get(job.run_id, 0.0) <= now and self._place(job):
+                self._homeless.remove(job)
         if not self._homeless or any(s == "ready" for s in self._state):
             self._homeless_since = None
             return []
@@ -621,7 +628,13 @@ class RayExecutor:
             for run_id, outcome in completions:
                 if run_id in self._assigned[i]:
                     self._assigned[i].remove(run_id)
-                self._jobs.pop(run_id, None)
+                job = self._jobs.pop(run_id, None)
+                if outcome.get("in_use") and run_id in self._lost and job is not None:
+                    outcome = self._still_locked(job, outcome)
+                    if outcome.get("rescheduled") is not None:
+                        if outcome["rescheduled"]:
+                            done.append((run_id, outcome))
+                        continue
                 done.append((run_id, outcome))
             if progress:
                 self._progress[i] = progress
@@ -630,6 +643,26 @@ class RayExecutor:
         if not done:
             time.sleep(min(timeout, 0.2))
         return done
+
+    def _still_locked(self, job: Job, outcome: Outcome) -> Outcome:
+        """A run moved off a lost worker and refused because its folder is locked: on one machine the
+        lock died with the worker, but NFS keeps a dead client's lock until its lease expires. Tried
+        again every LOCK_RETRY s (``rescheduled``: True the first time, to be said; False after),
+        failed after LOCK_WAIT s (or on a stop)."""
+        now = time.monotonic()
+        first = self._held_since.setdefault(job.run_id, now)
+        if self.stopping:
+            return {"ok": False, "stopped": True, "not_started": True, "seconds": None,
+                    "message": "not started before the stop"}
+        if now - first > LOCK_WAIT:
+            return {**outcome, "message": f"{outcome['message']} (still {now - first:.0f} s after its worker was lost; "
+                                          "on NFS the lock of a dead node is freed when its lease expires: run the "
+                                          "study again then)"}
+        self._homeless.append(job)
+        self._not_before[job.run_id] = now + LOCK_RETRY
+        return {"rescheduled": now == first, "message": "its run folder is still locked by the process of its lost "
+                f"worker (NFS frees a dead node's lock when its lease expires); tried again every {LOCK_RETRY:.0f} s "
+                f"for up to {LOCK_WAIT:.0f} s"}
 
     def in_flight(self) -> int:
         return sum(len(a) for a in self._assigned) + len(self._homeless)

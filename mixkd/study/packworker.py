@@ -21,7 +21,7 @@ from typing import Any
 
 from mixkd.control import StopControl
 from mixkd.engine import Run
-from mixkd.errors import MixkdError
+from mixkd.errors import FolderInUse, MixkdError
 from mixkd.files import storage_error
 from mixkd.pack import Pack, failure_message
 from mixkd.run_folder import RunFolder
@@ -107,8 +107,8 @@ class PackWorker:
         return run_id, self._outcome(run_id, out, outcome, start)
 
     def _outcome(self, run_id: str, out: Path, outcome: dict[str, Any], start: float) -> dict[str, Any]:
-        outcome = {k: v for k, v in outcome.items() if k != "error"} | {"seconds": time.perf_counter() - start}
-        return outcome
+        return ({k: v for k, v in outcome.items() if k != "error"} | {"seconds": time.perf_counter() - start}
+                | _in_use(outcome.get("error")))
 
     # ---- work ------------------------------------------------------------------------------
     def work(self) -> list[tuple[str, Outcome]]:
@@ -157,6 +157,12 @@ class PackWorker:
                   "compiling": run.compiling}
                  for run, rate in zip(self.pack.jobs, per_slot) if run is not None]
         return {"slots": slots, "images_per_s": total}
+
+
+def _in_use(error: BaseException | None) -> dict[str, bool]:
+    """``{"in_use": True}`` in the outcome of a run refused because another process holds its folder
+    (an executor may try it again: the process of a lost node, whose lock NFS keeps for a while)."""
+    return {"in_use": True} if isinstance(error, FolderInUse) else {}
 
 
 def execute_run(job: Job) -> Outcome:
