@@ -50,7 +50,7 @@ from mixkd.files import open_nofollow
 from mixkd.run_folder import RunFolder
 from mixkd.study.folder import WORKERS_LOCK, folder_problem
 from mixkd.study.packworker import PackWorker
-from mixkd.study.worker import Job, Outcome
+from mixkd.study.worker import Job, Outcome, not_started
 
 Completion = tuple[str, Outcome]
 DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
@@ -256,8 +256,7 @@ class LocalExecutor:
             if proc is not None and not proc.is_alive() and self._assigned[i]:
                 for run_id in self._assigned[i]:
                     if self.stopping:
-                        outcome = {"ok": False, "stopped": True, "not_started": True, "seconds": None,
-                                   "message": "not started before the stop"}
+                        outcome = not_started()
                     elif proc.exitcode in _STOPPED_BY:  # the user's Ctrl-C or a scheduler's SIGTERM: stopped
                         outcome = {"ok": False, "stopped": True, "killed": True, "seconds": None,
                                    "reason": _STOPPED_BY[proc.exitcode],
@@ -575,8 +574,7 @@ class RayExecutor:
                 done.append((run_id, {"ok": False, "seconds": None, "message": f"its Ray worker was lost "
                                       f"{self._lost[run_id]} times (last on node {node}: {why})"}))
             elif self.stopping:
-                done.append((run_id, {"ok": False, "stopped": True, "not_started": True, "seconds": None,
-                                      "message": "its Ray worker was lost during the stop"}))
+                done.append((run_id, not_started("its Ray worker was lost during the stop")))
             else:
                 self._homeless.append(job)
                 done.append((run_id, {"rescheduled": True, "message": f"its Ray worker on node {node} was lost "
@@ -601,8 +599,7 @@ class RayExecutor:
         if self.stopping or time.monotonic() - self._homeless_since > ORPHAN_WAIT:
             jobs, self._homeless = self._homeless, []
             if self.stopping:
-                return [(job.run_id, {"ok": False, "stopped": True, "not_started": True, "seconds": None,
-                                      "message": "not started before the stop"}) for job in jobs]
+                return [(job.run_id, not_started()) for job in jobs]
             return [(job.run_id, {"ok": False, "seconds": None, "message": f"no Ray worker was left to continue it "
                                   f"for {ORPHAN_WAIT:.0f} s; run the study again once the cluster has room (it "
                                   "resumes from its checkpoint)"}) for job in jobs]
@@ -652,8 +649,7 @@ class RayExecutor:
         now = time.monotonic()
         first = self._held_since.setdefault(job.run_id, now)
         if self.stopping:
-            return {"ok": False, "stopped": True, "not_started": True, "seconds": None,
-                    "message": "not started before the stop"}
+            return not_started()
         if now - first > LOCK_WAIT:
             return {**outcome, "message": f"{outcome['message']} (still {now - first:.0f} s after its worker was lost; "
                                           "on NFS the lock of a dead node is freed when its lease expires: run the "
@@ -675,10 +671,6 @@ class RayExecutor:
 
     def progress(self) -> list[dict[str, Any]]:
         return [self._progress[i] for i in sorted(self._progress)]
-
-    def nodes(self) -> dict[int, str | None]:
-        """Each live actor's node id (None until its first check answered)."""
-        return {i: self._node[i] for i, s in enumerate(self._state) if s != "dead"}
 
     def shutdown(self, terminate: bool = False) -> None:
         for a in self._actors:

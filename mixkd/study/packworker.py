@@ -25,7 +25,7 @@ from mixkd.errors import FolderInUse, MixkdError
 from mixkd.files import storage_error
 from mixkd.pack import Pack, failure_message
 from mixkd.run_folder import RunFolder
-from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, record_failure
+from mixkd.study.worker import LOG_NAME, Job, LazyLog, Outcome, execute_analysis, not_started, record_failure
 
 
 class PackWorker:
@@ -142,8 +142,7 @@ class PackWorker:
 
     def drop_pending(self) -> list[tuple[str, Outcome]]:
         """Jobs not begun when a stop came: reported as stopped, untouched."""
-        dropped = [(job[0], {"ok": False, "stopped": True, "not_started": True, "seconds": 0.0,
-                             "message": "not started before the stop"}) for job in self.pending]
+        dropped = [(job[0], not_started()) for job in self.pending]
         self.pending.clear()
         return dropped
 

@@ -29,6 +29,12 @@ from mixkd.run_folder import ANALYSIS_ERROR_NAME, ANALYSIS_NAME, ERROR_NAME, LOG
 Outcome = dict[str, Any]  # {"ok": True, "top1": ..., "seconds": ...} or {"ok": False, "message": ..., ...}
 
 
+def not_started(message: str = "not started before the stop") -> Outcome:
+    """The outcome of a job a stop came before (or during whose move it came): the study keeps it
+    pending, untouched, for its next run."""
+    return {"ok": False, "stopped": True, "not_started": True, "seconds": None, "message": message}
+
+
 class Job(NamedTuple):
     """A run to train (or resume, or find finished) in ``run_dir``; with ``analysis`` (analyze_run's
     subset, batch_size, seed), the analysis of that finished run instead."""
