@@ -83,7 +83,10 @@ def rank_part(size: int, rank: int, world: int) -> tuple[int, int]:
     return rank * size // world, (rank + 1) * size // world
 
 
-def _check_rank(rank: int, world: int, batch_size: int, drop_last: bool) -> None:
+def _check_batch(batch_size: int, rank: int, world: int, drop_last: bool) -> None:
+    """A batch size of at least 1 that, when batches are full (``drop_last``), divides over the ranks."""
+    if batch_size < 1:
+        raise MixkdError(f"batch size must be at least 1, got {batch_size}")
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank must be in 0..world-1 and world at least 1, got rank {rank} of {world}")
     if drop_last and batch_size % world:
@@ -132,9 +135,7 @@ class DeviceLoader:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise MixkdError(f"batch size must be at least 1, got {batch_size}")
-        _check_rank(rank, world, batch_size, drop_last)
+        _check_batch(batch_size, rank, world, drop_last)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank yields its part of each
         self.rank, self.world = rank, world
@@ -287,9 +288,7 @@ class FolderLoader:
         rank: int = 0,
         world: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise MixkdError(f"batch size must be at least 1, got {batch_size}")
-        _check_rank(rank, world, batch_size, drop_last)
+        _check_batch(batch_size, rank, world, drop_last)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank loads its part of each
         self.rank, self.world = rank, world
