@@ -168,6 +168,8 @@ class Run:
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
+        if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
+            convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
         self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)
