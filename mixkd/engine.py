@@ -83,6 +83,11 @@ def mix_state_key(rank: int) -> str:
     return "mix" if rank == 0 else f"mix.{rank}"
 
 
+def loss_sums_key(rank: int) -> str:
+    """The checkpoint's state key of rank ``rank``'s loss sums of a part-done epoch (rank 0: as a process alone)."""
+    return "loss_sums" if rank == 0 else f"loss_sums.{rank}"
+
+
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A distinct, reproducible seed for each (run seed, epoch, random stream)."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
@@ -210,10 +215,11 @@ class Run:
         if not final:
             rng = {"torch_cpu": torch.get_rng_state()}
             state = {f"{DISTILLER_STATE}{k}": v for k, v in self.distiller.state_dict().items()}
-            if self.step_in_epoch:  # every rank's mixing generator, the global batch's loss sums
-                for r, mix_state in enumerate(distributed.gather_objects(self.mix_generator.get_state())):
+            if self.step_in_epoch:  # every rank's mixing generator and loss sums
+                ranks = distributed.gather_objects((self.mix_generator.get_state(), self.step.sums.cpu()))
+                for r, (mix_state, sums) in enumerate(ranks):
                     rng[mix_state_key(r)] = mix_state
-                state["loss_sums"] = self.step.global_sums()
+                    state[loss_sums_key(r)] = sums
         if self.writes:
             self._write_checkpoint(final, meta, rng, state)
         distributed.barrier()  # no rank goes on (and may stop) before the checkpoint is on disk
@@ -257,7 +263,11 @@ class Run:
                 self.notes.append(f"note: the checkpoint was written by {saved_world} process(es) and the run continues "
                                   f"with {self.world}: the mixing of the rest of epoch {self.epoch + 1} is drawn afresh "
                                   "for each process's part (order and augmentation are as before)")
-            sums = ckpt.state["loss_sums"]  # older versions summed ("loss", "ce", "kd") for every run
+            if saved_world == self.world:
+                sums = ckpt.state[loss_sums_key(self.rank)]
+            else:  # the global batch's sums (every rank's mean), each rank's share from now on
+                sums = torch.stack([ckpt.state[loss_sums_key(r)] for r in range(saved_world)]).mean(0)
+            # older versions summed ("loss", "ce", "kd") for every run
             self.step.sums.copy_(sums[:len(self.step.sums)].to(self.step.sums.device))
             self.step.steps = self.step_in_epoch
             self.epoch_seconds = float(ckpt.meta.get("epoch_seconds", 0.0))

@@ -262,8 +262,10 @@ def test_two_ranks_compute_what_one_process_computes_and_stop_together(tmp_path,
 def test_a_time_limit_too_short_for_a_step_is_refused_by_every_rank(tmp_path, data_dir):
     run = tmp_path / "short"
     proc = _torchrun(_args(data_dir, run, EPOCHS, "--time-limit", "1s"))
-    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr + proc.stdout)) == {"2"}, proc.stderr[-3000:]
-    assert (proc.stderr + proc.stdout).count("mixkd: error: --time-limit 1.0 s is too short to take even one step") == 2
+    out = proc.stderr + proc.stdout
+    # each rank refuses by itself (the one that exits second may be ended by torchrun's agent meanwhile)
+    assert out.count("mixkd: error: --time-limit 1.0 s is too short to take even one step") == 2, out[-3000:]
+    assert "2" in re.findall(r"exitcode\s*:\s*(-?\d+)", out) and proc.returncode != 0
     assert not run.exists()  # nothing written
 
 
