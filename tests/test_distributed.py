@@ -311,3 +311,57 @@ def test_a_dead_rank_ends_the_launch_and_a_restart_resumes_it(tmp_path, data_dir
     log = (run / "log.txt").read_text()
     assert log.count("resume at") == 2, log
     _assert_same_run(run, uninterrupted[1], rtol=1e-6)
+
+
+def _stopped_at(out: str, rank0_words: str, rank1_words: str) -> tuple[int, int]:
+    """The (epoch, step) at which rank 0 says it stopped; rank 1 must say the same step."""
+    where = re.search(rf"{rank0_words} at epoch (\d+) step (\d+) of \d+ \(checkpoint written\)", out)
+    assert where, out[-3000:]
+    assert f"rank 1 of 2: {rank1_words} at epoch {where[1]} step {where[2]}" in out, out[-3000:]
+    return int(where[1]), int(where[2])
+
+
+def test_ctrl_c_at_the_terminal_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, data_dir, uninterrupted):
+    """Ctrl-C as a terminal sends it (SIGINT to torchrun and its workers, one process group; torchrun
+    then passes it on): both ranks stop at the same step, exit 130, and the checkpoint resumes to the
+    uninterrupted run."""
+    run = tmp_path / "ctrl-c"
+    launcher = _torchrun(_args(data_dir, run, EPOCHS), wait=False, start_new_session=True)
+    _rank_pid(launcher, 1)
+    _wait_for_epochs(run, 2, launcher)
+    os.killpg(launcher.pid, signal.SIGINT)
+    out, _ = launcher.communicate(timeout=300)
+    epoch, _ = _stopped_at(out, "interrupted", "stopped by Ctrl-C")
+    # no worker's traceback (a second Ctrl-C would raise KeyboardInterrupt); torchrun's agent ends with its own
+    assert "KeyboardInterrupt" not in out and "got signal: 2" in out, out[-3000:]
+    assert epoch <= EPOCHS and not (run / "result.json").exists() and (run / "checkpoint.safetensors").exists()
+    assert main(_args(data_dir, run, EPOCHS, "--resume")) == 0
+    _assert_same_run(run, uninterrupted[0], rtol=1e-4, weights_tol=1e-3)
+
+
+def test_a_time_limit_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, data_dir):
+    """--time-limit reached in the middle of a 2-rank run whose ranks started 3 s apart (as srun's tasks
+    may: each counts the limit from its own start, so rank 0's deadline comes first): every rank stops at
+    the same step (the ranks agree), exit 75 each, one checkpoint, nothing finished."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "limit"
+    args = [sys.executable, "-m", "mixkd", *_args(data_dir, run, 100_000, "--time-limit", "25s")]  # far more than fit
+    procs = []
+    for r in range(2):
+        procs.append(subprocess.Popen(args, env={
+            **_env(), "SLURM_PROCID": str(r), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(r),
+            "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "78", "SLURM_STEP_TASKS_PER_NODE": "2",
+            "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(3.0 if r == 0 else 0.0)  # a later start, hence a later deadline, for rank 1
+    try:  # without the agreement, rank 1 would wait on a collective for rank 0, which stopped alone
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [75, 75], outs
+    _stopped_at("\n".join(outs), "stopped before the time limit", "stopped on time")
+    assert not (run / "result.json").exists() and (run / "checkpoint.safetensors").exists()
