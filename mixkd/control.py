@@ -201,13 +201,8 @@ class StopControl:
         # A stop that came before this control existed (see catch_early_stops) is this control's now.
         adopted = [sig for sig in _early["pending"] if sig in handlers]
         _early["pending"] = [sig for sig in _early["pending"] if sig not in handlers]
-        for sig in adopted:
-            if sig == signal.SIGINT:
-                self._interrupts += 1
-                first_interrupt.append(time.monotonic())
-                self.request("interrupt")
-            else:
-                self.request("signal")
+        for sig in adopted:  # as if it came now (one Ctrl-C at most: a second one raised already)
+            handlers[sig](sig, None)
 
     def restore_signals(self) -> None:
         for sig, previous in self._installed.items():
