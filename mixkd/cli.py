@@ -397,15 +397,18 @@ def main(argv: list[str] | None = None) -> int:
         status = args.handler(args)
     except MixkdError as e:
         print(f"mixkd: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        status = 130
     from mixkd.control import EXIT_STOPPED
 
-    if status == EXIT_STOPPED and argv is None:
-        # Stopped for a deadline: everything is written; leave at once rather than spend seconds in
-        # the interpreter's teardown (torch's, mostly), which a wall-time limit would count.
+    # Leave at once, without the interpreter's teardown, (a) when stopped for a deadline: everything is
+    # written, and the teardown (torch's, mostly) would count against a wall-time limit; (b) after a
+    # process group (torchrun, srun): a peer that left first can make gloo's threads abort the teardown
+    # ("terminate called without an active exception", exit -6 instead of this status).
+    grouped = sys.modules.get("mixkd.distributed")  # imported by the run commands only (it imports torch)
+    if argv is None and (status == EXIT_STOPPED or (grouped is not None and grouped.was_grouped())):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -100,6 +100,7 @@ def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
 
 # ---- this process's place (set by setup) ---------------------------------------------------------
 _rank, _world, _backend, _device = 0, 1, None, None
+_grouped = [False]  # whether this process joined a process group (set once, by setup)
 
 
 def active() -> bool:
@@ -176,7 +177,13 @@ def setup(device: torch.device, asked_backend: str = "auto", launch: Launch | No
     dist.init_process_group(chosen, store=dist.PrefixStore("pg/", store), rank=launch.rank,
                             world_size=launch.world, timeout=timeout)
     _rank, _world, _backend, _device = launch.rank, launch.world, chosen, device
+    _grouped[0] = True
     return device
+
+
+def was_grouped() -> bool:
+    """Whether this process joined a process group (it may have left it since)."""
+    return _grouped[0]
 
 
 def shutdown() -> None:
