@@ -92,7 +92,7 @@ class KDConfig(_Section):
     default (:data:`KD_METHOD_DEFAULTS`, its authors' CIFAR-100 setting) and is written back resolved;
     one the method does not use stays empty and is refused when set."""
 
-    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth or a torchvision state_dict .pth")
+    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth, a timm .safetensors/.pth or torchvision .pth, a Hugging Face hub cache folder or hf-hub:ORG/NAME (local cache, offline)")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
     method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
@@ -104,7 +104,20 @@ class KDConfig(_Section):
     gamma: float | None = Field(None, ge=0, le=1000, description="dist: weight of the intra-class relation (default 1)")
     warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20; 0: none)")
     hint_weight: float | None = Field(None, ge=0, le=1000, description="fitnet: weight of the hint, the MSE between the regressed student feature map and the teacher's (default 100)")
-    hint_layer: int | None = Field(None, ge=0, le=100, description="fitnet: which feature map is hinted, an index into the models' is_feat features (default 2: the middle one)")
+    hint_layer: int | str | None = Field(None, description="fitnet: which feature map is hinted: an index into the models' is_feat features (default 2: the middle one), or a stage name of a timm/tv model (layer3, stages.2; see docs/models.md), or 'student_stage,teacher_stage'")
+    teacher_input: Literal["auto", "model", "dataset"] = Field("auto", description="the teacher's input preprocessing: auto: its pretrained config's (size, mean, std, interpolation) when its weights come from a library file and its name is timm:/tv:, else the dataset's; model: its pretrained config's for the tv_* names too; dataset: always the dataset's")
+
+    @field_validator("hint_layer")
+    @classmethod
+    def _hint_layer(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # "2" from the command line is the index 2
+        parts = [] if value is None else str(value).split(",")
+        if value is not None and (len(parts) > 2 or not all(p.strip() for p in parts)):
+            raise ValueError(f"expected an index, a stage name or 'student_stage,teacher_stage', got {value!r}")
+        if isinstance(value, int) and not 0 <= value <= 100:
+            raise ValueError(f"an index must lie in 0..100, got {value}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -68,6 +68,7 @@ from mixkd.losses import (
     soft_cross_entropy,
     supervised_objective,
 )
+from mixkd.models import feature_index, feature_names
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -354,31 +355,36 @@ class FitNet(Distiller):
 
     def __init__(self, student, teacher, kd: KDConfig):
         super().__init__(student, teacher, kd)
-        self.layer = kd.hint_layer
+        stages = str(kd.hint_layer).split(",")  # one stage for both, or "student_stage,teacher_stage"
+        self.layers = (feature_index(student, stages[0].strip()), feature_index(teacher, stages[-1].strip()))
         s_shape, t_shape = self._feature_shapes()
         self.modules["regressor"] = ConvRegressor(s_shape, t_shape).to(self.device)
 
     def _feature_shapes(self) -> tuple[torch.Size, torch.Size]:
-        probe = torch.zeros(2, 3, self.PROBE_SIZE, self.PROBE_SIZE, device=self.device)
+        size = getattr(self.student, "mixkd_input_size", None) or self.PROBE_SIZE  # the size it trains at
+        probe = torch.zeros(2, 3, size, size, device=self.device)
         shapes = []
-        for model in (self.student, self.teacher):
+        for model, layer in zip((self.student, self.teacher), self.layers):
             was_training = model.training
             model.eval()
             with torch.no_grad():
                 feats, _ = model(probe, is_feat=True)
             model.train(was_training)
-            if not -len(feats) <= self.layer < len(feats) or feats[self.layer].dim() != 4:
+            if not -len(feats) <= layer < len(feats) or feats[layer].dim() != 4:
                 maps = [i for i, f in enumerate(feats) if f.dim() == 4]
-                raise MixkdError(f"fitnet: kd.hint_layer {self.layer} is not a feature map of "
-                                 f"{type(model).__name__}; choose one of {maps}")
-            shapes.append(feats[self.layer].shape)
+                names = feature_names(model)
+                maps = [f"{i} ({names[i]})" for i in maps] if names else maps
+                raise MixkdError(f"fitnet: kd.hint_layer {layer} is not a feature map of "
+                                 f"{getattr(model, 'mixkd_name', type(model).__name__)}; choose one of {maps}")
+            shapes.append(feats[layer].shape)
         return shapes[0], shapes[1]
 
     def forward_train(self, x, target):
         feats_s, student_logits = self.student(x, is_feat=True)
         with torch.no_grad():
             feats_t, teacher_logits = self.teacher(x, is_feat=True)
-        hint = F.mse_loss(self.modules["regressor"](feats_s[self.layer]).float(), feats_t[self.layer].float())
+        s_layer, t_layer = self.layers
+        hint = F.mse_loss(self.modules["regressor"](feats_s[s_layer]).float(), feats_t[t_layer].float())
         ce = soft_cross_entropy(student_logits, target)
         kd = kd_loss(student_logits, teacher_logits, self.kd.temperature)
         loss = self.kd.ce_weight * ce + self.kd.kd_weight * kd + self.kd.hint_weight * hint

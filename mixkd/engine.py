@@ -52,6 +52,7 @@ from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
+from mixkd.models.preprocess import Preprocessing
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
@@ -165,13 +166,18 @@ class Run:
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
+        self.model = create_model(cfg.model, self.data.num_classes, self.data.image_size).to(
+            self.device, memory_format=memory_format)
         if cfg.sync_bn and self.world > 1:
             self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl")
         self.teacher, self.teacher_arch = None, None
         if cfg.task == "distill":
-            self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
-                                                           self.data.num_classes, self.device, channels_last)
+            self.teacher, self.teacher_arch = load_teacher(
+                self.teacher_path, cfg.kd.teacher_model, self.data.num_classes, self.device, channels_last,
+                data=Preprocessing(self.data.image_size, self.data.mean, self.data.std),
+                teacher_input=cfg.kd.teacher_input)
+            if getattr(self.teacher, "preprocess_note", None):
+                self.notes.append(f"note: {self.teacher.preprocess_note}")
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
