@@ -39,7 +39,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
         dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else "cifar100"
     dev = resolve_device(device)
     data = load_dataset(dataset, data_dir or "./data", download=download, image_size=image_size, splits=("test",))
-    net, arch = load_model(checkpoint, model, data.num_classes)
+    net, arch = load_model(checkpoint, model, data.num_classes, image_size=data.image_size)
     test_loader = make_test_loader(data, dev, batch_size, workers=workers)
     metrics = evaluate(net.to(dev), test_loader)
     return {"checkpoint": str(checkpoint), "model": arch, "dataset": dataset, **metrics}

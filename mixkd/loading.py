@@ -115,15 +115,16 @@ def _snapshot_source(folder: Path, source: str) -> WeightsSource:
     return WeightsSource(weights, config, folder)
 
 
-def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model"
-               ) -> tuple[torch.nn.Module, str]:
+def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = "--model",
+               image_size: int | None = None) -> tuple[torch.nn.Module, str]:
     """A model with the weights of ``checkpoint`` (see the module docstring). ``arch`` may be omitted when
-    the checkpoint names its architecture (mixkd checkpoints and hub folders do)."""
-    model, arch, _, _ = _load(checkpoint, arch, num_classes, flag)
+    the checkpoint names its architecture (mixkd checkpoints and hub folders do). ``image_size``: the
+    dataset's, which a mixkd run of a fixed-size model (a timm ViT) was built for."""
+    model, arch, _, _ = _load(checkpoint, arch, num_classes, flag, image_size)
     return model, arch
 
 
-def _load(checkpoint: str, arch: str | None, num_classes: int, flag: str):
+def _load(checkpoint: str, arch: str | None, num_classes: int, flag: str, image_size: int | None):
     source = resolve_source(checkpoint)
     ckpt = load_checkpoint(source.path)
     arch = arch or ckpt.model_name or source.architecture
@@ -132,9 +133,10 @@ def _load(checkpoint: str, arch: str | None, num_classes: int, flag: str):
     problem = model_problem(arch)
     if problem:
         raise MixkdError(f"{flag}: {problem}")
-    model = create_model(arch, num_classes)
-    load_weights(model, ckpt.state_dict, str(source.path), arch)
     from_library = "format" not in ckpt.meta  # not written by mixkd: a library's (or RepDistiller's) weights
+    # a library's weights are for the model at its own input size; a mixkd run's for the dataset's
+    model = create_model(arch, num_classes, None if from_library else image_size)
+    load_weights(model, ckpt.state_dict, str(source.path), arch)
     return model, arch, source, from_library
 
 
@@ -144,7 +146,8 @@ def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device, ch
     """A frozen teacher in eval mode (see :func:`load_model`), fed its own preprocessing when its weights
     ask for it and ``data`` (the dataset's) differs (see the module docstring); then the returned model
     has a ``preprocess_note`` saying which preprocessing it gets."""
-    teacher, arch, source, from_library = _load(checkpoint, arch, num_classes, "--teacher-model")
+    teacher, arch, source, from_library = _load(checkpoint, arch, num_classes, "--teacher-model",
+                                                data.size if data is not None else None)
     note = None
     if data is not None and from_library:
         teacher, note = _with_preprocessing(teacher, arch, source, data, teacher_input)

@@ -32,12 +32,13 @@ class Preprocessing:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str = "bilinear"
+    interpolation: str | None = None  # None: the dataset's (its loaders'), no model's
     crop_pct: float | None = None
 
     def describe(self) -> str:
         crop = f", crop {self.crop_pct:g}" if self.crop_pct else ""
-        return (f"{self.size}x{self.size} {self.interpolation}, mean {_fmt(self.mean)}, std {_fmt(self.std)}{crop}")
+        mode = f" {self.interpolation}" if self.interpolation else ""
+        return f"{self.size}x{self.size}{mode}, mean {_fmt(self.mean)}, std {_fmt(self.std)}{crop}"
 
     def same_input(self, other: Preprocessing) -> bool:
         """Whether batches prepared for ``other`` are this model's input (size, mean and std)."""
@@ -93,7 +94,7 @@ class Preprocessed(nn.Module):
         self.register_buffer("scale", (d_std / o_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((d_mean - o_mean) / o_std).view(1, 3, 1, 1), persistent=False)
         self.size = own.size if own.size != data.size else None
-        self.mode = own.interpolation
+        self.mode = own.interpolation or "bilinear"
         self.mixkd_name = getattr(model, "mixkd_name", type(model).__name__)
 
     def prepare(self, x: Tensor) -> Tensor:
