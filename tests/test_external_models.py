@@ -190,7 +190,7 @@ def test_a_hub_cache_folder_and_an_hf_hub_name_load_offline_with_their_config(ti
 
 
 def _cfg(out, **extra):
-    flags = {"task": "distill", "dataset": "digits", "epochs": 2, "batch_size": 256, "device": "cpu",
+    flags = {"task": "distill", "dataset": "digits", "eval_batch_size": 512, "epochs": 2, "batch_size": 256, "device": "cpu",
              "progress": False, "out": str(out), "compile": "off", "optim.milestones": [1], **extra}
     return build_config(flags=flags)
 
@@ -284,3 +284,30 @@ def test_a_tv_teacher_distills_into_a_timm_student_on_a_jpeg_folder_with_kd(tmp_
         expected = 100.0 * (reference(x).argmax(1) == torch.as_tensor(val.targets)).float().mean().item()
     assert result["teacher_top1"] == pytest.approx(expected)  # the file's weights, on the dataset's input
     assert result["teacher_model"] == "tv:mobilenet_v3_small"
+
+
+def test_a_model_that_cannot_be_compiled_falls_back_to_the_eager_step_with_one_log_line(tmp_path, monkeypatch, one_thread,
+                                                                                         cifar10_dir):
+    import mixkd.step
+
+    class Untraceable(torch.nn.Module):
+        """What torch.compile gives for a model dynamo cannot trace: its first call fails."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("dynamo: cannot trace\nthis model")
+
+    eager = tmp_path / "eager"
+    cfg = {"task": "train", "model": "resnet8", "epochs": 1, "batch_size": 32, "mix.method": "mixup",
+           "dataset": "cifar10", "data_dir": str(cifar10_dir)}
+    run_job(_cfg(eager, **cfg, compile="off"))
+    monkeypatch.setattr(mixkd.step.torch, "compile", lambda model, **options: Untraceable(model))
+    fallback = tmp_path / "fallback"
+    run_job(_cfg(fallback, **cfg, compile="on"))
+    notes = [line.split(" ", 1)[1] for line in (fallback / "log.txt").read_text().splitlines() if "could not be" in line]
+    assert notes == ["note: the step of resnet8 could not be compiled (RuntimeError: dynamo: cannot trace this "
+                     "model); it runs eagerly"]
+    _same_run(eager, fallback)  # from the state before the failed attempt: what the eager run computed
