@@ -311,3 +311,22 @@ def test_a_model_that_cannot_be_compiled_falls_back_to_the_eager_step_with_one_l
     assert notes == ["note: the step of resnet8 could not be compiled (RuntimeError: dynamo: cannot trace this "
                      "model); it runs eagerly"]
     _same_run(eager, fallback)  # from the state before the failed attempt: what the eager run computed
+
+
+def test_a_study_names_library_models_and_gives_their_runs_portable_ids():
+    from mixkd.study.spec import expand, parse_study
+
+    data = {"name": "s", "defaults": {"dataset": "digits", "epochs": 1},
+            "teachers": [{"name": "plain", "models": ["timm:resnet10t"]}],
+            "students": [{"teachers": ["plain"], "models": ["tv:mobilenet_v3_small", "resnet8"],
+                          "methods": ["alone", "kd_pmu"], "temperatures": [4], "fractions": [0.1]}]}
+    runs = expand(parse_study(data, "s.yaml"), "s.yaml")
+    assert [r.id for r in runs] == [
+        "teachers/timm_resnet10t_plain-s0", "students/tv_mobilenet_v3_small-alone-s0",
+        "students/resnet8-alone-s0", "students/tv_mobilenet_v3_small-from-timm_resnet10t_plain-kd_pmu-T4-f0.1-s0",
+        "students/resnet8-from-timm_resnet10t_plain-kd_pmu-T4-f0.1-s0"]
+    assert [r.config.model for r in runs][:2] == ["timm:resnet10t", "tv:mobilenet_v3_small"]
+    assert runs[-1].config_for("/study").kd.teacher == "../../teachers/timm_resnet10t_plain-s0"
+    data["students"][0]["models"] = ["timm:resnet18x"]
+    with pytest.raises(MixkdError, match=r"students\[0\]\.models\[0\].*unknown model 'timm:resnet18x'"):
+        expand(parse_study(data, "s.yaml"), "s.yaml")
