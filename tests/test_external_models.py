@@ -330,3 +330,21 @@ def test_a_study_names_library_models_and_gives_their_runs_portable_ids():
     data["students"][0]["models"] = ["timm:resnet18x"]
     with pytest.raises(MixkdError, match=r"students\[0\]\.models\[0\].*unknown model 'timm:resnet18x'"):
         expand(parse_study(data, "s.yaml"), "s.yaml")
+
+
+def test_the_timm_teacher_recipes_are_mdistillers_and_dists_settings():
+    root = Path(__file__).resolve().parents[1] / "configs" / "imagenet"
+    recipes = {p.stem: build_config(p) for p in sorted(root.glob("timm_*.yaml"))}
+    assert set(recipes) == {"timm_r50_r18_kd", "timm_r50_r18_dist", "timm_r50_mbv1_dkd"}
+    for name, cfg in recipes.items():
+        assert (cfg.task, cfg.dataset, cfg.image_size, cfg.epochs, cfg.batch_size) == ("distill", "imagefolder", 224, 100, 512)
+        o = cfg.optim
+        assert (o.lr, o.momentum, o.weight_decay, cfg.milestones(), o.lr_decay) == (0.2, 0.9, 1e-4, [30, 60, 90], 0.1)
+        assert (cfg.kd.teacher, cfg.kd.teacher_model, cfg.mix.method) == ("hf-hub:timm/resnet50.tv_in1k", None, "none")
+        assert model_problem(cfg.model) is None, name
+    kd, dist, dkd = recipes["timm_r50_r18_kd"].kd, recipes["timm_r50_r18_dist"].kd, recipes["timm_r50_mbv1_dkd"].kd
+    assert (kd.method, kd.temperature, kd.ce_weight, kd.kd_weight) == ("kd", 4.0, 1.0, 1.0)  # DIST_KD's KD (T=4)
+    assert (dist.method, dist.temperature, dist.beta, dist.gamma, dist.ce_weight, dist.kd_weight) == ("dist", 1, 1, 1, 1, 1)
+    # mdistiller configs/imagenet/r50_mv1/dkd.yaml
+    assert (dkd.method, dkd.ce_weight, dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs) == ("dkd", 1, 1, 2, 1, 1)
+    assert recipes["timm_r50_mbv1_dkd"].model == "timm:mobilenetv1_100"
