@@ -472,7 +472,7 @@ class Run:
         """The first step of a compiled or graphed run, which compiles or captures; where a model cannot be
         compiled or captured (a timm/tv model dynamo cannot trace, say), the step falls back to eager with
         one log line naming the models and why, from the state before the failed attempt."""
-        restore, mix_state = self.step._snapshot(), self.mix_generator.get_state()
+        restore = self.step._snapshot()  # weights, buffers, optimizer, loss sums, the mixing and torch RNGs
         try:
             self.step(x, y)
             return
@@ -482,7 +482,6 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             restore()
-            self.mix_generator.set_state(mix_state)
             what = "compiled" if self.step.compiled else "captured as a CUDA graph"
             why = " ".join(str(e).split())[:200] or type(e).__name__
             models = self.cfg.model + (f" (teacher {self.teacher_arch})" if self.teacher_arch else "")
