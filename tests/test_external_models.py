@@ -348,3 +348,20 @@ def test_the_timm_teacher_recipes_are_mdistillers_and_dists_settings():
     # mdistiller configs/imagenet/r50_mv1/dkd.yaml
     assert (dkd.method, dkd.ce_weight, dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs) == ("dkd", 1, 1, 2, 1, 1)
     assert recipes["timm_r50_mbv1_dkd"].model == "timm:mobilenetv1_100"
+
+
+@pytest.mark.parametrize("name", ["timm:mobilenetv3_small_050", "tv:mobilenet_v3_small"])
+def test_the_analysis_t_sne_reads_the_penultimate_features_of_a_library_model(name):
+    from mixkd.analysis.inputs import PixelImages
+    from mixkd.analysis.metrics import penultimate_features
+
+    torch.manual_seed(0)
+    model = create_model(name, 10, 32).eval()
+    images = PixelImages(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), torch.arange(5), torch.arange(5))
+    feats = penultimate_features(model, images, 2, torch.device("cpu"))
+    with torch.no_grad():
+        x = images.images.float() / 255
+        pre = model.forward_head(model.forward_features(x), pre_logits=True) if name.startswith("timm") else \
+            model.classifier[:-1](torch.flatten(model.avgpool(model.features(x)), 1))  # the last Linear's input
+    assert feats.shape == (5, 1024)
+    torch.testing.assert_close(feats, pre)
