@@ -50,8 +50,8 @@ from typing import Any
 
 from scipy import special
 
+from mixkd.config import reference_mixed_share
 from mixkd.errors import MixkdError
-from mixkd.mix import reference_mixed_share
 from mixkd.results import KD_SHORT, PARTIAL_FRACTION, Cell, Context, Result, natural, results_from_rows
 
 LEVEL = 0.95

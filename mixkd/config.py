@@ -48,6 +48,12 @@ class MixConfig(_Section):
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
 
 
+def reference_mixed_share(batch_size: int, fraction: float) -> float:
+    """Expected share of mixed samples under ``sampling='reference'`` (:func:`mixkd.mix.mixed_mask`): here,
+    without torch, for the claims (``mixkd claims`` imports no torch)."""
+    return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
+
+
 class KDMethod(NamedTuple):
     """A KD method in the catalogue: its short label (table columns, claims), its long one, its defaults."""
 

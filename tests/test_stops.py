@@ -233,12 +233,12 @@ def test_a_full_disk_stops_the_study_with_one_line_and_leaves_every_run_resumabl
     import json
 
     import mixkd.checkpoint
-    import mixkd.study.cli
+    import mixkd.study.executors
     from mixkd.cli import main
     from mixkd.run_folder import ERROR_NAME, RunFolder
     from mixkd.study import InProcessExecutor
 
-    monkeypatch.setattr(mixkd.study.cli, "make_executor", lambda *args, **kwargs: InProcessExecutor())
+    monkeypatch.setattr(mixkd.study.executors, "make_executor", lambda *args, **kwargs: InProcessExecutor())
     study = tmp_path / "s.yaml"
     study.write_text(f"name: s\ndefaults: {{dataset: cifar10, data_dir: {cifar10_dir}, device: cpu, epochs: 2, "
                      "save_every: 1, batch_size: 32, eval_batch_size: 80}\n"
