@@ -48,7 +48,8 @@ _WHERE = {"Executor": "executors", "InProcessExecutor": "executors", "LocalExecu
           "RayExecutor": "executors", "make_executor": "executors", "format_plan": "plan", "collect": "report",
           "write_report": "report", "StudyOutcome": "runner", "run_study": "runner", "METHODS": "spec",
           "PlannedRun": "spec", "Study": "spec", "load_study": "spec"}
-__all__ = sorted(_WHERE)
+__all__ = ["METHODS", "Executor", "InProcessExecutor", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome",
+           "collect", "format_plan", "load_study", "make_executor", "run_study", "write_report"]  # = _WHERE's names
 
 if TYPE_CHECKING:
     from mixkd.study.executors import Executor, InProcessExecutor, LocalExecutor, RayExecutor, make_executor
