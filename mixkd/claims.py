@@ -262,6 +262,8 @@ class Comparison:
         iv = self.interval
         if iv.sigma is None:
             return ""
+        if len(iv.unmeasured) == 2 and iv.unmeasured[0][1] == iv.unmeasured[1][1]:
+            return f"assuming sigma = {iv.sigma:g} for both sides ({iv.unmeasured[0][1]} each)"
         sides = [f"{(self.a if side == 'a' else self.b).label} ({why})" for side, why in iv.unmeasured]
         return f"assuming sigma = {iv.sigma:g} for {' and '.join(sides)}"
 

@@ -197,8 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="results table (CSV)")
     p.add_argument("--json", metavar="FILE", help="also write the claims as JSON (claims.json's layout) to FILE")
     p.add_argument("--noise", type=float, metavar="SIGMA", help="per-run standard deviation of top-1 (points) assumed "
-                                                                "where one run a side measures none (default: none, "
-                                                                "such comparisons are inconclusive)")
+                                                                "where runs measure no spread: a single run, or runs "
+                                                                "all equal (default: none, such comparisons are "
+                                                                "inconclusive)")
+    p.add_argument("--metric", choices=["top1", "best_top1"], default="top1",
+                   help="top1: the last epoch's top-1, as the study (and the paper) report (default); best_top1: the "
+                        "best epoch's, as mdistiller's published figures (the table's best_top1 column)")
     p.add_argument("--margin", type=float, default=0.5, metavar="DELTA",
                    help="points a non-inferiority ('at least as well') may fall short by (default: 0.5)")
     p.set_defaults(handler=_cmd_claims)
@@ -370,15 +374,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_claims(args: argparse.Namespace) -> int:
-    from mixkd.claims import check, claims_json, format_claims
+    from mixkd.claims import check, claims_json, format_claims, schedule_note
     from mixkd.files import atomic_write_text
     from mixkd.results import read_csv
 
-    claims = check(read_csv(args.table), noise=args.noise, margin=args.margin)
-    print(format_claims(claims))
+    results = read_csv(args.table)
+    claims = check(results, noise=args.noise, margin=args.margin, metric=args.metric)
+    print(format_claims(claims, metric=args.metric))
+    print(schedule_note(results))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin), indent=1,
-                                                      ensure_ascii=False) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin, args.metric),
+                                                      indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

@@ -69,15 +69,26 @@ def test_interval_on_skewed_data_is_welch_where_the_percentile_bootstrap_would_e
     assert claim(rows, 2).parts[0].verdict == "inconclusive"
 
 
-def test_one_run_on_one_side_uses_the_other_sides_spread_with_its_degrees_of_freedom():
-    # issue 18, case 3: [70.0, 70.1] vs [69.5]: s = 0.070711 (1 dof), se = s sqrt(1/2 + 1) = 0.086603,
-    # t(0.975, 1) = 12.7062: 0.55 +- 1.1004 -> inconclusive (the old rule let it hold)
-    iv = difference_interval([70.0, 70.1], [69.5])
-    assert (iv.df, iv.se) == pytest.approx((1.0, 0.0866025), abs=1e-6)
-    assert (iv.low, iv.high) == pytest.approx((0.55 - 1.100390, 0.55 + 1.100390), abs=1e-5)
-    c = claim(runs("kd", [70.0, 70.1], **PMU) + runs("kd", [69.5], **FMU), 2)
-    assert c.comparisons[0].verdict == "inconclusive"
-    assert claim([row("kd", 70.05, **PMU), row("kd", 69.5, **FMU)], 2).comparisons[0].verdict == "inconclusive"
+def test_one_run_on_one_side_is_inconclusive_without_noise_and_takes_the_assumed_sigma_with_it():
+    # issue 25, item 9: a single noisy run against three tight ones. The old rule gave the single run the tight
+    # side's spread (s = 0.01, se = 0.01 sqrt(1 + 1/3), t(0.975, 2) = 4.3027: [+0.65, +0.75]: holds).
+    rows = runs("kd", [70.7], **PMU) + runs("kd", [70.0, 70.01, 69.99], **FMU)
+    c = claim(rows, 2).comparisons[0]
+    assert c.interval.se is None and c.verdict == "inconclusive"
+    assert "no spread measured (KD+PMU T=4 f=0.1: one run)" in format_claims(check(rows))
+    # with --noise 0.4 the single run's side is sigma² = 0.16, the other's s²/3 = 0.0001/3: se = 0.4000417,
+    # Welch-Satterthwaite df = (0.16 + 3.33e-5)² / ((3.33e-5)² / 2) = 4.61e7, t = 1.959964: 0.7 +- 0.784067
+    c = claim(rows, 2, noise=0.4).comparisons[0]
+    assert c.interval.basis == "Welch, sigma assumed on one side"
+    assert (c.interval.se, c.interval.low, c.interval.high) == pytest.approx((0.4000417, -0.0840673, 1.4840673),
+                                                                             abs=1e-6)
+    assert c.verdict == "inconclusive" and c.qualifier == "assuming sigma = 0.4 for KD+PMU T=4 f=0.1 (one run)"
+    # issue 18, case 3: [70.0, 70.1] vs [69.5], noise 0.4: se = sqrt(0.005/2 + 0.16) = 0.4031129, df = 4225,
+    # t(0.975, 4225) = 1.960526: 0.55 +- 0.790314
+    iv = difference_interval([70.0, 70.1], [69.5], noise=0.4)
+    assert (iv.se, iv.df) == pytest.approx((0.4031129, 4225.0), abs=1e-6)
+    assert (iv.low, iv.high) == pytest.approx((-0.2403131, 1.3403131), abs=1e-6)
+    assert difference_interval([70.0, 70.1], [69.5]).basis == "unmeasured"
 
 
 def test_one_run_a_side_is_inconclusive_unless_a_sigma_is_assumed_and_then_says_so():
@@ -256,18 +267,20 @@ def test_report_has_the_claims_section_and_claims_json_with_the_study_files_sigm
     (out / "study.yaml").write_text("name: quickstart\nclaims: {noise: 0.5}\n")
     text = write_report(out).read_text()
     section = text.split("## Claims")[1].split("\n## ")[0]
-    assert "**inconclusive** (margin 0.5, assuming sigma = 0.5 where one run a side)" in section
+    assert "**inconclusive** (margin 0.5, assuming sigma = 0.5 where runs measure no spread)" in section
     assert "2 epochs, short of the study's 240" in section
     # KD T=1 84.1 vs T=4 84.4 from the mixup teacher, one run a side: -0.3 +- 1.959964 x 0.5 x sqrt(2)
     assert ("| 1 | resnet14 (mixup) → resnet8 | KD T=1 > KD T=4 | 84.10 (n=1) | 84.40 (n=1) | -0.30 | [-1.69, +1.09] "
-            "| assumed sigma | inconclusive (assuming sigma = 0.5) |") in section
-    # KD 84.4 (n=1) vs alone 80, 81 (n=2): the alone side's spread (s = 0.7071, 1 dof)
+            "| assumed sigma | inconclusive (assuming sigma = 0.5 for both sides (one run each)) |") in section
+    # KD 84.4 (n=1) vs alone 80, 81 (n=2): the single run's side sigma² = 0.25, the alone side's s²/2 = 0.25;
+    # se = sqrt(0.5), df = 0.5² / (0.25² / 1) = 4, t(0.975, 4) = 2.776445
     data = json.loads((out / "claims.json").read_text())
     c4 = next(c for c in data["claims"] if c["claim"] == 4)
     kd4 = next(c for c in c4["comparisons"] if c["a"]["label"] == "KD T=4" and "mixup" in c["teacher"])
-    assert kd4["basis"] == "Student t, one run on one side" and kd4["b"]["values"] == [80.0, 81.0]
-    assert kd4["interval_95"] == pytest.approx([3.9 - 12.7062 * 0.707107 * math.sqrt(1.5),
-                                                3.9 + 12.7062 * 0.707107 * math.sqrt(1.5)], abs=1e-3)
+    assert kd4["basis"] == "Welch, sigma assumed on one side" and kd4["b"]["values"] == [80.0, 81.0]
+    assert kd4["interval_95"] == pytest.approx([3.9 - 2.776445 * math.sqrt(0.5), 3.9 + 2.776445 * math.sqrt(0.5)],
+                                               abs=1e-5)
+    assert kd4["no_spread"] == {"a": "one run"} and kd4["df"] == pytest.approx(4.0)
     assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5]
     # the finished students as a results table: mixkd claims reads it back to the same verdicts
     assert main(["claims", str(out / "claims-table.csv"), "--noise", "0.5", "--json", str(tmp_path / "c.json")]) == 0
@@ -276,7 +289,8 @@ def test_report_has_the_claims_section_and_claims_json_with_the_study_files_sigm
     assert [c["interval_95"] for c in again["claims"][3]["comparisons"]] == [
         c["interval_95"] for c in c4["comparisons"]]
     printed = claims_text(out)
-    assert printed.startswith("claims (details: report.md, claims.json):\nclaim 1: inconclusive")
+    assert printed.startswith("claims (details: report.md, claims.json):\nmetric: student top-1 at the last epoch "
+                              "(%)\nclaim 1: inconclusive")
     assert "handicaps standardized KD" in printed or "handicap standardized KD" in printed
 
 
@@ -306,4 +320,5 @@ def test_the_cifar100_studies_decide_every_claim(tmp_path, capsys):
         in lines[4]
     quick = claims_plan(load_study(STUDIES / "quickstart.yaml"))  # no STD+FMU, one seed, no sigma
     assert "claim 2: cannot decide: no runs for 'STD: PMU > FMU'" in quick
-    assert "claim 1: cannot decide without an assumed sigma" in quick
+    assert "claim 1: cannot decide: not tested on resnet14 (mixup) → resnet14 (missing: KD T=1)" in quick
+    assert "without an assumed sigma: a single run measures no spread" in quick.splitlines()[1]
