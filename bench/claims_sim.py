@@ -18,7 +18,7 @@ sigma = 0.5 (``--cases``; the second table of BENCHMARKS.md):
 
 * duplicated: the table concatenated with itself (a second row per (cell, seed): refused); the same
   without seeds (repeated values count once); tied: every cell's runs one draw copied under distinct
-  seeds (zero spread: inconclusive without noise, one run of sigma with it);
+  seeds (zero spread: inconclusive without noise; with --noise sigma, one run of sigma);
 * partial: every row dropped with probability 0.3 (cells with fewer runs, rows without their
   partner: named, and never "holds" over them); hidden: the claim true in the table's rows and false
   by 3σ in one more row whose partner cells are missing (a "holds" is false);
@@ -137,7 +137,8 @@ def case_table(case: str, scenario: str, claim: int | None, sigma: float, n: int
     """(runs, noise to assume) of one simulated table of ``case``."""
     mean = _means(scenario, claim, sigma)
     keys = list(mean)
-    seeds, sigmas, noise = dict.fromkeys(keys, n), dict.fromkeys(keys, sigma), (sigma if n == 1 else None)
+    seeds, sigmas = dict.fromkeys(keys, n), dict.fromkeys(keys, sigma)
+    noise = sigma if n == 1 or case == "tied, noise = σ" else None
     if case.startswith("unequal"):
         for i, key in enumerate(keys):
             sigmas[key] = 1.0 if i % 2 else 0.2
@@ -145,7 +146,7 @@ def case_table(case: str, scenario: str, claim: int | None, sigma: float, n: int
         if case.startswith("unequal 1 vs 3"):  # the noisy cells have one run, the tight ones three
             seeds = {k: 1 if sigmas[k] == 1.0 else 3 for k in keys}
             noise = 1.0 if case.endswith("noise 1.0") else None
-    rows = _rows(mean, seeds, sigmas, rng, tied=case == "tied")
+    rows = _rows(mean, seeds, sigmas, rng, tied=case.startswith("tied"))
     if case == "duplicated":
         rows = rows + rows
     elif case == "duplicated, no seeds":
@@ -160,7 +161,7 @@ def case_table(case: str, scenario: str, claim: int | None, sigma: float, n: int
     return rows, noise
 
 
-CASES = ("duplicated", "duplicated, no seeds", "tied", "partial", "hidden", "unequal", "unequal 1 vs 3, noise 1.0",
+CASES = ("duplicated", "duplicated, no seeds", "tied", "tied, noise = σ", "partial", "hidden", "unequal", "unequal 1 vs 3, noise 1.0",
          "unequal 1 vs 3")
 
 
@@ -201,7 +202,7 @@ def cases_table(reps: int, rng: random.Random) -> None:
     worst = 0.0
     start = time.time()
     for case in CASES:
-        for n in ((3,) if case.startswith("unequal 1 vs 3") else (1, 3)):
+        for n in ((3,) if case.startswith(("unequal 1 vs 3", "tied, noise")) else (1, 3)):
             r = case_rates(case, n, sigma, reps, rng)
 
             def pct(values: list[float]) -> str:
