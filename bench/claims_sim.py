@@ -186,7 +186,8 @@ def case_rates(case: str, n: int, sigma: float, reps: int, rng: random.Random) -
             elif scenario == "null":
                 for k, r in results.items():
                     c["fh" if k != 3 else "fd"][k] += r.verdict == ("holds" if k != 3 else "does not hold")
-                c["direct"] += results[5].answer.startswith(("the released sampling", "exact 10%"))
+                answer = getattr(results[5], "answer", None) or ""  # (None before issue 25: for a baseline run)
+                c["direct"] += answer.startswith(("the released sampling", "exact 10%"))
             else:
                 c["fde"][claim] += results[claim].verdict == "does not hold"
                 c["pow"][claim] += results[claim].verdict == "holds"
