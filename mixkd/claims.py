@@ -44,8 +44,10 @@ Holm's method (family-wise error at most 2.5%); it is **inconclusive** otherwise
 and contexts that were not tested; **not tested** when no part has a comparison. These four words are the verdicts
 in the text, ``report.md`` and ``claims.json``.
 
-Error rates measured by simulation (``bench/claims_sim.py``, table in BENCHMARKS.md): false "holds"
-and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell.
+Error rates measured by simulation (``bench/claims_sim.py``, tables in BENCHMARKS.md): false "holds"
+and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell, and (``--cases``)
+on tables duplicated, tied, partial (rows dropped, or a row where the claim is false missing its
+partner cells) and of unequal spreads, claim 5's answer included.
 """
 
 from __future__ import annotations
