@@ -284,7 +284,7 @@ class Comparison:
                 "margin": self.margin, "a": self.a.as_dict(), "b": self.b.as_dict(), "difference": iv.difference,
                 "interval_95": None if iv.se is None else [iv.low, iv.high], "se": iv.se,
                 "df": None if iv.se is None or math.isinf(iv.df) else iv.df, "basis": iv.basis,
-                "assumed_sigma": iv.sigma, "no_spread": {("a" if s == "a" else "b"): why for s, why in iv.unmeasured},
+                "assumed_sigma": iv.sigma, "no_spread": dict(iv.unmeasured),
                 "p_holds": self.p_holds, "p_against": self.p_against, "p_against_holm": self.p_against_holm,
                 "verdict": self.verdict, **({"outcome": self.outcome} if self.direct else {})}
 
