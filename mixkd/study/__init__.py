@@ -25,7 +25,7 @@ A study file (see ``configs/studies/``)::
         recipe: {optim: {lr: 0.05}}                  # RunConfig keys for this group
         analysis: false                              # (optional) not this group's runs
     analysis: {subset: 1000, tsne_pair: {teacher: mixup, student: resnet20}}  # mixkd analyze after each run
-    claims: {noise: 0.4, margin: 0.5}                # the report's claims: sigma assumed where one run a side
+    claims: {noise: 0.4, margin: 0.5}                # the report's claims: sigma assumed where runs measure no spread
 
 ``mixkd study run --set KEY=VALUE`` sets a RunConfig key in every run (e.g. ``--set data_dir=/data``).
 
