@@ -47,7 +47,7 @@ from mixkd.data import DeviceLoader, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
-from mixkd.files import storage_error
+from mixkd.files import link_refused, make_dir, storage_error
 from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
@@ -109,6 +109,9 @@ class Run:
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
         self.cfg, self.folder, self.fresh = open_run(cfg, resume)
         self.dir = self.folder.path
+        self.in_study = paths_relative_to_run
+        if self.in_study and self.dir.is_symlink():  # a study's run folder, named by mixkd: never through a link
+            raise link_refused(self.dir)
         self.relative_teacher = paths_relative_to_run or not self.fresh  # saved: relative to the run
         if self.fresh or not self.folder.result.exists():
             self._validate()  # every problem in one line, before anything is built or written
@@ -320,6 +323,8 @@ class Run:
         if not self.writes:
             self.output.open(self.cfg.epochs * self.steps_per_epoch, 0)
             return
+        if self.in_study:
+            make_dir(self.dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

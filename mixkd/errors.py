@@ -14,6 +14,12 @@ class StorageError(MixkdError):
     resumable) instead of failing its runs one by one."""
 
 
+class LinkRefused(StorageError):
+    """A write refused because the file or folder mixkd would write is a symbolic link (a folder received
+    from someone else): like a full disk, the folder's state, not the run's, so a study stops (every
+    run resumable, none failed) rather than writing its error files through the link."""
+
+
 class TrainingDiverged(MixkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -4,7 +4,9 @@ A folder received from someone else (a study folder copied over, a run directory
 symbolic link where mixkd writes a file (``log.txt -> ~/.bashrc``). So a whole file is written to a
 temporary file beside it and moved into place with ``os.replace``, which replaces the link itself,
 never its target (:func:`atomic_write`); a file that grows (a log) or is held open (a lock) is opened
-with ``O_NOFOLLOW``, so a link there is refused with one line (:func:`open_nofollow`). A write that
+with ``O_NOFOLLOW``, so a link there is refused with one line (:func:`open_nofollow`); so is a folder
+that mixkd names and writes into (a run's ``tensorboard/``, a study's ``logs/`` and run folders, an
+analysis folder) where it is a link (:func:`make_dir`); the folder a user names (``--out``) may be one. A write that
 fails for want of room or permission (full disk, read-only mount) is one line naming the file.
 """
 
@@ -18,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from mixkd.errors import MixkdError, StorageError
+from mixkd.errors import LinkRefused, MixkdError, StorageError
 
 # Writes failing for these reasons are the machine's state, not a bug: one line, the file named.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -103,6 +105,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def link_refused(path: str | Path) -> LinkRefused:
+    """The one line refusing to write through the symbolic link ``path``."""
+    return LinkRefused(f"{path} is a symbolic link; mixkd does not write through links: remove it "
+                       "(or the folder came from someone else: check it)")
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (and its parents) where missing, for mixkd to write into; refused with
+    one line where ``path`` itself is a symbolic link (a folder received from someone else may hold
+    ``tensorboard -> /somewhere/else``), as a file there would be. Its parents are the user's: they may
+    be links. A failure for want of room or permission is one line naming the folder."""
+    path = Path(path)
+    try:
+        if not path.is_symlink():
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_environment_error(e):
+            raise write_error(path, e) from None
+        raise
+    if path.is_symlink():
+        raise link_refused(path)
+    return path
+
+
 def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
     """``open(path, mode)`` for a file that grows or is held open (``"a"``, ``"a+"``, ``"w"``), created
     with the mode of a plain ``open``, refused with one line where ``path`` is a symbolic link."""
@@ -112,8 +138,7 @@ def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise MixkdError(f"{path} is a symbolic link; mixkd does not write through links: remove it "
-                             "(or the folder came from someone else: check it)") from None
+            raise link_refused(path) from None
         if is_environment_error(e):
             raise write_error(path, e) from None
         raise

@@ -199,6 +199,73 @@ def test_a_run_replaces_a_linked_config_and_refuses_a_linked_log(tmp_path, one_t
     assert not config.is_symlink() and "resnet8" in config.read_text()
 
 
+def _planted_folder(tmp_path, name, folder="received"):
+    """A symbolic link ``name`` in a received folder, pointing at a folder of the user's."""
+    victim = tmp_path / f"victim-{name}"
+    victim.mkdir()
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / name).symlink_to(victim)
+    return tmp_path / folder / name, victim
+
+
+def test_a_run_refuses_a_linked_tensorboard_folder_and_a_study_run_folder_that_is_a_link(tmp_path, one_thread):
+    from mixkd.config import build_config
+    from mixkd.engine import Run
+    from mixkd.errors import LinkRefused
+
+    board, victim = _planted_folder(tmp_path, "tensorboard", folder="run")
+    flags = {"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 1, "batch_size": 128,
+             "device": "cpu", "progress": False, "tensorboard": True, "out": str(board.parent)}
+    job = Run(build_config(flags=flags))
+    with pytest.raises(LinkRefused, match=r"run/tensorboard is a symbolic link; mixkd does not write through links"):
+        job.advance()
+    assert list(victim.iterdir()) == [] and board.is_symlink()
+    run_dir, victim = _planted_folder(tmp_path, "resnet8_plain-s0", folder="study")  # a study's run folder
+    with pytest.raises(LinkRefused, match="resnet8_plain-s0 is a symbolic link"):
+        Run(build_config(flags={**flags, "tensorboard": False, "out": str(run_dir)}), paths_relative_to_run=True)
+    assert list(victim.iterdir()) == []
+
+
+def test_folders_mixkd_names_refuse_links_and_their_parents_may_be_links(tmp_path):
+    from mixkd.errors import LinkRefused
+    from mixkd.files import make_dir
+    from mixkd.step import set_compile_cache
+    from mixkd.study.worker import LazyLog, record_failure
+
+    cache, victim = _planted_folder(tmp_path, ".compile-cache")
+    with pytest.raises(LinkRefused, match="compile-cache is a symbolic link"):
+        set_compile_cache(cache)
+    run_dir, _ = _planted_folder(tmp_path, "run-a")
+    with pytest.raises(LinkRefused):
+        record_failure(run_dir, "failed", None)
+    with pytest.raises(LinkRefused):
+        LazyLog(run_dir / "log.txt").write("a line\n")
+    assert list(victim.iterdir()) == [] and list((tmp_path / "victim-run-a").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "user-link").symlink_to(tmp_path / "mine")  # a folder the user names may be a link
+    assert make_dir(tmp_path / "user-link" / "logs") == tmp_path / "user-link" / "logs"
+    assert (tmp_path / "mine" / "logs").is_dir()
+
+
+def test_a_study_with_a_linked_worker_log_stops_in_one_line_and_fails_no_run(tmp_path):
+    from mixkd.errors import LinkRefused
+    from mixkd.study import load_study, run_study
+    from mixkd.study.executors import LocalExecutor
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndefaults: {dataset: digits, device: cpu, epochs: 1}\n"
+                    "teachers: [{name: plain, models: resnet8}]\n")
+    out = tmp_path / "s"
+    out.mkdir()
+    log, victim = _planted(tmp_path, "worker-0.log", folder="s/logs")
+    executor = LocalExecutor(workers=1, use_gpu=False, lock_dir=str(out))
+    with pytest.raises(LinkRefused, match=r"logs/worker-0.log is a symbolic link"):
+        run_study(load_study(spec), out, executor, progress=False, echo=lambda *_: None)
+    assert executor.pids() == [] and victim.read_text() == "precious\n"  # no worker started
+    runs = json.loads((out / "study-state.json").read_text())["runs"]
+    assert [r["status"] for r in runs.values()] == ["pending"]  # nothing marked failed
+
+
 # ---- time limits on the monotonic clock ------------------------------------------------------
 
 def test_a_wall_clock_set_back_does_not_move_the_deadline(monkeypatch):
