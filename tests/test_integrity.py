@@ -100,6 +100,94 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
         atomic_write_text(tmp_path / "big.txt", "x" * 100_000)
 
 
+# ---- pickles that hold code, deflate bombs --------------------------------------------------
+
+class _Code:
+    """What a hostile .pth pickles: a call of os.system (never made: the test fails if it runs)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_holds_code_is_refused_as_such_without_unsafe_advice_or_warnings(tmp_path, capsys):
+    import pickle
+    import warnings
+
+    from mixkd.cli import main
+
+    marker = tmp_path / "ran"
+    torch.save({"model": _Code(marker)}, tmp_path / "zip.pth")  # torch's zip format
+    with open(tmp_path / "raw.pth", "wb") as f:  # a raw pickle (protocol 4: torch warns about it)
+        pickle.dump({"model": _Code(marker)}, f)
+    for name in ("zip.pth", "raw.pth"):
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            with pytest.raises(MixkdError) as refused:
+                load_checkpoint(tmp_path / name)
+        assert str(refused.value) == (f"checkpoint {tmp_path / name} holds code, not only weights (it calls "
+                                      "posix.system): refused; mixkd never unpickles code: ask for the weights as a "
+                                      "state_dict or a .safetensors file")
+        assert [str(w.message) for w in heard] == []
+    common = ["--dataset", "digits", "--device", "cpu"]
+    for argv in (["eval", str(tmp_path / "raw.pth"), "--model", "resnet8", *common],
+                 ["distill", "--teacher", str(tmp_path / "zip.pth"), "--teacher-model", "resnet8", "--model", "resnet8",
+                  "--epochs", "1", "--no-progress", "--out", str(tmp_path / "student"), *common]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds code, not only weights" in err and "weights_only" not in err, err
+    assert not marker.exists() and not (tmp_path / "student").exists()
+
+
+def test_a_damaged_pth_is_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    import pickle
+
+    with open(tmp_path / "odd.pth", "wb") as f:  # no code, but a type torch's weights-only loader refuses
+        pickle.dump({"model": {"w": torch.zeros(1)}, "when": __import__("datetime").date(2026, 1, 1)}, f)
+    with pytest.raises(MixkdError, match="calls datetime.date"):
+        load_checkpoint(tmp_path / "odd.pth")
+    (tmp_path / "cut.pth").write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
+    with pytest.raises(MixkdError, match=r"cut.pth is corrupt, truncated or not a weights file \(") as cut:
+        load_checkpoint(tmp_path / "cut.pth")
+    assert "weights_only" not in str(cut.value) and "\n" not in str(cut.value)
+
+
+def _rezipped(src, dst, method):
+    """``src`` (a torch zip) with every record stored with ``method`` (as an archiver would)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", method) as b:
+        for info in a.infolist():
+            b.writestr(info.filename, a.read(info.filename), compress_type=method)
+
+
+def test_a_deflate_bomb_is_refused_before_anything_is_inflated(tmp_path, monkeypatch):
+    import zipfile
+
+    import mixkd.checkpoint as checkpoint
+
+    torch.save({"w": torch.zeros(2**20)}, tmp_path / "plain.pth")  # 4 MiB of zeros: deflates about 1000:1
+    _rezipped(tmp_path / "plain.pth", tmp_path / "bomb.pth", zipfile.ZIP_DEFLATED)
+    record = next(i for i in zipfile.ZipFile(tmp_path / "bomb.pth").infolist() if i.filename.endswith("data/0"))
+    assert record.file_size == 4 * 2**20 and record.compress_size < 2**20 // checkpoint.MAX_INFLATION
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load inflated the bomb"))
+    with pytest.raises(MixkdError, match=rf"bomb.pth is not a weights file: its record plain/data/0 would inflate from "
+                                         rf"{record.compress_size:,} to 4,194,304 bytes \([\d,]+:1; torch.save stores "
+                                         r"weights uncompressed\); refused before inflating it"):
+        load_checkpoint(tmp_path / "bomb.pth")
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    torch.save({"w": torch.randn(2**19)}, tmp_path / "random.pth")  # weights deflate by a few percent: they load
+    _rezipped(tmp_path / "random.pth", tmp_path / "deflated.pth", zipfile.ZIP_DEFLATED)
+    assert torch.equal(load_checkpoint(tmp_path / "deflated.pth").state_dict["w"], torch.load(tmp_path / "random.pth")["w"])
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 2**20)  # a machine with 1 MiB free
+    with pytest.raises(MixkdError, match=r"random.pth would take 2.0 MiB once read, more than the 1.0 MiB of memory "
+                                         r"available; refused before reading it"):
+        load_checkpoint(tmp_path / "random.pth")
+
+
 # ---- writes never follow symbolic links ------------------------------------------------------
 
 def _planted(tmp_path, name, folder="received"):
