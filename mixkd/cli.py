@@ -315,6 +315,7 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
         return control.exit_status
     finally:
         control.restore_signals()
+    control.settle()  # finished: a stop that comes now (while the process leaves) changes nothing
     result = job.result
     if not distributed.is_main():
         return 0

@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,9 @@ class Run:
         self.teacher_metrics: dict[str, float] | None = None
         self.wall_start = time.perf_counter()
         self._batches = None  # the current epoch's batches, from its first step on
+        # Asked before each batch of an evaluation: whether a stop is due (set by the driver; a stop then
+        # checkpoints the epoch's end, and the evaluation is done again on resume).
+        self.interrupted: Callable[[], bool] | None = None
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
@@ -507,19 +511,24 @@ class Run:
 
     def _end_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
+        sums, steps = self.step.sums.clone(), self.step.steps  # kept where the evaluation is interrupted
         means = self.step.epoch_means()
         if not all(math.isfinite(v) for v in means.values()):
             raise TrainingDiverged(
                 f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
                 f"checkpoint ({self.last_saved}) is kept in {self.dir}; try a lower --lr")
+        self.output.phase("evaluating on the test set")
+        t0 = time.perf_counter()
+        test = evaluate(self.model, self.test_loader, self.precision, stop=self.interrupted)
+        if test is None:  # a stop came: the driver checkpoints the epoch's end; resuming evaluates again
+            self.step.sums.copy_(sums)
+            self.step.steps = steps
+            return
+        self.eval_seconds = time.perf_counter() - t0
         images = self.steps_per_epoch * cfg.batch_size
         seconds = max(self.epoch_seconds, 1e-9)
         self.train_seconds += seconds
         self.train_images += images
-        self.output.phase("evaluating on the test set")
-        t0 = time.perf_counter()
-        test = evaluate(self.model, self.test_loader, self.precision)
-        self.eval_seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": self.lr_at(epoch), **{f"train_{k}": v for k, v in means.items()},
                "test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"],
                "images_per_s": images / seconds, "epoch_seconds": seconds}
@@ -539,7 +548,8 @@ class Run:
             return
         if self.created:
             self._save(stopped=reason)
-            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}"
+            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}" + (
+                ", before its evaluation" if self.step_in_epoch == self.steps_per_epoch else "")
             self._log(f"{STOP_WORDS.get(reason, 'stopped')} at {where}; the checkpoint continues from there")
         self.phase = "stopped"
         self.close()
@@ -633,6 +643,8 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
     if job.phase == "training" and control.deadline is not None:
         _check_first_step_together(job, control)
     every = sync_every(job.device)
+    if job.world == 1:  # data-parallel evaluations are collectives: every rank evaluates to the end
+        job.interrupted = lambda: control.reason is not None
     actions = 0
     while pack.live:
         if job.world > 1:  # the ranks agree every `every` actions, all at the same step

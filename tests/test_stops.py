@@ -139,6 +139,29 @@ def test_a_run_folder_held_by_a_live_process_is_refused_and_a_killed_holder_bloc
         holder.wait()
 
 
+# Runs ``python -m mixkd ARGS...`` as it is, with SIGNAL sent to the process at the C library's exit, after
+# the interpreter's teardown (which puts back the default action of the signals Python handled): the last
+# moment a signal can arrive. argv = [SIGNAL, ARGS...]; run it in a session of its own (kill(0, ...)).
+AT_EXIT = r"""
+import ctypes, runpy, signal, sys
+libc = ctypes.CDLL(None)
+libc.on_exit(ctypes.cast(libc.kill, ctypes.c_void_p), ctypes.c_void_p(int(getattr(signal, sys.argv[1]))))  # kill(0, SIG)
+sys.argv = ["mixkd", *sys.argv[2:]]
+runpy.run_module("mixkd", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_finished_run_exits_0_whatever_signal_arrives_as_it_leaves(tmp_path, cifar10_dir):
+    out = tmp_path / "done"
+    for signame, args in (("SIGUSR1", []), ("SIGINT", ["--resume"])):  # a run that finishes; one found finished
+        proc = subprocess.run([sys.executable, "-c", AT_EXIT, signame, "train", *TINY, "--data-dir", str(cifar10_dir),
+                               "--out", str(out), *args],
+                              capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+                              start_new_session=True)
+        assert proc.returncode == 0, (signame, proc.returncode, proc.stderr)
+        assert proc.stdout.startswith("train resnet8: top-1 ")
+
+
 # ---- the requeue command: --resume auto -------------------------------------------------------------
 def _stop_at_call(monkeypatch, n: int, reason: str = "signal") -> None:
     """The n-th StopControl.should_stop of this process hears a stop (as from SIGUSR1 at that step)."""
