@@ -16,7 +16,8 @@ from typing import Any
 
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.control import release_early_stops
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
+from mixkd.files import AGAIN
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
@@ -296,6 +297,14 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
     control.install_signals(same_interrupt_within=5.0 if distributed.active() else 0.0)
     try:
         job = run_job(cfg, resume=resume, control=control, echo=echo)
+    except StorageError as full:  # a full disk: advice that works, for the run as the failed write left it
+        job = getattr(full, "job", None)
+        if full.problem is None or job is None or not job.writes:
+            raise
+        kept = " (the last checkpoint is kept)" if job.folder.checkpoint.exists() else ""
+        again = (f"continue with: mixkd {args.task} --out {shlex.quote(str(job.dir))} --resume"
+                 if job.folder.has_begun() and not args.resume else AGAIN)
+        raise StorageError(f"{full.problem}; free some space{kept} and {again}") from None
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",

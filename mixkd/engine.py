@@ -47,7 +47,7 @@ from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, che
 from mixkd.data import DeviceLoader, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
-from mixkd.errors import MixkdError, TrainingDiverged
+from mixkd.errors import MixkdError, StorageError, TrainingDiverged
 from mixkd.files import link_refused, make_dir, storage_error
 from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
@@ -327,6 +327,7 @@ class Run:
         if not self.writes:
             self.output.open(self.cfg.epochs * self.steps_per_epoch, 0)
             return
+        self._made_dir = not self.dir.exists()  # removed again where the start fails (a full disk)
         if self.in_study:
             make_dir(self.dir)
         try:
@@ -557,6 +558,11 @@ class Run:
     def fail(self) -> None:
         self.phase = "failed"
         self.close()
+        if getattr(self, "_made_dir", False) and self.writes:  # a start that failed leaves --out as it was
+            try:
+                os.rmdir(self.dir)  # only where nothing is left in it
+            except OSError:
+                pass
 
     def _finish(self) -> dict[str, Any]:
         history = self.history
@@ -633,8 +639,17 @@ def run(cfg: RunConfig, resume: bool = False, control: StopControl | None = None
 
 
 def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = None, echo=None) -> Run:
-    """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``)."""
+    """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``). A write the storage
+    refused is raised as the :class:`StorageError` it is, with ``job``: the run (whether it began)."""
     job = Run(cfg, resume=resume, echo=echo)
+    try:
+        return _drive(job, control)
+    except StorageError as e:
+        e.job = job
+        raise
+
+
+def _drive(job: Run, control: StopControl | None) -> Run:
     pack = Pack(job.device, 1)
     ended = pack.admit(job)
     if ended is not None and ended.get("error") is not None:

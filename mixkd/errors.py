@@ -11,7 +11,10 @@ class MixkdError(Exception):
 class StorageError(MixkdError):
     """A write failed for want of room (a full disk, a quota) or on a read-only file system: the
     machine's state, not the run's. The run keeps its last checkpoint; a study stops (every run
-    resumable) instead of failing its runs one by one."""
+    resumable) instead of failing its runs one by one. ``problem``: what failed, without the advice
+    (where known)."""
+
+    problem: str | None = None
 
 
 class LinkRefused(StorageError):

@@ -12,6 +12,7 @@ fails for want of room or permission (full disk, read-only mount) is one line na
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -26,6 +27,7 @@ from mixkd.errors import LinkRefused, MixkdError, StorageError
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 # ... and for these the storage's (no room, read-only): a StorageError, which stops a whole study.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+AGAIN = "run the same command again"  # the advice after a full disk (a run command that began says a better one)
 
 
 def _umask() -> int:
@@ -48,12 +50,15 @@ def write_error(path: str | Path, err: BaseException) -> MixkdError:
     text = str(err).strip()
     reason = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "StorageFull" in str(err) or "No space" in str(err):
-        hint = "free some space (the last checkpoint is kept) and run the same command again"
+        hint = f"free some space (the last checkpoint is kept) and {AGAIN}"
     elif getattr(err, "errno", None) == errno.EROFS or "ReadOnly" in str(err):
         hint = "the file system is read-only: write elsewhere (--out) or copy the folder to writable storage"
     else:
         return MixkdError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
-    return StorageError(f"cannot write {path}: {reason}; {hint}")
+    found = StorageError(f"cannot write {path}: {reason}; {hint}")
+    if hint.endswith(AGAIN):
+        found.problem = f"cannot write {path}: {reason}"  # for a caller that knows a better command than AGAIN
+    return found
 
 
 def storage_error(err: BaseException) -> StorageError | None:
@@ -167,9 +172,17 @@ def hold_lock(path: str | Path) -> tuple[IO[str] | None, str]:
         if same:
             break
         f.close()  # its holder removed the file as it let go: lock the one there now
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the file created here goes, and the lock with it
+        Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its close flushes the same bytes again (and closes the file)
+            f.close()
+        if is_environment_error(e):
+            raise write_error(path, e) from None
+        raise
     return f, ""
 
 

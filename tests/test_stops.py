@@ -249,6 +249,53 @@ def test_a_torchrun_restart_with_an_explicit_out_resumes_like_resume_auto():
     assert resume_mode("auto", True, {}) == "auto"
 
 
+# ---- a full disk under one run ----------------------------------------------------------------------
+def test_a_full_disk_before_the_start_or_mid_run_is_one_line_whose_advice_works(tmp_path, capsys, cifar10_dir,
+                                                                                monkeypatch, one_thread):
+    import errno
+    import shlex
+
+    import mixkd.checkpoint
+    import mixkd.files
+    from mixkd.cli import main
+    from mixkd.run_folder import LOCK_NAME, RunFolder
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = mixkd.files.open_nofollow
+
+    def full_lock(path, mode="a"):  # the disk has an inode left for the lock file, no block for its PID
+        f = real_open(path, mode)
+        if str(path).endswith(LOCK_NAME):
+            f.flush = no_space
+        return f
+
+    out = tmp_path / "run"
+    command = ["train", *TINY, "--data-dir", str(cifar10_dir), "--epochs", "2", "--save-every", "1", "--out", str(out)]
+    monkeypatch.setattr(mixkd.files, "open_nofollow", full_lock)
+    assert main(command) == 2
+    assert _last_error(capsys) == (f"mixkd: error: cannot write {out / LOCK_NAME}: No space left on device; free some "
+                                   "space and run the same command again")
+    assert not out.exists()  # no stray lock, no empty folder: the same command starts afresh
+    monkeypatch.undo()
+    real_save, saves = mixkd.checkpoint._save_file, []
+
+    def full_after_the_first(tensors, path, metadata):
+        saves.append(path)
+        (no_space if len(saves) > 1 else real_save)(tensors, path, metadata)
+
+    monkeypatch.setattr(mixkd.checkpoint, "_save_file", full_after_the_first)
+    assert main(command) == 2  # epoch 1's checkpoint is written, epoch 2's is not
+    line = _last_error(capsys)
+    assert line == (f"mixkd: error: cannot write {out / 'checkpoint.safetensors'}: No space left on device; free some "
+                    f"space (the last checkpoint is kept) and continue with: mixkd train --out {out} --resume")
+    assert RunFolder(out).checkpoint_meta()["epoch"] == 1 and not (out / LOCK_NAME).exists()
+    monkeypatch.undo()
+    printed = shlex.split(line.split("continue with: ")[1])
+    assert main(printed[1:]) == 0 and RunFolder(out).status() == "done"  # the advice is a command that works
+
+
 # ---- a full disk in a study ------------------------------------------------------------------------
 def test_a_full_disk_stops_the_study_with_one_line_and_leaves_every_run_resumable(tmp_path, capsys, cifar10_dir,
                                                                                  monkeypatch, one_thread):
