@@ -66,6 +66,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
+    (("--threads",), "threads", {"type": int}, "CPU threads of torch (default: torch's own: OMP_NUM_THREADS, else the cores); on the CPU a run is bit-exact only with the same count, so resume with the one it started with (a resume with another count warns)"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]
@@ -288,6 +289,10 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
 
     cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     distributed.setup(resolve_device(cfg.device), args.dist_backend)  # torchrun / srun: one run, many processes
 
     def echo(line: str) -> None:

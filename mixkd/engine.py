@@ -128,6 +128,9 @@ class Run:
         self.epoch, self.step_in_epoch = 0, 0
         self.history: list[dict[str, Any]] = []  # the metrics rows of the finished epochs
         self.notes: list[str] = []  # warnings about the run folder, logged when the run starts writing
+        # Where each part of the run began and with how many CPU threads (a part per change of the count:
+        # on the CPU the numbers depend on it), as {"epoch": epochs done, "step": steps into the next, "threads"}.
+        self.segments: list[dict[str, Any]] = []
         self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
         self.last_saved = "none yet"  # the position of the last checkpoint, for messages
         self.saved_at = time.monotonic()  # when the last checkpoint was written (--save-every-minutes)
@@ -215,7 +218,7 @@ class Run:
         t0 = time.perf_counter()
         meta = {"dataset": self.cfg.dataset, "task": self.cfg.task, "step": self.step_in_epoch,
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "epoch_seconds": self.epoch_seconds, "world": self.world}
+                "epoch_seconds": self.epoch_seconds, "world": self.world, "segments": self.segments}
         if stopped:
             meta["stopped"] = stopped
         state, rng = {}, {}
@@ -258,6 +261,8 @@ class Run:
         if "torch_cpu" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
+        segments = ckpt.meta.get("segments")  # None: a checkpoint of an older mixkd (the count unknown)
+        self.segments = list(segments) if isinstance(segments, list) else [{"epoch": 0, "step": 0, "threads": None}]
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
         self.train_images = int(ckpt.meta.get("train_images", 0))
         saved_world = int(ckpt.meta.get("world", 1))
@@ -291,6 +296,20 @@ class Run:
                               f"stay missing from {METRICS_NAME} and from {RESULT_NAME}'s best epoch")
         self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
 
+    def _begin_segment(self) -> None:
+        """Record the thread count this process continues with; warn where it differs from the count the
+        run had so far (on the CPU, float sums then run in another order: no longer bit-exact)."""
+        threads = torch.get_num_threads()
+        if self.segments and self.segments[-1]["threads"] == threads:
+            return
+        if self.segments and self.segments[-1]["threads"] is not None and self.device.type == "cpu":
+            before = self.segments[-1]["threads"]
+            self.notes.append(f"warning: the run so far used {before} CPU thread{'s' * (before != 1)} and continues with "
+                              f"{threads}: sums are taken in another order, so it will not match an uninterrupted run "
+                              f"bit for bit ({RESULT_NAME} records the threads of each part); --threads {before} "
+                              "continues as it began")
+        self.segments.append({"epoch": self.epoch, "step": self.step_in_epoch, "threads": threads})
+
     def _log(self, line: str) -> None:
         if self.writes:
             self.output.log(line)
@@ -308,6 +327,7 @@ class Run:
             return
         self._build()
         self._restore()
+        self._begin_segment()
         if self.fresh and self.cfg.milestone_note():
             self.notes.append(self.cfg.milestone_note())
         if self.fresh and self.teacher is not None and unfinished_teacher_note(self.teacher_path):
@@ -576,7 +596,7 @@ class Run:
             "wall_seconds": time.perf_counter() - self.wall_start,
             "images_per_s": self.train_images / self.train_seconds if self.train_seconds else None,
             "device": device_name(self.device), "precision": self.precision,
-            "threads": torch.get_num_threads(), "versions": library_versions(),
+            "threads": self._threads(), "segments": self.segments, "versions": library_versions(),
         }
         if self.teacher is not None:
             if self.teacher_metrics is None:
@@ -596,6 +616,11 @@ class Run:
         self.phase = "finished"
         self.close()
         return result
+
+    def _threads(self) -> int | list[int | None]:
+        """The CPU threads of the run: one count where every part had it, else each part's (``segments``)."""
+        counts = [s["threads"] for s in self.segments] or [torch.get_num_threads()]
+        return counts[0] if len(set(counts)) == 1 and counts[0] is not None else counts
 
     def close(self) -> None:
         self.output.close()

@@ -231,3 +231,30 @@ def test_a_signal_during_the_final_evaluation_stops_at_the_next_batch_and_resumi
     result = run_job(cfg_for(out, epochs=1, eval_batch_size=16), resume=True).result
     assert_same_run(out, whole)  # the evaluation done again, the epoch's images counted once
     assert result["images_per_s"] == pytest.approx(160 / json.loads((out / "metrics.jsonl").read_text())["epoch_seconds"])
+
+
+def test_resuming_with_another_thread_count_warns_and_the_result_records_each_part(tmp_path, one_thread, capsys):
+    from mixkd.cli import main
+
+    out = tmp_path / "run"
+    job = Run(cfg_for(out, epochs=1))
+    job.start()
+    while job.step_in_epoch < 5:
+        job.advance()
+    job.stop("signal")  # 5 of 10 steps with 1 thread
+    torch.set_num_threads(2)
+    result = run_job(cfg_for(out, epochs=1), resume=True).result
+    assert result["threads"] == [1, 2]  # not one number as if for the whole run
+    assert result["segments"] == [{"epoch": 0, "step": 0, "threads": 1}, {"epoch": 0, "step": 5, "threads": 2}]
+    assert ("warning: the run so far used 1 CPU thread and continues with 2: sums are taken in another order, so it "
+            "will not match an uninterrupted run bit for bit (result.json records the threads of each part); "
+            "--threads 1 continues as it began") in (out / "log.txt").read_text()
+    # --threads sets the count (a machine key: a resume may give it), and a run at one count records one number
+    fresh = tmp_path / "fresh"
+    args = ["train", "--model", "resnet8", "--dataset", "cifar10", "--data-dir", _TINY["data_dir"], "--batch-size", "16",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(fresh)]
+    assert main([*args, "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    assert json.loads((fresh / "result.json").read_text())["threads"] == 1
+    assert "warning" not in (fresh / "log.txt").read_text()
+    assert main(["train", "--out", str(fresh), "--resume", "--threads", "3"]) == 0  # accepted on resume
+    capsys.readouterr()
