@@ -16,7 +16,8 @@ from typing import Any
 
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.control import release_early_stops
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
+from mixkd.files import AGAIN
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
@@ -65,6 +66,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
+    (("--threads",), "threads", {"type": int}, "CPU threads of torch (default: torch's own: OMP_NUM_THREADS, else the cores); on the CPU a run is bit-exact only with the same count, so resume with the one it started with (a resume with another count warns)"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]
@@ -291,6 +293,10 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
 
     cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     distributed.setup(resolve_device(cfg.device), args.dist_backend)  # torchrun / srun: one run, many processes
 
     def echo(line: str) -> None:
@@ -300,6 +306,14 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
     control.install_signals(same_interrupt_within=5.0 if distributed.active() else 0.0)
     try:
         job = run_job(cfg, resume=resume, control=control, echo=echo)
+    except StorageError as full:  # a full disk: advice that works, for the run as the failed write left it
+        job = getattr(full, "job", None)
+        if full.problem is None or job is None or not job.writes:
+            raise
+        kept = " (the last checkpoint is kept)" if job.folder.checkpoint.exists() else ""
+        again = (f"continue with: mixkd {args.task} --out {shlex.quote(str(job.dir))} --resume"
+                 if job.folder.has_begun() and not args.resume else AGAIN)
+        raise StorageError(f"{full.problem}; free some space{kept} and {again}") from None
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
@@ -319,6 +333,7 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
         return control.exit_status
     finally:
         control.restore_signals()
+    control.settle()  # finished: a stop that comes now (while the process leaves) changes nothing
     result = job.result
     if not distributed.is_main():
         return 0
