@@ -56,7 +56,7 @@ def test_partial_mixup_of_a_data_parallel_batch_mixes_round_fraction_of_the_glob
     spec = MixSpec("mixup", 1.0, 0.1)
     for world in (1, 2, 8, 32, 64):
         part = 512 // world
-        mixed, shares = 0, []
+        shares = []
         for rank in range(world):
             x, y = _batch(part, seed=rank)
             xm, _ = mix_batch(x, y, spec, torch.Generator().manual_seed(rank), rank=rank, world=world)
