@@ -511,6 +511,7 @@ class Run:
         seconds = max(self.epoch_seconds, 1e-9)
         self.train_seconds += seconds
         self.train_images += images
+        self._share_buffers()
         self.output.phase("evaluating on the test set")
         t0 = time.perf_counter()
         test = evaluate(self.model, self.test_loader, self.precision)
@@ -527,6 +528,16 @@ class Run:
         self.output.epoch(row)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
+
+    def _share_buffers(self) -> None:
+        """Data-parallel runs: rank 0's buffers (BatchNorm's running statistics) of the student and the
+        method's modules on every rank. DDP sends rank 0's at the start of each forward only, so after an
+        epoch's last step each rank holds the statistics of its own part (without --sync-bn); shared
+        before the evaluation and the checkpoint, every rank evaluates the weights rank 0 saves, and
+        the metrics are those of the saved model (the next forward would send these anyway: training
+        is unchanged)."""
+        if self.world > 1:
+            distributed.broadcast_(list(self.model.buffers()) + list(self.distiller.modules.buffers()))
 
     def stop(self, reason: str) -> None:
         """Write a step-exact checkpoint and stop here (``reason``: time, signal or interrupt)."""

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -271,6 +272,20 @@ def _remove_stale(path: Path, ino: int) -> None:
         except FileExistsError:
             pass
     os.unlink(aside)
+
+
+def wait_lock(path: str | Path, waiting=None, poll_s: float = 0.2):
+    """:func:`hold_lock` on ``path``, waiting while another process holds it; returns the holder (close
+    it, after removing ``path``, to let go). ``waiting(holder)`` is called once, after the first refusal."""
+    told = False
+    while True:
+        f, holder = hold_lock(path)
+        if f is not None:
+            return f
+        if not told and waiting is not None:
+            waiting(holder)
+            told = True
+        time.sleep(poll_s)
 
 
 def append_text(path: str | Path, text: str) -> None:

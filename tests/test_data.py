@@ -861,3 +861,42 @@ def test_sharded_test_loaders_cover_the_test_split_once():
     parts = [[y for _, y in D.make_test_loader(spec, "cpu", 100, rank=r, world=3)] for r in range(3)]
     assert torch.equal(torch.cat([torch.cat([p[b] for p in parts]) for b in range(4)]), whole)
     assert [sum(y.shape[0] for y in p) for p in parts] == [33 * 3 + 20, 33 * 3 + 20, 34 * 3 + 20]
+
+
+def test_processes_racing_to_prepare_one_archive_extract_it_once(tmp_path, monkeypatch, capsys):
+    """Two loaders of one data folder holding only the archive, inside the extraction at the same time
+    (each extraction waits up to 1 s for the other one to be inside too): one extracts, the other waits
+    for the lock and uses the folder made (no 'Directory not empty' failure with advice to --download).
+    The lock is a flock on its own open file, so two threads contend as two processes do."""
+    import threading
+
+    make_fake_cifar_tar_gz(tmp_path, num_classes=10, n_train=20, n_test=10)
+    inside, extractions = threading.Barrier(2), []
+    real = tarfile.TarFile.extractall
+
+    def meeting(self, *args, **kwargs):
+        extractions.append(threading.get_ident())
+        try:
+            inside.wait(timeout=1.0)  # without the lock both meet here, then both move their folder into place
+        except threading.BrokenBarrierError:
+            pass
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", meeting)
+    loaded: list = [None, None]
+
+    def load(i: int) -> None:
+        try:
+            loaded[i] = load_dataset("cifar10", tmp_path)
+        except MixkdError as e:
+            loaded[i] = e
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [type(x).__name__ for x in loaded] == ["DataSpec", "DataSpec"], loaded
+    assert len(extractions) == 1  # the second found the folder made
+    assert "which prepares dataset 'cifar10' in" in capsys.readouterr().err  # the waiting one said so
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
