@@ -24,9 +24,9 @@ from mixkd.errors import MixkdError
 from mixkd.models.sync_bn import GlooSyncBatchNorm, convert_sync_batchnorm
 
 try:
-    from cifar_fixture import write_fake_cifar
+    from cifar_fixture import make_fake_cifar_tar_gz, write_fake_cifar
 except ImportError:  # run from the repository root
-    from tests.cifar_fixture import write_fake_cifar
+    from tests.cifar_fixture import make_fake_cifar_tar_gz, write_fake_cifar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -365,3 +365,26 @@ def test_a_time_limit_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path,
     assert [p.returncode for p in procs] == [75, 75], outs
     _stopped_at("\n".join(outs), "stopped before the time limit", "stopped on time")
     assert not (run / "result.json").exists() and (run / "checkpoint.safetensors").exists()
+
+
+def test_without_sync_bn_the_figures_are_the_saved_models_and_the_ranks_extract_the_archive_once(tmp_path):
+    """2 ranks without --sync-bn, from a data folder holding only the CIFAR archive: the ranks prepare it
+    once (one extracts under the lock, the other waits), and the run's reported figures (metrics.jsonl,
+    result.json) are exactly what `mixkd eval` computes from its checkpoint (every rank evaluates rank 0's
+    BatchNorm statistics, the ones saved; each rank's own would give other figures)."""
+    from mixkd.evaluation import evaluate_checkpoint
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_fake_cifar_tar_gz(data, num_classes=10, n_train=64, n_test=40, seed=0)
+    args = [a for a in _args(data, run, 2) if a != "--sync-bn"]
+    proc = _torchrun(args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    result = json.loads((run / "result.json").read_text())
+    assert result["sync_bn"] is False and result["processes"] == 2
+    evaluated = evaluate_checkpoint(str(run), device="cpu")
+    assert evaluated["precision"] == "fp32" and evaluated["precision_from"] == "the run's precision"
+    reported = {k: result[k] for k in ("top1", "top5", "nll")}
+    assert reported == {k: evaluated[k] for k in ("top1", "top5", "nll")}  # exactly
+    last = _rows(run)[-1]
+    assert {k: last[f"test_{k}"] for k in ("top1", "top5", "nll")} == reported
