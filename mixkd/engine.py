@@ -43,7 +43,7 @@ from mixkd import distributed
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, load_dataset, make_loaders
+from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, TrainingDiverged
@@ -159,6 +159,10 @@ class Run:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+        if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
+            mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
+            if mismatch:
+                raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
             rank=self.rank, world=self.world)

@@ -388,3 +388,32 @@ def test_without_sync_bn_the_figures_are_the_saved_models_and_the_ranks_extract_
     assert reported == {k: evaluated[k] for k in ("top1", "top5", "nll")}  # exactly
     last = _rows(run)[-1]
     assert {k: last[f"test_{k}"] for k in ("top1", "top5", "nll")} == reported
+
+
+def test_ranks_that_see_different_data_are_refused_at_start(tmp_path, data_dir):
+    """Two srun tasks whose data folders hold as many images but not the same ones: both refuse at start in
+    one line naming the ranks and what differs, and nothing is written (before: the run trained each rank
+    on its own data without a word; with different counts, the ranks hung on a collective)."""
+    import socket
+
+    other = tmp_path / "other"
+    write_fake_cifar(other, num_classes=10, n_train=64, n_test=40, seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "mixkd", *_args(data_dir if r == 0 else other, run, 1)], env={
+        **_env(), "SLURM_PROCID": str(r), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(r),
+        "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "79", "SLURM_STEP_TASKS_PER_NODE": "2",
+        "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        assert ("error: the ranks see different data: rank 1 differs from rank 0 (rank 0 vs rank 1: training samples "
+                "differ with the same count (64; content hash") in out, out[-2000:]
+        assert "Traceback" not in out
+    assert not run.exists()
