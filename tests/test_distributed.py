@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def test_launch_from_torchrun_and_slurm_environments():
     s = distributed.launch_from_env(slurm)
     assert (s.rank, s.world, s.local_rank, s.local_world, s.addr, s.port, s.launcher) == (
         5, 8, 1, 2, "gpu07", distributed.SLURM_PORT_BASE + 123456 % 20000, "slurm")
+    # a second step running beside the first in one allocation: another port (15000 + (123456 + 7919) % 20000)
+    assert distributed.launch_from_env({**slurm, "SLURM_STEP_ID": "1"}).port == 26375 != s.port
     s = distributed.launch_from_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "999"})
     assert (s.addr, s.port) == ("head", 999)
     batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}  # sbatch's script outside srun
@@ -417,3 +420,41 @@ def test_ranks_that_see_different_data_are_refused_at_start(tmp_path, data_dir):
                 "differ with the same count (64; content hash") in out, out[-2000:]
         assert "Traceback" not in out
     assert not run.exists()
+
+
+def test_the_slurm_example_requeues_a_stop_whatever_srun_reports_and_scales_the_lr(tmp_path):
+    """examples/slurm-ddp.sbatch with srun and scontrol stood in for: a stop whose last tasks srun killed
+    (--kill-on-bad-exit; reported 137, a new checkpoint written) is requeued, as a stop reported 75 is; a
+    failure at the start (exit 2, no checkpoint) and a finished run are not. Its lr is the config's scaled
+    linearly to its global batch."""
+    import yaml
+
+    bin_dir, run, log = tmp_path / "bin", tmp_path / "run", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\necho \"srun $*\" >> \"$CALLS\"\nmkdir -p \"$RUN\"\ncase \"$ACT\" in\n"
+        "  stop|killed) echo x > \"$RUN/c.tmp\" && mv \"$RUN/c.tmp\" \"$RUN/checkpoint.safetensors\";;\n"
+        "  finish) echo '{}' > \"$RUN/result.json\";;\nesac\n"
+        "case \"$ACT\" in stop) exit 75;; killed) exit 137;; bad) exit 2;; *) exit 0;; esac\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$CALLS\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    outcomes = {}
+    for act in ("killed", "stop", "bad", "finish"):
+        shutil.rmtree(run, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        if act == "bad":  # a checkpoint of an earlier slice, untouched by this one
+            run.mkdir()
+            (run / "checkpoint.safetensors").write_text("old")
+        proc = subprocess.run(["bash", str(ROOT / "examples" / "slurm-ddp.sbatch")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                                                          "RUN": str(run), "ACT": act, "CALLS": str(log),
+                                                          "SLURM_JOB_ID": "4242"})
+        calls = log.read_text().splitlines()
+        outcomes[act] = (proc.returncode, "scontrol requeue 4242" in calls)
+    assert outcomes == {"killed": (137, True), "stop": (75, True), "bad": (2, False), "finish": (0, False)}
+    args = calls[0].split()
+    config = yaml.safe_load((ROOT / args[args.index("--config") + 1]).read_text())
+    lr, batch = float(args[args.index("--lr") + 1]), int(args[args.index("--batch-size") + 1])
+    assert (batch, lr / batch) == (1024, config["optim"]["lr"] / config["batch_size"])  # 0.4 at 1024 for 0.2 at 512
+    assert "--kill-on-bad-exit=1" in args and "--resume" in args
