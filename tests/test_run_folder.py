@@ -321,7 +321,6 @@ def test_a_file_system_without_flock_locks_by_an_owner_file_with_a_stale_rule(tm
     another host: refused, saying which file to remove."""
     import socket
     import subprocess
-    import sys
 
     from mixkd.errors import FolderInUse
     from mixkd.files import fcntl as files_fcntl
@@ -341,8 +340,9 @@ def test_a_file_system_without_flock_locks_by_an_owner_file_with_a_stale_rule(tm
         folder.lock()
     held.release()
     assert not owner.exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owner.write_text(f"{host} {int(dead.stdout)}\n")  # a process of this host that died holding it: stale
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner.write_text(f"{host} {dead.pid}\n")  # a process of this host that died holding it: stale
     held = folder.lock()
     assert owner.read_text() == f"{host} {os.getpid()}\n" and not list(tmp_path.glob("*.stale.*"))
     held.release()
