@@ -863,31 +863,44 @@ def test_sharded_test_loaders_cover_the_test_split_once():
     assert [sum(y.shape[0] for y in p) for p in parts] == [33 * 3 + 20, 33 * 3 + 20, 34 * 3 + 20]
 
 
-def test_processes_racing_to_prepare_one_archive_extract_it_once(tmp_path, monkeypatch, capsys):
-    """Two loaders of one data folder holding only the archive, inside the extraction at the same time
-    (each extraction waits up to 1 s for the other one to be inside too): one extracts, the other waits
-    for the lock and uses the folder made (no 'Directory not empty' failure with advice to --download).
-    The lock is a flock on its own open file, so two threads contend as two processes do."""
+@pytest.mark.parametrize("download", [False, True])
+def test_processes_racing_to_prepare_one_archive_extract_it_once(tmp_path, monkeypatch, capsys, download):
+    """Two loaders of one data folder holding only the archive (or nothing, with download=True), inside the
+    extraction (the download) at the same time (each waits up to 1 s for the other one to be inside too):
+    one prepares, the other waits for the lock and uses the folder made (no 'Directory not empty' failure
+    with advice to --download; no second download into the same file). The lock is a flock on its own open
+    file, so two threads contend as two processes do."""
     import threading
 
-    make_fake_cifar_tar_gz(tmp_path, num_classes=10, n_train=20, n_test=10)
     inside, extractions = threading.Barrier(2), []
-    real = tarfile.TarFile.extractall
 
-    def meeting(self, *args, **kwargs):
+    def meet() -> None:
         extractions.append(threading.get_ident())
         try:
             inside.wait(timeout=1.0)  # without the lock both meet here, then both move their folder into place
         except threading.BrokenBarrierError:
             pass
-        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(tarfile.TarFile, "extractall", meeting)
+    if download:
+        def fake_download_url(url, root, filename=None, md5=None, **kwargs):
+            meet()
+            make_fake_cifar_tar_gz(Path(root), num_classes=10, n_train=20, n_test=10)
+
+        monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download_url)
+    else:
+        make_fake_cifar_tar_gz(tmp_path, num_classes=10, n_train=20, n_test=10)
+        real = tarfile.TarFile.extractall
+
+        def meeting(self, *args, **kwargs):
+            meet()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(tarfile.TarFile, "extractall", meeting)
     loaded: list = [None, None]
 
     def load(i: int) -> None:
         try:
-            loaded[i] = load_dataset("cifar10", tmp_path)
+            loaded[i] = load_dataset("cifar10", tmp_path, download=download)
         except MixkdError as e:
             loaded[i] = e
 
