@@ -274,7 +274,7 @@ def test_a_tv_teacher_distills_into_a_timm_student_on_a_jpeg_folder_with_kd(tmp_
     assert main(["distill", "--teacher", str(tmp_path / "mnv3.pth"), "--teacher-model", "tv:mobilenet_v3_small",
                  "--student", "timm:mobilenetv3_small_050", "--kd", "kd", "--dataset", "imagefolder", "--data-dir",
                  str(data), "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-                 "--teacher-input", "dataset", "--out", str(out), "--no-progress"]) == 0
+                 "--teacher-input", "dataset", "--workers", "0", "--out", str(out), "--no-progress"]) == 0
     result = json.loads((out / "result.json").read_text())
     from mixkd.data import load_dataset
 
