@@ -165,6 +165,10 @@ class Registry:
             obj.registry_entry = entry
         return entry
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (for tests and for a session that registered one of its own)."""
+        self._entries.pop(name, None)
+
     # ---- looking up ----------------------------------------------------------------------------
     def _ensure_builtins(self) -> None:
         if self._loaded or self._loading:
@@ -226,6 +230,11 @@ class Plugin:
     path: str
     sha256: str
     module: str
+
+    @property
+    def ref(self) -> str:
+        """What loads it again from anywhere: its resolved file path, or the module name it was given as."""
+        return self.spec if self.module == self.spec else self.path
 
 
 _PLUGINS: dict[str, Plugin] = {}  # by resolved path
@@ -306,6 +315,19 @@ def _forget(module_name: str) -> None:
 
 def load_plugins(specs: Iterable[str], base: str | Path | None = None) -> list[Plugin]:
     return [load_plugin(s, base) for s in specs]
+
+
+def plugin_records(paths: Iterable[str]) -> list[dict[str, str]]:
+    """``[{"path", "sha256"}]`` of the loaded plugins ``paths`` (resolved paths or module names), for a
+    run or a study to record what it ran with."""
+    by_module = {p.module: p for p in _PLUGINS.values()}
+    records = []
+    for path in paths:
+        plugin = _PLUGINS.get(path) or by_module.get(path)
+        if plugin is None:
+            raise MixkdError(f"plugin {path} is not loaded")
+        records.append({"path": plugin.path, "sha256": plugin.sha256})
+    return records
 
 
 def loaded_plugins() -> list[Plugin]:

@@ -43,6 +43,7 @@ import difflib
 import itertools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,17 +53,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from mixkd import __version__
 from mixkd.config import (
-    GENERIC_KD_DEFAULTS,
-    KD_METHODS,
-    KD_PARAMS,
     MACHINE_KEYS,
     RunConfig,
     load_yaml,
     parse_override,
     set_dotted,
 )
+from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
 from mixkd.models import default_lr
+from mixkd.registry import KD_METHODS
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
 
@@ -73,15 +73,37 @@ class Method:
     name: str  # its key in METHODS and its part of run ids
     label: str  # column title in the report
     task: Literal["train", "distill"]
-    kd: str | None  # the KD method (mixkd.config.KD_METHODS), None for the student alone
+    kd: str | None  # the KD method (mixkd.registry.KD_METHODS), None for the student alone
     mixing: Literal["none", "full", "partial"]
 
 
 _MIXINGS = (("", "none", ""), ("_fmu", "full", " + full mixup"), ("_pmu", "partial", " + partial mixup"))
-# The student alone, and every KD method of the catalogue alone, with full (_fmu) and with partial (_pmu) mixup.
-METHODS: dict[str, Method] = {"alone": Method("alone", "student alone", "train", None, "none")} | {
-    f"{kd}{suffix}": Method(f"{kd}{suffix}", f"{m.long}{text}", "distill", kd, mixing)
-    for kd, m in KD_METHODS.items() for suffix, mixing, text in _MIXINGS}
+
+
+class StudyMethods(Mapping):
+    """The study's methods: the student alone, and every KD method registered (built in, or loaded from a
+    plugin) alone, with full (``_fmu``) and with partial (``_pmu``) mixup; read from the registry each
+    time, so that a plugin's methods are there once it is loaded."""
+
+    def _all(self) -> dict[str, Method]:
+        methods = {"alone": Method("alone", "student alone", "train", None, "none")}
+        for kd in method_names():
+            title = KD_METHODS.get(kd).title
+            methods |= {f"{kd}{suffix}": Method(f"{kd}{suffix}", f"{title}{text}", "distill", kd, mixing)
+                        for suffix, mixing, text in _MIXINGS}
+        return methods
+
+    def __getitem__(self, name: str) -> Method:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+METHODS = StudyMethods()
 
 # Keys the grid sets; a recipe, the defaults or an override may not set them.
 GRID_KEYS = {
@@ -102,8 +124,12 @@ def _listify(value: Any) -> Any:
 
 
 def _known_method(name: str) -> str:
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+    known = list(METHODS)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown method '{name}'{hint}; known: {', '.join(known)} (a KD method of your own: "
+                         "list its file under plugins:)")
     return name
 
 
@@ -356,7 +382,8 @@ def _without_method_keys(tree: dict[str, Any]) -> dict[str, Any]:
     kd = tree.get("kd")
     if not isinstance(kd, dict):
         return tree
-    return {**tree, "kd": {k: v for k, v in kd.items() if k not in KD_PARAMS or k in GENERIC_KD_DEFAULTS}}
+    shared = {"teacher", "teacher_model", "method", *KDSettings.model_fields}
+    return {**tree, "kd": {k: v for k, v in kd.items() if k in shared}}
 
 
 class _Expander:
@@ -675,7 +702,9 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     versions) and ``../../teachers/x`` are the same teacher, so a moved folder matches its plan.
     Keys this version does not know mean a run made by another mixkd version."""
     planned = run.config_for(out).model_dump(mode="json")
-    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS)
+    # kd settings saved empty (older versions wrote every method's keys, null where unused) are no difference
+    unused = {k for k in _flat_keys(saved) if k.startswith("kd.") and _get(saved, k) is None}
+    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused)
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")
