@@ -129,7 +129,7 @@ def _add_method_options(p: argparse.ArgumentParser, dests: dict[str, str]) -> No
 def preload_plugins(argv: list[str]) -> None:
     """Load the plugins a command line names (``--plugin``, and those of its ``--config`` file) before its
     parser is built, so that their methods' settings have flags and ``--help`` lists them."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plugin", action="append", default=[])
     pre.add_argument("--config", "-c")
     known, _ = pre.parse_known_args(argv)

@@ -55,7 +55,7 @@ from mixkd.models import create_model, default_lr
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
-from mixkd.registry import plugin_records
+from mixkd.registry import load_plugins, plugin_records
 from mixkd.run_folder import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -105,6 +105,7 @@ class Run:
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
         self.rank, self.world = distributed.rank(), distributed.world()
+        load_plugins(cfg.plugins)  # a config passed to another process (a study's worker): its methods there too
         self.writes = distributed.is_main()  # only rank 0 writes the run folder
         if self.world > 1 and not cfg.out:  # every rank's default folder: rank 0's
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})

@@ -124,6 +124,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = builtins is None
         self._loading = False
+        _REGISTRIES.append(self)
 
     # ---- registering ---------------------------------------------------------------------------
     def register(self, name: str, *, settings: type[Settings] = NoSettings, label: str | None = None,
@@ -212,6 +213,9 @@ class Registry:
         where = f"{self.option}: " if self.option else ""
         return (f"{where}unknown {self.kind} {name!r}{hint}; choose one of {', '.join(names)} "
                 f"(one of your own: load its file with --plugin FILE)")
+
+
+_REGISTRIES: list[Registry] = []  # every catalogue, for unload_plugin
 
 
 def _source_of(obj: Any) -> str:
@@ -328,6 +332,15 @@ def plugin_records(paths: Iterable[str]) -> list[dict[str, str]]:
             raise MixkdError(f"plugin {path} is not loaded")
         records.append({"path": plugin.path, "sha256": plugin.sha256})
     return records
+
+
+def unload_plugin(plugin: Plugin) -> None:
+    """Forget a plugin and every entry it registered (tests; a session trying a new version of its file)."""
+    for registry in _REGISTRIES:
+        for name in [n for n, e in registry._entries.items() if e.source == plugin.path]:
+            registry.remove(name)
+    _PLUGINS.pop(plugin.path, None)
+    _forget(plugin.module)
 
 
 def loaded_plugins() -> list[Plugin]:

@@ -62,7 +62,7 @@ from mixkd.config import (
 from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
 from mixkd.models import default_lr
-from mixkd.registry import KD_METHODS
+from mixkd.registry import KD_METHODS, load_plugin
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
 
@@ -116,7 +116,9 @@ GRID_KEYS = {
 # (its folder, its teacher's path: compared by teacher run id, see saved_config_mismatch) and the
 # machine-local keys that a resumed run takes from the new command (config.MACHINE_KEYS), so
 # that a study folder moved to another machine continues with ``--set data_dir=...`` there.
-PLACEMENT_KEYS = {"out", "kd.teacher", *MACHINE_KEYS}
+# The plugins' paths too: a moved study finds its plugin files elsewhere; their contents are compared by
+# SHA-256 instead (mixkd.study.folder.check_plugins).
+PLACEMENT_KEYS = {"out", "kd.teacher", "plugins", *MACHINE_KEYS}
 
 
 def _listify(value: Any) -> Any:
@@ -270,6 +272,8 @@ class StudyFile(_Strict):
     students: list[StudentGroup] = []
     analysis: Annotated[StudyAnalysis | None, BeforeValidator(_analysis_flag)] = None
     claims: ClaimsSetting = ClaimsSetting()
+    plugins: Annotated[list[str], BeforeValidator(_listify)] = Field(
+        [], description="plugin files (paths from the study file's folder) or modules registering KD methods")
 
 
 @dataclass
@@ -325,6 +329,7 @@ class Study:
     runs: list[PlannedRun] = field(default_factory=list)
     tsne_pair: tuple[str, str] | None = None  # (teacher, student model) of the report's t-SNE montage
     overrides: list[str] = field(default_factory=list)  # the --set KEY=VALUE it was loaded with
+    plugins: list[dict[str, str]] = field(default_factory=list)  # {spec, path, sha256} of each plugin it loaded
 
     def run(self, run_id: str) -> PlannedRun:
         return next(r for r in self.runs if r.id == run_id)
@@ -669,10 +674,13 @@ def check_teacher_checkpoints(spec: StudyFile, source: str, text: str = "") -> N
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None,
-               check_files: bool = True) -> Study:
+               check_files: bool = True, plugins: list[str] | None = None,
+               plugin_paths: dict[str, str] | None = None) -> Study:
     """Read, validate and expand a study file. ``overrides`` ('key=value') apply to every run;
     ``seeds`` replaces every group's seeds (used by ``mixkd demo --seed``). A study without runs, and
-    (with ``check_files``) an existing teacher checkpoint that is not there, are errors."""
+    (with ``check_files``) an existing teacher checkpoint that is not there, are errors. ``plugins``
+    (``--plugin``: paths from the working directory) add to the file's ``plugins:``; ``plugin_paths``
+    ({entry: path}) says where the entries of a study file copied into its folder were found."""
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
@@ -682,6 +690,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:
             if isinstance(group, dict) and "checkpoint" not in group:
                 group["seeds"] = list(seeds)
+    if plugins and isinstance(data, dict):
+        listed = data.get("plugins") or []
+        data["plugins"] = [*(listed if isinstance(listed, list) else [listed]),
+                           *(load_plugin(spec).ref for spec in plugins)]
+    plugins = _load_plugins(data, p, plugin_paths or {})
     spec = parse_study(data, str(p))
     runs = expand(spec, str(p), overrides)
     if not runs:
@@ -691,7 +704,31 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
         check_teacher_checkpoints(spec, str(p), text)
     pair = spec.analysis.tsne_pair if spec.analysis is not None else None
     return Study(spec.name, spec.description, p, text, runs, (pair.teacher, pair.student) if pair else None,
-                 list(overrides or []))
+                 list(overrides or []), plugins)
+
+
+def _load_plugins(data: Any, path: Path, found: dict[str, str]) -> list[dict[str, str]]:
+    """Load the study file's ``plugins:`` (relative paths from its folder) before its methods are read, and
+    give every run them (``defaults.plugins``, resolved). Their {spec, path, sha256}."""
+    if not isinstance(data, dict) or not data.get("plugins"):
+        return []
+    listed = data["plugins"] if isinstance(data["plugins"], list) else [data["plugins"]]
+    loaded = []
+    for spec in listed:
+        if not isinstance(spec, str):
+            raise MixkdError(f"invalid study file {path}: plugins: {spec!r} is not a file path or a module name")
+        try:
+            plugin = load_plugin(found.get(spec, spec), path.parent)
+        except MixkdError as e:
+            raise MixkdError(f"invalid study file {path}: {e}") from None
+        loaded.append((spec, plugin))
+    defaults = data.get("defaults")
+    if isinstance(defaults, dict):
+        own = defaults.get("plugins") or []
+        defaults["plugins"] = [*(own if isinstance(own, list) else [own]), *(pl.ref for _, pl in loaded)]
+    elif defaults is None:
+        data["defaults"] = {"plugins": [pl.ref for _, pl in loaded]}
+    return [{"spec": spec, "path": pl.path, "sha256": pl.sha256} for spec, pl in loaded]
 
 
 def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Path) -> str | None:
