@@ -70,17 +70,27 @@ from mixkd.losses import distillation_loss, soft_cross_entropy
 from mixkd.registry import KD_METHODS, Settings
 
 
+def weight_field(default: float, description: str) -> Any:
+    """A setting weighting a loss term: a float in [0, 1000] (``description``: what it weighs, its source)."""
+    return Field(default, ge=0, le=1000, description=description)
+
+
+def temperature_field(default: float, description: str) -> Any:
+    """A softmax temperature: in [0.01, 1000] (below 0.01, logits / T overflow float32)."""
+    return Field(default, ge=0.01, le=1000, description=description)
+
+
 class KDSettings(Settings):
     """The settings every logit KD method has: its temperature and the weights of its two terms.
     Their defaults are Hinton KD's as RepDistiller runs it on CIFAR-100."""
 
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
-    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (RepDistiller "
-                               "scripts/run_cifar_distill.sh --kd_T 4)")
-    ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (RepDistiller "
-                             "scripts/run_cifar_distill.sh -r 0.1, its gamma)")
-    kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the distillation term (RepDistiller "
-                             "scripts/run_cifar_distill.sh -a 0.9, its alpha)")
+    temperature: float = temperature_field(4.0, "softmax temperature (RepDistiller "
+                                           "scripts/run_cifar_distill.sh --kd_T 4)")
+    ce_weight: float = weight_field(0.1, "weight of the cross-entropy term (RepDistiller "
+                                    "scripts/run_cifar_distill.sh -r 0.1, its gamma)")
+    kd_weight: float = weight_field(0.9, "weight of the distillation term (RepDistiller "
+                                    "scripts/run_cifar_distill.sh -a 0.9, its alpha)")
 
 
 def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from mixkd.distiller import KDSettings, LogitTermDistiller
+from mixkd.distiller import KDSettings, LogitTermDistiller, temperature_field, weight_field
 from mixkd.registry import KD_METHODS
 
 _SOTA = "image_classification_sota"
 
 
 class DISTSettings(KDSettings):
-    temperature: float = Field(4.0, ge=0.01, le=1000, description=f"softmax temperature ({_SOTA} "
-                               "lib/models/losses/kd_loss.py dist_t4: tau=4)")
-    ce_weight: float = Field(1.0, ge=0, le=1000, description=f"weight of the cross-entropy term ({_SOTA} "
-                             "configs/strategies/distill/dist_cifar.yaml ori_loss_weight 1)")
-    kd_weight: float = Field(2.0, ge=0, le=1000, description=f"weight of the DIST term ({_SOTA} "
-                             "configs/strategies/distill/dist_cifar.yaml kd_loss_weight 2)")
-    beta: float = Field(1.0, ge=0, le=1000, description="weight of the inter-class relation (DIST(beta=1) in "
-                        f"{_SOTA} kd_loss.py)")
-    gamma: float = Field(1.0, ge=0, le=1000, description="weight of the intra-class relation (DIST(gamma=1) in "
-                         f"{_SOTA} kd_loss.py)")
+    temperature: float = temperature_field(4.0, f"softmax temperature ({_SOTA} "
+                                           "lib/models/losses/kd_loss.py dist_t4: tau=4)")
+    ce_weight: float = weight_field(1.0, f"weight of the cross-entropy term ({_SOTA} "
+                                    "configs/strategies/distill/dist_cifar.yaml ori_loss_weight 1)")
+    kd_weight: float = weight_field(2.0, f"weight of the DIST term ({_SOTA} "
+                                    "configs/strategies/distill/dist_cifar.yaml kd_loss_weight 2)")
+    beta: float = weight_field(1.0, "weight of the inter-class relation (DIST(beta=1) in "
+                               f"{_SOTA} kd_loss.py)")
+    gamma: float = weight_field(1.0, "weight of the intra-class relation (DIST(gamma=1) in "
+                                f"{_SOTA} kd_loss.py)")
 
 
 @KD_METHODS.register("dist", settings=DISTSettings, label="DIST", title="DIST")

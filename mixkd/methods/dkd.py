@@ -5,22 +5,22 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mixkd.distiller import KDSettings, LogitTermDistiller
+from mixkd.distiller import KDSettings, LogitTermDistiller, temperature_field, weight_field
 from mixkd.registry import KD_METHODS
 
 _CFG = "mdistiller engine/cfg.py"
 
 
 class DKDSettings(KDSettings):
-    temperature: float = Field(4.0, ge=0.01, le=1000, description=f"softmax temperature ({_CFG} CFG.DKD.T)")
-    ce_weight: float = Field(1.0, ge=0, le=1000, description=f"weight of the cross-entropy term ({_CFG} "
-                             "CFG.DKD.CE_WEIGHT)")
-    kd_weight: float = Field(1.0, ge=0, le=1000, description="weight of the DKD term, before its warm-up (DKD has "
-                             "none of its own: 1)")
-    alpha: float = Field(1.0, ge=0, le=1000, description=f"weight of TCKD, the target-class term ({_CFG} "
-                         "CFG.DKD.ALPHA)")
-    beta: float = Field(8.0, ge=0, le=1000, description=f"weight of NCKD, the non-target-class term ({_CFG} "
-                        "CFG.DKD.BETA; its configs/cifar100/dkd/*.yaml set 2 or 6 for some pairs)")
+    temperature: float = temperature_field(4.0, f"softmax temperature ({_CFG} CFG.DKD.T)")
+    ce_weight: float = weight_field(1.0, f"weight of the cross-entropy term ({_CFG} "
+                                    "CFG.DKD.CE_WEIGHT)")
+    kd_weight: float = weight_field(1.0, "weight of the DKD term, before its warm-up (DKD has "
+                                    "none of its own: 1)")
+    alpha: float = weight_field(1.0, f"weight of TCKD, the target-class term ({_CFG} "
+                                "CFG.DKD.ALPHA)")
+    beta: float = weight_field(8.0, f"weight of NCKD, the non-target-class term ({_CFG} "
+                               "CFG.DKD.BETA; its configs/cifar100/dkd/*.yaml set 2 or 6 for some pairs)")
     warmup_epochs: int = Field(20, ge=0, le=100_000, description="epochs over which the DKD term's weight rises "
                                f"linearly, epoch e (from 1) weighted min(e / warmup_epochs, 1); 0: none ({_CFG} "
                                "CFG.DKD.WARMUP)")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mixkd.distiller import Distiller, KDSettings
+from mixkd.distiller import Distiller, KDSettings, temperature_field, weight_field
 from mixkd.errors import MixkdError
 from mixkd.losses import kd_loss, soft_cross_entropy
 from mixkd.registry import KD_METHODS
@@ -15,11 +15,11 @@ _SH = "RepDistiller scripts/run_cifar_distill.sh --distill hint"
 
 
 class FitNetSettings(KDSettings):
-    temperature: float = Field(4.0, ge=0.01, le=1000, description=f"temperature of its KD term ({_SH} --kd_T 4)")
-    ce_weight: float = Field(1.0, ge=0, le=1000, description=f"weight of the cross-entropy term ({_SH} -r 1)")
-    kd_weight: float = Field(0.0, ge=0, le=1000, description=f"weight of Hinton KD beside the hint ({_SH} -a 0)")
-    hint_weight: float = Field(100.0, ge=0, le=1000, description="weight of the hint, the MSE between the regressed "
-                               f"student feature map and the teacher's ({_SH} -b 100)")
+    temperature: float = temperature_field(4.0, f"temperature of its KD term ({_SH} --kd_T 4)")
+    ce_weight: float = weight_field(1.0, f"weight of the cross-entropy term ({_SH} -r 1)")
+    kd_weight: float = weight_field(0.0, f"weight of Hinton KD beside the hint ({_SH} -a 0)")
+    hint_weight: float = weight_field(100.0, "weight of the hint, the MSE between the regressed "
+                                      f"student feature map and the teacher's ({_SH} -b 100)")
     hint_layer: int = Field(2, ge=0, le=100, description="which feature map is hinted, an index into the models' "
                             "is_feat features (RepDistiller train_student.py --hint_layer 2: the middle one)")
 

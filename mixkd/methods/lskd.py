@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from mixkd.distiller import KDSettings, LogitTermDistiller
+from mixkd.distiller import KDSettings, LogitTermDistiller, temperature_field, weight_field
 from mixkd.registry import KD_METHODS
 
 _README = "logit-standardization-KD README"
 
 
 class LSKDSettings(KDSettings):
-    temperature: float = Field(2.0, ge=0.01, le=1000, description=f"the base temperature ({_README}: --base-temp 2)")
-    ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (mdistiller "
-                             "engine/cfg.py CFG.KD.LOSS.CE_WEIGHT, which its tools/train.py keeps)")
-    kd_weight: float = Field(9.0, ge=0, le=1000, description=f"weight of the KD term ({_README}: --kd-weight 9)")
+    temperature: float = temperature_field(2.0, f"the base temperature ({_README}: --base-temp 2)")
+    ce_weight: float = weight_field(0.1, "weight of the cross-entropy term (mdistiller "
+                                    "engine/cfg.py CFG.KD.LOSS.CE_WEIGHT, which its tools/train.py keeps)")
+    kd_weight: float = weight_field(9.0, f"weight of the KD term ({_README}: --kd-weight 9)")
 
 
 # The pairs whose KD+LS log in the authors' README (logs/KD/kd,<teacher>,<student>,<base temp>,<kd weight>.txt)
