@@ -20,14 +20,15 @@ from mixkd.errors import MixkdError
 from mixkd.registry import load_plugin
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
-_DEFAULTS = RunConfig.model_validate({}).model_dump()
-
 
 def _default(key: str) -> Any:
-    node: Any = _DEFAULTS
-    for part in key.split("."):
-        node = node[part]
-    return node
+    """A config key's default, read from the fields (no validation: the KD methods, and torch with them,
+    are imported only by the commands that need them)."""
+    model: Any = RunConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -155,7 +156,7 @@ def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str])
         dests[dest] = key
 
 
-def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.ArgumentParser:
+def _run_parser(sub, name: str, help_text: str, distill: bool, methods: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text,
                        epilog="Any config key can also be set as key=value after the flags, e.g. mix.fraction=0.1 optim.lr=0.1.")
     p.add_argument("--config", "-c", help="YAML config file (flags and key=value override it); see configs/")
@@ -169,7 +170,7 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     if distill:
         _add_run_options(p, DISTILL_OPTIONS, dests)
     _add_run_options(p, RUN_OPTIONS, dests)
-    if distill:
+    if distill and methods:
         _add_method_options(p, dests)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
                    help="continue the run in --out from its last checkpoint (only machine-local flags such as "
@@ -189,7 +190,9 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. ``command``: the command about to run, when known; the KD methods'
+    flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
     parser = argparse.ArgumentParser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
     from mixkd import __version__
@@ -197,11 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
-    from mixkd.distiller import method_names
-    from mixkd.registry import KD_METHODS
+    methods = command in (None, "distill")
+    if methods:
+        from mixkd.distiller import method_names
+        from mixkd.registry import KD_METHODS
 
-    labels = ", ".join(KD_METHODS.get(m).label for m in method_names())
-    _run_parser(sub, "distill", f"distill a student from a teacher checkpoint ({labels})", True)
+        labels = ", ".join(KD_METHODS.get(m).label for m in method_names())
+        _run_parser(sub, "distill", f"distill a student from a teacher checkpoint ({labels})", True)
+    else:
+        _run_parser(sub, "distill", "distill a student from a teacher checkpoint (KD methods: see "
+                                    "'mixkd distill --help')", True, methods=False)
 
     p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
                        description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "
@@ -456,8 +464,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        preload_plugins(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(argv)  # a number out of its range is a MixkdError already here
+        preload_plugins(sys.argv[1:] if argv is None else argv)  # before the parser: their settings' flags
+        given = sys.argv[1:] if argv is None else argv
+        args = build_parser(given[0] if given and not given[0].startswith("-") else "").parse_args(argv)  # a number out of its range is a MixkdError already here
         if not getattr(args, "stops", False):
             release_early_stops()  # a command without a graceful stop: SIGTERM and Ctrl-C act as usual
         status = args.handler(args)
