@@ -1,5 +1,8 @@
 """The study's losses: soft-target cross-entropy, Hinton KD, standardized KD and their objectives.
 
+The logit methods' terms are :func:`distillation_loss`; the feature methods' terms are
+:func:`feature_loss` (defined in :mod:`mixkd.feature_losses`, re-exported here).
+
 All reductions are means over the batch; KL divergences sum over classes first ("batchmean"),
 as RepDistiller's ``DistillKL`` does. Losses are computed in float32 whatever the logits' dtype.
 """
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mixkd.config import KD_METHOD_DEFAULTS
+from mixkd.feature_losses import FEATURE_LOSS_DEFAULTS, feature_loss  # noqa: F401  (the public feature terms)
 
 KDMethod = Literal["kd", "std"]
 
