@@ -105,7 +105,7 @@ def test_kdsvd_vanishes_for_a_student_that_is_the_teacher():
 def authors_at(g_s, g_t, p):
     """AT.py ``at_loss`` / ``single_stage_at_loss``."""
     total = 0
-    for f_s, f_t in zip(g_s, g_t):
+    for f_s, f_t in zip(g_s, g_t, strict=True):
         s_h, t_h = f_s.shape[2], f_t.shape[2]
         if s_h > t_h:
             f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
@@ -123,7 +123,7 @@ def authors_nst(g_s, g_t):
         return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
 
     total = 0
-    for f_s, f_t in zip(g_s, g_t):
+    for f_s, f_t in zip(g_s, g_t, strict=True):
         s_h, t_h = f_s.shape[2], f_t.shape[2]
         if s_h > t_h:
             f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
@@ -138,7 +138,7 @@ def authors_nst(g_s, g_t):
 def authors_sp(g_s, g_t):
     """SP.py ``sp_loss`` / ``similarity_loss`` (its (1,)-shaped result)."""
     total = 0
-    for f_s, f_t in zip(g_s, g_t):
+    for f_s, f_t in zip(g_s, g_t, strict=True):
         bsz = f_s.shape[0]
         f_s, f_t = f_s.view(bsz, -1), f_t.view(bsz, -1)
         g_s_ = F.normalize(torch.mm(f_s, torch.t(f_s)))
@@ -167,7 +167,7 @@ def authors_kdsvd(g_s, g_t, k):
 
     v_sb = v_tb = None
     losses = []
-    for i, (f_s, f_t) in enumerate(zip(g_s, g_t)):
+    for i, (f_s, f_t) in enumerate(zip(g_s, g_t, strict=True)):
         _, s_t, v_t = svd(f_t, k)
         _, _, v_s = svd(f_s, k + 3)
         v_s, v_t = align_rsv(v_s, v_t)
