@@ -1,0 +1,33 @@
+"""RKD: relational KD (Park et al., CVPR 2019), as mdistiller trains it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mixkd.feature_losses import rkd_loss
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings
+from mixkd.registry import KD_METHODS
+
+
+class RKDSettings(FeatureSettings):
+    feat_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the RKD term "
+                               "(mdistiller engine/cfg.py CFG.RKD.LOSS.FEAT_WEIGHT)")
+    distance_weight: float = Field(25.0, ge=0, le=1e6, description="weight of RKD's distance loss "
+                                   "(mdistiller engine/cfg.py CFG.RKD.DISTANCE_WEIGHT)")
+    angle_weight: float = Field(50.0, ge=0, le=1e6, description="weight of RKD's angle loss "
+                                "(mdistiller engine/cfg.py CFG.RKD.ANGLE_WEIGHT)")
+    squared: bool = Field(False, description="squared pairwise distances (mdistiller engine/cfg.py "
+                          "CFG.RKD.PDIST.SQUARED)")
+    eps: float = Field(1e-12, gt=0, le=1, description="lower clamp of the pairwise distances "
+                       "(mdistiller engine/cfg.py CFG.RKD.PDIST.EPSILON)")
+
+
+@KD_METHODS.register("rkd", settings=RKDSettings, label="RKD", title="relational KD")
+class RKD(FeatureDistiller):
+    """Relational KD (Park et al. 2019; mdistiller distillers/RKD.py): ``ce_weight * CE + feat_weight *
+    (distance_weight * distance loss + angle_weight * angle loss)`` on the pooled features, the
+    distances between the batch's samples normalized by their mean, smooth-L1 losses."""
+
+    def feature_term(self, feats_s, feats_t):
+        s = self.settings
+        return rkd_loss(feats_s[-1], feats_t[-1], s.distance_weight, s.angle_weight, s.squared, s.eps)
