@@ -1,0 +1,177 @@
+"""mdistiller's catalogue (AT, NST, SP, PKT, RKD, KDSVD, VID, OFD, ReviewKD, CRD) and CTKD as mixkd methods:
+the subtle parts pinned by hand (CTKD's reversed temperature gradient, OFD's margins and partial L2, CRD's
+NCE loss and memory), the step free of host syncs, and one epoch of each on digits with and without mixup."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixkd.cli import main
+from mixkd.distiller import make_distiller
+from mixkd.methods.crd import Memory, contrast_loss
+from mixkd.methods.ctkd import CTKDSettings, reversal_factor
+from mixkd.methods.ofd import margins, ofd_distill_loss
+from mixkd.models import create_model
+from mixkd.registry import KD_METHODS
+
+NEW = ("at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
+SMALL = {"crd": {"nce_k": 16, "memory_size": 64}}  # CRD's memory and negatives at test size
+
+
+def test_the_methods_are_registered_with_their_authors_defaults():
+    assert set(NEW) <= set(KD_METHODS.names())
+    defaults = {m: KD_METHODS.get(m).defaults() for m in NEW}
+    # mdistiller engine/cfg.py
+    assert defaults["at"] == {"ce_weight": 1.0, "feat_weight": 1000.0, "p": 2.0}
+    assert (defaults["nst"]["feat_weight"], defaults["sp"]["feat_weight"], defaults["pkt"]["feat_weight"]) == (50, 3000, 30000)
+    assert defaults["rkd"] == {"ce_weight": 1.0, "feat_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0,
+                               "squared": False, "eps": 1e-12}
+    assert (defaults["kdsvd"]["k"], defaults["vid"]["init_pred_var"], defaults["ofd"]["feat_weight"]) == (1, 5.0, 0.001)
+    assert (defaults["crd"]["nce_k"], defaults["crd"]["nce_t"], defaults["crd"]["feat_weight"]) == (16384, 0.07, 0.8)
+    # configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5 for resnet32x4 -> resnet8x4 only
+    assert KD_METHODS.get("reviewkd").defaults({"pair": "resnet32x4->resnet8x4"})["feat_weight"] == 5.0
+    assert KD_METHODS.get("reviewkd").defaults({"pair": "resnet56->resnet20"})["feat_weight"] == 1.0
+    # CTKD scripts/run_cifar_distill.sh
+    assert defaults["ctkd"] == {"ce_weight": 0.1, "kd_weight": 0.9, "t_start": 1.0, "t_end": 20.0, "decay_max": 0.0,
+                                "decay_min": -1.0, "decay_loops": 10}
+
+
+# ---- CTKD -------------------------------------------------------------------------------------------------
+def test_ctkd_reversal_factor_follows_the_cosine_curriculum():
+    s = CTKDSettings()
+    got = [reversal_factor(torch.tensor(float(e)), s).item() for e in (0, 1, 5, 10, 30)]
+    # decay_min + (decay_max - decay_min) (1 + cos(pi e / 10)) / 2 = (1 + cos(pi e / 10)) / 2 - 1, held from e = 10
+    assert got == pytest.approx([0.0, (1 + math.cos(math.pi / 10)) / 2 - 1, -0.5, -1.0, -1.0], abs=1e-6)
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.w = torch.tensor(logits), torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.logits + 0 * self.w
+
+
+S_LOGITS = [[1.0, 2.0, 3.0, -1.0], [0.5, -1.0, 2.0, 0.0]]
+T_LOGITS = [[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 4.0, -2.0]]
+
+
+@pytest.mark.parametrize("epoch, factor", [(10, -1.0), (5, -0.5)])
+def test_ctkd_temperature_ascends_the_kd_loss_the_student_descends(epoch, factor):
+    """The temperature's gradient is the KD loss's own gradient times the (negative) curriculum factor."""
+    d = make_distiller("ctkd", Fixed(S_LOGITS), Fixed(T_LOGITS))
+    d.set_epoch(epoch, 20)
+    target = F.one_hot(torch.tensor([2, 0]), 4).float()
+    d.losses(torch.zeros(2), target)["loss"].backward()
+    got = d.modules["temperature"].global_t.grad.item()
+    # the same loss as a plain function of the temperature logit g = 1: 0.9 * T^2 KL at T = 1 + 20 sigmoid(g)
+    g = torch.ones((), requires_grad=True)
+    temp = 1.0 + 20.0 * torch.sigmoid(g)
+    p_t = F.softmax(torch.tensor(T_LOGITS) / temp, dim=1)
+    log_p_s = F.log_softmax(torch.tensor(S_LOGITS) / temp, dim=1)
+    (0.9 * temp**2 * (p_t * (p_t.log() - log_p_s)).sum(1).mean()).backward()
+    assert abs(g.grad.item()) > 1e-4
+    assert got == pytest.approx(factor * g.grad.item(), rel=1e-5)
+
+
+# ---- OFD --------------------------------------------------------------------------------------------------
+def phi(x):
+    return math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+def big_phi(x):
+    return (1 + math.erf(x / math.sqrt(2))) / 2
+
+
+def test_ofd_margin_is_the_mean_negative_response_of_the_teachers_batch_norm():
+    bn = torch.nn.BatchNorm2d(4)
+    bn.weight.data = torch.tensor([1.0, 1.0, -2.0, 0.5])
+    bn.bias.data = torch.tensor([0.0, 5.0, -1.0, 0.3])
+    got = margins(bn).flatten().tolist()
+    # E[x | x < 0] for x ~ N(m, s^2), s = |weight|: m - s phi(m/s) / Phi(-m/s); -3 s once Phi(-m/s) <= 0.001
+    expected = [-math.sqrt(2 / math.pi),  # N(0, 1): -sqrt(2 / pi)
+                -3.0,  # Phi(-5) = 2.9e-7
+                -1.0 - 2 * phi(0.5) / big_phi(0.5),
+                0.3 - 0.5 * phi(0.6) / big_phi(-0.6)]
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert margins(bn).shape == (1, 4, 1, 1)
+
+
+def test_ofd_partial_l2_skips_what_the_relu_would_hide():
+    margin = torch.full((1, 5, 1, 1), -1.0)
+    source = torch.tensor([2.0, 0.0, 0.0, -3.0, -0.2]).view(1, 5, 1, 1)
+    target = torch.tensor([1.0, -2.0, -0.5, -2.0, -0.5]).view(1, 5, 1, 1)
+    # t > 0: (s - t)^2 = 1; t <= m < s: (s - m)^2 = 1; m < t <= 0 < s - t: (s - t)^2 = 0.25; s below m: 0;
+    # m < t <= 0 with s > t: (s - t)^2 = 0.09
+    got = ofd_distill_loss(source, target, margin).item()
+    assert got == pytest.approx(1 + 1 + 0.25 + 0 + 0.09, rel=1e-6)
+    two = ofd_distill_loss(source.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1), margin).item()
+    assert two == pytest.approx(got, rel=1e-6)  # summed over channels and pixels, mean over the batch
+
+
+def test_ofd_refuses_a_teacher_whose_batch_norms_it_does_not_know():
+    from mixkd.errors import MixkdError
+
+    with pytest.raises(MixkdError, match="kd.method ofd: no batch norm before each stage's ReLU known for the teacher"):
+        make_distiller("ofd", create_model("resnet8", 10), create_model("MobileNetV2", 10).eval())
+
+
+# ---- CRD --------------------------------------------------------------------------------------------------
+def test_crd_nce_loss_by_hand():
+    # one sample, positive 0.5, one negative 0.25, noise 1/2: K Pn = 1/2;
+    # -(log(0.5 / 1.0) + log(0.5 / 0.75)) = log 2 + log 1.5 = log 3
+    assert contrast_loss(torch.tensor([[0.5, 0.25]]), 0.5).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_crd_memory_is_a_ring_of_the_last_embeddings():
+    m = Memory(5, 2)
+    for i in range(3):  # 3 batches of 2 rows into 5 rows: the third wraps around to row 0
+        m.push(torch.full((2, 2), float(i)), torch.full((2, 2), 10.0 + i))
+    assert m.memory_s[:, 0].tolist() == [2.0, 0.0, 1.0, 1.0, 2.0]
+    assert m.memory_t[:, 0].tolist() == [12.0, 10.0, 11.0, 11.0, 12.0]
+    assert m.pointer.item() == 1
+    assert set(m.state_dict()) == {"memory_s", "memory_t", "pointer", "z_s", "z_t"}  # saved: runs resume exactly
+
+
+# ---- in the step --------------------------------------------------------------------------------------------
+def test_losses_trace_as_one_graph_without_host_syncs(one_thread):
+    """Dynamo with fullgraph=True refuses a graph break (an .item(), a branch on a tensor, a boolean
+    index): what the CUDA graph and the compiled step need."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = 0.6 * F.one_hot(torch.arange(4), 10).float() + 0.4 * F.one_hot(torch.arange(4) + 3, 10).float()
+    for method in NEW:
+        torch.manual_seed(1)
+        d = make_distiller(method, create_model("resnet8", 10), create_model("resnet8", 10).eval(), SMALL.get(method))
+        d.set_epoch(3, 10)
+        torch._dynamo.reset()
+        out = torch.compile(d.losses, backend="eager", fullgraph=True)(x, y)
+        assert set(out) >= set(d.loss_names) and all(torch.isfinite(out[k]) for k in d.loss_names), method
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    from mixkd.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
+    return path
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_mixkd_distill_trains_each_method_on_digits_without_and_with_mixup(method, teacher_file, tmp_path, one_thread):
+    for mix, fraction in (("none", None), ("mixup", 1.0), ("mixup", 0.1)):
+        out = tmp_path / f"{mix}-{fraction}"
+        args = ["distill", "--kd", method, "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits",
+                "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--no-progress", "--mix", mix, "--out", str(out)]
+        args += ["--mix-fraction", str(fraction)] if fraction else []
+        args += [f"kd.{k}={v}" for k, v in SMALL.get(method, {}).items()]
+        assert main(args) == 0, (method, mix, fraction)
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        losses = {k: v for k, v in row.items() if k.startswith("train_")}
+        assert losses and all(math.isfinite(v) for v in losses.values()), (method, mix, losses)
+        assert json.loads((out / "result.json").read_text())["kd_method"] == method
