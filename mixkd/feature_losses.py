@@ -89,11 +89,32 @@ def _finite(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+class _FiniteGradient(torch.autograd.Function):
+    """Identity forward; backward zeroes the non-finite entries of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _finite(grad)
+
+
 def _svd(feat: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """(singular values, right singular vectors), the first ``n`` of each L2-normalized, of the map
-    viewed as a (B, C H, W) matrix, as KDSVD.py ``svd`` views it."""
+    viewed as a (B, C H, W) matrix, as KDSVD.py ``svd`` views it.
+
+    The SVD's gradient divides by the differences of squared singular values: a map with repeated ones
+    (ReLU maps with all-zero rows, digits' black background) gets an infinite or NaN gradient, which
+    would make the student's weights NaN at once. Non-finite entries of the gradient reaching ``feat``
+    are zeroed, the backward twin of the authors' ``removenan`` on the forward's outputs; finite
+    gradients are untouched."""
     b, c, h, w = feat.shape
-    _, s, vh = torch.linalg.svd(feat.float().reshape(b, c * h, w), full_matrices=False)
+    x = feat.float().reshape(b, c * h, w)
+    if x.requires_grad:
+        x = _FiniteGradient.apply(x)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
     s, v = _finite(s), _finite(vh.transpose(-2, -1))
     return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
 

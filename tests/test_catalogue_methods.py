@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from mixkd.cli import main
 from mixkd.distiller import make_distiller
+from mixkd.mix import MixSpec
 from mixkd.methods.crd import Memory, contrast_loss
 from mixkd.methods.ctkd import CTKDSettings, reversal_factor
 from mixkd.methods.ofd import margins, ofd_distill_loss
 from mixkd.models import create_model
 from mixkd.registry import KD_METHODS
+from mixkd.step import SGD, TrainStep
 
 NEW = ("at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
 SMALL = {"crd": {"nce_k": 16, "memory_size": 64}}  # CRD's memory and negatives at test size
@@ -62,20 +64,21 @@ T_LOGITS = [[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 4.0, -2.0]]
 
 @pytest.mark.parametrize("epoch, factor", [(10, -1.0), (5, -0.5)])
 def test_ctkd_temperature_ascends_the_kd_loss_the_student_descends(epoch, factor):
-    """The temperature's gradient is the KD loss's own gradient times the (negative) curriculum factor."""
-    d = make_distiller("ctkd", Fixed(S_LOGITS), Fixed(T_LOGITS))
+    """The temperature's gradient is the KD loss's own gradient times the (negative) curriculum factor.
+    t_end 2 keeps T near 2.5, where float32's KL is far from cancelling (at T = 15.6 it loses 0.3%)."""
+    d = make_distiller("ctkd", Fixed(S_LOGITS), Fixed(T_LOGITS), {"t_end": 2.0})
     d.set_epoch(epoch, 20)
     target = F.one_hot(torch.tensor([2, 0]), 4).float()
     d.losses(torch.zeros(2), target)["loss"].backward()
     got = d.modules["temperature"].global_t.grad.item()
-    # the same loss as a plain function of the temperature logit g = 1: 0.9 * T^2 KL at T = 1 + 20 sigmoid(g)
-    g = torch.ones((), requires_grad=True)
-    temp = 1.0 + 20.0 * torch.sigmoid(g)
-    p_t = F.softmax(torch.tensor(T_LOGITS) / temp, dim=1)
-    log_p_s = F.log_softmax(torch.tensor(S_LOGITS) / temp, dim=1)
+    # the same loss as a plain float64 function of the temperature logit g = 1: 0.9 T^2 KL at T = 1 + 2 sigmoid(g)
+    g = torch.ones((), dtype=torch.float64, requires_grad=True)
+    temp = 1.0 + 2.0 * torch.sigmoid(g)
+    p_t = F.softmax(torch.tensor(T_LOGITS, dtype=torch.float64) / temp, dim=1)
+    log_p_s = F.log_softmax(torch.tensor(S_LOGITS, dtype=torch.float64) / temp, dim=1)
     (0.9 * temp**2 * (p_t * (p_t.log() - log_p_s)).sum(1).mean()).backward()
-    assert abs(g.grad.item()) > 1e-4
-    assert got == pytest.approx(factor * g.grad.item(), rel=1e-5)
+    assert abs(g.grad.item()) > 1e-2
+    assert got == pytest.approx(factor * g.grad.item(), rel=1e-4)
 
 
 # ---- OFD --------------------------------------------------------------------------------------------------
@@ -162,16 +165,38 @@ def teacher_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def digits_batch():
+    from mixkd.data.digits import load_digits
+
+    train = load_digits(("train",)).train
+    return train.images[:16].float() / 255, train.labels[:16]
+
+
 @pytest.mark.parametrize("method", NEW)
-def test_mixkd_distill_trains_each_method_on_digits_without_and_with_mixup(method, teacher_file, tmp_path, one_thread):
-    for mix, fraction in (("none", None), ("mixup", 1.0), ("mixup", 0.1)):
-        out = tmp_path / f"{mix}-{fraction}"
-        args = ["distill", "--kd", method, "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits",
-                "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--no-progress", "--mix", mix, "--out", str(out)]
-        args += ["--mix-fraction", str(fraction)] if fraction else []
-        args += [f"kd.{k}={v}" for k, v in SMALL.get(method, {}).items()]
-        assert main(args) == 0, (method, mix, fraction)
-        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        losses = {k: v for k, v in row.items() if k.startswith("train_")}
-        assert losses and all(math.isfinite(v) for v in losses.values()), (method, mix, losses)
-        assert json.loads((out / "result.json").read_text())["kd_method"] == method
+def test_each_method_trains_an_epoch_on_digits_with_partial_mixup_and_steps_without_and_with_full_mixup(
+        method, teacher_file, digits_batch, tmp_path, one_thread):
+    """One epoch through ``mixkd distill`` with PMU (10% mixed), then a step of the method without mixing
+    and one with every sample mixed, on 16 digits: the losses stay finite and the method's own modules
+    (if any) are trained."""
+    args = ["distill", "--kd", method, "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits",
+            "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--no-progress", "--mix", "mixup",
+            "--mix-fraction", "0.1", "--out", str(tmp_path)]
+    assert main(args + [f"kd.{k}={v}" for k, v in SMALL.get(method, {}).items()]) == 0
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    losses = {k: v for k, v in row.items() if k.startswith("train_")}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    assert json.loads((tmp_path / "result.json").read_text())["kd_method"] == method
+
+    x, y = digits_batch
+    torch.manual_seed(0)
+    d = make_distiller(method, create_model("resnet8", 10), create_model("resnet8", 10).eval(), SMALL.get(method))
+    before = [p.detach().clone() for p in d.modules.parameters()]
+    for mix in (MixSpec("none"), MixSpec("mixup", 1.0, 1.0)):
+        step = TrainStep(d, SGD(d.parameters(), lr=0.05), mix, 10, torch.Generator().manual_seed(0))
+        step(x, y)
+        means = step.epoch_means()
+        assert set(means) == set(d.loss_names) and all(math.isfinite(v) for v in means.values()), (mix, means)
+    after = list(d.modules.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.isfinite(p).all() for p in d.parameters())

@@ -292,3 +292,18 @@ def test_bad_arguments_are_refused_with_one_clear_line(features):
         feature_loss("rkd", [s_pool, s_pool], [t_pool, t_pool])
     with pytest.raises(ValueError, match="one batch size"):
         feature_loss("pkt", [s_pool], [t_pool[:4]])
+
+
+def test_kdsvd_gradient_stays_finite_on_maps_with_repeated_singular_values():
+    """ReLU maps with all-zero rows (digits' black background) have repeated zero singular values, where the
+    SVD's gradient is infinite or NaN; its non-finite entries are zeroed, the loss is unchanged."""
+    g = torch.Generator().manual_seed(2)
+    s = [torch.relu(torch.randn(2, 4, 4, 4, generator=g)) for _ in range(2)]
+    for f in s:
+        f[:, :, :, 1:] = 0  # rank 1 at most: singular values 0 repeated
+    t = [torch.relu(torch.randn(2, 8, 4, 4, generator=g)) for _ in range(2)]
+    s = [f.requires_grad_(True) for f in s]
+    loss = feature_loss("kdsvd", s, t)
+    assert loss.item() == pytest.approx(authors_kdsvd([f.detach() for f in s], t, 1).item(), rel=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(f.grad).all() for f in s)
