@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from mixkd.cli import main
 from mixkd.distiller import make_distiller
-from mixkd.mix import MixSpec
 from mixkd.methods.crd import Memory, contrast_loss
 from mixkd.methods.ctkd import CTKDSettings, reversal_factor
 from mixkd.methods.ofd import margins, ofd_distill_loss
+from mixkd.mix import MixSpec
 from mixkd.models import create_model
 from mixkd.registry import KD_METHODS
 from mixkd.step import SGD, TrainStep
