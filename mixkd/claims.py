@@ -52,7 +52,7 @@ from scipy import special
 
 from mixkd.errors import MixkdError
 from mixkd.mix import reference_mixed_share
-from mixkd.results import KD_SHORT, PARTIAL_FRACTION, Cell, Context, Result, natural, results_from_rows
+from mixkd.results import PARTIAL_FRACTION, Cell, Context, Result, kd_label, kd_order, natural, results_from_rows
 
 LEVEL = 0.95
 SIDE = (1 - LEVEL) / 2  # each tail of the 95% interval: the level of each one-sided decision
@@ -261,7 +261,7 @@ class Grid:
     @property
     def kd_methods(self) -> list[str]:
         found = {cell.kd for cells in self.cells.values() for cell in cells}
-        return sorted(found, key=lambda m: (list(KD_SHORT).index(m) if m in KD_SHORT else len(KD_SHORT), m))
+        return sorted(found, key=kd_order)
 
     def side(self, context: Context, cell: Cell) -> Side | None:
         if cell.alone:
@@ -270,7 +270,7 @@ class Grid:
 
 
 def _kd_name(method: str) -> str:
-    return KD_SHORT.get(method, method.upper())
+    return kd_label(method)
 
 
 def _close(x: float | None, y: float) -> bool:

@@ -124,6 +124,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = builtins is None
         self._loading = False
+        _REGISTRIES.append(self)
 
     # ---- registering ---------------------------------------------------------------------------
     def register(self, name: str, *, settings: type[Settings] = NoSettings, label: str | None = None,
@@ -164,6 +165,10 @@ class Registry:
         if hasattr(obj, "__dict__") and isinstance(obj, type):
             obj.registry_entry = entry
         return entry
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (for tests and for a session that registered one of its own)."""
+        self._entries.pop(name, None)
 
     # ---- looking up ----------------------------------------------------------------------------
     def _ensure_builtins(self) -> None:
@@ -210,6 +215,9 @@ class Registry:
                 f"(one of your own: load its file with --plugin FILE)")
 
 
+_REGISTRIES: list[Registry] = []  # every catalogue, for unload_plugin
+
+
 def _source_of(obj: Any) -> str:
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     if module is not None and module.__name__ in _PLUGIN_MODULES:
@@ -226,6 +234,11 @@ class Plugin:
     path: str
     sha256: str
     module: str
+
+    @property
+    def ref(self) -> str:
+        """What loads it again from anywhere: its resolved file path, or the module name it was given as."""
+        return self.spec if self.module == self.spec else self.path
 
 
 _PLUGINS: dict[str, Plugin] = {}  # by resolved path
@@ -306,6 +319,28 @@ def _forget(module_name: str) -> None:
 
 def load_plugins(specs: Iterable[str], base: str | Path | None = None) -> list[Plugin]:
     return [load_plugin(s, base) for s in specs]
+
+
+def plugin_records(paths: Iterable[str]) -> list[dict[str, str]]:
+    """``[{"path", "sha256"}]`` of the loaded plugins ``paths`` (resolved paths or module names), for a
+    run or a study to record what it ran with."""
+    by_module = {p.module: p for p in _PLUGINS.values()}
+    records = []
+    for path in paths:
+        plugin = _PLUGINS.get(path) or by_module.get(path)
+        if plugin is None:
+            raise MixkdError(f"plugin {path} is not loaded")
+        records.append({"path": plugin.path, "sha256": plugin.sha256})
+    return records
+
+
+def unload_plugin(plugin: Plugin) -> None:
+    """Forget a plugin and every entry it registered (tests; a session trying a new version of its file)."""
+    for registry in _REGISTRIES:
+        for name in [n for n, e in registry._entries.items() if e.source == plugin.path]:
+            registry.remove(name)
+    _PLUGINS.pop(plugin.path, None)
+    _forget(plugin.module)
 
 
 def loaded_plugins() -> list[Plugin]:

@@ -9,12 +9,12 @@ pooled vector (``model(x, is_feat=True, preact=...)``), so mdistiller's ``feats[
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from mixkd.distiller import Distiller
+from mixkd.distiller import Distiller, weight_field
 from mixkd.errors import MixkdError
 from mixkd.losses import soft_cross_entropy
 from mixkd.registry import Settings
@@ -22,11 +22,16 @@ from mixkd.registry import Settings
 PROBE_SIZE = 32  # the CIFAR size mdistiller probes with (cfg.py CFG.VID.INPUT_SIZE, CFG.FITNET.INPUT_SIZE)
 
 
+def feature_weight_field(default: float, description: str) -> Any:
+    """A feature term's weight: a float in [0, 10^6] (mdistiller's reach 30000, PKT's)."""
+    return Field(default, ge=0, le=1e6, description=description)
+
+
 class FeatureSettings(Settings):
     """``ce_weight * CE + feat_weight * term``: mdistiller's ``<METHOD>.LOSS.CE_WEIGHT`` and ``FEAT_WEIGHT``."""
 
-    ce_weight: float = Field(1.0, ge=0, le=1000, description="weight of the cross-entropy on the (mixed) labels "
-                             "(mdistiller engine/cfg.py CFG.<METHOD>.LOSS.CE_WEIGHT)")
+    ce_weight: float = weight_field(1.0, "weight of the cross-entropy on the (mixed) labels "
+                                    "(mdistiller engine/cfg.py CFG.<METHOD>.LOSS.CE_WEIGHT)")
 
 
 def stages(feats: list[torch.Tensor]) -> list[torch.Tensor]:

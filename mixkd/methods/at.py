@@ -5,12 +5,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from mixkd.feature_losses import at_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, paired, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, paired, stages
 from mixkd.registry import KD_METHODS
 
 
 class ATSettings(FeatureSettings):
-    feat_weight: float = Field(1000.0, ge=0, le=1e6, description="weight of the attention term "
+    feat_weight: float = feature_weight_field(1000.0, "weight of the attention term "
                                "(mdistiller engine/cfg.py CFG.AT.LOSS.FEAT_WEIGHT)")
     p: float = Field(2.0, gt=0, le=8, description="exponent of the attention map mean_c |f_c|^p "
                      "(mdistiller engine/cfg.py CFG.AT.P)")

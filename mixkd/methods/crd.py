@@ -8,12 +8,12 @@ import math
 import torch
 from pydantic import Field
 
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field
 from mixkd.registry import KD_METHODS
 
 
 class CRDSettings(FeatureSettings):
-    feat_weight: float = Field(0.8, ge=0, le=1e6, description="weight of the contrastive term "
+    feat_weight: float = feature_weight_field(0.8, "weight of the contrastive term "
                                "(mdistiller engine/cfg.py CFG.CRD.LOSS.FEAT_WEIGHT)")
     feat_dim: int = Field(128, ge=2, le=4096, description="dimension of the embeddings contrasted "
                           "(mdistiller engine/cfg.py CFG.CRD.FEAT.DIM)")

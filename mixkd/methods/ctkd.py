@@ -7,17 +7,16 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from mixkd.distiller import Distiller
+from mixkd.distiller import Distiller, temperature_field, weight_field
 from mixkd.losses import kd_loss, soft_cross_entropy
 from mixkd.registry import KD_METHODS, Settings
 
 
 class CTKDSettings(Settings):
-    ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy (CTKD "
-                             "scripts/run_cifar_distill.sh: -r 0.1)")
-    kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the KD term (CTKD scripts/run_cifar_distill.sh: -a 0.9)")
-    t_start: float = Field(1.0, gt=0, le=100, description="lowest temperature: T = t_start + t_end * sigmoid(t) "
-                           "(CTKD train_student.py --t_start)")
+    ce_weight: float = weight_field(0.1, "weight of the cross-entropy (CTKD scripts/run_cifar_distill.sh: -r 0.1)")
+    kd_weight: float = weight_field(0.9, "weight of the KD term (CTKD scripts/run_cifar_distill.sh: -a 0.9)")
+    t_start: float = temperature_field(1.0, "lowest temperature: T = t_start + t_end * sigmoid(g), g learned "
+                                       "(CTKD train_student.py --t_start)")
     t_end: float = Field(20.0, ge=0, le=1000, description="range of the temperature above t_start "
                          "(CTKD train_student.py --t_end)")
     decay_max: float = Field(0.0, ge=-10, le=10, description="gradient-reversal factor at epoch 0 of the cosine "

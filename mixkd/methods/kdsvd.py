@@ -5,12 +5,12 @@ from __future__ import annotations
 from pydantic import Field
 
 from mixkd.feature_losses import kdsvd_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, paired, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, paired, stages
 from mixkd.registry import KD_METHODS
 
 
 class KDSVDSettings(FeatureSettings):
-    feat_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the KDSVD term "
+    feat_weight: float = feature_weight_field(1.0, "weight of the KDSVD term "
                                "(mdistiller engine/cfg.py CFG.KDSVD.LOSS.FEAT_WEIGHT)")
     k: int = Field(1, ge=1, le=64, description="number of the teacher's singular vectors distilled "
                    "(mdistiller engine/cfg.py CFG.KDSVD.K)")

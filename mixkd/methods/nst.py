@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mixkd.feature_losses import nst_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, paired, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, paired, stages
 from mixkd.registry import KD_METHODS
 
 
 class NSTSettings(FeatureSettings):
-    feat_weight: float = Field(50.0, ge=0, le=1e6, description="weight of the MMD term "
+    feat_weight: float = feature_weight_field(50.0, "weight of the MMD term "
                                "(mdistiller engine/cfg.py CFG.NST.LOSS.FEAT_WEIGHT)")
 
 

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, stages
 from mixkd.registry import KD_METHODS
 
 
 class OFDSettings(FeatureSettings):
-    feat_weight: float = Field(0.001, ge=0, le=1e6, description="weight of the OFD term "
+    feat_weight: float = feature_weight_field(0.001, "weight of the OFD term "
                                "(mdistiller engine/cfg.py CFG.OFD.LOSS.FEAT_WEIGHT)")
     kernel_size: int = Field(1, ge=1, le=7, description="kernel size of the student-to-teacher connector "
                              "convolution, odd (mdistiller engine/cfg.py CFG.OFD.CONNECTOR.KERNEL_SIZE)")

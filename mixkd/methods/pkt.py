@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mixkd.feature_losses import pkt_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field
 from mixkd.registry import KD_METHODS
 
 
 class PKTSettings(FeatureSettings):
-    feat_weight: float = Field(30000.0, ge=0, le=1e7, description="weight of the PKT term "
+    feat_weight: float = feature_weight_field(30000.0, "weight of the PKT term "
                                "(mdistiller engine/cfg.py CFG.PKT.LOSS.FEAT_WEIGHT)")
 
 

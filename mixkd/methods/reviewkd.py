@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, stages
 from mixkd.registry import KD_METHODS
 
 
 class ReviewKDSettings(FeatureSettings):
-    feat_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the review term (mdistiller engine/cfg.py "
+    feat_weight: float = feature_weight_field(1.0, "weight of the review term (mdistiller engine/cfg.py "
                                "CFG.REVIEWKD.REVIEWKD_WEIGHT; 5 for resnet32x4->resnet8x4, configs/cifar100/reviewkd.yaml)")
     warmup_epochs: int = Field(20, ge=0, le=10000, description="epochs over which the review weight rises linearly "
                                "from 0 (mdistiller engine/cfg.py CFG.REVIEWKD.WARMUP_EPOCHS; 0: no warm-up)")

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from mixkd.distiller import weight_field
 from mixkd.feature_losses import rkd_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field
 from mixkd.registry import KD_METHODS
 
 
 class RKDSettings(FeatureSettings):
-    feat_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the RKD term "
+    feat_weight: float = feature_weight_field(1.0, "weight of the RKD term "
                                "(mdistiller engine/cfg.py CFG.RKD.LOSS.FEAT_WEIGHT)")
-    distance_weight: float = Field(25.0, ge=0, le=1e6, description="weight of RKD's distance loss "
-                                   "(mdistiller engine/cfg.py CFG.RKD.DISTANCE_WEIGHT)")
-    angle_weight: float = Field(50.0, ge=0, le=1e6, description="weight of RKD's angle loss "
-                                "(mdistiller engine/cfg.py CFG.RKD.ANGLE_WEIGHT)")
+    distance_weight: float = weight_field(25.0, "weight of RKD's distance loss "
+                                          "(mdistiller engine/cfg.py CFG.RKD.DISTANCE_WEIGHT)")
+    angle_weight: float = weight_field(50.0, "weight of RKD's angle loss (mdistiller engine/cfg.py CFG.RKD.ANGLE_WEIGHT)")
     squared: bool = Field(False, description="squared pairwise distances (mdistiller engine/cfg.py "
                           "CFG.RKD.PDIST.SQUARED)")
     eps: float = Field(1e-12, gt=0, le=1, description="lower clamp of the pairwise distances "

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from mixkd.feature_losses import sp_loss
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field
 from mixkd.registry import KD_METHODS
 
 
 class SPSettings(FeatureSettings):
-    feat_weight: float = Field(3000.0, ge=0, le=1e6, description="weight of the similarity term "
+    feat_weight: float = feature_weight_field(3000.0, "weight of the similarity term "
                                "(mdistiller engine/cfg.py CFG.SP.LOSS.FEAT_WEIGHT)")
 
 

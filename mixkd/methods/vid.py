@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mixkd.methods._feature import FeatureDistiller, FeatureSettings, paired, stages
+from mixkd.methods._feature import FeatureDistiller, FeatureSettings, feature_weight_field, paired, stages
 from mixkd.registry import KD_METHODS
 
 
 class VIDSettings(FeatureSettings):
-    feat_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the VID term "
+    feat_weight: float = feature_weight_field(1.0, "weight of the VID term "
                                "(mdistiller engine/cfg.py CFG.VID.LOSS.FEAT_WEIGHT)")
     init_pred_var: float = Field(5.0, gt=0, le=50, description="initial variance of the Gaussian over each "
                                  "teacher channel (mdistiller engine/cfg.py CFG.VID.INIT_PRED_VAR)")
