@@ -18,7 +18,9 @@ class ATSettings(FeatureSettings):
 
 @KD_METHODS.register("at", settings=ATSettings, label="AT", title="attention transfer")
 class AT(FeatureDistiller):
-    """Attention transfer (Zagoruyko & Komodakis 2017; mdistiller distillers/AT.py): ``ce_weight * CE +
+    """Attention transfer (Zagoruyko & Komodakis 2017; mdistiller distillers/AT.py) on the stage outputs.
+
+    ``ce_weight * CE +
     feat_weight * sum over stages of mean((a_s - a_t)^2)``, a = the L2-normalized map mean_c f_c^p of
     each stage output (the larger map average-pooled to the smaller), stem excluded."""
 

@@ -82,8 +82,9 @@ def _scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
 
 @KD_METHODS.register("crd", settings=CRDSettings, label="CRD", title="contrastive representation distillation")
 class CRD(FeatureDistiller):
-    """Contrastive representation distillation (Tian et al. 2020; mdistiller distillers/CRD.py): ``ce_weight
-    * CE + feat_weight * (NCE_s + NCE_t)`` on L2-normalized linear embeddings of the pooled features, each
+    """Contrastive representation distillation (Tian et al. 2020; mdistiller distillers/CRD.py), pooled features.
+
+    ``ce_weight * CE + feat_weight * (NCE_s + NCE_t)`` on L2-normalized linear embeddings of the pooled features, each
     model's embedding contrasted with the other model's: its positive and ``nce_k`` negatives drawn
     uniformly, on the device, from a memory of past embeddings.
 

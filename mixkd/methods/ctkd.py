@@ -70,8 +70,9 @@ def reversal_factor(epoch: torch.Tensor, settings: CTKDSettings) -> torch.Tensor
 
 @KD_METHODS.register("ctkd", settings=CTKDSettings, label="CTKD", title="curriculum temperature KD")
 class CTKD(Distiller):
-    """Curriculum temperature KD (Li et al. 2023; zhengli97/CTKD, global temperature): Hinton KD, ``ce_weight
-    * CE + kd_weight * T^2 KL(softmax(t / T) || softmax(s / T))``, at a learned temperature T = t_start +
+    """Curriculum temperature KD (Li et al. 2023; zhengli97/CTKD): Hinton KD at a learned temperature.
+
+    ``ce_weight * CE + kd_weight * T^2 KL(softmax(t / T) || softmax(s / T))``, at a learned temperature T = t_start +
     t_end * sigmoid(g), g trained with the student through a gradient reversal whose strength follows a
     cosine curriculum over epochs (from -decay_max to -decay_min): the temperature makes distillation
     harder while the student learns. ``train_temperature`` logs the epoch's mean temperature."""

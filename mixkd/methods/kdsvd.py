@@ -18,7 +18,9 @@ class KDSVDSettings(FeatureSettings):
 
 @KD_METHODS.register("kdsvd", settings=KDSVDSettings, label="KDSVD", title="KD with singular value decomposition")
 class KDSVD(FeatureDistiller):
-    """KD with SVD (Lee et al. 2018; mdistiller distillers/KDSVD.py): ``ce_weight * CE + feat_weight *``
+    """KD with SVD (Lee et al. 2018; mdistiller distillers/KDSVD.py): singular vectors of the stage outputs.
+
+    ``ce_weight * CE + feat_weight *``
     the squared difference of the RBF kernels between consecutive stages' leading right singular
     vectors (the teacher's ``k``, the student's ``k + 3`` aligned to them). Student and teacher stages
     must have one width each (the vectors are compared entry by entry)."""

@@ -14,7 +14,9 @@ class NSTSettings(FeatureSettings):
 
 @KD_METHODS.register("nst", settings=NSTSettings, label="NST", title="neuron selectivity transfer")
 class NST(FeatureDistiller):
-    """Neuron selectivity transfer (Huang & Wang 2017; mdistiller distillers/NST.py): ``ce_weight * CE +
+    """Neuron selectivity transfer (Huang & Wang 2017; mdistiller distillers/NST.py) on the stage outputs.
+
+    ``ce_weight * CE +
     feat_weight * sum over stages of MMD^2`` between the channels' spatially normalized activations,
     degree-2 polynomial kernel (the larger map average-pooled to the smaller), stem excluded."""
 

@@ -83,7 +83,9 @@ class _Margins(torch.nn.Module):
 
 @KD_METHODS.register("ofd", settings=OFDSettings, label="OFD", title="overhaul of feature distillation")
 class OFD(FeatureDistiller):
-    """Overhaul of feature distillation (Heo et al. 2019; mdistiller distillers/OFD.py): ``ce_weight * CE +
+    """Overhaul of feature distillation (Heo et al. 2019; mdistiller distillers/OFD.py), pre-ReLU stages.
+
+    ``ce_weight * CE +
     feat_weight * sum_i partial-L2(connector_i(student pre-ReLU stage i), teacher pre-ReLU stage i,
     margin_i) / 2^(n - 1 - i)``, the teacher's stage pooled to the student's size, the margins computed
     from the teacher's batch norms before each stage's ReLU. Unlike mdistiller's ``OFD.train``, which

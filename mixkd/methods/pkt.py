@@ -14,8 +14,9 @@ class PKTSettings(FeatureSettings):
 
 @KD_METHODS.register("pkt", settings=PKTSettings, label="PKT", title="probabilistic knowledge transfer")
 class PKT(FeatureDistiller):
-    """Probabilistic knowledge transfer (Passalis & Tefas 2018; mdistiller distillers/PKT.py): ``ce_weight
-    * CE + feat_weight * KL`` between the teacher's and the student's conditional distributions of
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018; mdistiller distillers/PKT.py), pooled features.
+
+    ``ce_weight * CE + feat_weight * KL`` between the teacher's and the student's conditional distributions of
     cosine similarity over the batch, on the pooled features."""
 
     def feature_term(self, feats_s, feats_t):

@@ -79,7 +79,9 @@ def _levels(feats: list, n: int) -> list:
 @KD_METHODS.register("reviewkd", settings=ReviewKDSettings, label="ReviewKD", title="knowledge review",
                      context_defaults={"pair=resnet32x4->resnet8x4": {"feat_weight": 5.0}})  # configs/cifar100/reviewkd.yaml
 class ReviewKD(FeatureDistiller):
-    """Knowledge review (Chen et al. 2021; mdistiller distillers/ReviewKD.py): ``ce_weight * CE +
+    """Knowledge review (Chen et al. 2021; mdistiller distillers/ReviewKD.py): fused student stages.
+
+    ``ce_weight * CE +
     min(epoch / warmup_epochs, 1) * feat_weight * HCL``: the student's stage outputs and pooled vector,
     deepest first, are fused level by level (ABF) into maps compared with the teacher's pre-ReLU stage
     outputs and pooled vector by the hierarchical context loss. Channels and sizes come from the models

@@ -24,7 +24,9 @@ class RKDSettings(FeatureSettings):
 
 @KD_METHODS.register("rkd", settings=RKDSettings, label="RKD", title="relational KD")
 class RKD(FeatureDistiller):
-    """Relational KD (Park et al. 2019; mdistiller distillers/RKD.py): ``ce_weight * CE + feat_weight *
+    """Relational KD (Park et al. 2019; mdistiller distillers/RKD.py): distances and angles of pooled features.
+
+    ``ce_weight * CE + feat_weight *
     (distance_weight * distance loss + angle_weight * angle loss)`` on the pooled features, the
     distances between the batch's samples normalized by their mean, smooth-L1 losses."""
 

@@ -14,7 +14,9 @@ class SPSettings(FeatureSettings):
 
 @KD_METHODS.register("sp", settings=SPSettings, label="SP", title="similarity-preserving KD")
 class SP(FeatureDistiller):
-    """Similarity-preserving KD (Tung & Mori 2019; mdistiller distillers/SP.py): ``ce_weight * CE +
+    """Similarity-preserving KD (Tung & Mori 2019; mdistiller distillers/SP.py) on the last stage's output.
+
+    ``ce_weight * CE +
     feat_weight * ||G_t - G_s||_F^2 / B^2``, G the row-normalized B x B Gram matrix of the last stage's
     flattened output. Under mixup the batch's pairwise similarities are those of the mixed images."""
 

@@ -45,8 +45,9 @@ def vid_loss(regressor: torch.nn.Module, log_scale: torch.Tensor, f_s: torch.Ten
 
 @KD_METHODS.register("vid", settings=VIDSettings, label="VID", title="variational information distillation")
 class VID(FeatureDistiller):
-    """Variational information distillation (Ahn et al. 2019; mdistiller distillers/VID.py): ``ce_weight *
-    CE + feat_weight * sum over stages`` of the negative log-likelihood of each teacher stage output
+    """Variational information distillation (Ahn et al. 2019; mdistiller distillers/VID.py), stage outputs.
+
+    ``ce_weight * CE + feat_weight * sum over stages`` of the negative log-likelihood of each teacher stage output
     under a Gaussian whose mean a 3-layer 1x1-conv regressor predicts from the student's stage and whose
     per-channel variance is learned. The regressors and variances are the method's trainable modules."""
 
