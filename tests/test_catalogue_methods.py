@@ -200,3 +200,39 @@ def test_each_method_trains_an_epoch_on_digits_with_partial_mixup_and_steps_with
     after = list(d.modules.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(torch.isfinite(p).all() for p in d.parameters())
+
+
+# ---- logit standardization as a switch of the logit methods ------------------------------------------------
+def test_kd_with_standardize_at_the_authors_recipe_is_lskd():
+    """LS-KD's KD + LS (--logit-stand --base-temp 2 --kd-weight 9) is kd with standardize, -T 2, --kd-weight 9."""
+    target = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    switched = make_distiller("kd", Fixed(S_LOGITS), Fixed(T_LOGITS), {"standardize": True, "temperature": 2.0,
+                                                                       "kd_weight": 9.0})
+    lskd = make_distiller("lskd", Fixed(S_LOGITS), Fixed(T_LOGITS))
+    a, b = switched.losses(torch.zeros(2), target), lskd.losses(torch.zeros(2), target)
+    assert {k: v.item() for k, v in a.items()} == pytest.approx({k: v.item() for k, v in b.items()}, rel=1e-6)
+    plain = make_distiller("kd", Fixed(S_LOGITS), Fixed(T_LOGITS), {"temperature": 2.0, "kd_weight": 9.0})
+    assert plain.losses(torch.zeros(2), target)["kd"].item() != pytest.approx(a["kd"].item(), rel=1e-2)
+
+
+def test_dkd_and_dist_with_standardize_equal_the_authors_terms_on_z_scored_logits():
+    from test_distillation_loss import authors_dist, authors_dkd
+
+    def normalize(z):  # logit-standardization-KD mdistiller/distillers/DKD.py ``normalize``
+        return (z - z.mean(dim=-1, keepdims=True)) / (1e-7 + z.std(dim=-1, keepdims=True))
+
+    g = torch.Generator().manual_seed(4)
+    s, t = 3 * torch.randn(16, 100, generator=g), 3 * torch.randn(16, 100, generator=g)
+    labels = torch.randint(0, 100, (16,), generator=g)
+    y = F.one_hot(labels, 100).float()
+    # LS-KD tools/train.py for DKD: alpha and beta times --kd-weight 9, T = --base-temp 2; here kd_weight 9
+    dkd = make_distiller("dkd", Fixed(s.tolist()), Fixed(t.tolist()), {"standardize": True, "temperature": 2.0,
+                                                                       "kd_weight": 9.0, "warmup_epochs": 0})
+    out = dkd.losses(torch.zeros(16), y)
+    ce = F.cross_entropy(s, labels)  # on the raw logits, as LS-KD's
+    assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    authors = authors_dkd(normalize(s), normalize(t), labels, 9.0, 72.0, 2.0)
+    assert out["loss"].item() == pytest.approx((ce + authors).item(), rel=1e-5)
+    dist = make_distiller("dist", Fixed(s.tolist()), Fixed(t.tolist()), {"standardize": True})
+    assert dist.losses(torch.zeros(16), y)["kd"].item() == pytest.approx(
+        authors_dist(normalize(s), normalize(t), 1.0, 1.0, 4.0).item(), rel=1e-5)
