@@ -105,13 +105,13 @@ def test_ofd_margin_is_the_mean_negative_response_of_the_teachers_batch_norm():
 
 
 def test_ofd_partial_l2_skips_what_the_relu_would_hide():
-    margin = torch.full((1, 5, 1, 1), -1.0)
-    source = torch.tensor([2.0, 0.0, 0.0, -3.0, -0.2]).view(1, 5, 1, 1)
-    target = torch.tensor([1.0, -2.0, -0.5, -2.0, -0.5]).view(1, 5, 1, 1)
+    margin = torch.full((1, 6, 1, 1), -1.0)
+    source = torch.tensor([2.0, 0.0, 0.0, -3.0, -0.2, -0.8]).view(1, 6, 1, 1)
+    target = torch.tensor([1.0, -2.0, -0.5, -2.0, -0.5, -0.5]).view(1, 6, 1, 1)
     # t > 0: (s - t)^2 = 1; t <= m < s: (s - m)^2 = 1; m < t <= 0 < s - t: (s - t)^2 = 0.25; s below m: 0;
-    # m < t <= 0 with s > t: (s - t)^2 = 0.09
+    # m < t <= 0 with s > t: (s - t)^2 = 0.09; m < t <= 0 with s below t: 0
     got = ofd_distill_loss(source, target, margin).item()
-    assert got == pytest.approx(1 + 1 + 0.25 + 0 + 0.09, rel=1e-6)
+    assert got == pytest.approx(1 + 1 + 0.25 + 0 + 0.09 + 0, rel=1e-6)
     two = ofd_distill_loss(source.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1), margin).item()
     assert two == pytest.approx(got, rel=1e-6)  # summed over channels and pixels, mean over the batch
 
@@ -125,9 +125,9 @@ def test_ofd_refuses_a_teacher_whose_batch_norms_it_does_not_know():
 
 # ---- CRD --------------------------------------------------------------------------------------------------
 def test_crd_nce_loss_by_hand():
-    # one sample, positive 0.5, one negative 0.25, noise 1/2: K Pn = 1/2;
-    # -(log(0.5 / 1.0) + log(0.5 / 0.75)) = log 2 + log 1.5 = log 3
-    assert contrast_loss(torch.tensor([[0.5, 0.25]]), 0.5).item() == pytest.approx(math.log(3), rel=1e-6)
+    # one sample, positive 0.5, two negatives 0.25, noise 1/4: K Pn = 1/2;
+    # -(log(0.5 / 1.0) + 2 log(0.5 / 0.75)) = log 2 + 2 log 1.5 = log 4.5
+    assert contrast_loss(torch.tensor([[0.5, 0.25, 0.25]]), 0.25).item() == pytest.approx(math.log(4.5), rel=1e-6)
 
 
 def test_crd_memory_is_a_ring_of_the_last_embeddings():
