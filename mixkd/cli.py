@@ -16,18 +16,20 @@ from typing import Any
 
 from mixkd.config import SEED_MAX, RunConfig, build_config, field_range, int_in, read_yaml, value_range
 from mixkd.control import release_early_stops
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
+from mixkd.files import AGAIN
 from mixkd.registry import load_plugin
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
-_DEFAULTS = RunConfig.model_validate({}).model_dump()
-
 
 def _default(key: str) -> Any:
-    node: Any = _DEFAULTS
-    for part in key.split("."):
-        node = node[part]
-    return node
+    """A config key's default, read from the fields (no validation: the KD methods, and torch with them,
+    are imported only by the commands that need them)."""
+    model: Any = RunConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,6 +67,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
+    (("--threads",), "threads", {"type": int}, "CPU threads of torch (default: torch's own: OMP_NUM_THREADS, else the cores); on the CPU a run is bit-exact only with the same count, so resume with the one it started with (a resume with another count warns)"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]
@@ -155,7 +158,7 @@ def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str])
         dests[dest] = key
 
 
-def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.ArgumentParser:
+def _run_parser(sub, name: str, help_text: str, distill: bool, methods: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text,
                        epilog="Any config key can also be set as key=value after the flags, e.g. mix.fraction=0.1 optim.lr=0.1.")
     p.add_argument("--config", "-c", help="YAML config file (flags and key=value override it); see configs/")
@@ -169,7 +172,7 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     if distill:
         _add_run_options(p, DISTILL_OPTIONS, dests)
     _add_run_options(p, RUN_OPTIONS, dests)
-    if distill:
+    if distill and methods:
         _add_method_options(p, dests)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
                    help="continue the run in --out from its last checkpoint (only machine-local flags such as "
@@ -189,7 +192,9 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. ``command``: the command about to run, when known; the KD methods'
+    flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
     parser = argparse.ArgumentParser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
     from mixkd import __version__
@@ -197,11 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
-    from mixkd.distiller import method_names
-    from mixkd.registry import KD_METHODS
+    methods = command in (None, "distill")
+    if methods:
+        from mixkd.distiller import method_names
+        from mixkd.registry import KD_METHODS
 
-    labels = ", ".join(KD_METHODS.get(m).label for m in method_names())
-    _run_parser(sub, "distill", f"distill a student from a teacher checkpoint ({labels})", True)
+        labels = ", ".join(KD_METHODS.get(m).label for m in method_names())
+        _run_parser(sub, "distill", f"distill a student from a teacher checkpoint ({labels})", True)
+    else:
+        _run_parser(sub, "distill", "distill a student from a teacher checkpoint (KD methods: see "
+                                    "'mixkd distill --help')", True, methods=False)
 
     p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
                        description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "
@@ -262,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="results table (CSV)")
     p.add_argument("--json", metavar="FILE", help="also write the claims as JSON (claims.json's layout) to FILE")
     p.add_argument("--noise", type=float, metavar="SIGMA", help="per-run standard deviation of top-1 (points) assumed "
-                                                                "where one run a side measures none (default: none, "
-                                                                "such comparisons are inconclusive)")
+                                                                "where runs measure no spread: a single run, or runs "
+                                                                "all equal (default: none, such comparisons are "
+                                                                "inconclusive)")
+    p.add_argument("--metric", choices=["top1", "best_top1"], default="top1",
+                   help="top1: the last epoch's top-1, as the study (and the paper) report (default); best_top1: the "
+                        "best epoch's, as mdistiller's published figures (the table's best_top1 column)")
     p.add_argument("--margin", type=float, default=0.5, metavar="DELTA",
                    help="points a non-inferiority ('at least as well') may fall short by (default: 0.5)")
     p.set_defaults(handler=_cmd_claims)
@@ -352,6 +366,10 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
 
     cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     distributed.setup(resolve_device(cfg.device), args.dist_backend)  # torchrun / srun: one run, many processes
 
     def echo(line: str) -> None:
@@ -361,6 +379,14 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
     control.install_signals(same_interrupt_within=5.0 if distributed.active() else 0.0)
     try:
         job = run_job(cfg, resume=resume, control=control, echo=echo)
+    except StorageError as full:  # a full disk: advice that works, for the run as the failed write left it
+        job = getattr(full, "job", None)
+        if full.problem is None or job is None or not job.writes:
+            raise
+        kept = " (the last checkpoint is kept)" if job.folder.checkpoint.exists() else ""
+        again = (f"continue with: mixkd {args.task} --out {shlex.quote(str(job.dir))} --resume"
+                 if job.folder.has_begun() and not args.resume else AGAIN)
+        raise StorageError(f"{full.problem}; free some space{kept} and {again}") from None
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
@@ -380,6 +406,7 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
         return control.exit_status
     finally:
         control.restore_signals()
+    control.settle()  # finished: a stop that comes now (while the process leaves) changes nothing
     result = job.result
     if not distributed.is_main():
         return 0
@@ -435,15 +462,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_claims(args: argparse.Namespace) -> int:
-    from mixkd.claims import check, claims_json, format_claims
+    from mixkd.claims import check, claims_json, format_claims, schedule_note
     from mixkd.files import atomic_write_text
     from mixkd.results import read_csv
 
-    claims = check(read_csv(args.table), noise=args.noise, margin=args.margin)
-    print(format_claims(claims))
+    results = read_csv(args.table)
+    claims = check(results, noise=args.noise, margin=args.margin, metric=args.metric)
+    print(format_claims(claims, metric=args.metric))
+    print(schedule_note(results))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin), indent=1,
-                                                      ensure_ascii=False) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin, args.metric),
+                                                      indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -456,8 +485,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        preload_plugins(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(argv)  # a number out of its range is a MixkdError already here
+        preload_plugins(sys.argv[1:] if argv is None else argv)  # before the parser: their settings' flags
+        given = sys.argv[1:] if argv is None else argv
+        args = build_parser(given[0] if given and not given[0].startswith("-") else "").parse_args(argv)  # a number out of its range is a MixkdError already here
         if not getattr(args, "stops", False):
             release_early_stops()  # a command without a graceful stop: SIGTERM and Ctrl-C act as usual
         status = args.handler(args)

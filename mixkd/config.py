@@ -25,7 +25,7 @@ from mixkd.registry import KD_METHODS, Settings, load_plugin
 MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 # Keys that describe the machine, not the run: a run resumed (elsewhere) takes them from the new command.
 MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
-                "save_every_minutes")
+                "save_every_minutes", "threads")
 
 
 class _Section(BaseModel):
@@ -48,6 +48,12 @@ class MixConfig(_Section):
     alpha: float = Field(1.0, ge=1e-3, le=1e3, description="Beta(alpha, alpha) for lambda")
     fraction: float = Field(1.0, ge=0, le=1, description="share of each batch that is mixed (1 = full mixup)")
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
+
+
+def reference_mixed_share(batch_size: int, fraction: float) -> float:
+    """Expected share of mixed samples under ``sampling='reference'`` (:func:`mixkd.mix.mixed_mask`): here,
+    without torch, for the claims (``mixkd claims`` imports no torch)."""
+    return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
 
 
 def kd_context(dataset: str | None, model: str | None, teacher_model: str | None) -> dict[str, str]:
@@ -136,6 +142,7 @@ class RunConfig(_Section):
     save_every: int = Field(10, ge=1, le=100_000, description="checkpoint every N epochs (and at the end)")
     save_every_minutes: float = Field(10.0, ge=0, le=1e6, description="also checkpoint mid-epoch every M minutes (0: never)")
     workers: int | None = Field(None, ge=0, le=256, description="data-loading processes (image folders only); default: the cores available, at most 4")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of torch in mixkd train/distill (default: torch's own, which OMP_NUM_THREADS sets, else the cores); a study's are its --threads")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast, channels-last; losses stay fp32")
     graph: bool = Field(True, description="on CUDA, capture the training step as a CUDA graph (false: eager)")
     sync_bn: bool = Field(False, description="data-parallel runs (torchrun, srun): BatchNorm with the statistics of the global batch; no effect on one process")

@@ -4,12 +4,15 @@ A folder received from someone else (a study folder copied over, a run directory
 symbolic link where mixkd writes a file (``log.txt -> ~/.bashrc``). So a whole file is written to a
 temporary file beside it and moved into place with ``os.replace``, which replaces the link itself,
 never its target (:func:`atomic_write`); a file that grows (a log) or is held open (a lock) is opened
-with ``O_NOFOLLOW``, so a link there is refused with one line (:func:`open_nofollow`). A write that
+with ``O_NOFOLLOW``, so a link there is refused with one line (:func:`open_nofollow`); so is a folder
+that mixkd names and writes into (a run's ``tensorboard/``, a study's ``logs/`` and run folders, an
+analysis folder) where it is a link (:func:`make_dir`); the folder a user names (``--out``) may be one. A write that
 fails for want of room or permission (full disk, read-only mount) is one line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,12 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from mixkd.errors import MixkdError, StorageError
+from mixkd.errors import LinkRefused, MixkdError, StorageError
 
 # Writes failing for these reasons are the machine's state, not a bug: one line, the file named.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 # ... and for these the storage's (no room, read-only): a StorageError, which stops a whole study.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+AGAIN = "run the same command again"  # the advice after a full disk (a run command that began says a better one)
 
 
 def _umask() -> int:
@@ -46,12 +50,15 @@ def write_error(path: str | Path, err: BaseException) -> MixkdError:
     text = str(err).strip()
     reason = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "StorageFull" in str(err) or "No space" in str(err):
-        hint = "free some space (the last checkpoint is kept) and run the same command again"
+        hint = f"free some space (the last checkpoint is kept) and {AGAIN}"
     elif getattr(err, "errno", None) == errno.EROFS or "ReadOnly" in str(err):
         hint = "the file system is read-only: write elsewhere (--out) or copy the folder to writable storage"
     else:
         return MixkdError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
-    return StorageError(f"cannot write {path}: {reason}; {hint}")
+    found = StorageError(f"cannot write {path}: {reason}; {hint}")
+    if hint.endswith(AGAIN):
+        found.problem = f"cannot write {path}: {reason}"  # for a caller that knows a better command than AGAIN
+    return found
 
 
 def storage_error(err: BaseException) -> StorageError | None:
@@ -103,6 +110,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def link_refused(path: str | Path) -> LinkRefused:
+    """The one line refusing to write through the symbolic link ``path``."""
+    return LinkRefused(f"{path} is a symbolic link; mixkd does not write through links: remove it "
+                       "(or the folder came from someone else: check it)")
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (and its parents) where missing, for mixkd to write into; refused with
+    one line where ``path`` itself is a symbolic link (a folder received from someone else may hold
+    ``tensorboard -> /somewhere/else``), as a file there would be. Its parents are the user's: they may
+    be links. A failure for want of room or permission is one line naming the folder."""
+    path = Path(path)
+    try:
+        if not path.is_symlink():
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_environment_error(e):
+            raise write_error(path, e) from None
+        raise
+    if path.is_symlink():
+        raise link_refused(path)
+    return path
+
+
 def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
     """``open(path, mode)`` for a file that grows or is held open (``"a"``, ``"a+"``, ``"w"``), created
     with the mode of a plain ``open``, refused with one line where ``path`` is a symbolic link."""
@@ -112,8 +143,7 @@ def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise MixkdError(f"{path} is a symbolic link; mixkd does not write through links: remove it "
-                             "(or the folder came from someone else: check it)") from None
+            raise link_refused(path) from None
         if is_environment_error(e):
             raise write_error(path, e) from None
         raise
@@ -142,9 +172,17 @@ def hold_lock(path: str | Path) -> tuple[IO[str] | None, str]:
         if same:
             break
         f.close()  # its holder removed the file as it let go: lock the one there now
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the file created here goes, and the lock with it
+        Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its close flushes the same bytes again (and closes the file)
+            f.close()
+        if is_environment_error(e):
+            raise write_error(path, e) from None
+        raise
     return f, ""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,17 +24,25 @@ def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean NLL of ``model`` over ``loader``.
+def evaluate(model: torch.nn.Module, loader, precision: str = "fp32",
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Top-1 and top-5 accuracy (%) and mean NLL of ``model`` over ``loader``; None where ``stop()``
+    said, before a batch, that a stop is due (a signal: an evaluation of 50,000 images may outlast a
+    scheduler's grace period).
 
     A loader that yields one rank's part of the data (``loader.world > 1``, see
     :func:`mixkd.data.make_test_loader`) is summed over the ranks: every rank gets the metrics of the
-    whole split (a collective: every rank calls it)."""
+    whole split (a collective: every rank calls it, to the end: ``stop`` is not asked)."""
     was_training = model.training
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     n = 0
+    if getattr(loader, "world", 1) > 1:
+        stop = None
     for x, y in loader:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         if precision == "bf16":
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 logits = model(x.contiguous(memory_format=torch.channels_last))

@@ -110,11 +110,6 @@ def mixed_mask(batch_size: int, fraction: float, sampling: Sampling = "exact", g
     raise ValueError(f"sampling must be 'exact' or 'reference', got {sampling!r}")
 
 
-def reference_mixed_share(batch_size: int, fraction: float) -> float:
-    """Expected share of mixed samples under ``sampling='reference'``."""
-    return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
-
-
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 

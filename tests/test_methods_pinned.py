@@ -95,3 +95,15 @@ def test_a_run_saved_before_the_move_resumes(tmp_path, one_thread):
     while resumed.advance():
         pass
     assert resumed.result["kd_method"] == "kd" and resumed.result["epochs"] == 1
+
+
+def test_what_the_method_files_declare_is_what_they_register():
+    # mixkd claims labels methods from the files' source (no torch); the loaded registry must agree
+    from mixkd.registry import KD_METHODS, Registry
+
+    cold = Registry("KD method", builtins="mixkd.methods")  # never imported: read from the source
+    assert [d["name"] for d in cold.declared()] == KD_METHODS.names()
+    for declared in cold.declared():
+        entry = KD_METHODS.get(declared["name"])
+        assert (declared["label"], declared["title"]) == (entry.label, entry.title)
+        assert declared["extra"].items() <= entry.extra.items()

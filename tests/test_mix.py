@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
+from mixkd.config import reference_mixed_share
 from mixkd.mix import (
     MixSpec,
     cutmix,
@@ -14,7 +15,6 @@ from mixkd.mix import (
     mixed_mask,
     partial_mixup,
     random_partners,
-    reference_mixed_share,
     sample_beta,
 )
 

@@ -37,6 +37,7 @@ from mixkd.claims import (
 )
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
+from mixkd.registry import load_plugin
 from mixkd.results import write_csv as results_table
 from mixkd.run_folder import ANALYSIS_NAME
 from mixkd.study.figures import (
@@ -48,11 +49,14 @@ from mixkd.study.figures import (
     plot_tsne_montage,
     tsne_pair,
 )
-from mixkd.study.folder import STUDY_COPY
+from mixkd.study.folder import STATE_NAME, STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
 
+OTHER_METRIC = {"top1": "best_top1", "best_top1": "top1"}  # reported beside the chosen one
+OTHER_WHY = {"best_top1": "mdistiller's and most published KD figures are best-epoch",
+             "top1": "the study and the released code report the last epoch"}
 CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
 __all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
 FIGURES = {"heatmap": "heatmap.png", "temperature": "top1-vs-temperature.png", "fraction": "top1-vs-fraction.png",
@@ -122,7 +126,7 @@ def claims_text(out: str | Path, metric: str = "top1") -> str:
     spec = yaml.safe_load((out / STUDY_COPY).read_text()) or {} if (out / STUDY_COPY).exists() else {}
     rows = collect(out)
     claims, _, _ = study_claims(rows, spec, metric)
-    return "claims (details: report.md, claims.json):\n" + format_claims(claims) + "\n" + schedule_note(
+    return "claims (details: report.md, claims.json):\n" + format_claims(claims, metric=metric) + "\n" + schedule_note(
         results_of(rows, metric))
 
 
@@ -143,10 +147,25 @@ def study_claims(rows: list[dict[str, Any]], spec: dict[str, Any],
                  metric: str = "top1") -> tuple[list[ClaimResult], float | None, float]:
     """The claims on a study folder's rows, with the study file's ``claims:`` settings; and those settings."""
     noise, margin = claims_settings(spec)
-    return check(results_of(rows, metric), noise=noise, margin=margin), noise, margin
+    return check(results_of(rows, metric), noise=noise, margin=margin, metric=metric), noise, margin
 
 
 # ---- the report -------------------------------------------------------------------------------
+
+def _load_recorded_plugins(out: Path) -> None:
+    """Load the plugins the study folder's state records, where their files are still there (a report
+    of a study moved without them labels their methods by name)."""
+    try:
+        state = json.loads((out / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    for plugin in state.get("plugins") or [] if isinstance(state, dict) else []:
+        if isinstance(plugin, dict) and Path(str(plugin.get("path"))).is_file():
+            try:
+                load_plugin(str(plugin["path"]))
+            except MixkdError:  # another file registering that name is loaded already: its labels serve
+                pass
+
 
 def write_report(out: str | Path, metric: str = "top1") -> Path:
     """Write ``results.csv``, ``report.md`` and its figures into study folder ``out``; returns report.md."""
@@ -155,6 +174,7 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
         raise MixkdError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
     if not out.is_dir():
         raise MixkdError(f"study folder not found: {out}")
+    _load_recorded_plugins(out)  # their methods' labels and titles in the tables
     rows = collect(out)
     if not rows:
         raise MixkdError(f"no runs found in {out}; is it a study folder (mixkd study run FILE --out {out})?")
@@ -171,6 +191,9 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
               f"Student {METRICS[metric]} (%), mean ± std over seeds (n = runs where fewer than the most); "
               "best method per row in **bold**; teacher and student-alone accuracy beside.", "",
               paper_table(rows, metric), ""]
+    other = OTHER_METRIC[metric]
+    if any(r["status"] == "done" and r["teacher"] is not None and r.get(other) is not None for r in rows):
+        lines += [f"Beside it, the same runs' {METRICS[other]} ({OTHER_WHY[other]}):", "", paper_table(rows, other), ""]
     figures = [("heatmap", plot_heatmaps, "Student top-1 over (teacher, student), one panel per temperature"),
                ("temperature", plot_temperature_curves, "Student top-1 against temperature"),
                ("fraction", plot_fraction_curves, "Student top-1 against the mixed share of the batch")]
@@ -182,9 +205,14 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
             target.unlink(missing_ok=True)
     results_table(results_of(rows, metric), out / CLAIMS_TABLE)
     claims, noise, margin = study_claims(rows, spec, metric)
-    atomic_write_text(out / "claims.json", json.dumps(claims_json(claims, noise, margin, metric), indent=1,
-                                                      ensure_ascii=False) + "\n")
-    lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))])
+    data = claims_json(claims, noise, margin, metric)
+    beside = None
+    if results_of(rows, other) and len(results_of(rows, other)) == len(results_of(rows, metric)):
+        beside = (METRICS[other], study_claims(rows, spec, other)[0])
+        data["beside"] = {"metric": other, "metric_label": METRICS[other],
+                          "claims": [{"claim": c.number, "verdict": c.verdict, "answer": c.answer} for c in beside[1]]}
+    atomic_write_text(out / "claims.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))], beside)
     lines += _analysis_section(out, rows, _wanted_pair(spec))
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:
