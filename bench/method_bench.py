@@ -12,6 +12,7 @@ machine then slow the wall clock, not the measure. A second table times the dist
   python bench/method_bench.py                                  # CPU: resnet56 -> resnet20, batch 64
   python bench/method_bench.py --device cuda --rounds 200       # GPU (eager step)
   python bench/method_bench.py --methods kd,at,nst --memory      # also each method's peak step memory
+  python bench/method_bench.py --catalogue --memory              # mdistiller's catalogue and CTKD against KD
 
 ``--memory`` runs each method again in a process of its own (one at a time) and reports the peak of
 three training steps' memory over what the process held after a first one (models, the method's
@@ -44,6 +45,7 @@ from mixkd.models import create_model
 from mixkd.step import SGD, TrainStep
 
 METHODS = ("kd", "std", "dkd", "lskd", "dist", "fitnet")
+FEATURE_METHODS = ("kd", "at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -59,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="resnet56:resnet20")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--catalogue", action="store_true", help="the methods: " + ",".join(FEATURE_METHODS))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -77,7 +80,7 @@ def main() -> None:
     clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     teacher_name, student_name = args.pair.split(":")
-    methods = args.methods.split(",")
+    methods = list(FEATURE_METHODS) if args.catalogue else args.methods.split(",")
     torch.manual_seed(0)
     teacher = create_model(teacher_name, 100).to(device).eval()
     for p in teacher.parameters():
@@ -167,7 +170,7 @@ def peak_step_memory(args, method: str, steps: int = 3) -> float:
     teacher = create_model(teacher_name, 100).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    d = make_distiller(method, create_model(student_name, 100).to(device), teacher, KDConfig(method=method))
+    d = make_distiller(method, create_model(student_name, 100).to(device), teacher, KDConfig(method=method).settings())
     d.set_epoch(10, 240)
     step = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                      torch.Generator(device=device).manual_seed(1))
