@@ -20,7 +20,8 @@ from mixkd.registry import KD_METHODS
 from mixkd.step import SGD, TrainStep
 
 NEW = ("at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
-SMALL = {"crd": {"nce_k": 16, "memory_size": 64}}  # CRD's memory and negatives at test size
+# CRD's memory and negatives, ReviewKD's fusion width at test size
+SMALL = {"crd": {"nce_k": 16, "memory_size": 64}, "reviewkd": {"max_mid_channel": 8}}
 
 
 def test_the_methods_are_registered_with_their_authors_defaults():
@@ -143,16 +144,27 @@ def test_crd_memory_is_a_ring_of_the_last_embeddings():
 # ---- in the step --------------------------------------------------------------------------------------------
 def test_losses_trace_as_one_graph_without_host_syncs(one_thread):
     """Dynamo with fullgraph=True refuses a graph break (an .item(), a branch on a tensor, a boolean
-    index): what the CUDA graph and the compiled step need."""
+    index): what the CUDA graph and the compiled step need. The models' forward traces for every method
+    already (tests/test_kd_methods.py); here each method's own part: the feature term on the models'
+    features, and CTKD's whole loss on fixed logits."""
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = 0.6 * F.one_hot(torch.arange(4), 10).float() + 0.4 * F.one_hot(torch.arange(4) + 3, 10).float()
     for method in NEW:
         torch.manual_seed(1)
+        torch._dynamo.reset()
+        if method == "ctkd":
+            d = make_distiller(method, Fixed(S_LOGITS), Fixed(T_LOGITS))
+            d.set_epoch(3, 10)
+            out = torch.compile(d.losses, backend="eager", fullgraph=True)(torch.zeros(2), y[:2, :4])
+            assert all(torch.isfinite(out[k]) for k in d.loss_names)
+            continue
         d = make_distiller(method, create_model("resnet8", 10), create_model("resnet8", 10).eval(), SMALL.get(method))
         d.set_epoch(3, 10)
-        torch._dynamo.reset()
-        out = torch.compile(d.losses, backend="eager", fullgraph=True)(x, y)
-        assert set(out) >= set(d.loss_names) and all(torch.isfinite(out[k]) for k in d.loss_names), method
+        feats_s, _ = d.student(x, is_feat=True, preact=d.student_preact)
+        with torch.no_grad():
+            feats_t, _ = d.teacher(x, is_feat=True, preact=d.teacher_preact)
+        term = torch.compile(d.feature_term, backend="eager", fullgraph=True)(feats_s, feats_t)
+        assert term.dim() == 0 and torch.isfinite(term), method
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +192,7 @@ def test_each_method_trains_an_epoch_on_digits_with_partial_mixup_and_steps_with
     and one with every sample mixed, on 16 digits: the losses stay finite and the method's own modules
     (if any) are trained."""
     args = ["distill", "--kd", method, "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits",
-            "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--no-progress", "--mix", "mixup",
+            "--epochs", "1", "--batch-size", "256", "--device", "cpu", "--no-progress", "--mix", "mixup",
             "--mix-fraction", "0.1", "--out", str(tmp_path)]
     assert main(args + [f"kd.{k}={v}" for k, v in SMALL.get(method, {}).items()]) == 0
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
