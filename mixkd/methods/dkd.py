@@ -35,8 +35,14 @@ _BETA = {"resnet56->resnet20": 2.0,  # res56_res20.yaml
          "wrn_40_2->wrn_40_1": 6.0}  # wrn40_2_wrn_40_1.yaml
 
 
+# ImageNet (image-folder runs): mdistiller configs/imagenet/r34_r18/dkd.yaml (DKD: CE_WEIGHT 1, BETA 0.5, T 1,
+# WARMUP 1; ALPHA is cfg.py's default, 1, as on CIFAR-100). Listed first: a pair's own beta wins over it.
+_IMAGENET = {"temperature": 1.0, "ce_weight": 1.0, "beta": 0.5, "warmup_epochs": 1}
+
+
 @KD_METHODS.register("dkd", settings=DKDSettings, label="DKD", title="DKD",
-                     context_defaults={f"pair={pair}": {"beta": beta} for pair, beta in _BETA.items()})
+                     context_defaults={"dataset=imagefolder": _IMAGENET,
+                                       **{f"pair={pair}": {"beta": beta} for pair, beta in _BETA.items()}})
 class DKD(LogitTermDistiller):
     """Decoupled KD (Zhao et al., CVPR 2022): ce_weight * CE + min(epoch / warmup_epochs, 1) * kd_weight * T^2 (alpha TCKD + beta NCKD).
 
