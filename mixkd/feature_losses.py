@@ -215,6 +215,19 @@ FEATURE_LOSS_DEFAULTS: dict[str, dict[str, float | int | bool]] = {
 _MAP_METHODS = ("at", "nst", "sp", "kdsvd")  # lists of (B, C, H, W) maps; the others one (B, D) pair
 
 
+def term_params(kind: str, method: str, params: dict, defaults: dict[str, dict]) -> dict:
+    """``method``'s parameters: its ``defaults`` updated with ``params``; an unknown method or parameter is
+    a ValueError naming what exists (``kind``: "KD method", "feature KD method")."""
+    if method not in defaults:
+        raise ValueError(f"unknown {kind} {method!r}; choose one of {', '.join(defaults)}")
+    allowed = defaults[method]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) or "no parameters"
+        raise ValueError(f"{kind} {method!r} does not take {', '.join(unknown)}; it takes {takes}")
+    return {**allowed, **params}
+
+
 def feature_loss(method: str, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor],
                  **params: float | int | bool) -> Tensor:
     """A feature method's distillation term as its authors compute it (no CE term, no outer weight), a
@@ -225,13 +238,7 @@ def feature_loss(method: str, student_feats: Sequence[Tensor], teacher_feats: Se
     ``angle_weight``, ``squared``, ``eps``) on the pooled features given as a one-element list of
     (B, D) tensors. Parameters not given take mdistiller's defaults (:data:`FEATURE_LOSS_DEFAULTS`).
     """
-    if method not in FEATURE_LOSS_DEFAULTS:
-        raise ValueError(f"unknown feature KD method {method!r}; choose one of {', '.join(FEATURE_LOSS_DEFAULTS)}")
-    allowed = FEATURE_LOSS_DEFAULTS[method]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        takes = ", ".join(allowed) or "no parameters"
-        raise ValueError(f"feature KD method {method!r} does not take {', '.join(unknown)}; it takes {takes}")
+    p = term_params("feature KD method", method, params, FEATURE_LOSS_DEFAULTS)
     student_feats, teacher_feats = list(student_feats), list(teacher_feats)
     if not student_feats or len(student_feats) != len(teacher_feats):
         raise ValueError(f"{method}: give one teacher feature per student feature (got {len(student_feats)} "
@@ -239,7 +246,6 @@ def feature_loss(method: str, student_feats: Sequence[Tensor], teacher_feats: Se
     batch = {f.shape[0] for f in student_feats + teacher_feats}
     if len(batch) != 1:
         raise ValueError(f"{method}: student and teacher features must share one batch size (got {sorted(batch)})")
-    p = {**allowed, **params}
     if method in _MAP_METHODS:
         bad = [tuple(f.shape) for f in student_feats + teacher_feats if f.dim() != 4]
         if bad:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kd_methods import Fixed, teacher_file  # noqa: F401, F811  (teacher_file: a module fixture)
 
 from mixkd.cli import main
 from mixkd.distiller import make_distiller
@@ -48,15 +49,6 @@ def test_ctkd_reversal_factor_follows_the_cosine_curriculum():
     got = [reversal_factor(torch.tensor(float(e)), s).item() for e in (0, 1, 5, 10, 30)]
     # decay_min + (decay_max - decay_min) (1 + cos(pi e / 10)) / 2 = (1 + cos(pi e / 10)) / 2 - 1, held from e = 10
     assert got == pytest.approx([0.0, (1 + math.cos(math.pi / 10)) / 2 - 1, -0.5, -1.0, -1.0], abs=1e-6)
-
-
-class Fixed(torch.nn.Module):
-    def __init__(self, logits):
-        super().__init__()
-        self.logits, self.w = torch.tensor(logits), torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        return self.logits + 0 * self.w
 
 
 S_LOGITS = [[1.0, 2.0, 3.0, -1.0], [0.5, -1.0, 2.0, 0.0]]
@@ -168,16 +160,6 @@ def test_losses_trace_as_one_graph_without_host_syncs(one_thread):
 
 
 @pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    from mixkd.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
-    return path
-
-
-@pytest.fixture(scope="module")
 def digits_batch():
     from mixkd.data.digits import load_digits
 
@@ -187,7 +169,7 @@ def digits_batch():
 
 @pytest.mark.parametrize("method", NEW)
 def test_each_method_trains_an_epoch_on_digits_with_partial_mixup_and_steps_without_and_with_full_mixup(
-        method, teacher_file, digits_batch, tmp_path, one_thread):
+        method, teacher_file, digits_batch, tmp_path, one_thread):  # noqa: F811
     """One epoch through ``mixkd distill`` with PMU (10% mixed), then a step of the method without mixing
     and one with every sample mixed, on 16 digits: the losses stay finite and the method's own modules
     (if any) are trained."""

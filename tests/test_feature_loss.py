@@ -102,15 +102,21 @@ def test_kdsvd_vanishes_for_a_student_that_is_the_teacher():
 
 
 # ---- 2. the authors' functions (mdistiller/distillers/*.py at a08d46f) ------------------------------------
+def authors_pool(f_s, f_t):
+    """The pooling that opens AT.py ``single_stage_at_loss`` and NST.py ``single_stage_nst_loss``."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
+
+
 def authors_at(g_s, g_t, p):
     """AT.py ``at_loss`` / ``single_stage_at_loss``."""
     total = 0
     for f_s, f_t in zip(g_s, g_t, strict=True):
-        s_h, t_h = f_s.shape[2], f_t.shape[2]
-        if s_h > t_h:
-            f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-        elif s_h < t_h:
-            f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+        f_s, f_t = authors_pool(f_s, f_t)
         a_s = F.normalize(f_s.pow(p).mean(1).reshape(f_s.size(0), -1))
         a_t = F.normalize(f_t.pow(p).mean(1).reshape(f_t.size(0), -1))
         total = total + (a_s - a_t).pow(2).mean()
@@ -124,11 +130,7 @@ def authors_nst(g_s, g_t):
 
     total = 0
     for f_s, f_t in zip(g_s, g_t, strict=True):
-        s_h, t_h = f_s.shape[2], f_t.shape[2]
-        if s_h > t_h:
-            f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-        elif s_h < t_h:
-            f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+        f_s, f_t = authors_pool(f_s, f_t)
         f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
         f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
         total = total + poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean() - 2 * poly_kernel(f_s, f_t).mean()
