@@ -58,7 +58,7 @@ def test_a_config_written_before_the_move_loads_with_its_settings(tmp_path):
                                "warmup_epochs": 20, "standardize": False}
     # written back resolved, the method's keys only
     assert yaml.safe_load(dkd.to_yaml())["kd"] == {"teacher": "t.safetensors", "teacher_model": "resnet8",
-                                                    "method": "dkd", **dkd.kd.params()}
+                                                    "teacher_input": "auto", "method": "dkd", **dkd.kd.params()}
 
 
 def test_per_pair_defaults_follow_the_teacher_and_student(tmp_path):
