@@ -178,6 +178,16 @@ def flock_holders(path: str | Path) -> list[int]:
     return sorted(pids)
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The text of ``path`` (UTF-8); one :class:`MixkdError` naming ``what`` where it is not UTF-8 text
+    (a file saved in another encoding, or not a text file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MixkdError(f"{what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it "
+                         "as UTF-8") from None
+
+
 def read_json(path: str | Path, hint: str = "restore it from a copy, or delete it") -> Any:
     """The JSON value in ``path``; one :class:`MixkdError` naming the file where it is damaged."""
     try:

@@ -57,7 +57,7 @@ from typing import Any
 
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
 from mixkd.errors import FolderInUse, MixkdError
-from mixkd.files import append_text, atomic_write_text, hold_lock, read_json
+from mixkd.files import append_text, atomic_write_text, hold_lock, read_json, read_text
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
 CONFIG_NAME = "config.yaml"
@@ -185,7 +185,7 @@ class RunFolder:
     def read_config_tree(self) -> dict[str, Any]:
         """``config.yaml`` as saved, without validating it (reports and folders of other versions); parsed
         by :func:`mixkd.config.load_yaml` (repeated keys and alias bombs are one MixkdError naming the file)."""
-        return load_yaml(self.config.read_text(), f"run config {self.config}") or {}
+        return load_yaml(read_text(self.config, f"run config {self.config}"), f"run config {self.config}") or {}
 
     def read_result(self) -> dict[str, Any] | None:
         """``result.json``, or None where the run has not finished."""

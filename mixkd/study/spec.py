@@ -62,6 +62,7 @@ from mixkd.config import (
     set_dotted,
 )
 from mixkd.errors import MixkdError
+from mixkd.files import read_text
 from mixkd.models import default_lr
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
@@ -649,7 +650,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
-    text = p.read_text()
+    text = read_text(p, f"study file {p}")
     data = load_yaml(text, f"study file {p}")
     if seeds is not None and isinstance(data, dict):
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:

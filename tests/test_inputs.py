@@ -1,0 +1,104 @@
+"""Hostile and newcomer inputs (issue 26, items 9-13): each is one line and a non-zero exit, never a
+traceback; lax values are refused; what a run records and what mixkd advises is the same however it
+got there; nothing is left behind."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from mixkd.cli import main
+
+STUDY = {"name": "st", "defaults": {"dataset": "digits", "epochs": 1, "batch_size": 50, "device": "cpu"},
+         "teachers": [{"name": "plain", "models": ["resnet8"]}],
+         "students": [{"teachers": "plain", "models": "resnet8", "methods": ["alone", "kd"]}]}
+
+
+def _error(capsys, *argv) -> str:
+    """The one line of ``mixkd argv`` (which must exit with status 2 and no traceback)."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    assert lines[0].startswith("mixkd: error: "), err
+    return lines[0].removeprefix("mixkd: error: ")
+
+
+@pytest.fixture
+def study_folder(tmp_path):
+    out = tmp_path / "st"
+    out.mkdir()
+    (out / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    return out
+
+
+# ---- 9: tracebacks become one line -----------------------------------------------------------------
+
+def test_a_config_file_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("model: résnet8\n".encode("latin-1"))  # é is byte 0xe9, at offset 8
+    line = _error(capsys, "train", "--config", cfg, "--out", tmp_path / "run")
+    assert line == f"config file {cfg} is not UTF-8 text (byte 0xe9 at offset 8): save it as UTF-8"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("state,what", [({"conv1.weight": "hello"}, "'conv1.weight': a str"),
+                                        ({1: torch.zeros(1)}, "key 1")])
+def test_a_state_dict_holding_something_else_than_named_tensors_is_one_line(capsys, tmp_path, state, what):
+    path = tmp_path / "odd.pth"
+    torch.save({"model": state}, path)
+    line = _error(capsys, "eval", path, "--model", "resnet8", "--dataset", "digits", "--device", "cpu")
+    assert line == (f"checkpoint {path} holds a state_dict with a value that is not a named tensor ({what}); a "
+                    "state_dict maps parameter names to tensors: use another checkpoint")
+
+
+@pytest.mark.parametrize("runs,problem", [(5, '"runs" is 5, not a mapping of run ids'),
+                                          ({"teachers/resnet8_plain-s0": "done"},
+                                           "\"runs\" gives 'teachers/resnet8_plain-s0' as \"done\", not a mapping")])
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_study_state_of_another_shape_is_one_line(capsys, study_folder, runs, problem, command):
+    state = study_folder / "study-state.json"
+    state.write_text(json.dumps({"format": "mixkd-study-1", "runs": runs}))
+    line = _error(capsys, "study", command, study_folder)
+    assert line == (f"{state} is damaged ({problem}); delete it and run the same 'mixkd study run' command again "
+                    "(--set values included): it writes the file anew from the run folders")
+
+
+def test_a_negative_time_limit_is_one_line_and_so_is_any_bad_command_line(capsys, tmp_path):
+    assert _error(capsys, "train", "--time-limit", "-5m", "--out", tmp_path / "r") == \
+        "--time-limit '-5m': the limit must be positive"
+    assert _error(capsys, "train", "--time-limit") == \
+        "argument --time-limit: expected one argument (see mixkd train --help)"
+    assert _error(capsys, "study", "report") == \
+        "the following arguments are required: dir (see mixkd study report --help)"
+    assert not (tmp_path / "r").exists()
+
+
+# ---- 10: lax values are refused ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("tree,line", [
+    ({"epochs": True}, "invalid config: epochs: expected a number, not true/false (got True)"),
+    ({"optim": {"lr": True}}, "invalid config: optim.lr: expected a number, not true/false (got True)"),
+    ({"optim": {"milestones": [1, False]}},
+     "invalid config: optim.milestones: expected a number, not true/false (got [1, False])"),
+    ({"epochs": 6, "optim": {"milestones": [5, 1]}},
+     "invalid config: optim.milestones [5, 1]: give the epochs in increasing order ([1, 5])"),
+    ({"epochs": 3, "optim": {"milestones": [1, 5]}},
+     "invalid config: optim.milestones [1, 5]: epoch 5 is past the last epoch (3), where the lr never changes; "
+     "drop it or choose the milestones of this run (--milestones)"),
+])
+def test_a_bool_for_a_number_and_milestones_out_of_order_or_past_the_end_are_refused(tree, line):
+    from mixkd.config import build_config
+    from mixkd.errors import MixkdError
+
+    with pytest.raises(MixkdError) as e:
+        build_config(flags=tree)
+    assert str(e.value) == line
+
+
+def test_values_that_are_fine_stay_accepted():
+    from mixkd.config import build_config
+
+    cfg = build_config(flags={"epochs": 3, "compile": True, "download": True, "optim": {"milestones": [1, 1, 3]}})
+    assert (cfg.epochs, cfg.compile, cfg.download, cfg.milestones()) == (3, "on", True, [1, 1, 3])
