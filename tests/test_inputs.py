@@ -102,3 +102,49 @@ def test_values_that_are_fine_stay_accepted():
 
     cfg = build_config(flags={"epochs": 3, "compile": True, "download": True, "optim": {"milestones": [1, 1, 3]}})
     assert (cfg.epochs, cfg.compile, cfg.download, cfg.milestones()) == (3, "on", True, [1, 1, 3])
+
+
+HEADER = "teacher,teacher_mix,student,kd,temperature,mix,mix_fraction,sampling,seed,top1\n"
+
+
+def test_csv_rows_with_more_fields_than_the_header_are_refused(capsys, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text(HEADER + ",,resnet8,none,,none,,,0,70.5\nresnet56,none,resnet8,kd,4,none,,,0,71.5,oops\n")
+    assert _error(capsys, "claims", table) == (f"{table}, line 3 has 11 fields, the header 10: quote a value that "
+                                               "holds a comma, or give the column a name")
+
+
+def test_kd_alone_is_the_student_alone_and_a_study_method_name_is_refused():
+    from mixkd.errors import MixkdError
+    from mixkd.results import result_from_row
+
+    row = dict(zip(HEADER.strip().split(","), ",,resnet8,alone,,none,,,0,70.5".split(","), strict=True))
+    alone = result_from_row(row)
+    assert (alone.cell.kd, alone.cell.alone, alone.cell.label) == ("none", True, "student alone")
+    with pytest.raises(MixkdError) as e:
+        result_from_row({**row, "teacher": "resnet56"}, "line 2")
+    assert str(e.value) == ("line 2, column 'kd': 'alone' with teacher 'resnet56': a student trained alone has an "
+                            "empty teacher and kd none; a distilled one names both")
+    with pytest.raises(MixkdError) as e:
+        result_from_row({**row, "teacher": "resnet56", "kd": "std_pmu"}, "line 2")
+    assert str(e.value) == ("line 2, column 'kd': 'std_pmu' is a study method, not a KD method: write 'std' here "
+                            "and the mixing in the mix and mix_fraction columns")
+
+
+def test_a_study_grid_too_large_is_counted_and_refused_before_it_is_expanded(capsys, tmp_path, monkeypatch):
+    import mixkd.study.spec as spec
+
+    big = {**STUDY, "students": [{"teachers": "plain", "models": ["resnet8", "resnet14"], "seeds": list(range(10)),
+                                  "methods": ["alone", "kd", "kd_pmu", "std_fmu"], "temperatures": [1, 2, 4, 8],
+                                  "fractions": [0.1, 0.2], "samplings": ["exact", "reference"]}]}
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(big))
+    # per seed and student: alone 1 + kd 4 temperatures + kd_pmu 4 x 2 fractions x 2 samplings + std_fmu 1 = 22
+    assert spec.count_runs(spec.parse_study(big))[0] == 1 + 2 * 10 * 22
+    assert len(spec.load_study(path).runs) == 1 + 2 * 10 * 22  # no run declared twice here: the count is exact
+    monkeypatch.setattr(spec, "MAX_RUNS", 400)
+    monkeypatch.setattr(spec._Expander, "add", lambda *a, **k: pytest.fail("expanded a grid over the limit"))
+    assert _error(capsys, "study", "plan", path) == (
+        f"study file {path} declares 441 runs (students[0]: 440, teachers[0]: 1), more than the 400 one study "
+        "may hold: split it into several study files, or shorten its lists (models, temperatures, fractions, seeds, "
+        "...)")
