@@ -560,7 +560,9 @@ class Run:
         if self.teacher is not None:
             if self.teacher_metrics is None:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
-            result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
+            # as config.yaml names it (a command line's absolute, a study's relative to the run), so that
+            # a resumed run records what an uninterrupted one does
+            result.update(teacher=self._saved_config().kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.temperature)
         result["mix"] = self.cfg.mix.model_dump()

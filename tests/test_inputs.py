@@ -148,3 +148,33 @@ def test_a_study_grid_too_large_is_counted_and_refused_before_it_is_expanded(cap
         f"study file {path} declares 441 runs (students[0]: 440, teachers[0]: 1), more than the 400 one study "
         "may hold: split it into several study files, or shorten its lists (models, temperatures, fractions, seeds, "
         "...)")
+
+
+# ---- 11: a resumed run records what an uninterrupted one does -------------------------------------
+
+def test_result_names_the_teacher_the_same_way_whether_the_run_was_resumed_or_not(tmp_path, monkeypatch,
+                                                                                  cifar10_dir, one_thread):
+    from mixkd.checkpoint import save_checkpoint
+    from mixkd.config import build_config
+    from mixkd.engine import Run, run_job
+    from mixkd.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint("teacher.safetensors", create_model("resnet8", 10), model_name="resnet8", num_classes=10,
+                    epoch=1)
+
+    def cfg(out):
+        return build_config(flags={"task": "distill", "model": "resnet8", "dataset": "cifar10",
+                                   "data_dir": str(cifar10_dir), "batch_size": 32, "epochs": 1, "device": "cpu",
+                                   "progress": False, "compile": "off", "kd.teacher": "teacher.safetensors",
+                                   "out": out})
+
+    whole = run_job(cfg("whole")).result
+    job = Run(cfg("resumed"))
+    job.start()
+    for _ in range(2):
+        job.advance()
+    job.stop("time")
+    resumed = run_job(cfg("resumed"), resume=True).result
+    assert whole["teacher"] == resumed["teacher"] == str(tmp_path / "teacher.safetensors")
+    assert yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())["kd"]["teacher"] == whole["teacher"]
