@@ -138,7 +138,9 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
-        self._lock = None if self.fresh or not self.writes else self.folder.lock()  # rank 0 writes, and locks
+        # A finished run is only read (its result printed), also where its folder is read-only.
+        finished = not self.fresh and self.folder.result.exists()
+        self._lock = None if self.fresh or finished or not self.writes else self.folder.lock()  # rank 0 writes, and locks
 
     # ---- paths -----------------------------------------------------------------------------
     @property

@@ -14,6 +14,10 @@ class StorageError(MixkdError):
     resumable) instead of failing its runs one by one."""
 
 
+class ReadOnlyStorage(StorageError):
+    """A write refused because the file system is mounted read-only."""
+
+
 class TrainingDiverged(MixkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

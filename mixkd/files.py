@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from mixkd.errors import MixkdError, StorageError
+from mixkd.errors import MixkdError, ReadOnlyStorage, StorageError
 
 # Writes failing for these reasons are the machine's state, not a bug: one line, the file named.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -48,7 +48,8 @@ def write_error(path: str | Path, err: BaseException) -> MixkdError:
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "StorageFull" in str(err) or "No space" in str(err):
         hint = "free some space (the last checkpoint is kept) and run the same command again"
     elif getattr(err, "errno", None) == errno.EROFS or "ReadOnly" in str(err):
-        hint = "the file system is read-only: write elsewhere (--out) or copy the folder to writable storage"
+        return ReadOnlyStorage(f"cannot write {path}: {reason}; the file system is read-only: write elsewhere "
+                               "(--out) or copy the folder to writable storage")
     else:
         return MixkdError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
     return StorageError(f"cannot write {path}: {reason}; {hint}")

@@ -452,10 +452,10 @@ def open_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, RunFolder, bool]:
     ``runs/``), without writing anything: resuming, :func:`resume_config` with ``cfg``'s machine-local
     keys; else ``cfg``, refused where the folder holds a run that has begun."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    problem = writable_dir_problem(out)
-    if problem:
-        raise MixkdError(problem)
     folder = RunFolder(out)
+    problem = writable_dir_problem(out)
+    if problem and not (resume and folder.result.is_file()):  # a finished run is only read: print its result
+        raise MixkdError(problem)
     if resume:
         return resume_config(out, machine=cfg), folder, False
     if folder.config.exists() and folder.has_begun():

@@ -178,3 +178,75 @@ def test_result_names_the_teacher_the_same_way_whether_the_run_was_resumed_or_no
     resumed = run_job(cfg("resumed"), resume=True).result
     assert whole["teacher"] == resumed["teacher"] == str(tmp_path / "teacher.safetensors")
     assert yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())["kd"]["teacher"] == whole["teacher"]
+
+
+# ---- 12: advice that works -------------------------------------------------------------------------
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Every write under the returned function's folder fails as on a read-only mount (EROFS): the test
+    machine may not let a test mount one."""
+    import errno
+    import os
+    import tempfile
+
+    frozen = []
+    real_open, real_mkstemp, real_access = os.open, tempfile.mkstemp, os.access
+
+    def inside(path) -> bool:
+        return any(os.path.abspath(path).startswith(str(f)) for f in frozen)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and inside(dir):
+            refuse(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if inside(p) and mode & os.W_OK
+                        else real_access(p, mode, **k))
+    return lambda folder: frozen.append(os.path.abspath(folder))
+
+
+def test_report_on_a_read_only_folder_says_to_copy_it_not_to_pass_an_out_it_lacks(capsys, tmp_path, read_only):
+    out = tmp_path / "st"
+    run = out / "students" / "resnet8-alone-s0"
+    run.mkdir(parents=True)
+    (out / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "train", "model": "resnet8", "dataset": "digits"}))
+    (run / "result.json").write_text(json.dumps({"top1": 70.0, "best_top1": 71.0}))
+    read_only(out)
+    assert _error(capsys, "study", "report", out) == (
+        f"cannot write {out / 'results.csv'}: Read-only file system; 'mixkd study report' writes into the study "
+        f"folder, and {out} is on a read-only file system: copy the folder to writable storage and report the copy")
+
+
+def test_report_of_a_study_stopped_before_any_run_began_says_so(capsys, study_folder):
+    (study_folder / "study-state.json").write_text(json.dumps({"format": "mixkd-study-1", "runs": {
+        "teachers/resnet8_plain-s0": {"status": "pending"}}}))
+    assert _error(capsys, "study", "report", study_folder) == (
+        f"no run of the study in {study_folder} has begun yet, so there is nothing to report: continue the study "
+        f"(the same 'mixkd study run' command) and report once runs have finished (mixkd study status "
+        f"{study_folder} says where it stands)")
+
+
+def test_resume_of_a_finished_run_on_a_read_only_folder_prints_its_result(capsys, tmp_path, cifar10_dir, read_only,
+                                                                          one_thread):
+    out = tmp_path / "run"
+    args = ["train", "--model", "resnet8", "--dataset", "cifar10", "--data-dir", cifar10_dir, "--epochs", "1",
+            "--batch-size", "32", "--device", "cpu", "--no-progress", "--compile", "off", "--out", out]
+    assert main([str(a) for a in args]) == 0
+    first = capsys.readouterr().out
+    read_only(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main([str(a) for a in [*args, "--resume"]]) == 0
+    assert capsys.readouterr().out == first  # the same line: the result, where the run is
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -35,7 +35,7 @@ from mixkd.claims import (
     plan,
     schedule_note,
 )
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, ReadOnlyStorage
 from mixkd.files import atomic_write_text
 from mixkd.results import write_csv as results_table
 from mixkd.run_folder import ANALYSIS_NAME
@@ -156,8 +156,20 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
     if not out.is_dir():
         raise MixkdError(f"study folder not found: {out}")
     rows = collect(out)
+    if not rows and (out / STUDY_COPY).is_file():  # a study stopped before any of its runs began
+        raise MixkdError(f"no run of the study in {out} has begun yet, so there is nothing to report: continue the "
+                         f"study (the same 'mixkd study run' command) and report once runs have finished "
+                         f"(mixkd study status {out} says where it stands)")
     if not rows:
         raise MixkdError(f"no runs found in {out}; is it a study folder (mixkd study run FILE --out {out})?")
+    try:
+        return _write_report(out, rows, metric)
+    except ReadOnlyStorage as e:  # the report has no --out: it goes into the study folder
+        raise MixkdError(f"{str(e).split('; ')[0]}; 'mixkd study report' writes into the study folder, and {out} is "
+                         "on a read-only file system: copy the folder to writable storage and report the copy") from None
+
+
+def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
     write_csv(rows, out / "results.csv")
     name, description, spec = out.name, "", {}
     if (out / STUDY_COPY).exists():
