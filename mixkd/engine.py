@@ -582,6 +582,10 @@ class Run:
 
     def close(self) -> None:
         self.output.close()
+        self._batches = None
+        for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+            if hasattr(loader, "close"):  # image folders: their worker processes end here
+                loader.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

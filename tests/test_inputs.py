@@ -250,3 +250,29 @@ def test_resume_of_a_finished_run_on_a_read_only_folder_prints_its_result(capsys
     assert main([str(a) for a in [*args, "--resume"]]) == 0
     assert capsys.readouterr().out == first  # the same line: the result, where the run is
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+# ---- 13: nothing left behind ----------------------------------------------------------------------
+
+def test_a_failed_image_folder_run_with_workers_leaves_no_temporary_folders(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        for split in ("train", "val"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (32, 32), (40 * k, 90, 200)).save(tmp_path / "imgs" / split / cls / f"{k}.png")
+    (tmp_path / "imgs" / "train" / "b" / "2.jpg").write_bytes(b"\xff\xd8 truncated jpeg")  # the run fails on it
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    done = subprocess.run([sys.executable, "-m", "mixkd", "train", "--model", "resnet8", "--dataset", "imagefolder",
+                           "--data-dir", str(tmp_path / "imgs"), "--image-size", "32", "--epochs", "1",
+                           "--batch-size", "2", "--workers", "2", "--device", "cpu", "--no-progress", "--compile",
+                           "off", "--out", str(tmp_path / "run")], env={**os.environ, "TMPDIR": str(tmp)},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2 and "cannot read image" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("pymp-")) == []
