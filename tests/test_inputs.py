@@ -276,3 +276,22 @@ def test_a_failed_image_folder_run_with_workers_leaves_no_temporary_folders(tmp_
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 2 and "cannot read image" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("pymp-")) == []
+
+
+def test_a_study_executor_releases_its_queues_semaphores_when_it_shuts_down():
+    """A stopped study leaves through os._exit, which skips multiprocessing's finalizers: the executor's
+    queues must free their named semaphores themselves, or the resource tracker warns of leaked ones."""
+    import os
+
+    from mixkd.study.executors import LocalExecutor
+
+    ex = LocalExecutor(workers=2, use_gpu=False)
+    ex._tasks[0] = ex._ctx.Queue()  # as a started worker's (without starting a process)
+    names = [lock._semlock.name for q in (ex._results, ex._tasks[0]) for lock in (q._rlock, q._wlock, q._sem)]
+
+    def present():
+        return [os.path.exists(f"/dev/shm/sem.{n.lstrip('/')}") for n in names]
+
+    assert present() == [True] * 6
+    ex.shutdown()
+    assert present() == [False] * 6
