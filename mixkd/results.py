@@ -50,7 +50,7 @@ KD_SHORT = {name: m.short for name, m in KD_METHODS.items()}  # mixkd.config's c
 KD_LONG = {name: m.long for name, m in KD_METHODS.items()}
 # KD methods whose loss has no temperature: a temperature given for them is dropped.
 TEMPERATURE_FREE = frozenset({"std"})
-# The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
+# The study's partial mixup: the share of each batch mixed (PMU 10%: docs/study-claims-reference.md).
 PARTIAL_FRACTION = 0.1
 
 

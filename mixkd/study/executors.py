@@ -53,7 +53,7 @@ from mixkd.study.packworker import PackWorker
 from mixkd.study.worker import Job, Outcome, not_started
 
 Completion = tuple[str, Outcome]
-DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
+DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (docs/study-claims-reference.md: 8 runs per process on streams)
 
 
 class Executor(Protocol):
