@@ -337,10 +337,13 @@ class Run:
             self.folder.write_config(self._saved_config())
             self.folder.metrics.unlink(missing_ok=True)
             self.folder.checkpoint.unlink(missing_ok=True)
-        where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
+        n = self.cfg.epochs
+        where = f"epoch {self.epoch + 1}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
+        if self.epoch >= n:  # every epoch trained, the run not finished (stopped in its final evaluation)
+            where = f"the end of epoch {n} of {n}, to finish"
         ranks = f" x {self.world} processes ({distributed.backend()}, batch {self.cfg.batch_size // self.world} each)" if self.world > 1 else ""
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
-                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}{ranks}, "
+                  f"{self.cfg.model} on {self.cfg.dataset}, {n} epoch{'s' * (n != 1)}, device {device_name(self.device)}{ranks}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)

@@ -346,6 +346,11 @@ def writable_dir_problem(out: Path) -> str | None:
     return None
 
 
+def _shown(value: Any) -> str:
+    """A config value in a message: a key left unset (None: the method's or model's default) said so."""
+    return "unset (its default)" if value is None else repr(value)
+
+
 def _dotted(cfg: RunConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
@@ -385,7 +390,7 @@ def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dic
         raise MixkdError(f"{folder.path} holds a '{saved.task}' run: continue it with "
                          f"mixkd {saved.task} --out {folder.path} --resume")
     asked = asked or {}
-    conflicts = [f"{k} {v!r} (saved: {_dotted(saved, k)!r})" for k, v in asked.items()
+    conflicts = [f"{k} {_shown(v)} (saved: {_shown(_dotted(saved, k))})" for k, v in asked.items()
                  if k not in MACHINE_KEYS and v != _dotted(saved, k)]
     if conflicts:
         raise MixkdError(f"--resume continues the run saved in {folder.config}, but these settings differ from it: "
@@ -417,7 +422,7 @@ def _differences(saved: RunConfig, mine: RunConfig) -> list[str]:
         return out
 
     a, b = flat(saved.model_dump()), flat(mine.model_dump())
-    return [f"{k} {b.get(k)!r} (saved: {a.get(k)!r})" for k in sorted(a.keys() | b.keys())
+    return [f"{k} {_shown(b.get(k))} (saved: {_shown(a.get(k))})" for k in sorted(a.keys() | b.keys())
             if k not in MACHINE_KEYS and k != "out" and a.get(k) != b.get(k)]
 
 

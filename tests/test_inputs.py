@@ -245,6 +245,8 @@ def test_resume_of_a_finished_run_on_a_read_only_folder_prints_its_result(capsys
             "--batch-size", "32", "--device", "cpu", "--no-progress", "--compile", "off", "--out", out]
     assert main([str(a) for a in args]) == 0
     first = capsys.readouterr().out
+    start = (out / "log.txt").read_text().splitlines()[0].split(" ", 1)[1]  # newcomer wording: one epoch, one thread
+    assert start.startswith("start: train resnet8 on cifar10, 1 epoch, device cpu (") and "1 thread)" in start, start
     read_only(out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main([str(a) for a in [*args, "--resume"]]) == 0
@@ -295,3 +297,18 @@ def test_a_study_executor_releases_its_queues_semaphores_when_it_shuts_down():
     assert present() == [True] * 6
     ex.shutdown()
     assert present() == [False] * 6
+
+
+# ---- newcomer wording --------------------------------------------------------------------------------
+
+def test_a_setting_that_differs_on_resume_says_what_an_unset_saved_value_means(tmp_path):
+    from mixkd.config import build_config
+    from mixkd.errors import MixkdError
+    from mixkd.run_folder import resume_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(build_config(flags={"model": "resnet8", "out": str(out)}).to_yaml())
+    with pytest.raises(MixkdError) as e:
+        resume_config(out, asked={"optim.lr": 0.1, "epochs": 240})
+    assert "these settings differ from it: optim.lr 0.1 (saved: unset (its default)); only" in str(e.value)
