@@ -312,3 +312,21 @@ def test_a_setting_that_differs_on_resume_says_what_an_unset_saved_value_means(t
     with pytest.raises(MixkdError) as e:
         resume_config(out, asked={"optim.lr": 0.1, "epochs": 240})
     assert "these settings differ from it: optim.lr 0.1 (saved: unset (its default)); only" in str(e.value)
+
+
+def test_what_users_are_pointed_to_ships_with_the_project():
+    """The README, the package's messages and the shipped configs cite docs/study-claims-reference.md,
+    never REFERENCE.md (a file of the developers', not shipped)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = [root / "README.md", *root.glob("mixkd/**/*.py"), *root.glob("configs/**/*.yaml")]
+    cited = {p.relative_to(root).as_posix() for p in shipped if "REFERENCE.md" in p.read_text()
+             or "REFERENCE claim" in p.read_text()}
+    assert cited == set()
+    docs = {m for p in shipped for m in re.findall(r"docs/[\w./-]+\.md", p.read_text())}
+    assert "docs/study-claims-reference.md" in docs and all((root / d).is_file() for d in docs), docs
+    from mixkd.claims import CLAIMS
+
+    assert CLAIMS[4].text.startswith("(mixkd's own question, not the paper's: where the PMU gain comes from.)")
