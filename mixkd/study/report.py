@@ -27,7 +27,9 @@ import yaml
 
 from mixkd.claims import (
     DEFAULT_MARGIN,
+    UNMEASURED_HINT,
     ClaimResult,
+    Comparison,
     check,
     claims_json,
     claims_markdown,
@@ -115,15 +117,34 @@ def _wanted_pair(spec: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def claims_text(out: str | Path, metric: str = "top1") -> str:
+def claims_text(out: str | Path, metric: str = "top1", details: bool = True) -> str:
     """The claims of a study folder as plain text (what ``mixkd study run`` and ``mixkd demo`` print last):
-    verdicts, intervals, seed counts, and what the runs' schedule can say."""
+    verdicts, intervals, seed counts, and what the runs' schedule can say. Without ``details`` (the
+    demo): each part's verdict without its comparisons, and in words why a comparison of single runs
+    is inconclusive however large its difference."""
     out = Path(out)
     spec = yaml.safe_load((out / STUDY_COPY).read_text()) or {} if (out / STUDY_COPY).exists() else {}
     rows = collect(out)
-    claims, _, _ = study_claims(rows, spec, metric)
-    return "claims (details: report.md, claims.json):\n" + format_claims(claims) + "\n" + schedule_note(
-        results_of(rows, metric))
+    claims, noise, margin = study_claims(rows, spec, metric)
+    head = "claims (details: report.md, claims.json):" if details else \
+        "claims (each comparison, with its interval: report.md, claims.json):"
+    text = format_claims(claims, details)
+    unmeasured = [c for claim in claims for c in claim.comparisons if c.interval.se is None]
+    if not details and unmeasured:
+        text = text.removesuffix("\n" + UNMEASURED_HINT) + "\n" + why_inconclusive(unmeasured, margin, out)
+    return head + "\n" + text + "\n" + schedule_note(results_of(rows, metric))
+
+
+def why_inconclusive(unmeasured: list[Comparison], margin: float, out: Path) -> str:
+    """Why comparisons of one run a side are inconclusive, in words, with the largest difference among
+    them as the example (a verdict of 'inconclusive' beside -40 points reads as a contradiction)."""
+    c = max(unmeasured, key=lambda c: abs(c.interval.difference))
+    return (f"why inconclusive: {f'each of these {len(unmeasured)} comparisons' if len(unmeasured) > 1 else 'this comparison'} "
+            f"sets one run against one (n = 1 a side). A single run measures no spread, so no interval can be drawn, and no difference, however large "
+            f"({c.statement}: {c.interval.difference:+.2f} points), can be told from the chance of one seed. A "
+            f"comparison is decided only when its 95% interval clears 0 (or -{margin:g} points, the margin of an 'at "
+            f"least as well'): run 3 seeds or more, of longer runs, or assume a per-run spread (mixkd claims "
+            f"{out / CLAIMS_TABLE} --noise SIGMA).")
 
 
 def claims_plan(study: Study) -> str:
