@@ -194,7 +194,7 @@ class RunConfig(_Section):
             raise ValueError(f"optim.milestones {m}: give the epochs in increasing order ({sorted(m)})")
         if m is not None and m and m[-1] > self.epochs:
             raise ValueError(f"optim.milestones {m}: epoch {m[-1]} is past the last epoch ({self.epochs}), where the "
-                             "lr never changes; drop it or choose the milestones of this run (--milestones)")
+                             "lr never changes; drop it or choose the milestones of this run (--milestones, optim.milestones)")
         return self
 
     def milestones(self) -> list[int]:

@@ -86,7 +86,7 @@ def test_a_negative_time_limit_is_one_line_and_so_is_any_bad_command_line(capsys
      "invalid config: optim.milestones [5, 1]: give the epochs in increasing order ([1, 5])"),
     ({"epochs": 3, "optim": {"milestones": [1, 5]}},
      "invalid config: optim.milestones [1, 5]: epoch 5 is past the last epoch (3), where the lr never changes; "
-     "drop it or choose the milestones of this run (--milestones)"),
+     "drop it or choose the milestones of this run (--milestones, optim.milestones)"),
 ])
 def test_a_bool_for_a_number_and_milestones_out_of_order_or_past_the_end_are_refused(tree, line):
     from mixkd.config import build_config
