@@ -55,6 +55,9 @@ from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
 
+OTHER_METRIC = {"top1": "best_top1", "best_top1": "top1"}  # reported beside the chosen one
+OTHER_WHY = {"best_top1": "mdistiller's and most published KD figures are best-epoch",
+             "top1": "the study and the released code report the last epoch"}
 CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
 __all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
 FIGURES = {"heatmap": "heatmap.png", "temperature": "top1-vs-temperature.png", "fraction": "top1-vs-fraction.png",
@@ -128,7 +131,7 @@ def claims_text(out: str | Path, metric: str = "top1", details: bool = True) -> 
     claims, noise, margin = study_claims(rows, spec, metric)
     head = "claims (details: report.md, claims.json):" if details else \
         "claims (each comparison, with its interval: report.md, claims.json):"
-    text = format_claims(claims, details)
+    text = format_claims(claims, details, metric=metric)
     unmeasured = [c for claim in claims for c in claim.comparisons if c.interval.se is None]
     if not details and unmeasured:
         text = text.removesuffix("\n" + UNMEASURED_HINT) + "\n" + why_inconclusive(unmeasured, margin, out)
@@ -139,11 +142,12 @@ def why_inconclusive(unmeasured: list[Comparison], margin: float, out: Path) -> 
     """Why comparisons of one run a side are inconclusive, in words, with the largest difference among
     them as the example (a verdict of 'inconclusive' beside -40 points reads as a contradiction)."""
     c = max(unmeasured, key=lambda c: abs(c.interval.difference))
-    return (f"why inconclusive: {f'each of these {len(unmeasured)} comparisons' if len(unmeasured) > 1 else 'this comparison'} "
-            f"sets one run against one (n = 1 a side). A single run measures no spread, so no interval can be drawn, and no difference, however large "
-            f"({c.statement}: {c.interval.difference:+.2f} points), can be told from the chance of one seed. A "
-            f"comparison is decided only when its 95% interval clears 0 (or -{margin:g} points, the margin of an 'at "
-            f"least as well'): run 3 seeds or more, of longer runs, or assume a per-run spread (mixkd claims "
+    n = len(unmeasured)
+    return (f"why inconclusive: {f'each of these {n} comparisons has' if n > 1 else 'this comparison has'} a side "
+            f"that measures no spread (one run, or runs all equal), so no interval can be drawn, and no difference, "
+            f"however large ({c.statement}: {c.interval.difference:+.2f} points), can be told from chance. "
+            f"A comparison is decided only when its 95% interval clears 0 (or -{margin:g} points, the margin of "
+            f"an 'at least as well'): run 3 seeds or more, of longer runs, or assume a per-run spread (mixkd claims "
             f"{out / CLAIMS_TABLE} --noise SIGMA).")
 
 
@@ -164,7 +168,7 @@ def study_claims(rows: list[dict[str, Any]], spec: dict[str, Any],
                  metric: str = "top1") -> tuple[list[ClaimResult], float | None, float]:
     """The claims on a study folder's rows, with the study file's ``claims:`` settings; and those settings."""
     noise, margin = claims_settings(spec)
-    return check(results_of(rows, metric), noise=noise, margin=margin), noise, margin
+    return check(results_of(rows, metric), noise=noise, margin=margin, metric=metric), noise, margin
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -204,6 +208,9 @@ def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
               f"Student {METRICS[metric]} (%), mean ± std over seeds (n = runs where fewer than the most); "
               "best method per row in **bold**; teacher and student-alone accuracy beside.", "",
               paper_table(rows, metric), ""]
+    other = OTHER_METRIC[metric]
+    if any(r["status"] == "done" and r["teacher"] is not None and r.get(other) is not None for r in rows):
+        lines += [f"Beside it, the same runs' {METRICS[other]} ({OTHER_WHY[other]}):", "", paper_table(rows, other), ""]
     figures = [("heatmap", plot_heatmaps, "Student top-1 over (teacher, student), one panel per temperature"),
                ("temperature", plot_temperature_curves, "Student top-1 against temperature"),
                ("fraction", plot_fraction_curves, "Student top-1 against the mixed share of the batch")]
@@ -215,9 +222,14 @@ def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
             target.unlink(missing_ok=True)
     results_table(results_of(rows, metric), out / CLAIMS_TABLE)
     claims, noise, margin = study_claims(rows, spec, metric)
-    atomic_write_text(out / "claims.json", json.dumps(claims_json(claims, noise, margin, metric), indent=1,
-                                                      ensure_ascii=False) + "\n")
-    lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))])
+    data = claims_json(claims, noise, margin, metric)
+    beside = None
+    if results_of(rows, other) and len(results_of(rows, other)) == len(results_of(rows, metric)):
+        beside = (METRICS[other], study_claims(rows, spec, other)[0])
+        data["beside"] = {"metric": other, "metric_label": METRICS[other],
+                          "claims": [{"claim": c.number, "verdict": c.verdict, "answer": c.answer} for c in beside[1]]}
+    atomic_write_text(out / "claims.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))], beside)
     lines += _analysis_section(out, rows, _wanted_pair(spec))
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:
