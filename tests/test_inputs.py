@@ -330,3 +330,32 @@ def test_what_users_are_pointed_to_ships_with_the_project():
     from mixkd.claims import CLAIMS
 
     assert CLAIMS[4].text.startswith("(mixkd's own question, not the paper's: where the PMU gain comes from.)")
+
+
+def test_the_demo_s_claims_are_short_and_say_in_words_why_a_large_difference_is_inconclusive(tmp_path):
+    from mixkd.study.report import claims_text
+
+    out = tmp_path / "st"
+    (out).mkdir()
+    (out / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    base = {"dataset": "digits", "epochs": 1, "batch_size": 50, "seed": 0}
+    runs = {"teachers/resnet8_plain-s0": ({"task": "train", "model": "resnet8"}, 80.0),
+            "students/resnet8-alone-s0": ({"task": "train", "model": "resnet8"}, 70.0),
+            "students/resnet8-from-resnet8_plain-kd-T4-s0": (
+                {"task": "distill", "model": "resnet8",
+                 "kd": {"teacher": "../../teachers/resnet8_plain-s0", "method": "kd", "temperature": 4.0}}, 30.0)}
+    for run_id, (cfg, top1) in runs.items():
+        (out / run_id).mkdir(parents=True)
+        (out / run_id / "config.yaml").write_text(yaml.safe_dump({**base, **cfg}))
+        (out / run_id / "result.json").write_text(json.dumps({"top1": top1, "best_top1": top1, "teacher_top1": 80.0,
+                                                              "teacher_model": "resnet8"}))
+    short, full = claims_text(out, details=False), claims_text(out)
+    assert len(short.splitlines()) < len(full.splitlines())
+    assert "KD T=4 > student alone: -40.00 points" in full and "-40.00 points, n = 1" not in short
+    assert "\n  KD > student alone: inconclusive (1 comparison)\n" in short
+    assert short.splitlines()[-2] == (
+        "why inconclusive: this comparison has a side that measures no spread (one run, or runs all equal), so no "
+        "interval can be drawn, and no difference, however large (KD T=4 > student alone: -40.00 points), can be "
+        "told from chance. A comparison is decided only when its 95% interval clears 0 (or -0.5 points, the margin "
+        f"of an 'at least as well'): run 3 seeds or more, of longer runs, or assume a per-run spread (mixkd claims "
+        f"{out / 'claims-table.csv'} --noise SIGMA).")

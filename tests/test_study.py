@@ -437,8 +437,8 @@ def test_demo_runs_the_quickstart_study_and_says_where_the_report_is(tmp_path, c
     claims = printed.split("claims (each comparison, with its interval: report.md, claims.json):\n")[1]
     assert "\n  KD > student alone: inconclusive (1 comparison)\n" in claims and "n = 1 vs 1" not in claims
     why = claims.rstrip().splitlines()[-2]
-    assert why.startswith("why inconclusive: this comparison sets one run against one (n = 1 a side). A single run "
-                          "measures no spread") and "(KD T=4 > student alone: " in why, why
+    assert why.startswith("why inconclusive: this comparison has a side that measures no spread (one run, or runs "
+                          "all equal), so no interval can be drawn") and "(KD T=4 > student alone: " in why, why
     assert claims.rstrip().splitlines()[-1].startswith("schedule: 1 epoch, short of the study's 240")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"} and {r["epochs"] for r in rows} == {1}
 
