@@ -80,8 +80,8 @@ from mixkd.results import (
 LEVEL = 0.95
 SIDE = (1 - LEVEL) / 2  # each tail of the 95% interval: the level of each one-sided decision
 DEFAULT_MARGIN = 0.5  # points of top-1: "at least as well" allows this much less
-DEFAULT_SIGMA = 0.4  # points: an assumed per-run spread for planning (REFERENCE: CIFAR-100 +-0.3 to 0.5)
-SIGMA_SOURCE = "CIFAR-100 run-to-run spread about ±0.3 to 0.5 points (REFERENCE.md)"
+DEFAULT_SIGMA = 0.4  # points: an assumed per-run spread for planning (CIFAR-100 +-0.3 to 0.5: docs/study-claims-reference.md)
+SIGMA_SOURCE = "CIFAR-100 run-to-run spread about ±0.3 to 0.5 points (docs/study-claims-reference.md)"
 POWER = 0.8  # the smallest detectable difference: the one decided with this probability
 REFERENCE_BATCH = 64  # the recipe's batch size, for the reference sampling's mixed share when none is given
 SHARE_TOLERANCE = 0.01  # an exact PMU within this of the reference's mixed share "mixes as much"
@@ -459,7 +459,7 @@ CLAIMS: list[ClaimSpec] = [
                                                                "other distilled students of the same teacher"}),
     ClaimSpec(4, "Any KD beats the student trained alone: every distilled column, under every KD method present.",
               _parts_4, _pairs_4, {"> student alone": "the student alone and students distilled with that method"}),
-    ClaimSpec(5, "(Ours, REFERENCE claim 5: where the PMU gain comes from.) PMU beats FMU however it mixes: exact 10% "
+    ClaimSpec(5, "(mixkd's own question, not the paper's: where the PMU gain comes from.) PMU beats FMU however it mixes: exact 10% "
                  "(the paper's text), reference 10% (the released code: about 41% of a batch of 64 mixed) and exact "
                  "at the reference's share (41%); the direct comparisons of reference 10% with exact 10% and with "
                  "exact at the same share say which sampling the gain comes from (the answer).",
@@ -764,7 +764,7 @@ def _unpaired_pmu(grid: Grid) -> list[str]:
     return notes
 
 
-RECIPE_EPOCHS = 240  # the study's schedule (REFERENCE.md recipe)
+RECIPE_EPOCHS = 240  # the study's schedule (docs/study-claims-reference.md)
 
 
 def schedule_note(rows: Any) -> str:

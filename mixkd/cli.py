@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -193,10 +194,23 @@ def _run_parser(sub, name: str, help_text: str, distill: bool, methods: bool = T
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (every subcommand's too), with a bad command line said in one line
+    (argparse prints its whole usage text first) and ``-`` then a digit read as a value, not as an
+    option: ``--time-limit -5m`` is a negative duration (refused as one), not a missing value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")  # argparse's: -5 and -.5, not -5m
+
+    def error(self, message: str):
+        raise MixkdError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line's parser. ``command``: the command about to run, when known; the KD methods'
     flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
     from mixkd import __version__
 

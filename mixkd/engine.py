@@ -151,7 +151,9 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
-        self._lock = None if self.fresh or not self.writes else self.folder.lock()  # rank 0 writes, and locks
+        # A finished run is only read (its result printed), also where its folder is read-only.
+        finished = not self.fresh and self.folder.result.exists()
+        self._lock = None if self.fresh or finished or not self.writes else self.folder.lock()  # rank 0 writes, and locks
 
     # ---- paths -----------------------------------------------------------------------------
     @property
@@ -378,10 +380,13 @@ class Run:
             self.folder.write_config(self._saved_config())
             self.folder.metrics.unlink(missing_ok=True)
             self.folder.checkpoint.unlink(missing_ok=True)
-        where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
+        n = self.cfg.epochs
+        where = f"epoch {self.epoch + 1}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
+        if self.epoch >= n:  # every epoch trained, the run not finished (stopped in its final evaluation)
+            where = f"the end of epoch {n} of {n}, to finish"
         ranks = f" x {self.world} processes ({distributed.backend()}, batch {self.cfg.batch_size // self.world} each)" if self.world > 1 else ""
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
-                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}{ranks}, "
+                  f"{self.cfg.model} on {self.cfg.dataset}, {n} epoch{'s' * (n != 1)}, device {device_name(self.device)}{ranks}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)
@@ -654,7 +659,9 @@ class Run:
         if self.teacher is not None:
             if self.teacher_metrics is None:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
-            result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
+            # as config.yaml names it (a command line's absolute, a study's relative to the run), so that
+            # a resumed run records what an uninterrupted one does
+            result.update(teacher=self._saved_config().kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.params().get("temperature"))
         result["mix"] = self.cfg.mix.model_dump()
@@ -679,6 +686,10 @@ class Run:
 
     def close(self) -> None:
         self.output.close()
+        self._batches = None
+        for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+            if hasattr(loader, "close"):  # image folders: their worker processes end here
+                loader.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -84,7 +84,7 @@ def temperature_free(method: str) -> bool:
         found["settings"] is not None and "temperature" not in found["settings"])
 
 
-# The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
+# The study's partial mixup: the share of each batch mixed (PMU 10%: docs/study-claims-reference.md).
 PARTIAL_FRACTION = 0.1
 
 
@@ -279,6 +279,15 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     if not student:
         raise r.fail("student", "is empty; give the student's architecture")
     kd = _text(row.get("kd")).lower()
+    if kd == "alone":  # the study's name for a student trained alone
+        if teacher is not None:
+            raise r.fail("kd", f"'alone' with teacher {teacher!r}: a student trained alone has an empty teacher "
+                               "and kd none; a distilled one names both")
+        kd = "none"
+    if kd.endswith(("_fmu", "_pmu")):
+        base = "none" if kd[:-4] == "alone" else kd[:-4]
+        raise r.fail("kd", f"{kd!r} is a study method, not a KD method: write {base!r} here and the mixing in "
+                           "the mix and mix_fraction columns")
     if not kd or not kd.replace("_", "").replace("-", "").isalnum():
         raise r.fail("kd", f"{kd or 'empty'!r} is not a KD method: use none (trained alone), kd, std or another "
                            "method's name")
@@ -411,6 +420,10 @@ def read_csv(path: str | Path) -> list[Result]:
     if not rows:
         raise MixkdError(f"{path} has no rows; give a header and one row per trained student with the columns "
                          f"{', '.join(COLUMNS)}")
+    for line, row in enumerate(rows, 2):
+        if None in row:  # csv.DictReader's key for the fields beyond the header's
+            raise MixkdError(f"{path}, line {line} has {len(row) - 1 + len(row[None])} fields, the header "
+                             f"{len(row) - 1}: quote a value that holds a comma, or give the column a name")
     return results_from_rows(rows, str(path), first=2, unit="line")  # line 1 is the header
 
 

@@ -315,6 +315,14 @@ class FolderLoader:
     def __len__(self) -> int:
         return len(self._sampler)
 
+    def close(self) -> None:
+        """End the worker processes now (they are persistent: they would otherwise live until this loader
+        is collected, or be killed at exit before removing their ``/tmp/pymp-*`` folders)."""
+        workers = getattr(self._loader, "_iterator", None)  # the DataLoader's persistent iterator, once started
+        if workers is not None:
+            workers._shutdown_workers()
+            self._loader._iterator = None
+
     def set_epoch_seed(self, seed: int) -> None:
         self._gen.manual_seed(seed)
 

@@ -19,7 +19,7 @@ from mixkd.errors import MixkdError
 from mixkd.files import atomic_write, read_json
 from mixkd.results import Result, cell_from_config, context_from_config, natural
 from mixkd.run_folder import ANALYSIS_NAME, CONFIG_NAME, RunFolder, teacher_run
-from mixkd.study.folder import STATE_NAME, analysis_status, run_status
+from mixkd.study.folder import STATE_HINT, STATE_NAME, analysis_status, run_status, state_problem
 from mixkd.study.spec import Study, mix_label
 
 COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "teacher_model", "teacher_mix",
@@ -103,8 +103,11 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
     state = out / STATE_NAME
     if state.exists():  # runs that never started (blocked by a failed teacher) have no directory
         seen = {r["id"] for r in rows}
-        saved = read_json(state, "delete it: 'mixkd study run' writes it anew")
-        for run_id, entry in (saved.get("runs", {}) if isinstance(saved, dict) else {}).items():
+        saved = read_json(state, STATE_HINT)
+        problem = state_problem(saved) if isinstance(saved, dict) else "not a JSON object"
+        if problem:
+            raise MixkdError(f"{state} is damaged ({problem}); {STATE_HINT}")
+        for run_id, entry in saved.get("runs", {}).items():
             if run_id not in seen and entry.get("status") == "blocked":
                 row = dict.fromkeys(COLUMNS)
                 row.update(id=run_id, role="teacher" if run_id.startswith("teachers/") else "student",

@@ -43,6 +43,7 @@ import difflib
 import itertools
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ from mixkd.config import (
 )
 from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
+from mixkd.files import read_text
 from mixkd.models import default_lr, model_slug
 from mixkd.registry import KD_METHODS, load_plugin
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
@@ -618,8 +620,54 @@ def parse_study(data: Any, source: str = "<study>") -> StudyFile:
         raise MixkdError(f"invalid study file {source}: {_where(err['loc'])}: {msg}{got}") from None
 
 
+# The most runs one study file may declare: each is a training run (the largest shipped study has 228),
+# and expanding a million-run grid takes minutes and gigabytes before anything is printed.
+MAX_RUNS = 10_000
+
+
+def count_runs(spec: StudyFile) -> tuple[int, list[tuple[str, int]]]:
+    """(the runs ``spec`` declares, (group, its runs) for each group), counted from the axes' lengths
+    without expanding the grid (a run declared by two groups counts twice)."""
+    teachers: dict[str, Counter[str]] = {}  # group -> its teachers' architectures, one per teacher run
+    groups: list[tuple[str, int]] = []
+    for gi, g in enumerate(spec.teachers):
+        if g.checkpoint is not None:
+            teachers[g.name] = Counter([g.model])
+            continue
+        each = len(g.mix) * len(g.seeds)
+        teachers[g.name] = Counter({m: each for m in g.models})
+        groups.append((f"teachers[{gi}]", len(g.models) * each))
+    for gi, g in enumerate(spec.students):
+        refs = sum((teachers.get(name, Counter()) for name in g.teachers or []), Counter())
+        if g.pairs is not None:
+            combos, students = sum(refs[t] for t, _ in g.pairs), len({s for _, s in g.pairs})
+        else:
+            combos, students = refs.total() * len(g.models), len(g.models)
+        n = 0
+        for name in g.methods:
+            m = METHODS[name]
+            if m.task == "train":
+                n += students * len(g.seeds)
+                continue
+            per = len(g.temperatures) if m.kd == "kd" else 1
+            if m.mixing != "none":
+                per *= len(g.alphas) * len(g.mix_modes)
+            if m.mixing == "partial":
+                per *= len(g.fractions) * (len(g.samplings) if g.sampling_axis else 1)
+            n += combos * per * len(g.seeds)
+        groups.append((f"students[{gi}]", n))
+    return sum(n for _, n in groups), groups
+
+
 def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None = None) -> list[PlannedRun]:
-    """All runs of a study, teachers first, each once; raises MixkdError naming the bad key."""
+    """All runs of a study, teachers first, each once; raises MixkdError naming the bad key, and where
+    the study declares more than :data:`MAX_RUNS` runs (counted first: nothing is expanded then)."""
+    total, groups = count_runs(spec)
+    if total > MAX_RUNS:
+        largest = ", ".join(f"{g}: {n:,}" for g, n in sorted(groups, key=lambda gn: -gn[1])[:3])
+        raise MixkdError(f"study file {source} declares {total:,} runs ({largest}), more than the {MAX_RUNS:,} one "
+                         "study may hold: split it into several study files, or shorten its lists (models, "
+                         "temperatures, fractions, seeds, ...)")
     over: dict[str, Any] = {}
     for text in overrides or []:
         set_dotted(over, *parse_override(text))
@@ -686,7 +734,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
-    text = p.read_text()
+    text = read_text(p, f"study file {p}")
     data = load_yaml(text, f"study file {p}")
     if seeds is not None and isinstance(data, dict):
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:
