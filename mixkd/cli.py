@@ -153,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
     p.add_argument("--image-size", type=int_in(8, 4096, "--image-size"), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), help="evaluation batch size (default: the run's, else 1024)")
     p.add_argument("--workers", type=int_in(0, 256, "--workers"), help="data-loading processes for image folders (default: the cores available, at most 4)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="evaluate in fp32 or under bf16 autocast (default: the run's precision, so that its figures are "
+                        "reproduced: bf16 for a CUDA run; fp32 for a checkpoint without its run)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -349,11 +352,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
                             download=args.download, batch_size=args.batch_size, image_size=args.image_size,
-                            workers=args.workers)
+                            workers=args.workers, precision=args.precision)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}")
+        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}  "
+              f"({m['precision']}, {m['precision_from']})")
     return 0
 
 

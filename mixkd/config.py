@@ -89,6 +89,15 @@ KD_METHODS: dict[str, KDMethod] = {
 KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {name: m.defaults for name, m in KD_METHODS.items()}
 # What a method not in the table (one registered by a user) gets: Hinton KD's settings.
 GENERIC_KD_DEFAULTS = KD_METHOD_DEFAULTS["kd"]
+# Per-dataset defaults: where a method's authors publish other settings for a dataset, they replace its
+# CIFAR-100 defaults above for runs of that dataset (a value set in the config or by a flag still wins).
+#   imagefolder (ImageNet), dkd: mdistiller ``configs/imagenet/r34_r18/dkd.yaml`` (DKD: CE_WEIGHT 1,
+#        BETA 0.5, T 1, WARMUP 1; ALPHA is CFG.DKD's default, 1, as on CIFAR-100).
+KD_DATASET_DEFAULTS: dict[str, dict[str, dict[str, float | int]]] = {
+    "imagefolder": {"dkd": {"temperature": 1.0, "ce_weight": 1.0, "beta": 0.5, "warmup_epochs": 1}},
+}
+
+
 KD_PARAMS = ("temperature", "ce_weight", "kd_weight", "alpha", "beta", "gamma", "warmup_epochs", "hint_weight",
              "hint_layer")
 
@@ -102,13 +111,13 @@ class KDConfig(_Section):
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
     method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
-    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2; std ignores it")
+    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2, dkd on imagefolder 1; std ignores it")
     ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (RepDistiller's gamma); default the method's: kd, std, lskd 0.1; dkd, dist, fitnet 1")
     kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the distillation term; default the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0")
     alpha: float | None = Field(None, ge=0, le=1000, description="dkd: weight of TCKD, the target-class term (default 1)")
-    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8); dist: weight of the inter-class relation (default 1)")
+    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8; imagefolder runs 0.5); dist: weight of the inter-class relation (default 1)")
     gamma: float | None = Field(None, ge=0, le=1000, description="dist: weight of the intra-class relation (default 1)")
-    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20; 0: none)")
+    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20, imagefolder runs 1; 0: none)")
     hint_weight: float | None = Field(None, ge=0, le=1000, description="fitnet: weight of the hint, the MSE between the regressed student feature map and the teacher's (default 100)")
     hint_layer: int | None = Field(None, ge=0, le=100, description="fitnet: which feature map is hinted, an index into the models' is_feat features (default 2: the middle one)")
 
@@ -161,6 +170,20 @@ class RunConfig(_Section):
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     kd: KDConfig = KDConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_kd_defaults(cls, data: Any) -> Any:
+        """The KD method's defaults for this dataset (:data:`KD_DATASET_DEFAULTS`) where it has its own, under the
+        values given (the section's own validator then adds the method's other defaults)."""
+        if not isinstance(data, dict) or not isinstance(data.get("kd", {}), dict):
+            return data
+        kd = data.get("kd", {})
+        method = kd.get("method", "kd")
+        extra = KD_DATASET_DEFAULTS.get(data.get("dataset", "cifar100"), {}).get(method, {}) if isinstance(method, str) else {}
+        if not extra:
+            return data
+        return {**data, "kd": {**extra, **{k: v for k, v in kd.items() if v is not None}}}
 
     @field_validator("compile", mode="before")
     @classmethod

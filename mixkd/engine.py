@@ -45,7 +45,7 @@ from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, load_dataset, make_loaders
+from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, StorageError, TrainingDiverged
@@ -177,6 +177,10 @@ class Run:
         if pick is not None and self.world > 1:
             raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
                              "data-parallel wrapper); run it without torchrun/srun")
+        if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
+            mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
+            if mismatch:
+                raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
             rank=self.rank, world=self.world, pipeline=self.augment, teacher_view=cfg.teacher_view)
@@ -552,6 +556,7 @@ class Run:
             raise TrainingDiverged(
                 f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
                 f"checkpoint ({self.last_saved}) is kept in {self.dir}; try a lower --lr")
+        self._share_buffers()
         self.output.phase("evaluating on the test set")
         t0 = time.perf_counter()
         test = evaluate(self.model, self.test_loader, self.precision, stop=self.interrupted)
@@ -576,6 +581,16 @@ class Run:
         self.output.epoch(row)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
+
+    def _share_buffers(self) -> None:
+        """Data-parallel runs: rank 0's buffers (BatchNorm's running statistics) of the student and the
+        method's modules on every rank. DDP sends rank 0's at the start of each forward only, so after an
+        epoch's last step each rank holds the statistics of its own part (without --sync-bn); shared
+        before the evaluation and the checkpoint, every rank evaluates the weights rank 0 saves, and
+        the metrics are those of the saved model (the next forward would send these anyway: training
+        is unchanged)."""
+        if self.world > 1:
+            distributed.broadcast_(list(self.model.buffers()) + list(self.distiller.modules.buffers()))
 
     def stop(self, reason: str) -> None:
         """Write a step-exact checkpoint and stop here (``reason``: time, signal or interrupt)."""

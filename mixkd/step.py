@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from mixkd import distributed
+from mixkd.augment.base import BatchPolicy
 from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
 from mixkd.files import make_dir
-from mixkd.augment.base import BatchPolicy
 from mixkd.mix import MixSpec, mix_batch
 
 
@@ -245,12 +245,13 @@ class TrainStep:
         if self.pick is not None:
             return self._picked_losses(x, target, cache_enabled)
         clean_target = target
-        x, target = mix_batch(x, target, self.mix, self.generator)
+        rank, world = distributed.rank(), distributed.world()
+        x, target = mix_batch(x, target, self.mix, self.generator, rank, world)
         if self._teacher_input is not None:
             if x_teacher is None:
                 raise ValueError(f"teacher_view {self.teacher_view} needs the loader's (2, B, C, H, W) batches")
             if self.teacher_view == "independent":  # its own draw of the mixing too
-                x_teacher, _ = mix_batch(x_teacher, clean_target, self.mix, self.generator)
+                x_teacher, _ = mix_batch(x_teacher, clean_target, self.mix, self.generator, rank, world)
             self._teacher_input.x = x_teacher
         with self.autocast(cache_enabled=cache_enabled):
             return self._compute.losses(x, target)
