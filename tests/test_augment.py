@@ -1,0 +1,277 @@
+"""Augmentation policies (issue 28): the registry's entries, the pipeline, the loader's per-sample
+stage, the teacher's views, CutMix's box, CutMixPick, and ``mixkd distill --augment`` on digits."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mixkd.augment import AUGMENTATIONS, augment_label, effective_spec, make_pipeline, parse_augment
+from mixkd.augment.cutmix_pick import entropy
+from mixkd.cli import main
+from mixkd.config import KDConfig
+from mixkd.data.loaders import DeviceLoader
+from mixkd.data.spec import ArraySplit
+from mixkd.distiller import make_distiller
+from mixkd.errors import MixkdError
+from mixkd.mix import MixSpec, cutmix
+from mixkd.models import create_model
+from mixkd.registry import load_plugin
+from mixkd.step import SGD, TrainStep, one_hot
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+SAMPLE = AUGMENTATIONS.names(lambda e: e.extra.get("stage") == "sample")
+
+
+@pytest.fixture(scope="module")
+def split():
+    g = torch.Generator().manual_seed(0)
+    return ArraySplit(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.arange(24) % 4)
+
+
+def loader(split, spec="flip_crop", view="same", **kw):
+    pipe = make_pipeline(spec, image_size=32, mean=MEAN, std=STD)
+    return DeviceLoader(split, 8, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True, seed=3,
+                        crop=pipe.crop, flip=pipe.flip, sample=pipe.sample if pipe.extra else None,
+                        teacher_view=view, **kw)
+
+
+def normalized(u8):
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (u8.float() / 255 - m) / s
+
+
+# ---- the registry and the spec ----------------------------------------------------------------------
+def test_the_issue_s_policies_are_registered_with_their_stage():
+    assert set(SAMPLE) == {"none", "flip", "flip_crop", "cutout", "autoaugment", "randaugment", "trivialaugment",
+                           "random_erasing"}
+    assert set(AUGMENTATIONS.names(lambda e: e.extra.get("stage") == "batch")) == {"mixup", "cutmix", "cutmix_pick"}
+    assert augment_label("flip_crop+cutout+cutmix_pick") == "flip+crop+Cutout+CutMixPick"
+    assert effective_spec("flip_crop", "mixup") == "flip_crop+mixup"
+    assert effective_spec("flip_crop+cutmix", "cutmix") == "flip_crop+cutmix"
+    assert AUGMENTATIONS.get("randaugment").resolve({"magnitude": 14}).num_ops == 2
+
+
+@pytest.mark.parametrize("spec,words", [("flpi_crop", "did you mean 'flip_crop'"), ("mixup+cutout", "must come last"),
+                                        ("flip+mixup+cutmix", "keep one"), ("flip++cutout", "empty name"),
+                                        ("cutout+cutout", "twice")])
+def test_a_bad_spec_is_one_line(spec, words):
+    with pytest.raises(MixkdError) as err:
+        parse_augment(spec)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_cli_refuses_a_bad_augment_in_one_line(capsys):
+    assert main(["train", "--dataset", "digits", "--augment", "flip+cutmixx", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'cutmix'" in err[0]
+
+
+# ---- the per-sample stage -------------------------------------------------------------------------
+def test_flip_crop_keeps_today_s_loader_numbers(split):
+    today = DeviceLoader(split, 8, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True, seed=3)
+    for (a, ya), (b, yb) in zip(today, loader(split, "flip_crop"), strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    # a policy after flip + crop leaves the crop and flip draws (and the order) as they were
+    plain, after = list(loader(split, "flip_crop")), list(loader(split, "flip_crop+randaugment"))
+    assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(plain, after, strict=True))
+
+
+def test_flip_alone_flips_some_samples_and_shifts_none(split):
+    clean = {i: normalized(split.images[i:i + 1])[0] for i in range(24)}
+    flipped = 0
+    for x, _ in loader(split, "flip"):
+        for s in x:
+            same = [i for i, c in clean.items() if torch.equal(s, c)]
+            mirrored = [i for i, c in clean.items() if torch.equal(s, c.flip(-1))]
+            assert same or mirrored  # never shifted
+            flipped += bool(mirrored)
+    assert 0 < flipped < 24
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLE if n not in ("none", "flip", "flip_crop")])
+def test_each_policy_changes_samples_with_draws_of_their_own(split, name):
+    pipe = make_pipeline(name, image_size=32, mean=MEAN, std=STD)
+    x = split.images[:16]
+    out = pipe.sample(x, seed=1)
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    changed = [not torch.equal(o, c) for o, c in zip(out, normalized(x), strict=True)]
+    assert any(changed)
+    assert torch.equal(out, pipe.sample(x, seed=1))  # a function of the seed
+    assert not torch.equal(out, pipe.sample(x, seed=2))
+    # per sample: one image repeated gets different draws (kornia's auto policies draw one per batch)
+    rep = pipe.sample(x[:1].expand(16, -1, -1, -1).contiguous(), seed=5)
+    if name != "random_erasing":  # p = 0.5: some copies are left alone, checked below
+        assert len({tuple(r.flatten()[::7].tolist()) for r in rep}) > 2
+
+
+def test_cutout_zeroes_a_16_square_after_normalization_clipped_at_the_border():
+    pipe = make_pipeline("cutout", image_size=32, mean=MEAN, std=STD)
+    x = torch.full((400, 3, 32, 32), 200, dtype=torch.uint8)
+    out = pipe.sample(x, seed=0)
+    zeros = (out == 0).all(dim=1).flatten(1).sum(1)  # pixels cut, per sample
+    assert zeros.max().item() == 256 and zeros.min().item() >= 64  # 8x8 when centred on a corner pixel
+    # centre uniform over 32 rows: the cut rows are min(c+8, 32) - max(c-8, 0): mean 16 - 2*(8*9/2)/32
+    rows = 16 - 2 * 36 / 32
+    assert abs(zeros.float().mean().item() - rows * rows) < 12
+
+
+def test_random_erasing_erases_about_half(split):
+    pipe = make_pipeline("random_erasing", image_size=32, mean=MEAN, std=STD)
+    out = pipe.sample(torch.full((200, 3, 32, 32), 250, dtype=torch.uint8), seed=0)
+    erased = (out == 0).all(dim=1).flatten(1).any(1).float().mean().item()
+    assert 0.4 < erased < 0.6  # p = 0.5 (Zhong et al.)
+
+
+# ---- the teacher's views --------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """A teacher that records what it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = create_model("resnet8", 4)
+        self.seen = []
+
+    def forward(self, x, *a, **k):
+        self.seen.append(x.detach().clone())
+        return self.net(x, *a, **k)
+
+
+def view_step(view, mix):
+    torch.manual_seed(0)
+    teacher = Recorder().eval()
+    d = make_distiller("kd", create_model("resnet8", 4), teacher, KDConfig())
+    step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 4, torch.Generator().manual_seed(0), teacher_view=view)
+    return step, teacher
+
+
+def student_input(step):
+    seen = []
+    handle = step.distiller.student.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    return seen, handle
+
+
+@pytest.mark.parametrize("view", ["same", "independent", "clean"])
+def test_the_teacher_sees_its_view(split, view):
+    mix = MixSpec("mixup", 1.0, 1.0)
+    step, teacher = view_step(view, mix)
+    seen, handle = student_input(step)
+    x, y = next(iter(loader(split, "flip_crop+cutout", view=view)))
+    step(x, y)
+    handle.remove()
+    xs, xt = seen[-1], teacher.seen[-1]
+    if view == "same":
+        assert x.dim() == 4 and torch.equal(xt, xs)
+        return
+    assert x.shape[0] == 2 and not torch.allclose(xt, xs)
+    # the student's batch: the loader's first view, mixed with the step's generator
+    g = torch.Generator().manual_seed(0)
+    from mixkd.mix import mix_batch
+    mixed, _ = mix_batch(x[0], one_hot(y, 4), mix, g)
+    assert torch.equal(xs, mixed)
+    if view == "clean":  # the un-augmented, un-mixed images of the batch
+        lo = loader(split, "flip_crop+cutout")
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:8]
+        assert torch.equal(xt, normalized(split.images[order])) and torch.equal(lo.labels[order], y)
+    else:  # its own draw of the augmentation, then of the mixing (after the student's, same generator)
+        assert not torch.equal(x[1], x[0])
+        assert torch.equal(xt, mix_batch(x[1], one_hot(y, 4), mix, g)[0])
+
+
+# ---- CutMix's box ---------------------------------------------------------------------------------
+def test_cutmix_box_side_is_sqrt_one_minus_lambda_of_the_image():
+    """Mean pasted area over many draws against a hand calculation: lambda ~ U(0, 1) (alpha 1), half-side
+    a = floor(sqrt(1 - lambda) * 32 / 2), centre c uniform in 0..31, rows min(c + a, 32) - max(c - a, 0),
+    area (E_c rows / 32)^2, averaged over lambda. Side (1 - lambda) would give 0.203."""
+    n = 32
+
+    def rows(a):
+        return sum(min(c + a, n) - max(c - a, 0) for c in range(n)) / n
+
+    k = 4000
+    table = {a: (rows(a) / n) ** 2 for a in range(n // 2 + 1)}
+    expected = sum(table[math.floor(math.sqrt((i + 0.5) / k) * n / 2)] for i in range(k)) / k
+    assert abs(expected - 0.2993) < 1e-3
+    b = 4000
+    x, y = torch.zeros(b, 1, n, n), torch.eye(b)[:, :2].contiguous()
+    x[: b // 2] = 1.0  # partner images differ from one's own where a partner of the other half is pasted
+    xm, ym = cutmix(torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 1, n, n).contiguous(),
+                    torch.eye(b), 1.0, generator=torch.Generator().manual_seed(0))
+    pasted = (xm != torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1)).flatten(1).float().mean(1)
+    assert abs(pasted.mean().item() - expected) < 0.015  # stderr ~0.0045
+    # the label weight of one's own class is 1 - the pasted area, sample by sample
+    assert torch.allclose(ym.diagonal(), 1 - pasted)
+
+
+# ---- CutMixPick -----------------------------------------------------------------------------------
+def test_cutmix_pick_keeps_the_highest_teacher_entropy_and_adds_their_kd(split):
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", 4).eval()
+    d = make_distiller("kd", create_model("resnet8", 4), teacher, KDConfig())
+    pipe = make_pipeline("cutmix_pick", {"cutmix_pick": {"pool": 2, "keep": 5}}, image_size=32, mean=MEAN, std=STD)
+    step = TrainStep(d, SGD(d.parameters(), lr=0.0), MixSpec(), 4, torch.Generator().manual_seed(0), pick=pipe.batch)
+    assert step.loss_names[-1] == "pick_kd"
+    x, y = next(iter(loader(split, "flip_crop")))
+    losses = step._mixed_losses(x, y, True)
+    # by hand: the same pool (same generator), the teacher's entropies at T = 4, the 5 largest
+    pool = pipe.batch.candidates(x, one_hot(y, 4), torch.Generator().manual_seed(0))
+    assert pool.shape[0] == 16
+    with torch.no_grad():
+        t = teacher(pool)
+        ent = entropy(t, 4.0)
+        top = ent.argsort(descending=True)[:5]
+        s = d.student(pool[top])
+    kl = (torch.softmax(t[top] / 4, 1) * (torch.log_softmax(t[top] / 4, 1) - torch.log_softmax(s / 4, 1))).sum(1)
+    assert torch.allclose(losses["pick_kd"], kl.mean() * 16, rtol=1e-4)
+    with torch.no_grad():
+        clean = d.losses(x, one_hot(y, 4))
+    assert torch.allclose(losses["loss"], clean["loss"] + 0.9 * losses["pick_kd"], rtol=1e-4)  # weight 1 x kd 0.9
+
+
+# ---- a plugin -------------------------------------------------------------------------------------
+def test_a_policy_plugin_file_from_outside_the_package(tmp_path, split):
+    path = tmp_path / "invert_policy.py"
+    path.write_text(
+        "from mixkd.augment.base import SamplePolicy\n"
+        "from mixkd.registry import AUGMENTATIONS\n\n"
+        "@AUGMENTATIONS.register('invert28', label='Invert', stage='sample')\n"
+        "class Invert(SamplePolicy):\n"
+        "    '''255 - x.'''\n"
+        "    def __call__(self, x):\n"
+        "        return 255 - x\n")
+    load_plugin(str(path))
+    x, _ = next(iter(loader(split, "none+invert28")))
+    plain, _ = next(iter(loader(split, "none")))
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, ((1 - (plain * s + m)) - m) / s, atol=1e-5)
+    assert augment_label("flip_crop+invert28") == "flip+crop+Invert"
+
+
+# ---- mixkd distill --augment on digits -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    from mixkd.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
+    return path
+
+
+@pytest.mark.parametrize("augment,flags", [
+    ("none+cutout+cutmix_pick", []),
+    ("flip+autoaugment+trivialaugment+mixup", ["--mix-fraction", "0.1", "--teacher-view", "independent"]),
+    ("flip_crop+randaugment+random_erasing", ["--mix", "mixup", "--teacher-view", "clean"]),
+])
+def test_mixkd_distill_trains_on_digits_with_the_policies(teacher_file, tmp_path, one_thread, augment, flags):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits", "--epochs", "1",
+            "--batch-size", "512", "--device", "cpu", "--no-progress", "--augment", augment, "--out", str(out), *flags]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["augment"] == effective_spec(augment, "mixup" if "mixup" in flags else "none")
+    assert result["top1"] >= 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert ("train_pick_kd" in row) == ("cutmix_pick" in augment)
