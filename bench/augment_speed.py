@@ -18,7 +18,6 @@ import time
 import torch
 
 from mixkd.augment import make_pipeline
-from mixkd.config import KDConfig
 from mixkd.data.loaders import DeviceLoader
 from mixkd.data.spec import ArraySplit
 from mixkd.distiller import make_distiller
@@ -38,7 +37,7 @@ def step_seconds(spec, split, args, teacher, student_state):
                           crop=pipe.crop, flip=pipe.flip, sample=pipe.sample if pipe.extra else None)
     student = create_model(args.student, 100)
     student.load_state_dict(student_state)
-    d = make_distiller("kd", student, teacher, KDConfig())
+    d = make_distiller("kd", student, teacher)
     batch = pipe.batch
     mix = MixSpec(batch.method, 1.0, 1.0) if batch is not None and not batch.needs_models else MixSpec()
     step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 100, torch.Generator().manual_seed(0),

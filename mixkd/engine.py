@@ -57,6 +57,7 @@ from mixkd.models import create_model, default_lr
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
+from mixkd.registry import load_plugins, plugin_records
 from mixkd.run_folder import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -106,6 +107,7 @@ class Run:
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
         self.rank, self.world = distributed.rank(), distributed.world()
+        load_plugins(cfg.plugins)  # a config passed to another process (a study's worker): its methods there too
         self.writes = distributed.is_main()  # only rank 0 writes the run folder
         if self.world > 1 and not cfg.out:  # every rank's default folder: rank 0's
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
@@ -172,7 +174,7 @@ class Run:
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         self.augment = make_pipeline(cfg.augment, cfg.augment_settings, image_size=self.data.image_size,
                                      mean=self.data.mean, std=self.data.std, device=self.device, dataset=cfg.dataset,
-                                     temperature=cfg.kd.temperature)
+                                     temperature=cfg.kd.params().get("temperature") or 4.0)
         pick = self.augment.batch if self.augment.batch is not None and self.augment.batch.needs_models else None
         if pick is not None and self.world > 1:
             raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
@@ -198,7 +200,8 @@ class Run:
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
-        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
+        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
+                                        channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
@@ -632,10 +635,12 @@ class Run:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
             result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
-                          temperature=self.cfg.kd.temperature)
+                          temperature=self.cfg.kd.params().get("temperature"))
         result["mix"] = {**self.cfg.mix.model_dump(), "method": self.mix.method}
         result["augment"] = effective_spec(self.cfg.augment, self.mix.method)
         result["teacher_view"] = self.cfg.teacher_view
+        if self.cfg.plugins:  # the files that registered what the run used, as they were (see mixkd.registry)
+            result["plugins"] = plugin_records(self.cfg.plugins)
         if self.world > 1:
             result.update(processes=self.world, dist_backend=distributed.backend(), sync_bn=self.cfg.sync_bn)
         if self.writes:

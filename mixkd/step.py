@@ -271,7 +271,8 @@ class TrainStep:
             idx = pick.pick(pool, teacher_pool, student_pool, x.shape[0])
             student_picked = compute.student(pool.index_select(0, idx)).float()
         picked = pick.picked_kd(teacher_pool.index_select(0, idx), student_picked)
-        weight = pick.settings.weight * getattr(compute, "kd_factor", lambda: compute.kd.kd_weight)()
+        factor = compute.kd_factor() if hasattr(compute, "kd_factor") else getattr(compute.settings, "kd_weight", 1.0)
+        weight = pick.settings.weight * factor
         return {**losses, "loss": losses["loss"] + weight * picked, "pick_kd": picked}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:

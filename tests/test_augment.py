@@ -11,7 +11,6 @@ import torch
 from mixkd.augment import AUGMENTATIONS, augment_label, effective_spec, make_pipeline, parse_augment
 from mixkd.augment.cutmix_pick import entropy
 from mixkd.cli import main
-from mixkd.config import KDConfig
 from mixkd.data.loaders import DeviceLoader
 from mixkd.data.spec import ArraySplit
 from mixkd.distiller import make_distiller
@@ -143,7 +142,7 @@ class Recorder(torch.nn.Module):
 def view_step(view, mix):
     torch.manual_seed(0)
     teacher = Recorder().eval()
-    d = make_distiller("kd", create_model("resnet8", 4), teacher, KDConfig())
+    d = make_distiller("kd", create_model("resnet8", 4), teacher)
     step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 4, torch.Generator().manual_seed(0), teacher_view=view)
     return step, teacher
 
@@ -208,7 +207,7 @@ def test_cutmix_box_side_is_sqrt_one_minus_lambda_of_the_image():
 def test_cutmix_pick_keeps_the_highest_teacher_entropy_and_adds_their_kd(split):
     torch.manual_seed(0)
     teacher = create_model("resnet8", 4).eval()
-    d = make_distiller("kd", create_model("resnet8", 4), teacher, KDConfig())
+    d = make_distiller("kd", create_model("resnet8", 4), teacher)
     pipe = make_pipeline("cutmix_pick", {"cutmix_pick": {"pool": 2, "keep": 5}}, image_size=32, mean=MEAN, std=STD)
     step = TrainStep(d, SGD(d.parameters(), lr=0.0), MixSpec(), 4, torch.Generator().manual_seed(0), pick=pipe.batch)
     assert step.loss_names[-1] == "pick_kd"
