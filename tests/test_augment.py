@@ -71,6 +71,18 @@ def test_the_cli_refuses_a_bad_augment_in_one_line(capsys):
 
 # ---- the per-sample stage -------------------------------------------------------------------------
 def test_flip_crop_keeps_today_s_loader_numbers(split):
+    # today's draws, by hand: the order, then every sample's row and column offsets (0..8), then its flip
+    g = torch.Generator().manual_seed(3)
+    order = torch.randperm(24, generator=g)
+    off_y, off_x = torch.randint(0, 9, (24,), generator=g), torch.randint(0, 9, (24,), generator=g)
+    flip = torch.rand(24, generator=g) < 0.5
+    padded = torch.nn.functional.pad(split.images, (4, 4, 4, 4))
+    expected = []
+    for k, i in enumerate(order.tolist()):
+        crop = padded[i, :, off_y[k]:off_y[k] + 32, off_x[k]:off_x[k] + 32]
+        expected.append(crop.flip(-1) if flip[k] else crop)
+    got = torch.cat([x for x, _ in loader(split, "flip_crop")])
+    assert torch.equal(got, normalized(torch.stack(expected)))
     today = DeviceLoader(split, 8, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True, seed=3)
     for (a, ya), (b, yb) in zip(today, loader(split, "flip_crop"), strict=True):
         assert torch.equal(a, b) and torch.equal(ya, yb)
@@ -258,14 +270,37 @@ def teacher_file(tmp_path_factory):
     return path
 
 
+PLUGIN = '''\
+from mixkd.augment.base import SamplePolicy
+from mixkd.registry import AUGMENTATIONS
+
+
+@AUGMENTATIONS.register("invert_cli", label="Invert", stage="sample")
+class Invert(SamplePolicy):
+    """255 - x."""
+
+    def __call__(self, x):
+        return 255 - x
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "invert_cli.py"
+    path.write_text(PLUGIN)  # a policy plugin file from outside the package
+    return path
+
+
 @pytest.mark.parametrize("augment,flags", [
-    ("none+cutout+cutmix_pick", ["augment_settings.cutmix_pick.pool=1"]),
+    ("none+cutout+invert_cli+cutmix_pick", ["augment_settings.cutmix_pick.pool=1"]),
     ("flip+autoaugment+trivialaugment+randaugment+random_erasing+mixup",
      ["--mix-fraction", "0.1", "--teacher-view", "independent"]),
 ])
-def test_mixkd_distill_trains_on_digits_with_the_policies(teacher_file, tmp_path, one_thread, augment, flags):
-    out = tmp_path / "run"
-    args = ["distill", "--teacher", str(teacher_file), "--student", "resnet8", "--dataset", "digits", "--epochs", "1",
+def test_mixkd_distill_trains_on_digits_with_the_policies(teacher_file, plugin_file, tmp_path, one_thread, augment,
+                                                          flags):
+    out, plugin = tmp_path / "run", plugin_file
+    args = ["distill", "--plugin", str(plugin), "--teacher", str(teacher_file), "--student", "resnet8",
+            "--dataset", "digits", "--epochs", "1",
             "--batch-size", "512", "--device", "cpu", "--no-progress", "--augment", augment, "--out", str(out), *flags]
     assert main(args) == 0
     result = json.loads((out / "result.json").read_text())
