@@ -149,8 +149,9 @@ class Cell:
     def label(self) -> str:
         """The column title: 'student alone', 'KD T=4', 'STD+PMU f=0.1', 'KD+PMU T=4 f=0.1 (reference sampling)'."""
         if self.alone:
-            return "student alone" + ("" if self.mix == "none" else f" + {self.method[6:].upper()} " +
-                                      " ".join(self._settings(True))).rstrip()
+            if self.mix == "none":
+                return " ".join(["student alone", *self._settings(True)])
+            return ("student alone" + f" + {self.method[6:].upper()} " + " ".join(self._settings(True))).rstrip()
         name = self.kd_short + {"none": "", "full": "+FMU", "partial": "+PMU"}[self.mixing]
         return " ".join([name, *self._settings(True)])
 

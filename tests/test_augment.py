@@ -130,6 +130,23 @@ def test_cutout_zeroes_a_16_square_after_normalization_clipped_at_the_border():
     assert abs(zeros.float().mean().item() - rows * rows) < 12
 
 
+def test_image_folders_get_the_policies_in_their_worker_transform():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    base = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    pipe = make_pipeline("flip_crop+autoaugment+cutout", image_size=32, mean=MEAN, std=STD)
+    tf = pipe.folder_transform(base)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names[:4] == ["RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor", "AutoAugment"]
+    img = Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy())
+    torch.manual_seed(0)
+    x = tf(img)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert ((x == 0).all(0).sum() >= 64)  # Cutout's square (at least its clipped corner), after Normalize
+    assert make_pipeline("flip_crop", image_size=32, mean=MEAN, std=STD).folder_transform(base) is base
+
+
 def test_random_erasing_erases_about_half(split):
     pipe = make_pipeline("random_erasing", image_size=32, mean=MEAN, std=STD)
     out = pipe.sample(torch.full((200, 3, 32, 32), 250, dtype=torch.uint8), seed=0)
@@ -320,7 +337,7 @@ students:
   - name: policies
     teachers: [plain]
     models: resnet8
-    methods: [kd, kd_pmu]
+    methods: [alone, kd, kd_pmu]
     fractions: 0.1
     augment: [flip_crop, flip_crop+cutout]
 """
@@ -335,8 +352,9 @@ def test_a_study_crosses_augment_with_methods_and_reports_a_column_per_policy(tm
     path.write_text(AUGMENT_STUDY)
     runs = [r for r in load_study(path).runs if r.role == "student"]
     assert sorted((r.method.name, r.config.augment) for r in runs) == [
-        ("kd", "flip_crop"), ("kd", "flip_crop+cutout"), ("kd_pmu", "flip_crop"), ("kd_pmu", "flip_crop+cutout")]
-    assert len({r.id for r in runs}) == 4
+        ("alone", "flip_crop"), ("alone", "flip_crop+cutout"), ("kd", "flip_crop"), ("kd", "flip_crop+cutout"),
+        ("kd_pmu", "flip_crop"), ("kd_pmu", "flip_crop+cutout")]
+    assert len({r.id for r in runs}) == 6
     out = tmp_path / "out"
     for run in load_study(path).runs:
         d = out / run.id
@@ -351,7 +369,7 @@ def test_a_study_crosses_augment_with_methods_and_reports_a_column_per_policy(tm
     assert cols == ["KD T=4", "KD T=4 [flip+crop+Cutout]", "KD+PMU T=4 f=0.1", "KD+PMU T=4 f=0.1 [flip+crop+Cutout]"]
     rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["role"] == "student"]
     assert sorted((r["method"], r["augment"], float(r["top1"])) for r in rows) == [
-        ("kd", "flip_crop", 60.0), ("kd", "flip_crop+cutout", 63.0),
+        ("alone", "flip_crop", 60.0), ("alone", "flip_crop+cutout", 63.0), ("kd", "flip_crop", 60.0), ("kd", "flip_crop+cutout", 63.0),
         ("kd_pmu", "flip_crop", 61.0), ("kd_pmu", "flip_crop+cutout", 64.0)]
 
 

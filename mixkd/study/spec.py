@@ -533,9 +533,11 @@ class _Expander:
             for method in g.methods:
                 if METHODS[method].task == "train":
                     for model in students:
-                        for seed in g.seeds:
-                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
-                            self.add(config, f"students/{model}-alone-s{seed}", "student", where, model, seed,
+                        for augment, seed in itertools.product(g.augment or [None], g.seeds):
+                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"},
+                                                   **({"augment": augment} if augment is not None else {})})
+                            part = f"-{augment}" if augment is not None else ""
+                            self.add(config, f"students/{model}-alone{part}-s{seed}", "student", where, model, seed,
                                      method=METHODS[method], analysis=analysis)
                     continue
                 for ref, model in combos:
