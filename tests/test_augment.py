@@ -277,16 +277,6 @@ def test_a_policy_plugin_file_from_outside_the_package(tmp_path, split):
 
 
 # ---- mixkd distill --augment on digits -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    from mixkd.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
-    return path
-
-
 PLUGIN = '''\
 from mixkd.augment.base import SamplePolicy
 from mixkd.registry import AUGMENTATIONS
