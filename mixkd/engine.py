@@ -179,6 +179,9 @@ class Run:
         if pick is not None and self.world > 1:
             raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
                              "data-parallel wrapper); run it without torchrun/srun")
+        if cfg.teacher_view != "same" and self.world > 1:
+            raise MixkdError(f"teacher_view: {cfg.teacher_view} runs on one process (the data-parallel wrapper hands "
+                             "the teacher the student's batch); use teacher_view: same, or run without torchrun/srun")
         if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
