@@ -5,9 +5,8 @@
 from torchvision.transforms import v2
 
 from mixkd.augment.base import SamplePolicy
+from mixkd.data.loaders import CROP_PADDING
 from mixkd.registry import AUGMENTATIONS
-
-CROP_PADDING = 4  # RandomCrop(32, padding=4): mixkd.data.loaders.CROP_PADDING, the loader's own
 
 
 @AUGMENTATIONS.register("flip_crop", label="flip+crop", title="random crop (padding 4) + horizontal flip",
