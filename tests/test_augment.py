@@ -357,6 +357,12 @@ def test_a_study_crosses_augment_with_methods_and_reports_a_column_per_policy(tm
     header = [line for line in text.split("## Teacher → student")[1].splitlines() if line.startswith("| ")][0]
     cols = [c.strip() for c in header.strip("|").split("|")][3:]
     assert cols == ["KD T=4", "KD T=4 [flip+crop+Cutout]", "KD+PMU T=4 f=0.1", "KD+PMU T=4 f=0.1 [flip+crop+Cutout]"]
+    policy = [line for line in text.split("## Method × augmentation policy")[1].split("\n## ")[0].splitlines()
+              if line.startswith("| ")]
+    assert policy[0] == "| teacher → student | method | flip+crop | flip+crop+Cutout |"
+    assert [line.split(" | ")[1:] for line in policy[1:]] == [
+        ["student alone", "60.00", "**63.00** |"], ["KD T=4", "60.00", "**63.00** |"],
+        ["KD+PMU T=4 f=0.1", "61.00", "**64.00** |"]]
     rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["role"] == "student"]
     assert sorted((r["method"], r["augment"], float(r["top1"])) for r in rows) == [
         ("alone", "flip_crop", 60.0), ("alone", "flip_crop+cutout", 63.0), ("kd", "flip_crop", 60.0), ("kd", "flip_crop+cutout", 63.0),
