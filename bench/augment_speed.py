@@ -34,7 +34,7 @@ SPECS = ["flip_crop", "none", "flip", "flip_crop+cutout", "flip_crop+autoaugment
 def step_seconds(spec, split, args, teacher, student_state):
     pipe = make_pipeline(spec, image_size=32, mean=MEAN, std=STD)
     loader = DeviceLoader(split, args.batch, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True,
-                          crop=pipe.crop, flip=pipe.flip, sample=pipe.sample if pipe.extra else None)
+                          crop=pipe.crop, flip=pipe.flip, sample=pipe.sample_extra if pipe.extra else None)
     student = create_model(args.student, 100)
     student.load_state_dict(student_state)
     d = make_distiller("kd", student, teacher)

@@ -174,7 +174,8 @@ class Run:
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         self.augment = make_pipeline(cfg.augment, cfg.augment_settings, image_size=self.data.image_size,
                                      mean=self.data.mean, std=self.data.std, device=self.device, dataset=cfg.dataset,
-                                     temperature=cfg.kd.params().get("temperature") or 4.0)
+                                     temperature=cfg.kd.params().get("temperature") or 4.0,
+                                     mix=MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling))
         pick = self.augment.batch if self.augment.batch is not None and self.augment.batch.needs_models else None
         if pick is not None and self.world > 1:
             raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
@@ -210,9 +211,7 @@ class Run:
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
         self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)
-        batch = self.augment.batch
-        mix_method = batch.method if batch is not None and not batch.needs_models else cfg.mix.method
-        self.mix = MixSpec(mix_method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
+        self.mix = self.augment.mix_spec  # mixup / CutMix from augment or --mix, with the mix.* settings
         self.mix_generator = torch.Generator(device=self.device)
         compile_step = resolve_compile(cfg.compile, self.device.type, cfg.dataset)
         if self.world > 1:

@@ -260,7 +260,7 @@ class TrainStep:
         """CutMixPick (mixkd/augment/cutmix_pick.py): the method's losses on the clean batch plus the
         picked CutMix candidates' KD term; the pick is a top-k on the device."""
         pick, compute = self.pick, self._compute
-        pool = pick.candidates(x, target, self.generator)
+        pool, _ = pick.candidates(x, target, self.generator)
         with self.autocast(cache_enabled=cache_enabled):
             losses = compute.losses(x, target)
             with torch.no_grad():

@@ -34,7 +34,7 @@ def split():
 def loader(split, spec="flip_crop", view="same", **kw):
     pipe = make_pipeline(spec, image_size=32, mean=MEAN, std=STD)
     return DeviceLoader(split, 8, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True, seed=3,
-                        crop=pipe.crop, flip=pipe.flip, sample=pipe.sample if pipe.extra else None,
+                        crop=pipe.crop, flip=pipe.flip, sample=pipe.sample_extra if pipe.extra else None,
                         teacher_view=view, **kw)
 
 
@@ -243,7 +243,7 @@ def test_cutmix_pick_keeps_the_highest_teacher_entropy_and_adds_their_kd(split):
     x, y = next(iter(loader(split, "flip_crop")))
     losses = step._mixed_losses(x, y, True)
     # by hand: the same pool (same generator), the teacher's entropies at T = 4, the 5 largest
-    pool = pipe.batch.candidates(x, one_hot(y, 4), torch.Generator().manual_seed(0))
+    pool, _ = pipe.batch.candidates(x, one_hot(y, 4), torch.Generator().manual_seed(0))
     assert pool.shape[0] == 16
     with torch.no_grad():
         t = teacher(pool)
@@ -255,6 +255,9 @@ def test_cutmix_pick_keeps_the_highest_teacher_entropy_and_adds_their_kd(split):
     with torch.no_grad():
         clean = d.losses(x, one_hot(y, 4))
     assert torch.allclose(losses["loss"], clean["loss"] + 0.9 * losses["pick_kd"], rtol=1e-4)  # weight 1 x kd 0.9
+    # the pipeline's batch stage (what mixkd augment-score runs): the same 5 candidates, with their CutMix labels
+    picked, labels = pipe.mix(x, one_hot(y, 4), teacher, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(picked, pool[top]) and labels.shape == (5, 4) and torch.allclose(labels.sum(1), torch.ones(5))
 
 
 # ---- a plugin -------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from mixkd.augment import (  # noqa: F401  (each file registers its entry)
 from mixkd.augment.base import BatchPolicy, Context, SamplePolicy
 from mixkd.data.loaders import TEACHER_VIEWS
 from mixkd.errors import MixkdError
+from mixkd.mix import MixSpec, mix_batch
 from mixkd.registry import AUGMENTATIONS, Entry
 
 __all__ = ["AUGMENTATIONS", "TEACHER_VIEWS", "BatchPolicy", "Context", "Pipeline", "SamplePolicy", "augment_label", "batch_method", "effective_spec", "make_pipeline",
@@ -95,7 +96,8 @@ def augment_label(spec: str) -> str:
 class Pipeline:
     """A parsed spec built for a run (see the module docstring)."""
 
-    def __init__(self, entries: list[Entry], settings: Mapping[str, Mapping[str, Any]], context: Context):
+    def __init__(self, entries: list[Entry], settings: Mapping[str, Mapping[str, Any]], context: Context,
+                 mix: MixSpec | None = None):
         self.entries, self.context = entries, context
         unknown = [k for k in settings if k not in [e.name for e in entries]]
         if unknown:
@@ -109,6 +111,10 @@ class Pipeline:
                 self.batch = obj
             else:
                 self.policies.append(obj)
+        method = self.batch.method if self.batch is not None and not self.batch.needs_models else "none"
+        base = mix or MixSpec()
+        # mixup / CutMix: the run's mix.alpha, mix.fraction, mix.sampling (today's --mix-* flags)
+        self.mix_spec = MixSpec(method, base.alpha, base.fraction, base.sampling) if method != "none" else base
         names = [e.name for e in entries]
         self.crop = "flip_crop" in names
         self.flip = self.crop or "flip" in names
@@ -121,11 +127,14 @@ class Pipeline:
     def spec(self) -> str:
         return "+".join(e.name for e in self.entries)
 
-    def sample(self, x: torch.Tensor, seed: int | None = None, native: bool = False) -> torch.Tensor:
-        """The per-sample stage of a uint8 batch (B, C, H, W): normalized float32. ``native``: also the
-        loader-native policies (flip, flip + crop), by torchvision per sample (the in-memory loader
-        draws those itself and passes ``native=False``). ``seed``: draws under that seed, leaving
-        torch's global RNG as it was."""
+    def sample_extra(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """:meth:`sample` without flip and flip + crop, which the in-memory loader draws itself."""
+        return self.sample(x, seed, native=False)
+
+    def sample(self, x: torch.Tensor, seed: int | None = None, native: bool = True) -> torch.Tensor:
+        """The per-sample stage of a uint8 batch (B, C, H, W): normalized float32, each sample its own
+        draw. ``native``: flip and flip + crop too, by torchvision per sample. ``seed``: draws under that
+        seed, leaving torch's global RNG as it was."""
         rng = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []) if seed is not None \
             else contextlib.nullcontext()
         with rng:
@@ -139,6 +148,24 @@ class Pipeline:
                 if p.space == "normalized":
                     x = p(x)
         return x
+
+    def mix(self, x: torch.Tensor, y_onehot: torch.Tensor, teacher: torch.nn.Module | None = None,
+            student: torch.nn.Module | None = None, generator: torch.Generator | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch stage on a normalized batch: ``(x, y)`` mixed by :attr:`mix_spec` (mixup, CutMix, or
+        none: :func:`mixkd.mix.mix_batch`), or CutMixPick's picked candidates and their CutMix labels (scored by
+        ``teacher``, and ``student`` for its student criteria), or the batch itself."""
+        batch = self.batch
+        if batch is None or not batch.needs_models:
+            return mix_batch(x, y_onehot, self.mix_spec, generator)
+        if teacher is None or (student is None and batch.settings.criterion != "teacher_entropy"):
+            raise ValueError(f"cutmix_pick ({batch.settings.criterion}) needs the models that score its candidates")
+        pool, pool_y = batch.candidates(x, y_onehot, generator)
+        with torch.no_grad():
+            t = teacher(pool).float()
+            s = student(pool).float() if student is not None and batch.settings.criterion != "teacher_entropy" else None
+        idx = batch.pick(pool, t, s, x.shape[0])
+        return pool.index_select(0, idx), pool_y.index_select(0, idx)
 
     def folder_transform(self, base: Any) -> Any:
         """``base`` (the folder's train transform, ending in ToTensor + Normalize) with the per-sample
@@ -159,10 +186,12 @@ class Pipeline:
 
 def make_pipeline(spec: str, settings: Mapping[str, Mapping[str, Any]] | None = None, *, image_size: int,
                   mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
-                  generator: torch.Generator | None = None, dataset: str = "", temperature: float = 4.0) -> Pipeline:
-    """The pipeline of ``spec`` for a run (``generator``: unused by the per-sample stage, which the
-    loader seeds per batch; the batch stage draws from the step's generator)."""
+                  generator: torch.Generator | None = None, dataset: str = "", temperature: float = 4.0,
+                  mix: MixSpec | None = None) -> Pipeline:
+    """The pipeline of ``spec`` for a run. ``generator``: unused (the per-sample stage is seeded per batch
+    by the loader or by :meth:`Pipeline.sample`'s ``seed``; :meth:`Pipeline.mix` takes the generator of
+    its draws); ``mix``: mixup's and CutMix's alpha, fraction and sampling (default Beta(1, 1), full)."""
     del generator
     context = Context(image_size=image_size, mean=tuple(mean), std=tuple(std), device=torch.device(device),
                       dataset=dataset, temperature=temperature)
-    return Pipeline(parse_augment(spec), dict(settings or {}), context)
+    return Pipeline(parse_augment(spec), dict(settings or {}), context, mix)

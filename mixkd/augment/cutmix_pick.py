@@ -61,10 +61,10 @@ class CutMixPick(BatchPolicy):
     method = "cutmix_pick"
     needs_models = True
 
-    def candidates(self, x: torch.Tensor, y_onehot: torch.Tensor, generator=None) -> torch.Tensor:
-        """``pool`` CutMix draws of the batch, concatenated: (pool * B, C, H, W)."""
-        return torch.cat([cutmix(x, y_onehot, self.settings.alpha, generator=generator)[0]
-                          for _ in range(self.settings.pool)])
+    def candidates(self, x: torch.Tensor, y_onehot: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pool`` CutMix draws of the batch, concatenated: images (pool * B, C, H, W) and their labels."""
+        draws = [cutmix(x, y_onehot, self.settings.alpha, generator=generator) for _ in range(self.settings.pool)]
+        return torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
 
     def kept(self, batch_size: int) -> int:
         return min(self.settings.keep, self.settings.pool * batch_size)

@@ -412,7 +412,7 @@ def make_loaders(
     train: DeviceLoader | FolderLoader
     if isinstance(spec.train, ArraySplit):
         native = {} if pipeline is None else {"crop": pipeline.crop, "flip": pipeline.flip,
-                                              "sample": pipeline.sample if pipeline.extra else None}
+                                              "sample": pipeline.sample_extra if pipeline.extra else None}
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
                              drop_last=drop_last, rank=rank, world=world, teacher_view=teacher_view, **native)
     else:
