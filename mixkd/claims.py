@@ -356,11 +356,11 @@ def _pmu_exact(cell: Cell, fraction: float = PARTIAL_FRACTION) -> bool:
 
 
 def _full_of(cell: Cell) -> Cell:
-    return Cell(cell.kd, cell.temperature, cell.mix, 1.0, cell.alpha, None)
+    return Cell(cell.kd, cell.temperature, cell.mix, 1.0, cell.alpha, None, cell.augment)
 
 
 def _partial_of(full: Cell, fraction: float = PARTIAL_FRACTION, sampling: str = "exact") -> Cell:
-    return Cell(full.kd, full.temperature, full.mix, fraction, full.alpha, sampling)
+    return Cell(full.kd, full.temperature, full.mix, fraction, full.alpha, sampling, full.augment)
 
 
 def _parts_2(grid: Grid) -> list[str]:
@@ -757,7 +757,7 @@ def _unpaired_pmu(grid: Grid) -> list[str]:
     for ctx, cells in grid.cells.items():
         for cell in cells:
             if cell.mixing == "partial" and cell.sampling == "reference" and _close(cell.fraction, PARTIAL_FRACTION):
-                exact = Cell(cell.kd, cell.temperature, cell.mix, cell.fraction, cell.alpha, "exact")
+                exact = Cell(cell.kd, cell.temperature, cell.mix, cell.fraction, cell.alpha, "exact", cell.augment)
                 if exact not in cells:
                     notes.append(f"{ctx.label}: {cell.label} has no sampling exact twin: claims 2 and 3 use exact PMU "
                                  "only (claim 5 uses it)")

@@ -54,6 +54,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--weight-decay",), "optim.weight_decay", {"type": float}, "weight decay"),
     (("--milestones",), "optim.milestones", {"type": _int_list}, "epochs where lr is multiplied by --lr-decay, e.g. 150,180,210 (default 62.5/75/87.5%% of --epochs)"),
     (("--lr-decay",), "optim.lr_decay", {"type": float}, "lr factor at each milestone"),
+    (("--augment",), "augment", {}, "augmentation policies joined by '+': none, flip, flip_crop, cutout, autoaugment, randaugment, trivialaugment, random_erasing, then at most one of mixup, cutmix, cutmix_pick; see docs/augmentation.md"),
+    (("--teacher-view",), "teacher_view", {"choices": ["same", "independent", "clean"]}, "what the teacher sees: same (the student's batch), independent (its own draw), clean (un-augmented)"),
     (("--mix",), "mix.method", {"choices": ["none", "mixup", "cutmix"]}, "mixing of the training batch"),
     (("--mix-alpha",), "mix.alpha", {"type": float}, "Beta(a, a) parameter of the mixing weight"),
     (("--mix-fraction",), "mix.fraction", {"type": float}, "share of each batch mixed: 1 = full mixup, 0.1 = the study's partial mixup"),

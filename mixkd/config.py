@@ -173,6 +173,9 @@ class RunConfig(_Section):
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the teacher and student inside the step; auto: on for CUDA runs of in-memory datasets (24-37% faster on an H100), off on the CPU and for imagefolder")
     tensorboard: bool = False
     progress: bool = True
+    augment: str = Field("flip_crop", min_length=1, max_length=500, description="augmentation policies joined by '+': per-sample ones (none, flip, flip_crop, cutout, autoaugment, randaugment, trivialaugment, random_erasing, or a plugin's), then at most one batch policy (mixup, cutmix, cutmix_pick); docs/augmentation.md")
+    augment_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="settings of the augment policies by name, e.g. {cutout: {size: 8}, randaugment: {magnitude: 14}}")
+    teacher_view: Literal["same", "independent", "clean"] = Field("same", description="what the teacher sees: same (the student's augmented, mixed batch), independent (its own draw of the augmentation and mix), clean (the un-augmented image)")
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     kd: KDConfig = Field(default_factory=KDConfig)

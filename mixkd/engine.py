@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from mixkd import distributed
+from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
@@ -174,13 +175,28 @@ class Run:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+        self.augment = make_pipeline(cfg.augment, cfg.augment_settings, image_size=self.data.image_size,
+                                     mean=self.data.mean, std=self.data.std, device=self.device, dataset=cfg.dataset,
+                                     temperature=cfg.kd.params().get("temperature") or 4.0,
+                                     mix=MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling))
+        pick = self.augment.batch if self.augment.batch is not None and self.augment.batch.needs_models else None
+        if pick is not None and self.world > 1:
+            raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
+                             "data-parallel wrapper); run it without torchrun/srun")
+        if cfg.teacher_view != "same" and self.world > 1:
+            raise MixkdError(f"teacher_view: {cfg.teacher_view} runs on one process (the data-parallel wrapper hands "
+                             "the teacher the student's batch); use teacher_view: same, or run without torchrun/srun")
         if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
                 raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
-            rank=self.rank, world=self.world)
+            rank=self.rank, world=self.world, pipeline=self.augment, teacher_view=cfg.teacher_view)
+        if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
+            self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
+                              "run in the loader on the device, per sample (torchvision v2), outside the "
+                              "(graphed) step, which cannot capture their data-dependent choices")
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -203,7 +219,7 @@ class Run:
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
         self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)
-        self.mix = MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
+        self.mix = self.augment.mix_spec  # mixup / CutMix from augment or --mix, with the mix.* settings
         self.mix_generator = torch.Generator(device=self.device)
         compile_step = resolve_compile(cfg.compile, self.device.type, cfg.dataset)
         if self.world > 1:
@@ -213,7 +229,7 @@ class Run:
             self.distiller.data_parallel(self.device, broadcast_buffers=not cfg.sync_bn)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             self.precision, compile=compile_step)
+                             self.precision, compile=compile_step, teacher_view=cfg.teacher_view, pick=pick)
         self.steps_per_epoch = len(self.train_loader)
 
     @property
@@ -664,7 +680,9 @@ class Run:
             result.update(teacher=self._saved_config().kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.params().get("temperature"))
-        result["mix"] = self.cfg.mix.model_dump()
+        result["mix"] = {**self.cfg.mix.model_dump(), "method": self.mix.method}
+        result["augment"] = effective_spec(self.cfg.augment, self.mix.method)
+        result["teacher_view"] = self.cfg.teacher_view
         if self.cfg.plugins:  # the files that registered what the run used, as they were (see mixkd.registry)
             result["plugins"] = plugin_records(self.cfg.plugins)
         if self.world > 1:

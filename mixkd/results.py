@@ -22,7 +22,8 @@ A results table has one row per trained student with the columns of :data:`COLUM
 =============== =========================================================================================
 
 Optional columns: ``best_top1`` (the best epoch's top-1, in %: ``mixkd claims --metric best_top1``),
-``mix_alpha`` (the mixup alpha; empty: 1), and the settings ``dataset``, ``epochs``, ``batch_size`` and
+``mix_alpha`` (the mixup alpha; empty: 1), ``augment`` (the per-sample augmentation policies, and
+cutmix_pick, as ``--augment`` names them: ``flip_crop+cutout``; empty: ``flip_crop``), and the settings ``dataset``, ``epochs``, ``batch_size`` and
 ``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
 setting but the seed, those included (a table without ``epochs`` cannot tell schedules apart: ``mixkd
 claims`` says so; one that names the schedule otherwise, e.g. ``num_epochs``, is refused). Other columns
@@ -110,6 +111,7 @@ class Cell:
     fraction: float | None = None
     alpha: float | None = None
     sampling: str | None = None
+    augment: str | None = None  # the per-sample policies (and cutmix_pick) when not the default flip_crop
 
     @property
     def alone(self) -> bool:
@@ -139,14 +141,17 @@ class Cell:
         parts += ["cutmix"] if self.mix == "cutmix" else []
         if self.mixing == "partial" and self.sampling not in (None, "exact"):
             parts += [f"({self.sampling} sampling)" if sep_sampling else f"{self.sampling} sampling"]
+        if self.augment is not None:
+            parts += [f"[{augment_label(self.augment)}]"]
         return parts
 
     @property
     def label(self) -> str:
         """The column title: 'student alone', 'KD T=4', 'STD+PMU f=0.1', 'KD+PMU T=4 f=0.1 (reference sampling)'."""
         if self.alone:
-            return "student alone" + ("" if self.mix == "none" else f" + {self.method[6:].upper()} " +
-                                      " ".join(self._settings(True))).rstrip()
+            if self.mix == "none":
+                return " ".join(["student alone", *self._settings(True)])
+            return ("student alone" + f" + {self.method[6:].upper()} " + " ".join(self._settings(True))).rstrip()
         name = self.kd_short + {"none": "", "full": "+FMU", "partial": "+PMU"}[self.mixing]
         return " ".join([name, *self._settings(True)])
 
@@ -167,7 +172,7 @@ class Cell:
         method = (-1, "") if self.alone else kd_order(self.kd)
         return (*method, ("none", "full", "partial").index(self.mixing), self.temperature is None,
                 self.temperature or 0.0, self.fraction or 0.0, self.alpha or 1.0, self.mix,
-                self.sampling not in (None, "exact"), self.sampling or "")
+                self.sampling not in (None, "exact"), self.sampling or "", self.augment or "")
 
 
 @dataclass(frozen=True)
@@ -313,7 +318,9 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     best = r.number("best_top1", low=0.0, high=100.0)
     settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
     context = Context(teacher, teacher_mix, student, settings)
-    cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling)
+    augment = _text(row.get("augment")) or None
+    cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling,
+                None if augment == DEFAULT_AUGMENT else augment)
     return Result(context, cell, None if seed is None else int(seed), float(top1), _text(row.get("id")) or where,
                   {"where": where, "id": _text(row.get("id"))}, best)
 
@@ -432,10 +439,30 @@ def read_csv(path: str | Path) -> list[Result]:
 TEACHER_MIXES = {"plain": "none", "mixup": "mixup", "cutmix": "cutmix"}
 
 
+DEFAULT_AUGMENT = "flip_crop"  # RunConfig's augment default: a table without an augment column used it
+_MIX_POLICIES = ("mixup", "cutmix")  # the mix column's, not the augment column's
+
+
+def sample_augment(spec: str) -> str:
+    """The augment column of a run's spec: its policies but mixup and CutMix (the mix column has those)."""
+    return "+".join(p for p in spec.split("+") if p not in _MIX_POLICIES) or "none"
+
+
+def augment_label(spec: str) -> str:
+    """A spec's label from the augmentation registry ('flip_crop+cutout' -> 'flip+crop+Cutout'); imported
+    here, when a table has policies, so that tables without (and ``mixkd claims`` on them) stay torch-free."""
+    from mixkd.augment import augment_label as label
+
+    return label(spec)
+
+
 def cell_from_config(cfg: dict[str, Any]) -> Cell:
     """The cell of a run from its config tree (a RunConfig's keys; defaults where a key is missing)."""
     mix, kd = cfg.get("mix") or {}, cfg.get("kd") or {}
     mixing = mix.get("method") or "none"
+    spec = str(cfg.get("augment") or DEFAULT_AUGMENT)
+    if mixing == "none":  # mixup / CutMix named in augment instead of mix.method
+        mixing = next((p for p in spec.split("+") if p in _MIX_POLICIES), "none")
     fraction = float(mix.get("fraction", 1.0)) if mixing != "none" else None
     alpha = float(mix.get("alpha", 1.0)) if mixing != "none" else None
     sampling = (mix.get("sampling") or "exact") if fraction is not None and fraction < 1 else None
@@ -443,7 +470,9 @@ def cell_from_config(cfg: dict[str, Any]) -> Cell:
     temperature = None
     if method != "none" and not temperature_free(method):
         temperature = float(kd.get("temperature", 4.0))
-    return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling)
+    augment = sample_augment(spec)
+    return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling,
+                None if augment == DEFAULT_AUGMENT else augment)
 
 
 def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_mix_label: str | None) -> Context:
@@ -477,6 +506,7 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
                      "sampling": cell.sampling or "", "seed": "" if r.seed is None else r.seed, "top1": r.top1,
                      "best_top1": "" if r.best_top1 is None else r.best_top1,
                      "mix_alpha": "" if cell.alpha is None else f"{cell.alpha:g}",
+                     "augment": cell.augment or DEFAULT_AUGMENT,
                      **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
     return rows
 
@@ -485,7 +515,7 @@ def write_csv(results: list[Result], path: str | Path) -> None:
     """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", *SETTING_COLUMNS, "id"])
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "augment", *SETTING_COLUMNS, "id"])
             writer.writeheader()
             writer.writerows(table_rows(results))
 

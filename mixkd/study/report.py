@@ -54,7 +54,14 @@ from mixkd.study.figures import (
 from mixkd.study.folder import STATE_NAME, STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
-from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
+from mixkd.study.tables import (
+    analysis_tables,
+    analyzed,
+    method_summary_table,
+    paper_table,
+    policy_table,
+    teacher_name,
+)
 
 OTHER_METRIC = {"top1": "best_top1", "best_top1": "top1"}  # reported beside the chosen one
 OTHER_WHY = {"best_top1": "mdistiller's and most published KD figures are best-epoch",
@@ -225,6 +232,11 @@ def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
               f"Student {METRICS[metric]} (%), mean ± std over seeds (n = runs where fewer than the most); "
               "best method per row in **bold**; teacher and student-alone accuracy beside.", "",
               paper_table(rows, metric), ""]
+    policies = policy_table(rows, metric)
+    if policies is not None:
+        lines += ["## Method × augmentation policy", "",
+                  f"Student {METRICS[metric]} (%) by augmentation policy (`augment:`), mean ± std over seeds; best "
+                  "policy per row in **bold**.", "", policies, ""]
     other = OTHER_METRIC[metric]
     if any(r["status"] == "done" and r["teacher"] is not None and r.get(other) is not None for r in rows):
         lines += [f"Beside it, the same runs' {METRICS[other]} ({OTHER_WHY[other]}):", "", paper_table(rows, other), ""]

@@ -53,6 +53,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
+from mixkd.augment import parse_augment
 from mixkd.config import (
     MACHINE_KEYS,
     TEACHER_KEYS,
@@ -240,6 +241,7 @@ class StudentGroup(_Strict):
     alphas: Floats = [1.0]
     mix_modes: Annotated[list[Literal["mixup", "cutmix"]], BeforeValidator(_listify), Field(min_length=1)] = ["mixup"]
     samplings: Annotated[list[Literal["exact", "reference"]], BeforeValidator(_listify), Field(min_length=1)] = ["exact"]
+    augment: Strs | None = None  # augmentation specs (issue 28), crossed with the methods; None: the recipe's
     seeds: Ints = [0]
     recipe: dict[str, Any] = {}
     analysis: GroupAnalysis = None
@@ -253,6 +255,11 @@ class StudentGroup(_Strict):
     def _students(self) -> StudentGroup:
         if (self.models is None) == (self.pairs is None):
             raise ValueError("give either models: (crossed with every teacher) or pairs: ('teacher -> student')")
+        for spec in self.augment or []:
+            try:
+                parse_augment(spec)
+            except MixkdError as err:
+                raise ValueError(str(err).removeprefix("augment: ")) from None
         needs_teacher = [m for m in self.methods if METHODS[m].task == "distill"]
         if (needs_teacher or self.pairs) and not self.teachers:
             raise ValueError(f"methods {', '.join(needs_teacher) or 'with pairs:'} need teachers: (teacher group names)")
@@ -529,9 +536,12 @@ class _Expander:
             for method in g.methods:
                 if METHODS[method].task == "train":
                     for model in students:
-                        for seed in g.seeds:
-                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
-                            self.add(config, f"students/{model_slug(model)}-alone-s{seed}", "student", where, model, seed,
+                        for augment, seed in itertools.product(g.augment or [None], g.seeds):
+                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"},
+                                                   **({"augment": augment} if augment is not None else {})})
+                            part = f"-{augment}" if augment is not None else ""
+                            self.add(config, f"students/{model_slug(model)}-alone{part}-s{seed}", "student", where, model,
+                                     seed,
                                      method=METHODS[method], analysis=analysis)
                     continue
                 for ref, model in combos:
@@ -565,15 +575,17 @@ class _Expander:
         mixing = m.mixing != "none"
         inherited = _get(base, "mix.sampling") or "exact"  # defaults: / recipe: / --set, as before the axis
         samplings = [None] if m.mixing != "partial" else g.samplings if g.sampling_axis else [inherited]
-        for temp, frac, alpha, mode, sampling, seed in itertools.product(
+        augments = g.augment or [None]
+        for temp, frac, alpha, mode, sampling, augment, seed in itertools.product(
                 temps, fractions, g.alphas if mixing else [None], g.mix_modes if mixing else [None], samplings,
-                g.seeds):
+                augments, g.seeds):
             parts = [method]
             parts += [f"T{_fmt(temp)}"] if temp is not None else []
             parts += [f"f{_fmt(frac)}"] if m.mixing == "partial" else []
             parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
             parts += ["cutmix"] if mode == "cutmix" else []
             parts += ["ref"] if sampling == "reference" else []
+            parts += [augment] if augment is not None else []
             run_id = f"students/{model_slug(model)}-from-{model_slug(ref.label)}-{'-'.join(parts)}-s{seed}"
             kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
             if ref.checkpoint:
@@ -581,7 +593,8 @@ class _Expander:
             mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
             if sampling is not None and sampling != inherited:
                 mix["sampling"] = sampling
-            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
+            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix,
+                                   **({"augment": augment} if augment is not None else {})})
             yield config, run_id, {"seed": seed, "teacher_run": ref.run_id, "teacher_checkpoint": ref.checkpoint,
                                    "teacher_model": ref.model, "method": m, "temperature": temp, "fraction": frac,
                                    "alpha": alpha, "sampling": sampling}
