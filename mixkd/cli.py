@@ -65,6 +65,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
+    (("--track",), "track.backend", {"choices": ["none", "mlflow", "wandb"]}, "also log the run to an experiment tracker: MLflow (track.uri: its tracking URI, default sqlite:///mlflow.db) or W&B (pip install 'mixkd[mlflow]' / 'mixkd[wandb]')"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]

@@ -23,7 +23,13 @@ from mixkd.errors import MixkdError
 MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 # Keys that describe the machine, not the run: a run resumed (elsewhere) takes them from the new command.
 MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
-                "save_every_minutes")
+                "save_every_minutes", "track")
+
+
+def machine_key(key: str) -> bool:
+    """Whether dotted config key ``key`` is machine-local (one of :data:`MACHINE_KEYS` or inside one:
+    ``track.backend``)."""
+    return key.split(".", 1)[0] in MACHINE_KEYS
 
 
 class _Section(BaseModel):
@@ -46,6 +52,19 @@ class MixConfig(_Section):
     alpha: float = Field(1.0, ge=1e-3, le=1e3, description="Beta(alpha, alpha) for lambda")
     fraction: float = Field(1.0, ge=0, le=1, description="share of each batch that is mixed (1 = full mixup)")
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
+
+
+TRACKERS = ("none", "mlflow", "wandb")
+
+
+class TrackConfig(_Section):
+    """Where the run is also logged (:mod:`mixkd.tracking`): an experiment tracker. Machine-local: a
+    resumed run may change it. ``track: mlflow`` in a YAML file is short for ``track: {backend: mlflow}``."""
+
+    backend: Literal["none", "mlflow", "wandb"] = Field("none", description="experiment tracker: none, mlflow (pip install 'mixkd[mlflow]') or wandb (pip install 'mixkd[wandb]')")
+    uri: str | None = Field(None, description="mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory); wandb: the folder of its files (default: $WANDB_DIR, else the working directory)")
+    project: str = Field("mixkd", min_length=1, description="the MLflow experiment / W&B project the runs go to")
+    parent: str | None = Field(None, description="set by a study: the tracked id of the study's parent run (its runs are its children)")
 
 
 class KDMethod(NamedTuple):
@@ -151,6 +170,12 @@ class RunConfig(_Section):
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     kd: KDConfig = KDConfig()
+    track: TrackConfig = TrackConfig()
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _track(cls, v: Any) -> Any:
+        return {"backend": v} if isinstance(v, str) else v  # track: mlflow
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from mixkd.header import checkpoint_header
 from mixkd.models import available_models
 from mixkd.models.registry import unknown_model_message
 from mixkd.run_folder import CHECKPOINT_NAME, CONFIG_NAME
+from mixkd.tracking import tracker_problem
 
 
 def validate_run_config(cfg: RunConfig) -> None:
@@ -46,6 +47,7 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
     problems += _model_problems(cfg)
     problems += _device_problems(cfg.device)
     problems += _out_problems(cfg.out)
+    problems += _tracker_problems(cfg.track.backend)
     if cfg.task == "distill" and cfg.kd.teacher:
         problems += teacher_problems(cfg.kd.teacher, cfg.kd.teacher_model,
                                      dataset_num_classes(cfg.dataset, cfg.data_dir), cfg.dataset)
@@ -61,6 +63,8 @@ def machine_problems(configs: list[dict[str, Any]]) -> list[str]:
     problems: list[str] = []
     for device in dict.fromkeys(str(c.get("device", "auto")) for c in configs):
         problems += _device_problems(device)
+    for backend in dict.fromkeys(str((c.get("track") or {}).get("backend", "none")) for c in configs):
+        problems += _tracker_problems(backend)
     data = dict.fromkeys((c.get("dataset", "cifar100"), c.get("data_dir", "./data"), bool(c.get("download")),
                           c.get("image_size")) for c in configs)
     for dataset, data_dir, download, image_size in data:
@@ -96,6 +100,11 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     if cfg.task == "distill" and cfg.kd.teacher_model:
         names.append(cfg.kd.teacher_model)
     return [("" if i == 0 else "teacher: ") + unknown_model_message(n) for i, n in enumerate(names) if n not in known]
+
+
+def _tracker_problems(backend: str) -> list[str]:
+    problem = tracker_problem(backend)
+    return [problem] if problem else []
 
 
 # ---- device and output folder ----------------------------------------------------------------

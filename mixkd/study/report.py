@@ -52,6 +52,7 @@ from mixkd.study.folder import STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
+from mixkd.tracking import log_files
 
 CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
 __all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
@@ -192,4 +193,8 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
         lines += [f"- `{r['id']}`: {r['status']}" + (f": {r['error']}" if r["error"] else "") for r in unfinished]
         lines.append("")
     atomic_write_text(out / "report.md", "\n".join(lines))
+    # a tracked study (--track): the report, tables, claims and figures as its parent run's artifacts
+    log_files(out, [out / "report.md", out / "results.csv", out / "claims.json", out / CLAIMS_TABLE,
+                    *(out / f for f in FIGURES.values())], warn=print,
+              summary={f"runs_{k}": v for k, v in counts.items()})
     return out / "report.md"

@@ -58,6 +58,7 @@ from mixkd.config import (
     MACHINE_KEYS,
     RunConfig,
     load_yaml,
+    machine_key,
     parse_override,
     set_dotted,
 )
@@ -675,7 +676,7 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     versions) and ``../../teachers/x`` are the same teacher, so a moved folder matches its plan.
     Keys this version does not know mean a run made by another mixkd version."""
     planned = run.config_for(out).model_dump(mode="json")
-    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS)
+    unknown = sorted(k for k in set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS if not machine_key(k))
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")
@@ -684,7 +685,7 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
         return f"kd.teacher: {teacher!r} -> {run.teacher_path()!r}"
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)
-        if key in PLACEMENT_KEYS or old is _ABSENT:  # a key added to RunConfig since the run started
+        if key in PLACEMENT_KEYS or machine_key(key) or old is _ABSENT:  # a key added to RunConfig since the run started
             continue
         if old != _get(planned, key):
             return f"{key}: {old!r} -> {_get(planned, key)!r}"
