@@ -11,7 +11,7 @@ from mixkd.errors import MixkdError
 from mixkd.run_folder import ANALYSIS_ERROR_NAME, ERROR_NAME, RESULT_NAME
 from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
 from mixkd.study.folder import STATE_NAME, check_folder
-from mixkd.study.report import claims_plan, claims_text
+from mixkd.study.report import claims_plan, claims_text, write_html
 from mixkd.study.spec import check_device
 from mixkd.study.status import format_status
 from mixkd.validate import format_problems, machine_problems
@@ -78,6 +78,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("dir", help="study folder")
     p.add_argument("--metric", choices=["top1", "best_top1"], default="top1",
                    help="top1: last epoch, as the study reports (default); best_top1: best epoch")
+    p.add_argument("--html", action="store_true",
+                   help="also write report.html: one self-contained page (tables, figures embedded, the claims' "
+                        "intervals drawn) to open in a browser or send on")
     p.set_defaults(handler=cmd_report)
 
 
@@ -181,4 +184,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     print(f"report: {write_report(args.dir, args.metric)} (and results.csv beside it)")
+    if args.html:
+        print(f"report: {write_html(args.dir)}")
     return 0

@@ -19,7 +19,10 @@ figures (:mod:`mixkd.study.figures`) and claims (:mod:`mixkd.claims`).
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from mixkd.results import write_csv as results_table
 from mixkd.run_folder import ANALYSIS_NAME
 from mixkd.study.figures import (
     METRICS,
+    plot_claim_intervals,
     plot_fraction_curves,
     plot_heatmaps,
     plot_robustness,
@@ -55,9 +59,10 @@ from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, 
 from mixkd.tracking import log_files
 
 CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
-__all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
+__all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_html", "write_report"]
 FIGURES = {"heatmap": "heatmap.png", "temperature": "top1-vs-temperature.png", "fraction": "top1-vs-fraction.png",
-           "robustness": "analysis-robustness.png", "tsne": "analysis-tsne.png"}
+           "claims": "claims-intervals.png", "robustness": "analysis-robustness.png", "tsne": "analysis-tsne.png"}
+HTML_NAME = "report.html"
 
 
 def _analysis_section(out: Path, rows: list[dict[str, Any]], wanted_pair: tuple[str, str] | None) -> list[str]:
@@ -186,6 +191,11 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
     atomic_write_text(out / "claims.json", json.dumps(claims_json(claims, noise, margin, metric), indent=1,
                                                       ensure_ascii=False) + "\n")
     lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))])
+    if plot_claim_intervals(claims, out / FIGURES["claims"]):
+        title = "Each comparison's difference and 95% interval"
+        lines += [f"### {title}", "", f"![{title}]({FIGURES['claims']})", ""]
+    else:
+        (out / FIGURES["claims"]).unlink(missing_ok=True)
     lines += _analysis_section(out, rows, _wanted_pair(spec))
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:
@@ -198,3 +208,46 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
                     *(out / f for f in FIGURES.values())], warn=print,
               summary={f"runs_{k}": v for k, v in counts.items()})
     return out / "report.md"
+
+
+# ---- the HTML page ----------------------------------------------------------------------------
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+img { max-width: 100%; display: block; margin: 1em 0; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_html(out: str | Path) -> Path:
+    """``report.html`` from the study folder's ``report.md`` (:func:`write_report` first): one file that
+    holds everything, its figures embedded as data URIs, so it can be mailed or moved on its own."""
+    import markdown
+
+    out = Path(out)
+    source = out / "report.md"
+    if not source.is_file():
+        raise MixkdError(f"{source} not found: write the report first (mixkd study report {out})")
+    body = markdown.markdown(source.read_text(), extensions=["tables"], output_format="html")
+
+    def embed(match: re.Match) -> str:
+        name = html.unescape(match.group(1))
+        figure = out / name
+        if "/" in name or not figure.is_file():
+            raise MixkdError(f"the report names a figure that is not in {out}: {name}; write the report again")
+        return f'src="{_data_uri(figure)}"'
+
+    body = re.sub(r'src="([^"]+)"', embed, body)
+    title = re.search(r"<h1>(.*?)</h1>", body)
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{title.group(1) if title else 'mixkd study report'}</title>\n<style>{HTML_STYLE}</style>\n"
+            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
+    atomic_write_text(out / HTML_NAME, page)
+    return out / HTML_NAME
