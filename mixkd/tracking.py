@@ -87,7 +87,15 @@ class _Mlflow:
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment = self.client.get_experiment_by_name(project)
-        self.experiment = experiment.experiment_id if experiment else self.client.create_experiment(project)
+        self.experiment = experiment.experiment_id if experiment else self.client.create_experiment(
+            project, artifact_location=self._artifacts())
+
+    def _artifacts(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside a SQLite store, ``mlruns/`` (MLflow puts them
+        in the working directory's, wherever the store is); elsewhere the server's choice."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
     def create(self, name: str, params: dict[str, str], tags: dict[str, str], parent: str | None) -> str:
         from mlflow.entities import Param, RunTag
