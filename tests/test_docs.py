@@ -5,6 +5,7 @@ the navigation. CI builds the site with ``mkdocs build --strict`` (no broken lin
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,13 @@ def test_every_page_is_in_the_navigation_and_every_entry_exists(reference):
     assert sorted(listed) == sorted(pages)
     assert {"methods.md", "augmentation.md", "models.md"} <= set(listed)
     assert config["hooks"] == ["docs/hooks/reference.py"] and config["strict"] is True
+
+
+def test_the_readme_is_one_screen_or_two_with_the_two_commands_and_links_into_the_site():
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.splitlines()
+    assert len(lines) <= 150
+    assert lines[:5] == ["# mixkd", "", "```bash", "pip install -e . && mixkd demo",
+                         "pip install -e '.[dev]' && python -m pytest -q"]
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", readme)
+    assert len(links) >= 10 and all((ROOT / link).is_file() for link in links), links
