@@ -206,3 +206,15 @@ def test_wandb_offline_run_holds_the_parameters_epochs_result_and_files(tmp_path
                for u in r.summary.update if u.key}
     assert summary["result.top1"] == pytest.approx(rows[-1]["test_top1"])
     assert json.loads((offline / "files" / "mixkd" / "result.json").read_text())["top1"] == summary["result.top1"]
+
+
+def test_only_the_process_that_writes_the_run_folder_tracks(tmp_path, cifar10_dir, monkeypatch):
+    from mixkd import distributed
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # a rank other than 0 of a torchrun launch
+    job = Run(cfg_for(tmp_path / "run", cifar10_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", epochs=1))
+    assert job.tracker.track.backend == "none"
+    job.start()
+    while job.advance():
+        pass
+    assert job.phase == "finished" and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
