@@ -123,7 +123,8 @@ class _Mlflow:
             self.client.log_artifact(run_id, str(path))
 
     def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+        if status != "running":  # a study's parent stays RUNNING until its report
+            self.client.set_terminated(run_id, {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
 
 
 class _Wandb:
@@ -173,7 +174,7 @@ class _Wandb:
     def end(self, run_id: str, status: str) -> None:
         run = self.runs.pop(run_id, None)
         if run is not None:
-            run.finish(exit_code=0 if status in ("finished", "stopped") else 1)
+            run.finish(exit_code=0 if status in ("finished", "stopped", "running") else 1)
 
 
 _BACKENDS = {"mlflow": _Mlflow, "wandb": _Wandb}
@@ -252,7 +253,8 @@ class Tracker:
             self._call("artifacts", self.backend.files, self.run_id, present)
 
     def close(self, status: str) -> None:
-        """End the tracked run: ``finished``, ``stopped`` (resumable) or ``failed``."""
+        """End the tracked run: ``finished``, ``stopped`` (resumable), ``failed``, or ``running`` (a study's
+        parent while its runs train: this process lets go of it, MLflow shows it running)."""
         if self.run_id is not None:
             self._call("close", self.backend.end, self.run_id, status)
         self.active = False
@@ -287,5 +289,5 @@ def study_parent(out: str | Path, name: str, track: TrackConfig, runs: int,
     if tracker.run_id is None:
         return track.model_copy(update={"backend": "none"})
     uri = tracker.backend.uri
-    tracker.close("stopped")  # the parent stays open in spirit: closed 'finished' with its report
+    tracker.close("running")  # ended (finished) when the study's report is added to it
     return track.model_copy(update={"parent": tracker.run_id, "uri": uri})

@@ -130,11 +130,11 @@ def test_a_tracked_study_is_a_parent_run_with_its_runs_as_children(tmp_path, cif
     study_file.write_text(yaml.safe_dump({
         "name": "tracked", "defaults": {"dataset": "cifar10", "data_dir": str(cifar10_dir), "epochs": 1,
                                         "batch_size": 32, "eval_batch_size": 80, "device": "cpu", "compile": "off",
-                                        "track": {"backend": "mlflow", "uri": uri}},
+                                        "track": {"uri": uri}},
         "teachers": [{"name": "plain", "models": "resnet8"}],
         "students": [{"teachers": ["plain"], "models": "resnet8", "methods": ["kd"]}]}))
     out = tmp_path / "out"
-    study = load_study(study_file)
+    study = load_study(study_file, ["track.backend=mlflow"])  # what mixkd study run --track mlflow adds
     outcome = run_study(study, out, InProcessExecutor(), progress=False, echo=lambda line: None)
     assert outcome.counts["done"] == 2
     write_report(out)

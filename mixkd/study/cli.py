@@ -61,6 +61,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--device", help="device for every run, overriding the study file: auto, cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="print one line per finished run instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--track", choices=["none", "mlflow", "wandb"],
+                   help="log the study to an experiment tracker: a parent run with a child per run (the same as "
+                        "--set track.backend=...; track.uri and track.project with --set)")
     p.add_argument("--set", **over)
     p.set_defaults(handler=cmd_run, stops=True)
 
@@ -171,7 +174,7 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
 def cmd_run(args: argparse.Namespace) -> int:
     _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
-    study = load_study(args.file, args.overrides)
+    study = load_study(args.file, args.overrides + ([f"track.backend={args.track}"] if args.track else []))
     return run_and_report(study, _out(args, study), args.executor, args.workers, args.pack, args.address,
                           args.device, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report,
                           threads=args.threads, time_limit=limit)
