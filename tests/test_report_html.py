@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from optional import need_chromium
 from PIL import Image
 from test_study_report import fabricated_study
 
 from mixkd.cli import main
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          "--force-device-scale-factor=1"]
@@ -36,9 +36,7 @@ window.addEventListener("load", () => {
 
 
 def chromium(page: Path, profile: Path, *extra: str) -> str:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("headless Chromium is needed: apt-get install chromium (.ci/run installs it)")
-    done = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra,
+    done = subprocess.run([need_chromium(), *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra,
                            page.as_uri()], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from optional import need_module
 
 from mixkd.cli import main
 from mixkd.config import build_config
@@ -17,7 +18,7 @@ from mixkd.engine import Run, run_job
 from mixkd.study import InProcessExecutor, load_study, run_study, write_report
 from mixkd.tracking import STATE_NAME, run_params
 
-mlflow = pytest.importorskip("mlflow", reason="CI installs mixkd[mlflow]")  # .ci/run installs it: never skipped there
+mlflow = need_module("mlflow", "pip install 'mixkd[mlflow]'")
 
 
 def cfg_for(out, data_dir, uri, **extra):
@@ -183,7 +184,7 @@ def wandb_records(run_folder: Path) -> list:
 
 
 def test_wandb_offline_run_holds_the_parameters_epochs_result_and_files(tmp_path, cifar10_dir, monkeypatch):
-    pytest.importorskip("wandb", reason="CI installs mixkd[wandb]")
+    need_module("wandb", "pip install 'mixkd[wandb]'")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out, folder = tmp_path / "run", tmp_path / "wandb-files"
