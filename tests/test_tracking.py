@@ -16,7 +16,7 @@ from mixkd.cli import main
 from mixkd.config import build_config
 from mixkd.engine import Run, run_job
 from mixkd.study import InProcessExecutor, load_study, run_study, write_report
-from mixkd.tracking import STATE_NAME, run_params
+from mixkd.tracking import STATE_NAME, log_files, run_params
 
 mlflow = need_module("mlflow", "pip install 'mixkd[mlflow]'")
 
@@ -101,6 +101,13 @@ def test_a_stopped_and_resumed_run_is_one_tracked_run_with_each_epoch_once(stopp
     assert sorted(f.path for f in MlflowClient(uri).list_artifacts(run["run_id"])) == ["config.yaml", "result.json"]
     stored = out.parent / "mlruns"  # beside the store, not in the working directory
     assert sorted(p.name for p in stored.glob(f"{run['run_id']}/artifacts/*")) == ["config.yaml", "result.json"]
+
+    # what mixkd analyze does for a tracked run: its outputs join the run's artifacts (the run is found by its folder)
+    (out / "analysis.json").write_text("{}")
+    log_files(out, [out / "analysis.json", out / "missing.png"])
+    assert sorted(f.path for f in MlflowClient(uri).list_artifacts(run["run_id"])) == ["analysis.json", "config.yaml",
+                                                                                      "result.json"]
+    assert len(search(uri)) == 1 and search(uri).iloc[0]["status"] == "FINISHED"
 
 
 def test_a_failing_tracker_costs_one_warning_line_never_the_run(tmp_path, cifar10_dir):
