@@ -13,7 +13,21 @@ drawn as true mean + N(0, sigma^2), n seeds per cell (n = 1 with check(..., nois
   threshold (strict: +3 sigma; non-inferiority: -0.5 + 3 sigma): "holds" is the power, and a "does not
   hold" is false.
 
+Then tables that once fooled the claims (issue 25), each under the null and the 3σ effects above, at
+sigma = 0.5 (``--cases``; the second table of BENCHMARKS.md):
+
+* duplicated: the table concatenated with itself (a second row per (cell, seed): refused); the same
+  without seeds (repeated values count once); tied: every cell's runs one draw copied under distinct
+  seeds (zero spread: inconclusive without noise; with --noise sigma, one run of sigma);
+* partial: every row dropped with probability 0.3 (cells with fewer runs, rows without their
+  partner: named, and never "holds" over them); hidden: the claim true in the table's rows and false
+  by 3σ in one more row whose partner cells are missing (a "holds" is false);
+* unequal spreads: half the cells (every other one) at sigma 1.0, the others at 0.2 (one run a side:
+  noise 1.0, the larger); and the issue's one noisy run (sigma 1.0) against three tight ones (0.2), with
+  --noise 1.0 and without.
+
     python bench/claims_sim.py [--reps 400] [--seed 0]      # prints the markdown table of BENCHMARKS.md
+    python bench/claims_sim.py --cases --reps 400 --seed 0  # the issue-25 cases' table
 """
 
 from __future__ import annotations
@@ -23,8 +37,10 @@ import math
 import platform
 import random
 import time
+from typing import Any
 
 from mixkd.claims import DEFAULT_MARGIN, check
+from mixkd.errors import MixkdError
 from mixkd.results import Cell, Context, Result
 
 KD = [("kd1", Cell("kd", 1.0)), ("kd4", Cell("kd", 4.0)), ("kd_fmu", Cell("kd", 4.0, "mixup", 1.0)),
@@ -91,12 +107,134 @@ def rates(scenario: str, claim: int | None, n: int, sigma: float, reps: int, rng
     return {c: {v: k / reps for v, k in d.items()} for c, d in counts.items()}
 
 
+# ---- issue 25's cases ------------------------------------------------------------------------------
+
+def _rows(mean: dict[tuple[str, str], float], seeds: dict[tuple[str, str], int], sigmas: dict[tuple[str, str], float],
+          rng: random.Random, tied: bool = False, student: str = "resnet20", teacher: str = "resnet56",
+          skip: frozenset = frozenset()) -> list[Result]:
+    """One table: every (teacher mix, cell) of ``mean`` with its own seed count and sigma."""
+    rows = []
+    for key, mu in mean.items():
+        if key in skip:
+            continue
+        t, name = key
+        cell = Cell() if name == "alone" else dict(KD)[name]
+        ctx = Context(None, None, student) if name == "alone" else Context(teacher, t, student)
+        first = rng.gauss(mu, sigmas[key])
+        rows += [Result(ctx, cell, seed, first if tied else (first if seed == 0 else rng.gauss(mu, sigmas[key])),
+                        f"{teacher}-{t}-{student}-{name}-s{seed}") for seed in range(seeds[key])]
+    return rows
+
+
+# Per claim, the cells of a row where it is false (by 3 sigma) whose partners are missing (scenario "hidden"):
+# (teacher mix, cells kept, their shift in sigmas; the row's other cells are left out).
+HIDDEN = {1: ("mixup", ["kd1"], -3), 2: ("none", ["kd_pmu", "std_pmu"], -3), 3: ("none", ["std"], -3),
+          4: ("none", [name for name, _ in KD], -3), 5: ("none", ["kd_pmu", "kd_pmu_ref", "kd_pmu_share"], -3)}
+
+
+def case_table(case: str, scenario: str, claim: int | None, sigma: float, n: int,
+               rng: random.Random) -> tuple[list[Result], float | None]:
+    """(runs, noise to assume) of one simulated table of ``case``."""
+    mean = _means(scenario, claim, sigma)
+    keys = list(mean)
+    seeds, sigmas = dict.fromkeys(keys, n), dict.fromkeys(keys, sigma)
+    noise = sigma if n == 1 or case == "tied, noise = σ" else None
+    if case.startswith("unequal"):
+        for i, key in enumerate(keys):
+            sigmas[key] = 1.0 if i % 2 else 0.2
+        noise = 1.0 if n == 1 else None  # one run a side: the larger sigma assumed
+        if case.startswith("unequal 1 vs 3"):  # the noisy cells have one run, the tight ones three
+            seeds = {k: 1 if sigmas[k] == 1.0 else 3 for k in keys}
+            noise = 1.0 if case.endswith("noise 1.0") else None
+    rows = _rows(mean, seeds, sigmas, rng, tied=case.startswith("tied"))
+    if case == "duplicated":
+        rows = rows + rows
+    elif case == "duplicated, no seeds":
+        rows = [Result(r.context, r.cell, None, r.top1, r.run) for r in rows + rows]
+    elif case == "partial":
+        rows = [r for r in rows if rng.random() >= 0.3]
+    elif case == "hidden" and claim is not None:
+        t, names, shift = HIDDEN[claim]
+        bad = {(t, name): BASE + shift * sigma - (M if claim == 3 else 0.0) for name in names}
+        student = "resnet32" if claim == 4 else "resnet20"
+        rows += _rows(bad, dict.fromkeys(bad, n), dict.fromkeys(bad, sigma), rng, student=student, teacher="resnet110")
+    return rows, noise
+
+
+CASES = ("duplicated", "duplicated, no seeds", "tied", "tied, noise = σ", "partial", "hidden", "unequal", "unequal 1 vs 3, noise 1.0",
+         "unequal 1 vs 3")
+
+
+def case_rates(case: str, n: int, sigma: float, reps: int, rng: random.Random) -> dict[str, Any]:
+    """False verdicts of ``case`` at ``n`` seeds: null (strict claims: holds; claim 3: does not hold; claim 5's
+    answer: a sampling called better than the other), effect (does not hold; power), hidden (holds), refusals."""
+    c = {"fh": {k: 0 for k in range(1, 6)}, "fd": {k: 0 for k in range(1, 6)}, "fde": {k: 0 for k in range(1, 6)},
+         "pow": {k: 0 for k in range(1, 6)}, "direct": 0, "refused": 0, "tables": 0}
+    for _ in range(reps):
+        plans = [("hidden", k) for k in range(1, 6)] if case == "hidden" else \
+            [("null", None), *(("effect", k) for k in range(1, 6))]
+        for scenario, claim in plans:
+            rows, noise = case_table(case, "effect" if case == "hidden" else scenario, claim, sigma, n, rng)
+            c["tables"] += 1
+            try:
+                results = {r.number: r for r in check(rows, noise=noise)}
+            except MixkdError:
+                c["refused"] += 1
+                continue
+            if case == "hidden":
+                c["fh"][claim] += results[claim].verdict == "holds"
+            elif scenario == "null":
+                for k, r in results.items():
+                    c["fh" if k != 3 else "fd"][k] += r.verdict == ("holds" if k != 3 else "does not hold")
+                answer = getattr(results[5], "answer", None) or ""  # (None before issue 25: for a baseline run)
+                c["direct"] += answer.startswith(("the released sampling", "exact 10%"))
+            else:
+                c["fde"][claim] += results[claim].verdict == "does not hold"
+                c["pow"][claim] += results[claim].verdict == "holds"
+    return {**{k: {j: v / reps for j, v in d.items()} for k, d in c.items() if isinstance(d, dict)},
+            "direct": c["direct"] / reps, "refused": c["refused"] / c["tables"]}
+
+
+def cases_table(reps: int, rng: random.Random) -> None:
+    sigma = 0.5
+    lines = ["| table | seeds a side | false holds, claims 1/2/4/5 (null; hidden: 1/2/3/4/5) | false does-not-hold, "
+             "claim 3 (null) | false does-not-hold, claims 1-5 (3σ effect) | claim 5 answer: a sampling called "
+             "better (null) | refused | power, claims 1-5 (3σ effect) |", "|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    start = time.time()
+    for case in CASES:
+        for n in ((3,) if case.startswith(("unequal 1 vs 3", "tied, noise")) else (1, 3)):
+            r = case_rates(case, n, sigma, reps, rng)
+
+            def pct(values: list[float]) -> str:
+                return "/".join(f"{100 * v:.1f}" for v in values)
+
+            hidden = case == "hidden"
+            fh = [r["fh"][k] for k in ((1, 2, 3, 4, 5) if hidden else (1, 2, 4, 5))]
+            fd, fde = [r["fd"][3]], [r["fde"][k] for k in range(1, 6)]
+            worst = max([worst, *fh, *([] if hidden else [*fd, *fde, r["direct"]])])
+            seeds = "1 vs 3" if case.startswith("unequal 1 vs 3") else f"{n}{' (noise = σ)' if n == 1 else ''}"
+            lines.append(f"| {case} | {seeds} | {pct(fh)} | {'–' if hidden else pct(fd)} | "
+                         f"{'–' if hidden else pct(fde)} | {'–' if hidden else pct([r['direct']])} | "
+                         f"{100 * r['refused']:.0f}% | {'–' if hidden else pct([r['pow'][k] for k in range(1, 6)])} |")
+    print("\n".join(lines))
+    print(f"\nEach entry: % of {reps} simulated tables, sigma = {sigma} (unequal: 0.2 and 1.0). Worst false verdict "
+          f"{100 * worst:.1f}% (target 5%; Monte-Carlo error at 5%: ±{100 * 2 * math.sqrt(0.05 * 0.95 / reps):.1f} "
+          "points, 2 s.e.); refused tables give no verdict.")
+    print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"{time.time() - start:.0f} s, --cases --reps {reps}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=400, help="tables per scenario, seed count and sigma")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", action="store_true", help="issue 25's tables: duplicated, partial, unequal spreads")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    if args.cases:
+        cases_table(args.reps, rng)
+        return
     start = time.time()
     seeds, sigmas = (1, 2, 3, 5), (0.3, 0.5, 1.0)
     # the worst (largest) rate over sigma for each claim, seed count and kind of error

@@ -6,15 +6,23 @@ metadata, plus a SHA-256 of everything ``--resume`` trusts (the metadata JSON, e
 dtype, shape and bytes), so that a corrupt, truncated or edited file is refused on load. Checkpoints
 of older mixkd versions (format 1, whose SHA-256 covers the tensors only) still load.
 RepDistiller checkpoints (``.pth`` files holding ``{"model": state_dict, ...}``) and torchvision weight
-files (a bare state_dict, as ``torch.save(model.state_dict(), path)`` writes) load too.
+files (a bare state_dict, as ``torch.save(model.state_dict(), path)`` writes) load too, through
+torch's weights-only loader and never otherwise: a ``.pth`` whose pickle calls anything but torch's
+tensor builders (``os.system``, ...) holds code and is refused as such, and a zip whose records
+declare more bytes than a weights file of its size can hold (a deflate bomb) or than the machine has
+free is refused before anything is inflated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickletools
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +167,109 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(state, meta, opt, rng, run_state)
 
 
-def _load_torch(path: Path) -> Checkpoint:
+# A record of a torch zip inflating to more than this many times its stored size is no weights file:
+# torch.save stores its records uncompressed, and floats deflate by a few percent at most.
+MAX_INFLATION = 20
+# Records smaller than this are never refused for their ratio (a zeroed buffer deflates to nothing).
+SMALL_RECORD = 1 << 20
+# Modules whose names a weights file's pickle may call: torch's tensor and storage builders, OrderedDict.
+WEIGHT_MODULES = ("torch", "collections")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable); None where unknown."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_zip_sizes(path: Path) -> None:
+    """Refuse a torch zip whose records declare more bytes than a weights file of its size holds (a
+    deflate bomb: a small file inflating to gigabytes) or than the machine has available, from the
+    zip's directory alone: nothing is inflated. A file that is no zip passes (torch reads it)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    for r in records:
+        if r.file_size > SMALL_RECORD and r.file_size > MAX_INFLATION * max(r.compress_size, 1):
+            raise MixkdError(
+                f"checkpoint {path} is not a weights file: its record {r.filename} would inflate from "
+                f"{r.compress_size:,} to {r.file_size:,} bytes ({r.file_size / max(r.compress_size, 1):,.0f}:1; "
+                f"torch.save stores weights uncompressed); refused before inflating it")
+    total, free = sum(r.file_size for r in records), available_memory()
+    if free is not None and total > free:
+        raise MixkdError(f"checkpoint {path} would take {_size(total)} once read, more than the {_size(free)} of "
+                         "memory available; refused before reading it")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle of a torch file (a zip's ``data.pkl``, or the file itself: a raw or legacy pickle)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            return z.read(name) if name else b""  # bounded: check_zip_sizes passed
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return path.read_bytes()
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global (a function or class to call) the pickles in ``data`` refer
+    to, read with pickletools (nothing is unpickled): a legacy torch file holds several in a row."""
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[str | None] = []  # what the string-pushing ops pushed, for STACK_GLOBAL
+        memo: dict[int, str | None] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(f"{strings[-2] if len(strings) > 1 else '?'}.{strings[-1] if strings else '?'}")
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(int(arg)))
+                elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    strings.append(str(arg))
+        except Exception:  # noqa: BLE001 - past the pickles (a legacy file's raw storages) or damaged
+            break
+    return found
+
+
+def _torch_reason(err: BaseException) -> str:
+    """What torch says is wrong with a file, without its advice to load it unsafely."""
+    skip = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue",
+            "trusted source")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not any(s in line for s in skip)]
+    return lines[0] if lines else type(err).__name__
+
+
+def _load_torch(path: Path) -> Checkpoint:
+    check_zip_sizes(path)
+    try:
+        with warnings.catch_warnings():  # torch's warnings about pickle protocols say nothing to a user
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt pickles and zips
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MixkdError(f"checkpoint {path} is corrupt, truncated or not a weights file ({first})") from None
+        code = [g for g in pickle_globals(_pickle_bytes(path)) if g.split(".")[0] not in WEIGHT_MODULES]
+        if code:
+            raise MixkdError(f"checkpoint {path} holds code, not only weights (it calls {code[0]}): refused; mixkd "
+                             "never unpickles code: ask for the weights as a state_dict or a .safetensors file") from None
+        raise MixkdError(f"checkpoint {path} is corrupt, truncated or not a weights file ({_torch_reason(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, meta = obj["model"], {k: v for k, v in obj.items() if k != "model" and isinstance(v, (int, float, str))}
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):

@@ -8,14 +8,20 @@ report`` writes it into ``report.md`` and ``claims.json``.
 **A comparison** of two columns A and B of one row (the same teacher, student and settings) is the
 difference of their means over seeds, ``mean(A) - mean(B)`` in points of top-1, with a 95% interval:
 
-* two or more runs a side: Welch's t interval (unequal variances, Welch-Satterthwaite degrees of
-  freedom);
-* one run on one side, two or more on the other: Student's t with the spread of the side that has
-  one (``s * sqrt(1/n_a + 1/n_b)``, ``n - 1`` degrees of freedom, equal spreads assumed: the only
-  spread measured);
-* one run a side: no spread is measured, and the comparison is **inconclusive**, unless a per-run
-  standard deviation ``noise`` (sigma) is given: then a normal interval ``diff +- 1.96 sigma sqrt(2)``,
-  and the verdict says "assuming sigma = ...". ``noise`` is used only where the runs measure no spread.
+* a side's spread is *measured* when it has two or more runs that differ; a single run, or runs all equal
+  (zero spread: tied values, or a row given twice), measure none;
+* both spreads measured: Welch's t interval (unequal variances, Welch-Satterthwaite degrees of freedom);
+* a spread not measured: the comparison is **inconclusive** ("no spread measured"), unless a per-run
+  standard deviation ``noise`` (sigma, ``--noise``) is assumed: then that side's mean has variance
+  sigma², as **one** run's, for a single run and for runs all equal alike (equal values may be one run
+  given twice: the assumed sigma is a floor, never a narrower interval), the other side's measured
+  variance of its mean beside it, degrees of freedom those of the measured side alone
+  (Welch-Satterthwaite with the assumed side known; a normal interval when both are assumed), and the
+  verdict says "assuming sigma = ..." and for which side. A single run is never given the other side's
+  spread: runs of unequal spreads made that interval decide wrongly (26.5% false holds, issue 25).
+
+A (cell, seed) given twice in one context is refused (one line naming both rows); runs without a seed
+whose values repeat in their cell are counted once, and said so.
 
 Runs are not paired by seed: mixkd's seed sets a run's initialization, data order and mixing, but no
 measurement here shows that two methods' runs of one seed are correlated, so the unpaired interval
@@ -28,15 +34,20 @@ and does not hold when the evidence puts it below ``-margin``; otherwise **incon
 
 **A claim** is made of *parts* (e.g. claim 1: "from a Mix-T teacher T = 1 > T = 4" and "from a
 plain teacher T = 4 >= T = 1"), each resting on one comparison per row of the table where it
-applies. The claim **holds** when every part was tested and every comparison holds (each at 95%: an
+applies. Its **scope** is named: the rows (contexts) where it was tested, and those where it applies
+but could not be (one of a comparison's cells is missing: the missing cell is named), in the text and
+in ``claims.json``. The claim **holds** when every part was tested, in every context where it
+applies, and every comparison holds (each at 95%: an
 intersection-union test, whose false "holds" rate is at most 2.5%); it **does not hold** when a
 comparison is decisively against it, with the one-sided p-values of all its comparisons adjusted by
 Holm's method (family-wise error at most 2.5%); it is **inconclusive** otherwise, and lists the parts
-that were not tested; **not tested** when no part has a comparison. These four words are the verdicts
+and contexts that were not tested; **not tested** when no part has a comparison. These four words are the verdicts
 in the text, ``report.md`` and ``claims.json``.
 
-Error rates measured by simulation (``bench/claims_sim.py``, table in BENCHMARKS.md): false "holds"
-and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell.
+Error rates measured by simulation (``bench/claims_sim.py``, tables in BENCHMARKS.md): false "holds"
+and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell, and (``--cases``)
+on tables duplicated, tied, partial (rows dropped, or a row where the claim is false missing its
+partner cells) and of unequal spreads, claim 5's answer included.
 """
 
 from __future__ import annotations
@@ -50,9 +61,20 @@ from typing import Any
 
 from scipy import special
 
+from mixkd.config import reference_mixed_share
 from mixkd.errors import MixkdError
-from mixkd.mix import reference_mixed_share
-from mixkd.results import KD_SHORT, PARTIAL_FRACTION, Cell, Context, Result, natural, results_from_rows
+from mixkd.results import (
+    KD_SHORT,
+    METRIC_COLUMNS,
+    PARTIAL_FRACTION,
+    Cell,
+    Context,
+    Result,
+    fraction_notes,
+    natural,
+    repeated_runs,
+    results_from_rows,
+)
 
 LEVEL = 0.95
 SIDE = (1 - LEVEL) / 2  # each tail of the 95% interval: the level of each one-sided decision
@@ -75,8 +97,9 @@ class Interval:
     difference: float
     se: float | None
     df: float
-    basis: str  # "Welch", "Student t, one run on one side", "assumed sigma", "unmeasured"
-    sigma: float | None = None  # the assumed per-run sigma, for basis "assumed sigma"
+    basis: str  # "Welch", "Welch, sigma assumed on one side", "assumed sigma", "unmeasured"
+    sigma: float | None = None  # the assumed per-run sigma, where a side measures no spread
+    unmeasured: tuple[tuple[str, str], ...] = ()  # ("a" or "b", why it measures no spread), e.g. ("b", "one run")
 
     @property
     def half_width(self) -> float | None:
@@ -119,37 +142,43 @@ def _variance(values: list[float]) -> float:
     return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
+def _spread(values: list[float]) -> tuple[float | None, str]:
+    """(sample variance, "") when ``values`` measure a spread, else (None, why not)."""
+    if len(values) < 2:
+        return None, "one run"
+    variance = _variance(values)
+    return (variance, "") if variance > 0 else (None, f"{len(values)} runs, all equal: zero spread")
+
+
 def difference_interval(a: list[float], b: list[float], noise: float | None = None) -> Interval:
     """The statistics of ``mean(a) - mean(b)`` under the rules of the module's docstring."""
     na, nb = len(a), len(b)
     if na == 0 or nb == 0:
         raise ValueError("a comparison needs at least one run a side")
     diff = statistics.fmean(a) - statistics.fmean(b)
-    if na >= 2 and nb >= 2:
-        va, vb = _variance(a) / na, _variance(b) / nb
-        se = math.sqrt(va + vb)
-        denom = (va ** 2 / (na - 1) if va else 0.0) + (vb ** 2 / (nb - 1) if vb else 0.0)
-        df = (va + vb) ** 2 / denom if denom > 0 else float(na + nb - 2)
-        return Interval(diff, se, df, "Welch")
-    if na + nb > 2:
-        spread = math.sqrt(_variance(a if na > 1 else b))
-        return Interval(diff, spread * math.sqrt(1 / na + 1 / nb), float(max(na, nb) - 1),
-                        "Student t, one run on one side")
-    if noise is not None:
-        return Interval(diff, noise * math.sqrt(2), math.inf, "assumed sigma", noise)
-    return Interval(diff, None, 0.0, "unmeasured")
+    (va, why_a), (vb, why_b) = _spread(a), _spread(b)
+    unmeasured = tuple((side, why) for side, why in (("a", why_a), ("b", why_b)) if why)
+    if unmeasured and noise is None:
+        return Interval(diff, None, 0.0, "unmeasured", None, unmeasured)
+    # the mean's variance per side: measured s²/n, or assumed sigma² (one run's, also for runs all equal)
+    parts = [(v / n, n - 1) if v is not None else (noise ** 2, None) for v, n in ((va, na), (vb, nb))]
+    total = sum(p for p, _ in parts)
+    denom = sum(p ** 2 / dof for p, dof in parts if dof is not None)
+    df = total ** 2 / denom if denom > 0 else math.inf
+    basis = "Welch" if not unmeasured else ("assumed sigma" if len(unmeasured) == 2 else
+                                            "Welch, sigma assumed on one side")
+    return Interval(diff, math.sqrt(total), df, basis, noise if unmeasured else None, unmeasured)
 
 
 def detectable_difference(na: int, nb: int, sigma: float, power: float = POWER) -> float:
     """The true difference (beyond a comparison's threshold) that its interval decides with probability
-    ``power``, for runs of per-run spread ``sigma`` (normal approximation with t quantiles)."""
-    if na >= 2 and nb >= 2:
-        df = float(na + nb - 2)  # Welch's degrees of freedom for equal spreads and sizes, about
-    elif na + nb > 2:
-        df = float(max(na, nb) - 1)
-    else:
-        df = math.inf
-    return (_quantile(1 - SIDE, df) + _quantile(power, df)) * sigma * math.sqrt(1 / na + 1 / nb)
+    ``power``, for runs of per-run spread ``sigma`` (normal approximation with t quantiles; a single run's
+    side with sigma assumed, as :func:`difference_interval` does)."""
+    sides = [(sigma ** 2 / n, n - 1) if n >= 2 else (sigma ** 2, None) for n in (na, nb)]
+    total = sum(v for v, _ in sides)
+    denom = sum(v ** 2 / dof for v, dof in sides if dof is not None)
+    df = float(na + nb - 2) if na >= 2 and nb >= 2 else (total ** 2 / denom if denom else math.inf)
+    return (_quantile(1 - SIDE, df) + _quantile(power, df)) * math.sqrt(total)
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -209,6 +238,7 @@ class Comparison:
     p_against: float  # one-sided p-value for "does not hold", before Holm
     p_against_holm: float = 1.0
     verdict: str = "inconclusive"
+    direct: bool = False  # a direct comparison of two PMU samplings (claim 5): says which is better
 
     @property
     def threshold(self) -> float:
@@ -216,38 +246,64 @@ class Comparison:
 
     @property
     def statement(self) -> str:
+        if self.direct:
+            return f"{self.a.label} vs {self.b.label}"
         return f"{self.a.label} {'>' if self.margin is None else '≥'} {self.b.label}"
+
+    @property
+    def outcome(self) -> str:
+        """The verdict in words: for a direct comparison, which side is better."""
+        if not self.direct:
+            return self.verdict
+        return {"holds": f"{self.a.label} better", "does not hold": f"{self.b.label} better"}.get(
+            self.verdict, "no difference decided")
+
+    @property
+    def assumed(self) -> str:
+        """'assuming sigma = 0.4 for KD T=4 (one run)': where a side measures no spread and sigma is assumed."""
+        iv = self.interval
+        if iv.sigma is None:
+            return ""
+        if len(iv.unmeasured) == 2 and iv.unmeasured[0][1] == iv.unmeasured[1][1]:
+            return f"assuming sigma = {iv.sigma:g} for both sides ({iv.unmeasured[0][1]} each)"
+        sides = [f"{(self.a if side == 'a' else self.b).label} ({why})" for side, why in iv.unmeasured]
+        return f"assuming sigma = {iv.sigma:g} for {' and '.join(sides)}"
 
     @property
     def qualifier(self) -> str:
         """What the verdict assumes or allows: the margin of a non-inferiority, an assumed sigma."""
         bits = [f"margin {self.margin:g}"] if self.margin is not None else []
-        bits += [f"assuming sigma = {self.interval.sigma:g}"] if self.interval.basis == "assumed sigma" else []
-        return ", ".join(bits)
+        return ", ".join(bits + ([self.assumed] if self.assumed else []))
 
     def as_dict(self) -> dict[str, Any]:
         iv = self.interval
         return {"part": self.part, "teacher": self.context.teacher_label if self.context.teacher else None,
                 "student": self.context.student, "settings": dict(self.context.settings),
-                "statement": self.statement, "kind": "strict" if self.margin is None else "non-inferiority",
+                "statement": self.statement, "kind": "direct" if self.direct else "strict" if self.margin is None
+                else "non-inferiority",
                 "margin": self.margin, "a": self.a.as_dict(), "b": self.b.as_dict(), "difference": iv.difference,
                 "interval_95": None if iv.se is None else [iv.low, iv.high], "se": iv.se,
                 "df": None if iv.se is None or math.isinf(iv.df) else iv.df, "basis": iv.basis,
-                "assumed_sigma": iv.sigma, "p_holds": self.p_holds, "p_against": self.p_against,
-                "p_against_holm": self.p_against_holm, "verdict": self.verdict}
+                "assumed_sigma": iv.sigma, "no_spread": dict(iv.unmeasured),
+                "p_holds": self.p_holds, "p_against": self.p_against, "p_against_holm": self.p_against_holm,
+                "verdict": self.verdict, **({"outcome": self.outcome} if self.direct else {})}
 
 
 # ---- the claims ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Pair:
-    """A planned comparison: part, context, the cells of A and B, and its margin (None: strict)."""
+    """A planned comparison: part, context, the cells of A and B, and its margin (None: strict); ``direct``: a
+    direct comparison of two samplings (claim 5), which says which is better and is not part of the verdict.
+    A claim plans a pair wherever one of its cells is present: where the other is missing, the pair is a gap
+    of the claim's scope."""
 
     part: str
     context: Context
     a: Cell
     b: Cell
     margin: float | None
+    direct: bool = False
 
 
 @dataclass
@@ -268,6 +324,11 @@ class Grid:
             return self.alone.get((context.student, context.settings))
         return self.cells.get(context, {}).get(cell)
 
+    def missing(self, pair: Pair) -> list[str]:
+        """The labels of the pair's cells that have no runs ('resnet32 alone' for the student alone)."""
+        return [f"{pair.context.student} alone" if cell.alone else cell.label
+                for cell in (pair.a, pair.b) if self.side(pair.context, cell) is None]
+
 
 def _kd_name(method: str) -> str:
     return KD_SHORT.get(method, method.upper())
@@ -279,9 +340,9 @@ def _close(x: float | None, y: float) -> bool:
 
 def _pairs_1(grid: Grid, margin: float) -> list[Pair]:
     out = []
+    t1, t4 = Cell("kd", 1.0), Cell("kd", 4.0)
     for ctx, cells in grid.cells.items():
-        t1, t4 = Cell("kd", 1.0), Cell("kd", 4.0)
-        if t1 in cells and t4 in cells:
+        if t1 in cells or t4 in cells:
             if ctx.teacher_mix == "mixup":
                 out.append(Pair("Mix-T teacher: KD T=1 > KD T=4", ctx, t1, t4, None))
             elif ctx.teacher_mix == "none":
@@ -297,6 +358,10 @@ def _full_of(cell: Cell) -> Cell:
     return Cell(cell.kd, cell.temperature, cell.mix, 1.0, cell.alpha, None)
 
 
+def _partial_of(full: Cell, fraction: float = PARTIAL_FRACTION, sampling: str = "exact") -> Cell:
+    return Cell(full.kd, full.temperature, full.mix, fraction, full.alpha, sampling)
+
+
 def _parts_2(grid: Grid) -> list[str]:
     return [f"{_kd_name(m)}: PMU > FMU" for m in grid.kd_methods or ["kd"]]
 
@@ -305,21 +370,26 @@ def _pairs_2(grid: Grid, margin: float) -> list[Pair]:
     out = []
     for ctx, cells in grid.cells.items():
         for cell in cells:
-            if _pmu_exact(cell) and _full_of(cell) in cells:
+            if _pmu_exact(cell):
                 out.append(Pair(f"{_kd_name(cell.kd)}: PMU > FMU", ctx, cell, _full_of(cell), None))
-    return out
+            elif cell.mixing == "full":
+                out.append(Pair(f"{_kd_name(cell.kd)}: PMU > FMU", ctx, _partial_of(cell), cell, None))
+    return list(dict.fromkeys(out))
+
+
+STD_PMU = Cell("std", None, "mixup", PARTIAL_FRACTION, None, "exact")
 
 
 def _pairs_3(grid: Grid, margin: float) -> list[Pair]:
     out = []
+    std, kd4 = Cell("std"), Cell("kd", 4.0)
+    part2 = "STD+PMU not below any other distilled column"
     for ctx, cells in grid.cells.items():
-        std, kd4 = Cell("std"), Cell("kd", 4.0)
-        if std in cells and kd4 in cells:
+        if std in cells or kd4 in cells:
             out.append(Pair("STD ≥ KD T=4", ctx, std, kd4, margin))
-        for cell in cells:
-            if cell.kd == "std" and cell.mix == "mixup" and _pmu_exact(cell):
-                out += [Pair("STD+PMU not below any other distilled column", ctx, cell, other, margin)
-                        for other in cells if other != cell]
+        ours = [c for c in cells if c.kd == "std" and c.mix == "mixup" and _pmu_exact(c)] or [STD_PMU]
+        for cell in ours:
+            out += [Pair(part2, ctx, cell, other, margin) for other in cells if other != cell]
     return out
 
 
@@ -328,14 +398,12 @@ def _parts_4(grid: Grid) -> list[str]:
 
 
 def _pairs_4(grid: Grid, margin: float) -> list[Pair]:
-    out = []
-    for ctx, cells in grid.cells.items():
-        if grid.alone.get((ctx.student, ctx.settings)) is not None:
-            out += [Pair(f"{_kd_name(cell.kd)} > student alone", ctx, cell, Cell(), None) for cell in cells]
-    return out
+    return [Pair(f"{_kd_name(cell.kd)} > student alone", ctx, cell, Cell(), None)
+            for ctx, cells in grid.cells.items() for cell in cells]
 
 
 _PART5 = ("exact 10% > FMU", "reference 10% > FMU", "exact at the reference's share > FMU")
+_DIRECT5 = ("reference 10% vs exact 10%", "reference 10% vs exact at the reference's share")
 
 
 def _pairs_5(grid: Grid, margin: float) -> list[Pair]:
@@ -343,17 +411,19 @@ def _pairs_5(grid: Grid, margin: float) -> list[Pair]:
     for ctx, cells in grid.cells.items():
         batch = ctx.setting("batch_size")
         share = reference_mixed_share(int(float(batch)) if batch else REFERENCE_BATCH, PARTIAL_FRACTION)
-        for full in cells:
-            if full.mixing != "full":
-                continue
-            exact = Cell(full.kd, full.temperature, full.mix, PARTIAL_FRACTION, full.alpha, "exact")
-            ref = Cell(full.kd, full.temperature, full.mix, PARTIAL_FRACTION, full.alpha, "reference")
+        fulls = [c for c in cells if c.mixing == "full"]
+        fulls += [_full_of(c) for c in cells if c.mixing == "partial" and _close(c.fraction, PARTIAL_FRACTION)]
+        for full in dict.fromkeys(fulls):
+            exact, ref = _partial_of(full), _partial_of(full, sampling="reference")
             at_share = [c for c in cells if c.mixing == "partial" and c.sampling == "exact" and c.fraction is not None
                         and abs(c.fraction - share) <= SHARE_TOLERANCE and (c.kd, c.temperature, c.mix, c.alpha)
-                        == (full.kd, full.temperature, full.mix, full.alpha)]
-            for part, cell in zip(_PART5, [exact, ref, *at_share[:1]]):
-                if cell in cells:
+                        == (full.kd, full.temperature, full.mix, full.alpha)] or [_partial_of(full, round(share, 2))]
+            for part, cell in zip(_PART5, [exact, ref, at_share[0]]):
+                if cell in cells or full in cells:
                     out.append(Pair(part, ctx, cell, full, None))
+            for part, other in zip(_DIRECT5, [exact, at_share[0]]):
+                if ref in cells or other in cells:
+                    out.append(Pair(part, ctx, ref, other, None, direct=True))
     return out
 
 
@@ -390,12 +460,16 @@ CLAIMS: list[ClaimSpec] = [
               _parts_4, _pairs_4, {"> student alone": "the student alone and students distilled with that method"}),
     ClaimSpec(5, "(Ours, REFERENCE claim 5: where the PMU gain comes from.) PMU beats FMU however it mixes: exact 10% "
                  "(the paper's text), reference 10% (the released code: about 41% of a batch of 64 mixed) and exact "
-                 "at the reference's share (41%); the parts say which of them gives the gain.",
+                 "at the reference's share (41%); the direct comparisons of reference 10% with exact 10% and with "
+                 "exact at the same share say which sampling the gain comes from (the answer).",
               _fixed(*_PART5), _pairs_5,
               {"exact 10% > FMU": "FMU and PMU f=0.1 sampling exact students (same teacher, KD method, T)",
                "reference 10% > FMU": "FMU and PMU f=0.1 sampling reference students",
                "exact at the reference's share > FMU": "FMU and PMU sampling exact students at the reference's mixed "
-                                                       "share (f=0.41 at batch 64)"}),
+                                                       "share (f=0.41 at batch 64)",
+               _DIRECT5[0]: "PMU f=0.1 students with sampling reference and sampling exact",
+               _DIRECT5[1]: "PMU students with sampling reference (f=0.1) and sampling exact at the reference's "
+                            "share (f=0.41 at batch 64)"}),
 ]
 
 
@@ -403,24 +477,52 @@ def _needs(spec: ClaimSpec, part: str) -> str:
     return spec.needs.get(part) or next((v for k, v in spec.needs.items() if part.endswith(k)), "")
 
 
+@dataclass(frozen=True)
+class Gap:
+    """A context where a part applies (one of its cells has runs) but cannot be tested: ``missing`` cells."""
+
+    part: str
+    context: Context
+    missing: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "context": self.context.label, "missing": list(self.missing)}
+
+
 @dataclass
 class Part:
     name: str
     needs: str
     comparisons: list[Comparison]
+    gaps: list[Gap] = field(default_factory=list)
+    direct: bool = False  # a direct comparison (claim 5's samplings): reported, not part of the claim's verdict
 
     @property
     def verdict(self) -> str:
         verdicts = {c.verdict for c in self.comparisons}
         if not verdicts:
             return "not tested"
-        if "does not hold" in verdicts:
+        if "does not hold" in verdicts and not self.direct:
             return "does not hold"
-        return "holds" if verdicts == {"holds"} else "inconclusive"
+        if self.direct and len(verdicts) == 1:
+            return verdicts.pop()
+        return "holds" if verdicts == {"holds"} and not self.gaps else "inconclusive"
+
+    @property
+    def outcome(self) -> str:
+        """The verdict, or for a direct part which side is better ('differs by context' when both are)."""
+        if not self.direct:
+            return self.verdict
+        if not self.comparisons:
+            return "not tested"
+        outcomes = {c.outcome for c in self.comparisons}
+        return outcomes.pop() if len(outcomes) == 1 else "differs by context: " + "; ".join(
+            f"{c.context.label}: {c.outcome}" for c in self.comparisons)
 
     def as_dict(self) -> dict[str, Any]:
         return {"part": self.name, "verdict": self.verdict, "needs": self.needs if not self.comparisons else None,
-                "comparisons": len(self.comparisons)}
+                "comparisons": len(self.comparisons), "direct": self.direct,
+                "untested": [g.as_dict() for g in self.gaps], **({"outcome": self.outcome} if self.direct else {})}
 
 
 @dataclass
@@ -429,6 +531,7 @@ class ClaimResult:
     text: str
     parts: list[Part]
     notes: list[str] = field(default_factory=list)
+    answer: str | None = None  # claim 5: where the PMU gain comes from, from its direct comparisons
 
     @property
     def comparisons(self) -> list[Comparison]:
@@ -436,11 +539,11 @@ class ClaimResult:
 
     @property
     def not_tested(self) -> list[str]:
-        return [f"{p.name}: needs {p.needs}" for p in self.parts if not p.comparisons]
+        return [f"{p.name}: needs {p.needs}" for p in self.parts if not p.comparisons and not p.direct]
 
     @property
     def verdict(self) -> str:
-        verdicts = [p.verdict for p in self.parts]
+        verdicts = [p.verdict for p in self.parts if not p.direct]
         if all(v == "not tested" for v in verdicts):
             return "not tested"
         if "does not hold" in verdicts:
@@ -448,11 +551,35 @@ class ClaimResult:
         return "holds" if all(v == "holds" for v in verdicts) else "inconclusive"
 
     @property
+    def tested_contexts(self) -> list[str]:
+        """The rows (teacher → student) where the claim was tested: its scope."""
+        return list(dict.fromkeys(c.context.label for p in self.parts if not p.direct for c in p.comparisons))
+
+    @property
+    def untested(self) -> list[Gap]:
+        """Where the claim applies but could not be tested, with the missing cells (parts of the verdict)."""
+        return [g for p in self.parts if not p.direct for g in p.gaps]
+
+    def scope_text(self, most: int = 6) -> str:
+        """'tested on A, B; not tested on C (missing: resnet32 alone)': the scope, in one line."""
+        tested = self.tested_contexts
+        missing: dict[str, list[str]] = {}
+        for g in self.untested:
+            missing.setdefault(g.context.label, [])
+            missing[g.context.label] += [m for m in g.missing if m not in missing[g.context.label]]
+        bits = [f"tested on {_listed(tested, most)}" if tested else "tested on no context"]
+        if missing:
+            bits.append("not tested on " + _listed([f"{ctx} (missing: {', '.join(m)})" for ctx, m in missing.items()],
+                                                   most))
+        return "; ".join(bits)
+
+    @property
     def qualifier(self) -> str:
         """The margin and any assumed sigma the verdict rests on."""
         margins = sorted({c.margin for c in self.comparisons if c.margin is not None})
-        sigmas = sorted({c.interval.sigma for c in self.comparisons if c.interval.basis == "assumed sigma"})
-        bits = [f"margin {m:g}" for m in margins] + [f"assuming sigma = {s:g} where one run a side" for s in sigmas]
+        sigmas = sorted({c.interval.sigma for c in self.comparisons if c.interval.sigma is not None})
+        bits = [f"margin {m:g}" for m in margins] + [f"assuming sigma = {s:g} where runs measure no spread"
+                                                     for s in sigmas]
         return ", ".join(bits)
 
     def seeds(self) -> str:
@@ -465,15 +592,21 @@ class ClaimResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"claim": self.number, "text": self.text, "verdict": self.verdict, "qualifier": self.qualifier,
-                "parts": [p.as_dict() for p in self.parts], "not_tested": self.not_tested, "notes": self.notes,
-                "comparisons": [c.as_dict() for c in self.comparisons]}
+                "scope": {"tested": self.tested_contexts, "untested": [g.as_dict() for g in self.untested]},
+                "answer": self.answer, "parts": [p.as_dict() for p in self.parts], "not_tested": self.not_tested,
+                "notes": self.notes, "comparisons": [c.as_dict() for c in self.comparisons]}
 
 
-def _grid(results: list[Result]) -> Grid:
+def _listed(items: list[str], most: int) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _grid(results: list[Result], metric: str = "top1") -> Grid:
     """Runs pooled by (context, cell); a teacher -> student pair whose runs differ in other settings is split
-    into one row per setting, and said so."""
+    into one row per setting, and said so. Runs without a seed whose value repeats in their cell count once."""
     cells: dict[Context, dict[Cell, Side]] = defaultdict(dict)
     alone: dict[tuple[str, tuple], Side] = {}
+    notes = []
     for r in results:
         if r.cell.alone:
             if r.cell.mix != "none":
@@ -481,10 +614,17 @@ def _grid(results: list[Result]) -> Grid:
             side = alone.setdefault((r.context.student, r.context.settings), Side(r.context, r.cell))
         else:
             side = cells[r.context].setdefault(r.cell, Side(r.context, r.cell))
+        value = r.value(metric)
+        if r.seed is None:
+            twin = next((run for run, seed, v in zip(side.runs, side.seeds, side.values) if seed is None and v == value),
+                        None)
+            if twin is not None:
+                notes.append(f"{r.context.label}, {r.cell.label}: {twin} and {r.run} give {value:g} without a seed: "
+                             "counted as one run (a row given twice cannot be told from a tie: give the seeds)")
+                continue
         side.runs.append(r.run)
         side.seeds.append(r.seed)
-        side.values.append(r.top1)
-    notes = []
+        side.values.append(value)
     split: dict[tuple, list[Context]] = defaultdict(list)
     for ctx in [*cells, *(s.context for s in alone.values())]:
         split[ctx.teacher, ctx.teacher_mix, ctx.student].append(ctx)
@@ -497,9 +637,10 @@ def _grid(results: list[Result]) -> Grid:
     return Grid(dict(cells), alone, notes)
 
 
-def pairs(results: list[Result], margin: float = DEFAULT_MARGIN) -> tuple[Grid, dict[int, list[Pair]]]:
-    """The runs grouped, and every claim's planned comparisons (no statistics: also for a plan)."""
-    grid = _grid(results)
+def pairs(results: list[Result], margin: float = DEFAULT_MARGIN,
+          metric: str = "top1") -> tuple[Grid, dict[int, list[Pair]]]:
+    """The runs grouped, and every claim's planned comparisons, gaps included (no statistics: also for a plan)."""
+    grid = _grid(results, metric)
     return grid, {spec.number: spec.pairs(grid, margin) for spec in CLAIMS}
 
 
@@ -509,41 +650,104 @@ def _sort_key(pair: Pair, parts: list[str]) -> tuple:
             natural(ctx.teacher or ""), natural(ctx.student), ctx.settings, pair.a.sort_key(), pair.b.sort_key())
 
 
-def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN) -> list[ClaimResult]:
+def _judge(comparisons: list[Comparison], direct: bool = False) -> None:
+    """Verdicts of one family of comparisons: "holds" when the interval clears the threshold (each at 2.5%: a
+    claim holds only when every comparison does); "does not hold" after Holm's adjustment over the family. The
+    direct comparisons decide each way at 2.5%, unadjusted: the answer they give names a sampling only when every
+    row agrees (:func:`_answer_5`)."""
+    against = [c.p_against for c in comparisons] if direct else holm([c.p_against for c in comparisons])
+    for c, adjusted in zip(comparisons, against):
+        c.p_against_holm = adjusted
+        if c.interval.se is not None and c.interval.low > c.threshold:
+            c.verdict = "holds"
+        elif adjusted < SIDE:
+            c.verdict = "does not hold"
+
+
+def _gaps(grid: Grid, planned: list[Pair]) -> list[Gap]:
+    """The planned pairs that miss a cell, one per (part, context, missing cells)."""
+    return list(dict.fromkeys(Gap(p.part, p.context, tuple(grid.missing(p))) for p in planned if grid.missing(p)))
+
+
+def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN,
+          metric: str = "top1") -> list[ClaimResult]:
     """Every claim of :data:`CLAIMS` on a results table (a list of dicts with the columns of
     :mod:`mixkd.results`, a pandas DataFrame, or Result records): one :class:`ClaimResult` each, with
-    its verdict, parts, differences, 95% intervals and seed counts. ``noise``: the per-run standard
-    deviation (points) assumed where one run a side measures none; ``margin``: the points a
-    non-inferiority ("at least as well") may fall short by."""
+    its verdict, scope, parts, differences, 95% intervals and seed counts. ``noise``: the per-run standard
+    deviation (points) assumed where runs measure no spread (one run, or runs all equal); ``margin``: the
+    points a non-inferiority ("at least as well") may fall short by; ``metric``: ``top1`` (last epoch) or
+    ``best_top1`` (best epoch)."""
     if noise is not None and not (noise > 0 and math.isfinite(noise)):
         raise MixkdError(f"noise (sigma per run) must be a positive number of points, got {noise}")
     if not (margin >= 0 and math.isfinite(margin)):
         raise MixkdError(f"margin must be a non-negative number of points, got {margin}")
+    if metric not in METRIC_COLUMNS:
+        raise MixkdError(f"unknown metric '{metric}'; use one of: {', '.join(METRIC_COLUMNS)}")
     results = results_from_rows(rows)
-    grid, planned = pairs(results, margin)
+    lacking = next((r for r in results if r.value(metric) is None), None)
+    if lacking is not None:
+        raise MixkdError(f"{lacking.extra.get('where') or lacking.run} has no {metric} ({METRIC_COLUMNS[metric]}): "
+                         f"give it for every run, or use the metric top1")
+    repeated_runs(results)
+    grid, planned = pairs(results, margin, metric)
+    grid.notes[:0] = fraction_notes(results)
     out = []
     for spec in CLAIMS:
         names = spec.parts(grid)
+        tested = [p for p in planned[spec.number] if not grid.missing(p)]
         comparisons = []
-        for p in sorted(planned[spec.number], key=lambda p: _sort_key(p, names)):
+        for p in sorted(tested, key=lambda p: _sort_key(p, names)):
             a, b = grid.side(p.context, p.a), grid.side(p.context, p.b)
             iv = difference_interval(a.values, b.values, noise)
             threshold = 0.0 if p.margin is None else -p.margin
             comparisons.append(Comparison(p.part, p.context, a, b, p.margin, iv, iv.p_above(threshold),
-                                          iv.p_below(threshold)))
-        for c, adjusted in zip(comparisons, holm([c.p_against for c in comparisons])):
-            c.p_against_holm = adjusted
-            if c.interval.se is not None and c.interval.low > c.threshold:
-                c.verdict = "holds"
-            elif adjusted < SIDE:
-                c.verdict = "does not hold"
-        names += [p for p in dict.fromkeys(c.part for c in comparisons) if p not in names]
-        parts = [Part(n, _needs(spec, n), [c for c in comparisons if c.part == n]) for n in names]
+                                          iv.p_below(threshold), direct=p.direct))
+        _judge([c for c in comparisons if not c.direct])
+        _judge([c for c in comparisons if c.direct], direct=True)
+        gaps = _gaps(grid, planned[spec.number])
+        direct = {p.part for p in planned[spec.number] if p.direct}
+        names += [p for p in dict.fromkeys([*(c.part for c in comparisons), *(g.part for g in gaps)])
+                  if p not in names and p not in direct]
+        names += [p for p in _DIRECT5 if p in direct]
+        parts = [Part(n, _needs(spec, n), [c for c in comparisons if c.part == n], [g for g in gaps if g.part == n],
+                      n in direct) for n in names]
         notes = list(grid.notes)
         if spec.number in (2, 3):
             notes += _unpaired_pmu(grid)
-        out.append(ClaimResult(spec.number, spec.text, parts, notes))
+        result = ClaimResult(spec.number, spec.text, parts, notes)
+        if spec.number == 5:
+            result.answer = _answer_5(result)
+        out.append(result)
     return out
+
+
+def _answer_5(claim: ClaimResult) -> str:
+    """Where the PMU gain comes from, from claim 5's direct comparisons (and its parts against FMU): a sampling is
+    named better only when every row's direct comparison says so (each at 2.5%: an intersection-union answer)."""
+    by = {p.name: p for p in claim.parts}
+    ref_exact, ref_share = by.get(_DIRECT5[0]), by.get(_DIRECT5[1])
+    if ref_exact is None or not ref_exact.comparisons:
+        return ("cannot say where the gain comes from: no row has PMU f=0.1 students with both sampling reference and "
+                "sampling exact")
+    verdicts = {c.verdict for c in ref_exact.comparisons}
+    gains = "; ".join(f"{p.name}: {p.verdict}" for p in claim.parts if not p.direct and p.comparisons)
+    suffix = f" (against FMU: {gains})" if gains else ""
+    if verdicts == {"holds"}:
+        text = ("the released sampling (reference 10%, about 41% mixed) beats exact 10% in every row tested: the gain "
+                "comes from the released code's sampling, not from the paper's 10%")
+        share = {c.verdict for c in ref_share.comparisons} if ref_share is not None else set()
+        if share == {"inconclusive"}:
+            text += "; exact at the reference's share is not told apart from it (consistent with the share mixed)"
+        elif share == {"does not hold"}:
+            text += "; exact at the reference's share beats it: the share mixed, not the sampling's draws"
+        elif share == {"holds"}:
+            text += "; it beats exact at the same share too: not the share alone"
+        return text + suffix
+    if verdicts == {"does not hold"}:
+        return "exact 10% (the paper's text) beats the released sampling in every row tested" + suffix
+    return ("reference 10% and exact 10% are not told apart in every row (" + "; ".join(
+        f"{c.context.label}: {c.outcome}" for c in ref_exact.comparisons) + "): the table cannot say which sampling "
+        "the gain comes from" + suffix)
 
 
 def _unpaired_pmu(grid: Grid) -> list[str]:
@@ -563,12 +767,14 @@ RECIPE_EPOCHS = 240  # the study's schedule (REFERENCE.md recipe)
 
 
 def schedule_note(rows: Any) -> str:
-    """What the runs' schedule lets the claims say: short runs handicap standardized KD."""
+    """What the runs' schedule lets the claims say: short runs handicap standardized KD; a table that does not
+    give the epochs cannot tell schedules apart (its runs of one cell are pooled whatever their schedule)."""
     results = results_from_rows(rows)
     epochs = sorted({int(float(r.context.setting("epochs"))) for r in results if r.context.setting("epochs")})
     if not epochs:
-        return ("schedule: the table does not give the runs' epochs; the claims are the paper's at its 240-epoch "
-                "recipe, and a short schedule handicaps standardized KD (its gradient has no T² factor)")
+        return ("schedule: the table does not give the runs' epochs, so runs of different schedules would be pooled "
+                "as seeds of one experiment (add an 'epochs' column to keep them apart); the claims are the paper's "
+                "at its 240-epoch recipe, and a short schedule handicaps standardized KD (its gradient has no T² factor)")
     shown = ", ".join(map(str, epochs)) + (" epoch" if epochs == [1] else " epochs")
     if max(epochs) >= RECIPE_EPOCHS:
         return f"schedule: {shown}, the study's recipe ({RECIPE_EPOCHS}): the verdicts speak for that recipe"
@@ -585,7 +791,8 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
     """Lines saying, for each claim, whether a study whose runs are ``rows`` (results records; top-1 may be
     NaN: not yet run) can decide it, and the smallest difference it detects at its seed counts for an
     assumed per-run sigma (``sigma``; default ``noise`` or :data:`DEFAULT_SIGMA`). ``noise``: the sigma the
-    study assumes where one run a side measures none (None: such comparisons stay inconclusive)."""
+    study assumes where runs measure no spread (None: comparisons with a single run on a side stay
+    inconclusive)."""
     assumed = sigma if sigma is not None else (noise if noise is not None else DEFAULT_SIGMA)
     results = results_from_rows(rows)
     grid, planned = pairs(results, margin)
@@ -598,16 +805,24 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
         names = spec.parts(grid)
         by_part: dict[str, list[Pair]] = defaultdict(list)
         for p in planned[spec.number]:
-            by_part[p.part].append(p)
+            if not grid.missing(p) and not p.direct:
+                by_part[p.part].append(p)
         missing = [n for n in names if not by_part.get(n)]
+        gaps = _gaps(grid, [p for p in planned[spec.number] if not p.direct])
         counts = sorted({(grid.side(p.context, p.a).n, grid.side(p.context, p.b).n)
                          for ps in by_part.values() for p in ps})
-        single = any(a == 1 and b == 1 for a, b in counts)
+        single = any(a == 1 or b == 1 for a, b in counts)
+        problems = []
         if missing:
-            verdict = "cannot decide: no runs for " + "; ".join(f"'{n}' (needs {_needs(spec, n)})" for n in missing)
-        elif single and noise is None:
-            verdict = ("cannot decide without an assumed sigma: one run a side measures no spread (give the study "
-                       "claims: {noise: SIGMA}, or use mixkd claims --noise)")
+            problems.append("no runs for " + "; ".join(f"'{n}' (needs {_needs(spec, n)})" for n in missing))
+        if gaps:
+            problems.append(ClaimResult(spec.number, spec.text, [Part(n, "", [], [g for g in gaps if g.part == n])
+                                                                 for n in names]).scope_text().split("; ", 1)[-1])
+        if single and noise is None:
+            problems.append("without an assumed sigma: a single run measures no spread (give the study "
+                            "claims: {noise: SIGMA}, or use mixkd claims --noise)")
+        if problems:
+            verdict = "cannot decide: " + "; ".join(problems)
         else:
             k = sum(map(len, by_part.values()))
             one = max(detectable_difference(a, b, assumed) for a, b in counts)
@@ -615,7 +830,7 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
             n_text = ", ".join(f"{a} vs {b}" for a, b in counts)
             verdict = (f"decidable: {k} comparisons, seeds {n_text}; smallest detectable difference {one:.2f} points "
                        f"per comparison, {every:.2f} for all {k} to hold together"
-                       + (f" (one run a side: assuming sigma = {noise:g})" if single else ""))
+                       + (f" (a single run: assuming sigma = {noise:g})" if single else ""))
         lines.append(f"  claim {spec.number}: {verdict}")
     return lines
 
@@ -624,27 +839,32 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
 
 RULES = [
     "difference = mean(A) − mean(B) over seeds, in points of top-1; positive goes the claim's way",
-    "95% interval: Welch's t with two or more runs a side; Student's t with the other side's spread when one side "
-    "has one run; with one run a side no spread is measured: inconclusive, unless a per-run sigma is given "
-    "(--noise), then a normal interval 'assuming sigma'",
+    "95% interval: Welch's t when both sides measure a spread (two or more runs that differ); a side that measures "
+    "none (one run, or runs all equal) makes the comparison inconclusive, unless a per-run sigma is given (--noise): "
+    "then that side counts as one run of that sigma (a floor) and the verdict says 'assuming sigma'",
     "strict (A > B): holds when the interval is above 0; non-inferiority (A ≥ B, margin δ): holds when the interval "
     "is above −δ; does not hold when the evidence is below that threshold at the 2.5% level after Holm's adjustment "
     "over the claim's comparisons; inconclusive otherwise",
-    "a claim holds when every part was tested and every comparison holds; does not hold when a comparison does not; "
-    "inconclusive otherwise (its untested parts listed); not tested when no part has a comparison",
-    "runs are pooled only when equal in every setting but the seed; no pairing by seed",
+    "a claim holds when every part was tested in every row where it applies and every comparison holds; does not "
+    "hold when a comparison does not; inconclusive otherwise (its untested parts and rows listed, with the missing "
+    "cells); not tested when no part has a comparison",
+    "runs are pooled only when equal in every setting but the seed; no pairing by seed; a (cell, seed) given twice "
+    "is refused",
 ]
 
 
 def claims_json(claims: list[ClaimResult], noise: float | None = None, margin: float = DEFAULT_MARGIN,
                 metric: str = "top1") -> dict[str, Any]:
-    """``claims.json``: ``{"metric", "level", "margin", "noise", "verdicts", "rules", "claims": [...]}``."""
-    return {"metric": metric, "level": LEVEL, "margin": margin, "noise": noise, "verdicts": list(VERDICTS),
-            "rules": RULES, "claims": [c.as_dict() for c in claims]}
+    """``claims.json``: ``{"metric", "metric_label", "level", "margin", "noise", "verdicts", "rules", "notes",
+    "claims": [...]}``."""
+    return {"metric": metric, "metric_label": METRIC_COLUMNS.get(metric, metric), "level": LEVEL, "margin": margin,
+            "noise": noise, "verdicts": list(VERDICTS), "rules": RULES, "notes": _shared_notes(claims),
+            "claims": [c.as_dict() for c in claims]}
 
 
-UNMEASURED_HINT = ("one run a side measures no spread: assume a per-run sigma to decide (mixkd claims TABLE.csv "
-                   "--noise SIGMA, e.g. on a study folder's claims-table.csv, or the study file's claims: {noise: SIGMA})")
+UNMEASURED_HINT = ("a side that measures no spread (one run, or runs all equal) leaves its comparison inconclusive: "
+                   "assume a per-run sigma to decide (mixkd claims TABLE.csv --noise SIGMA, e.g. on a study folder's "
+                   "claims-table.csv, or the study file's claims: {noise: SIGMA})")
 
 
 def comparison_text(c: Comparison) -> str:
@@ -654,26 +874,40 @@ def comparison_text(c: Comparison) -> str:
     iv = c.interval
     head = f"{c.context.label}: {c.statement}: {iv.difference:+.2f} points"
     if iv.se is None:
-        return f"{head}, n = {c.a.n} vs {c.b.n}, no spread measured: {c.verdict}{extra}"
+        why = "; ".join(f"{(c.a if side == 'a' else c.b).label}: {reason}" for side, reason in iv.unmeasured)
+        return f"{head}, n = {c.a.n} vs {c.b.n}, no spread measured ({why}): {c.outcome}{extra}"
     return (f"{head}, 95% interval [{iv.low:+.2f}, {iv.high:+.2f}], n = {c.a.n} vs {c.b.n} ({iv.basis}): "
-            f"{c.verdict}{extra}")
+            f"{c.outcome}{extra}")
 
 
-def format_claims(claims: list[ClaimResult], details: bool = True) -> str:
+def _shared_notes(claims: list[ClaimResult]) -> list[str]:
+    """The notes every claim has (the table's: conversions, settings apart, runs counted once)."""
+    if not claims:
+        return []
+    return [n for n in claims[0].notes if all(n in c.notes for c in claims)]
+
+
+def format_claims(claims: list[ClaimResult], details: bool = True, metric: str = "top1") -> str:
     """The claims as plain text (``mixkd claims``, ``mixkd demo``, ``mixkd study run``)."""
-    lines = []
+    lines = [f"metric: student {METRIC_COLUMNS.get(metric, metric)} (%)"]
+    shared = _shared_notes(claims)
     for claim in claims:
         extra = f" ({claim.qualifier})" if claim.qualifier else ""
         lines.append(f"claim {claim.number}: {claim.verdict}{extra}: {claim.text}")
+        lines.append(f"  scope: {claim.scope_text()}")
         for part in claim.parts:
             if not part.comparisons:
                 lines.append(f"  {part.name}: not tested: needs {part.needs}")
                 continue
-            lines.append(f"  {part.name}: {part.verdict} ({len(part.comparisons)} comparison"
+            label = " (direct: not part of the verdict)" if part.direct else ""
+            lines.append(f"  {part.name}{label}: {part.outcome} ({len(part.comparisons)} comparison"
                          f"{'s' * (len(part.comparisons) > 1)})")
             if details:
                 lines += [f"    {comparison_text(c)}" for c in part.comparisons]
-        lines += [f"  note: {n}" for n in claim.notes]
+        if claim.answer:
+            lines.append(f"  answer: {claim.answer}")
+        lines += [f"  note: {n}" for n in claim.notes if n not in shared]
+    lines += [f"note: {n}" for n in shared]
     if any(c.interval.se is None for claim in claims for c in claim.comparisons):
         lines.append(UNMEASURED_HINT)
     return "\n".join(lines)
@@ -691,25 +925,38 @@ def _summary(claim: ClaimResult) -> str:
     for part in claim.parts:
         if part.comparisons:
             counts = {v: sum(c.verdict == v for c in part.comparisons) for v in VERDICTS[:3]}
-            bits.append(f"{part.name}: {part.verdict} ({', '.join(f'{n} {v if n == 1 else _PLURAL[v]}' for v, n in counts.items() if n)})")
+            if part.direct:
+                bits.append(f"{part.name} (direct): {part.outcome}")
+            else:
+                bits.append(f"{part.name}: {part.verdict} ({', '.join(f'{n} {v if n == 1 else _PLURAL[v]}' for v, n in counts.items() if n)})")
         else:
             bits.append(f"{part.name}: not tested (needs {part.needs})")
+    bits.append(f"scope: {claim.scope_text()}")
+    bits += [f"answer: {claim.answer}"] if claim.answer else []
     return "; ".join(bits)
 
 
 def claims_markdown(claims: list[ClaimResult], metric_label: str = "top-1 at the last epoch",
-                    notes: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The report's ``## Claims`` section, as lines (``notes``: more notes under the verdicts)."""
+                    notes: list[str] | tuple[str, ...] = (),
+                    other: tuple[str, list[ClaimResult]] | None = None) -> list[str]:
+    """The report's ``## Claims`` section, as lines (``notes``: more notes under the verdicts; ``other``: (label,
+    claims) on another metric, e.g. the best epoch's top-1, whose verdicts stand beside in their own column)."""
     lines = ["## Claims", "",
              f"The study's claims tested on this folder's finished runs (student {metric_label}, %). Each rests on "
              "comparisons of two columns of the table above in the same teacher → student row (seeds pooled); "
              "`claims.json` has every comparison with its runs, values and p-values. Verdicts: holds, does not "
              "hold, inconclusive, not tested.", "",
              *[f"- {rule}" for rule in RULES], "",
-             "| # | claim | verdict | parts |", "|---|---|---|---|"]
+             f"| # | claim | verdict, {metric_label} |" + (f" verdict, {other[0]} |" if other else "") + " parts |",
+             "|---|---|---|" + ("---|" if other else "") + "---|"]
+    beside = {c.number: c for c in other[1]} if other else {}
     for c in claims:
         extra = f" ({c.qualifier})" if c.qualifier else ""
-        lines.append(f"| {c.number} | {c.text} | **{c.verdict}**{extra} | {_summary(c)} |")
+        also = ""
+        if other:
+            o = beside.get(c.number)
+            also = f" {o.verdict if o else '–'}" + (f": {o.answer}" if o is not None and o.answer else "") + " |"
+        lines.append(f"| {c.number} | {c.text} | **{c.verdict}**{extra} |{also} {_summary(c)} |")
     lines.append("")
     notes = list(dict.fromkeys([*notes, *(n for c in claims for n in c.notes)]))
     if notes:
@@ -725,6 +972,6 @@ def claims_markdown(claims: list[ClaimResult], metric_label: str = "top-1 at the
             extra = f" ({cmp.qualifier})" if cmp.qualifier else ""
             lines.append(f"| {number} | {cmp.context.label} | {cmp.statement} | {_side_text(cmp.a)} | "
                          f"{_side_text(cmp.b)} | {iv.difference:+.2f} | {interval} | {iv.basis} | "
-                         f"{cmp.verdict}{extra} |")
+                         f"{cmp.outcome}{extra} |")
         lines.append("")
     return lines

@@ -16,7 +16,8 @@ from typing import Any
 
 from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
 from mixkd.control import release_early_stops
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, StorageError
+from mixkd.files import AGAIN
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
 
 _DEFAULTS = RunConfig.model_validate({}).model_dump()
@@ -65,6 +66,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every",), "save_every", {"type": int}, "checkpoint every N epochs (and at the end)"),
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
+    (("--threads",), "threads", {"type": int}, "CPU threads of torch (default: torch's own: OMP_NUM_THREADS, else the cores); on the CPU a run is bit-exact only with the same count, so resume with the one it started with (a resume with another count warns)"),
     (("--track",), "track.backend", {"choices": ["none", "mlflow", "wandb"]}, "also log the run to an experiment tracker: MLflow (track.uri: its tracking URI, default sqlite:///mlflow.db) or W&B (pip install 'mixkd[mlflow]' / 'mixkd[wandb]')"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
@@ -184,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
     p.add_argument("--image-size", type=int_in(8, 4096, "--image-size"), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), help="evaluation batch size (default: the run's, else 1024)")
     p.add_argument("--workers", type=int_in(0, 256, "--workers"), help="data-loading processes for image folders (default: the cores available, at most 4)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="evaluate in fp32 or under bf16 autocast (default: the run's precision, so that its figures are "
+                        "reproduced: bf16 for a CUDA run; fp32 for a checkpoint without its run)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -232,8 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="results table (CSV)")
     p.add_argument("--json", metavar="FILE", help="also write the claims as JSON (claims.json's layout) to FILE")
     p.add_argument("--noise", type=float, metavar="SIGMA", help="per-run standard deviation of top-1 (points) assumed "
-                                                                "where one run a side measures none (default: none, "
-                                                                "such comparisons are inconclusive)")
+                                                                "where runs measure no spread: a single run, or runs "
+                                                                "all equal (default: none, such comparisons are "
+                                                                "inconclusive)")
+    p.add_argument("--metric", choices=["top1", "best_top1"], default="top1",
+                   help="top1: the last epoch's top-1, as the study (and the paper) report (default); best_top1: the "
+                        "best epoch's, as mdistiller's published figures (the table's best_top1 column)")
     p.add_argument("--margin", type=float, default=0.5, metavar="DELTA",
                    help="points a non-inferiority ('at least as well') may fall short by (default: 0.5)")
     p.set_defaults(handler=_cmd_claims)
@@ -322,6 +331,10 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
 
     cfg, resume = run_from_args(args)
     control = StopControl(parse_duration(args.time_limit) if args.time_limit else None)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     distributed.setup(resolve_device(cfg.device), args.dist_backend)  # torchrun / srun: one run, many processes
 
     def echo(line: str) -> None:
@@ -331,6 +344,14 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
     control.install_signals(same_interrupt_within=5.0 if distributed.active() else 0.0)
     try:
         job = run_job(cfg, resume=resume, control=control, echo=echo)
+    except StorageError as full:  # a full disk: advice that works, for the run as the failed write left it
+        job = getattr(full, "job", None)
+        if full.problem is None or job is None or not job.writes:
+            raise
+        kept = " (the last checkpoint is kept)" if job.folder.checkpoint.exists() else ""
+        again = (f"continue with: mixkd {args.task} --out {shlex.quote(str(job.dir))} --resume"
+                 if job.folder.has_begun() and not args.resume else AGAIN)
+        raise StorageError(f"{full.problem}; free some space{kept} and {again}") from None
     except StoppedRun as stopped:
         job = stopped.run
         why = {"time": "stopped before the time limit", "signal": "stopped by a signal",
@@ -350,6 +371,7 @@ def _run_command(args: argparse.Namespace, distributed) -> int:
         return control.exit_status
     finally:
         control.restore_signals()
+    control.settle()  # finished: a stop that comes now (while the process leaves) changes nothing
     result = job.result
     if not distributed.is_main():
         return 0
@@ -363,11 +385,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
                             download=args.download, batch_size=args.batch_size, image_size=args.image_size,
-                            workers=args.workers)
+                            workers=args.workers, precision=args.precision)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}")
+        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}  "
+              f"({m['precision']}, {m['precision_from']})")
     return 0
 
 
@@ -405,15 +428,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_claims(args: argparse.Namespace) -> int:
-    from mixkd.claims import check, claims_json, format_claims
+    from mixkd.claims import check, claims_json, format_claims, schedule_note
     from mixkd.files import atomic_write_text
     from mixkd.results import read_csv
 
-    claims = check(read_csv(args.table), noise=args.noise, margin=args.margin)
-    print(format_claims(claims))
+    results = read_csv(args.table)
+    claims = check(results, noise=args.noise, margin=args.margin, metric=args.metric)
+    print(format_claims(claims, metric=args.metric))
+    print(schedule_note(results))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin), indent=1,
-                                                      ensure_ascii=False) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(claims_json(claims, args.noise, args.margin, args.metric),
+                                                      indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

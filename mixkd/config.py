@@ -23,7 +23,7 @@ from mixkd.errors import MixkdError
 MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 # Keys that describe the machine, not the run: a run resumed (elsewhere) takes them from the new command.
 MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
-                "save_every_minutes", "track")
+                "save_every_minutes", "threads", "track")
 
 
 def machine_key(key: str) -> bool:
@@ -54,7 +54,10 @@ class MixConfig(_Section):
     sampling: Literal["exact", "reference"] = Field("exact", description="'reference' reproduces the released code's with-replacement choice")
 
 
-TRACKERS = ("none", "mlflow", "wandb")
+def reference_mixed_share(batch_size: int, fraction: float) -> float:
+    """Expected share of mixed samples under ``sampling='reference'`` (:func:`mixkd.mix.mixed_mask`): here,
+    without torch, for the claims (``mixkd claims`` imports no torch)."""
+    return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
 
 
 class TrackConfig(_Section):
@@ -102,6 +105,15 @@ KD_METHODS: dict[str, KDMethod] = {
 KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {name: m.defaults for name, m in KD_METHODS.items()}
 # What a method not in the table (one registered by a user) gets: Hinton KD's settings.
 GENERIC_KD_DEFAULTS = KD_METHOD_DEFAULTS["kd"]
+# Per-dataset defaults: where a method's authors publish other settings for a dataset, they replace its
+# CIFAR-100 defaults above for runs of that dataset (a value set in the config or by a flag still wins).
+#   imagefolder (ImageNet), dkd: mdistiller ``configs/imagenet/r34_r18/dkd.yaml`` (DKD: CE_WEIGHT 1,
+#        BETA 0.5, T 1, WARMUP 1; ALPHA is CFG.DKD's default, 1, as on CIFAR-100).
+KD_DATASET_DEFAULTS: dict[str, dict[str, dict[str, float | int]]] = {
+    "imagefolder": {"dkd": {"temperature": 1.0, "ce_weight": 1.0, "beta": 0.5, "warmup_epochs": 1}},
+}
+
+
 KD_PARAMS = ("temperature", "ce_weight", "kd_weight", "alpha", "beta", "gamma", "warmup_epochs", "hint_weight",
              "hint_layer")
 
@@ -115,13 +127,13 @@ class KDConfig(_Section):
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
     method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
     # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
-    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2; std ignores it")
+    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2, dkd on imagefolder 1; std ignores it")
     ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (RepDistiller's gamma); default the method's: kd, std, lskd 0.1; dkd, dist, fitnet 1")
     kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the distillation term; default the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0")
     alpha: float | None = Field(None, ge=0, le=1000, description="dkd: weight of TCKD, the target-class term (default 1)")
-    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8); dist: weight of the inter-class relation (default 1)")
+    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8; imagefolder runs 0.5); dist: weight of the inter-class relation (default 1)")
     gamma: float | None = Field(None, ge=0, le=1000, description="dist: weight of the intra-class relation (default 1)")
-    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20; 0: none)")
+    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20, imagefolder runs 1; 0: none)")
     hint_weight: float | None = Field(None, ge=0, le=1000, description="fitnet: weight of the hint, the MSE between the regressed student feature map and the teacher's (default 100)")
     hint_layer: int | None = Field(None, ge=0, le=100, description="fitnet: which feature map is hinted, an index into the models' is_feat features (default 2: the middle one)")
 
@@ -161,6 +173,7 @@ class RunConfig(_Section):
     save_every: int = Field(10, ge=1, le=100_000, description="checkpoint every N epochs (and at the end)")
     save_every_minutes: float = Field(10.0, ge=0, le=1e6, description="also checkpoint mid-epoch every M minutes (0: never)")
     workers: int | None = Field(None, ge=0, le=256, description="data-loading processes (image folders only); default: the cores available, at most 4")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads of torch in mixkd train/distill (default: torch's own, which OMP_NUM_THREADS sets, else the cores); a study's are its --threads")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU; bf16: forward passes under bf16 autocast, channels-last; losses stay fp32")
     graph: bool = Field(True, description="on CUDA, capture the training step as a CUDA graph (false: eager)")
     sync_bn: bool = Field(False, description="data-parallel runs (torchrun, srun): BatchNorm with the statistics of the global batch; no effect on one process")
@@ -176,6 +189,20 @@ class RunConfig(_Section):
     @classmethod
     def _track(cls, v: Any) -> Any:
         return {"backend": v} if isinstance(v, str) else v  # track: mlflow
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_kd_defaults(cls, data: Any) -> Any:
+        """The KD method's defaults for this dataset (:data:`KD_DATASET_DEFAULTS`) where it has its own, under the
+        values given (the section's own validator then adds the method's other defaults)."""
+        if not isinstance(data, dict) or not isinstance(data.get("kd", {}), dict):
+            return data
+        kd = data.get("kd", {})
+        method = kd.get("method", "kd")
+        extra = KD_DATASET_DEFAULTS.get(data.get("dataset", "cifar100"), {}).get(method, {}) if isinstance(method, str) else {}
+        if not extra:
+            return data
+        return {**data, "kd": {**extra, **{k: v for k, v in kd.items() if v is not None}}}
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ step the driver asks :meth:`StopControl.should_stop` whether the next action, a 
 of every live run and the process's exit still fit before the limit; when they do not, every run
 writes its checkpoint and the process exits with :data:`EXIT_STOPPED` ("stopped on time, resumable").
 SIGTERM and SIGUSR1 (what SLURM's ``--signal`` and spot-instance reclaims send) do the same at the
-next step; SIGINT (Ctrl-C) stops the same way but exits with 130; a second Ctrl-C stops at once.
+next step; SIGINT (Ctrl-C) stops the same way but exits with 130; a second Ctrl-C stops at once. A
+run that has finished exits 0 whatever arrives after (:meth:`StopControl.settle`).
 
 Those signals are heard from the program's first line: the entry point (:mod:`mixkd.__main__`)
 calls :func:`catch_early_stops` before anything heavy is imported, and a :class:`StopControl` adopts
@@ -208,6 +209,15 @@ class StopControl:
         for sig, previous in self._installed.items():
             signal.signal(sig, previous)
         self._installed.clear()
+
+    @staticmethod
+    def settle() -> None:
+        """The work is done (a finished run): from now on SIGTERM, SIGUSR1 and Ctrl-C are ignored, so
+        that the process exits 0 whatever arrives while it leaves. Ignoring (SIG_IGN) outlives the
+        interpreter's teardown, which puts the default action back for the signals it handled."""
+        _early["installed"], _early["pending"] = False, []
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def check_first_step(job, control: StopControl) -> None:

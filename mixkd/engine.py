@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,11 @@ from mixkd import distributed
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, TrackConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, load_dataset, make_loaders
+from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
-from mixkd.errors import MixkdError, TrainingDiverged
-from mixkd.files import storage_error
+from mixkd.errors import MixkdError, StorageError, TrainingDiverged
+from mixkd.files import link_refused, make_dir, storage_error
 from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
@@ -110,6 +111,9 @@ class Run:
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
         self.cfg, self.folder, self.fresh = open_run(cfg, resume)
         self.dir = self.folder.path
+        self.in_study = paths_relative_to_run
+        if self.in_study and self.dir.is_symlink():  # a study's run folder, named by mixkd: never through a link
+            raise link_refused(self.dir)
         self.relative_teacher = paths_relative_to_run or not self.fresh  # saved: relative to the run
         if self.fresh or not self.folder.result.exists():
             self._validate()  # every problem in one line, before anything is built or written
@@ -127,6 +131,9 @@ class Run:
         self.epoch, self.step_in_epoch = 0, 0
         self.history: list[dict[str, Any]] = []  # the metrics rows of the finished epochs
         self.notes: list[str] = []  # warnings about the run folder, logged when the run starts writing
+        # Where each part of the run began and with how many CPU threads (a part per change of the count:
+        # on the CPU the numbers depend on it), as {"epoch": epochs done, "step": steps into the next, "threads"}.
+        self.segments: list[dict[str, Any]] = []
         self.train_seconds, self.train_images, self.epoch_seconds = 0.0, 0, 0.0
         self.last_saved = "none yet"  # the position of the last checkpoint, for messages
         self.saved_at = time.monotonic()  # when the last checkpoint was written (--save-every-minutes)
@@ -138,6 +145,9 @@ class Run:
         self.teacher_metrics: dict[str, float] | None = None
         self.wall_start = time.perf_counter()
         self._batches = None  # the current epoch's batches, from its first step on
+        # Asked before each batch of an evaluation: whether a stop is due (set by the driver; a stop then
+        # checkpoints the epoch's end, and the evaluation is done again on resume).
+        self.interrupted: Callable[[], bool] | None = None
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
@@ -162,6 +172,10 @@ class Run:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+        if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
+            mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
+            if mismatch:
+                raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
             rank=self.rank, world=self.world)
@@ -211,7 +225,7 @@ class Run:
         t0 = time.perf_counter()
         meta = {"dataset": self.cfg.dataset, "task": self.cfg.task, "step": self.step_in_epoch,
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "epoch_seconds": self.epoch_seconds, "world": self.world}
+                "epoch_seconds": self.epoch_seconds, "world": self.world, "segments": self.segments}
         if stopped:
             meta["stopped"] = stopped
         state, rng = {}, {}
@@ -254,6 +268,8 @@ class Run:
         if "torch_cpu" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
+        segments = ckpt.meta.get("segments")  # None: a checkpoint of an older mixkd (the count unknown)
+        self.segments = list(segments) if isinstance(segments, list) else [{"epoch": 0, "step": 0, "threads": None}]
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
         self.train_images = int(ckpt.meta.get("train_images", 0))
         saved_world = int(ckpt.meta.get("world", 1))
@@ -287,6 +303,20 @@ class Run:
                               f"stay missing from {METRICS_NAME} and from {RESULT_NAME}'s best epoch")
         self.last_saved = f"epoch {self.epoch}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
 
+    def _begin_segment(self) -> None:
+        """Record the thread count this process continues with; warn where it differs from the count the
+        run had so far (on the CPU, float sums then run in another order: no longer bit-exact)."""
+        threads = torch.get_num_threads()
+        if self.segments and self.segments[-1]["threads"] == threads:
+            return
+        if self.segments and self.segments[-1]["threads"] is not None and self.device.type == "cpu":
+            before = self.segments[-1]["threads"]
+            self.notes.append(f"warning: the run so far used {before} CPU thread{'s' * (before != 1)} and continues with "
+                              f"{threads}: sums are taken in another order, so it will not match an uninterrupted run "
+                              f"bit for bit ({RESULT_NAME} records the threads of each part); --threads {before} "
+                              "continues as it began")
+        self.segments.append({"epoch": self.epoch, "step": self.step_in_epoch, "threads": threads})
+
     def _log(self, line: str) -> None:
         if self.writes:
             self.output.log(line)
@@ -304,6 +334,7 @@ class Run:
             return
         self._build()
         self._restore()
+        self._begin_segment()
         if self.fresh and self.cfg.milestone_note():
             self.notes.append(self.cfg.milestone_note())
         if self.fresh and self.teacher is not None and unfinished_teacher_note(self.teacher_path):
@@ -323,6 +354,9 @@ class Run:
         if not self.writes:
             self.output.open(self.cfg.epochs * self.steps_per_epoch, 0)
             return
+        self._made_dir = not self.dir.exists()  # removed again where the start fails (a full disk)
+        if self.in_study:
+            make_dir(self.dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -507,19 +541,25 @@ class Run:
 
     def _end_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
+        sums, steps = self.step.sums.clone(), self.step.steps  # kept where the evaluation is interrupted
         means = self.step.epoch_means()
         if not all(math.isfinite(v) for v in means.values()):
             raise TrainingDiverged(
                 f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
                 f"checkpoint ({self.last_saved}) is kept in {self.dir}; try a lower --lr")
+        self._share_buffers()
+        self.output.phase("evaluating on the test set")
+        t0 = time.perf_counter()
+        test = evaluate(self.model, self.test_loader, self.precision, stop=self.interrupted)
+        if test is None:  # a stop came: the driver checkpoints the epoch's end; resuming evaluates again
+            self.step.sums.copy_(sums)
+            self.step.steps = steps
+            return
+        self.eval_seconds = time.perf_counter() - t0
         images = self.steps_per_epoch * cfg.batch_size
         seconds = max(self.epoch_seconds, 1e-9)
         self.train_seconds += seconds
         self.train_images += images
-        self.output.phase("evaluating on the test set")
-        t0 = time.perf_counter()
-        test = evaluate(self.model, self.test_loader, self.precision)
-        self.eval_seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": self.lr_at(epoch), **{f"train_{k}": v for k, v in means.items()},
                "test_top1": test["top1"], "test_top5": test["top5"], "test_nll": test["nll"],
                "images_per_s": images / seconds, "epoch_seconds": seconds}
@@ -534,13 +574,24 @@ class Run:
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
 
+    def _share_buffers(self) -> None:
+        """Data-parallel runs: rank 0's buffers (BatchNorm's running statistics) of the student and the
+        method's modules on every rank. DDP sends rank 0's at the start of each forward only, so after an
+        epoch's last step each rank holds the statistics of its own part (without --sync-bn); shared
+        before the evaluation and the checkpoint, every rank evaluates the weights rank 0 saves, and
+        the metrics are those of the saved model (the next forward would send these anyway: training
+        is unchanged)."""
+        if self.world > 1:
+            distributed.broadcast_(list(self.model.buffers()) + list(self.distiller.modules.buffers()))
+
     def stop(self, reason: str) -> None:
         """Write a step-exact checkpoint and stop here (``reason``: time, signal or interrupt)."""
         if self.phase != "training":
             return
         if self.created:
             self._save(stopped=reason)
-            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}"
+            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch}" + (
+                ", before its evaluation" if self.step_in_epoch == self.steps_per_epoch else "")
             self._log(f"{STOP_WORDS.get(reason, 'stopped')} at {where}; the checkpoint continues from there")
         self.phase = "stopped"
         self.close()
@@ -548,6 +599,11 @@ class Run:
     def fail(self) -> None:
         self.phase = "failed"
         self.close()
+        if getattr(self, "_made_dir", False) and self.writes:  # a start that failed leaves --out as it was
+            try:
+                os.rmdir(self.dir)  # only where nothing is left in it
+            except OSError:
+                pass
 
     def _finish(self) -> dict[str, Any]:
         history = self.history
@@ -561,7 +617,7 @@ class Run:
             "wall_seconds": time.perf_counter() - self.wall_start,
             "images_per_s": self.train_images / self.train_seconds if self.train_seconds else None,
             "device": device_name(self.device), "precision": self.precision,
-            "threads": torch.get_num_threads(), "versions": library_versions(),
+            "threads": self._threads(), "segments": self.segments, "versions": library_versions(),
         }
         if self.teacher is not None:
             if self.teacher_metrics is None:
@@ -583,6 +639,11 @@ class Run:
         self.phase = "finished"
         self.close()
         return result
+
+    def _threads(self) -> int | list[int | None]:
+        """The CPU threads of the run: one count where every part had it, else each part's (``segments``)."""
+        counts = [s["threads"] for s in self.segments] or [torch.get_num_threads()]
+        return counts[0] if len(set(counts)) == 1 and counts[0] is not None else counts
 
     def close(self) -> None:
         self.output.close()
@@ -627,8 +688,17 @@ def run(cfg: RunConfig, resume: bool = False, control: StopControl | None = None
 
 
 def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = None, echo=None) -> Run:
-    """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``)."""
+    """:func:`run`, returning the finished :class:`Run` (its ``result`` and ``dir``). A write the storage
+    refused is raised as the :class:`StorageError` it is, with ``job``: the run (whether it began)."""
     job = Run(cfg, resume=resume, echo=echo)
+    try:
+        return _drive(job, control)
+    except StorageError as e:
+        e.job = job
+        raise
+
+
+def _drive(job: Run, control: StopControl | None) -> Run:
     pack = Pack(job.device, 1)
     ended = pack.admit(job)
     if ended is not None and ended.get("error") is not None:
@@ -637,6 +707,8 @@ def run_job(cfg: RunConfig, resume: bool = False, control: StopControl | None = 
     if job.phase == "training" and control.deadline is not None:
         _check_first_step_together(job, control)
     every = sync_every(job.device)
+    if job.world == 1:  # data-parallel evaluations are collectives: every rank evaluates to the end
+        job.interrupted = lambda: control.reason is not None
     actions = 0
     while pack.live:
         if job.world > 1:  # the ranks agree every `every` actions, all at the same step

@@ -11,7 +11,16 @@ class MixkdError(Exception):
 class StorageError(MixkdError):
     """A write failed for want of room (a full disk, a quota) or on a read-only file system: the
     machine's state, not the run's. The run keeps its last checkpoint; a study stops (every run
-    resumable) instead of failing its runs one by one."""
+    resumable) instead of failing its runs one by one. ``problem``: what failed, without the advice
+    (where known)."""
+
+    problem: str | None = None
+
+
+class LinkRefused(StorageError):
+    """A write refused because the file or folder mixkd would write is a symbolic link (a folder received
+    from someone else): like a full disk, the folder's state, not the run's, so a study stops (every
+    run resumable, none failed) rather than writing its error files through the link."""
 
 
 class TrainingDiverged(MixkdError):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mixkd.errors import MixkdError
+from mixkd.files import make_dir
 from mixkd.run_folder import RunFolder
 
 
@@ -75,7 +76,7 @@ class RunOutput:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise MixkdError("--tensorboard needs TensorBoard: pip install tensorboard") from None
-        return SummaryWriter(log_dir=str(self.folder.tensorboard))
+        return SummaryWriter(log_dir=str(make_dir(self.folder.tensorboard)))  # never through a planted link
 
     def _progress_bar(self, total: int, initial: int):
         if not self.want_progress or self.echo is None or not sys.stderr.isatty():

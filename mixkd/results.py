@@ -17,12 +17,16 @@ A results table has one row per trained student with the columns of :data:`COLUM
 ``sampling``    how partial mixing picks its samples: ``exact`` (the paper's text) or ``reference`` (the
                 released code's draw with replacement); empty or ignored for full or no mixing
 ``seed``        the run's seed
-``top1``        the student's top-1 accuracy in %, last epoch
+``top1``        the student's top-1 accuracy in %, last epoch (a table whose every top-1 is at most 1 is
+                read as fractions and multiplied by 100, and said so)
 =============== =========================================================================================
 
-Other columns are ignored, except ``epochs``, ``batch_size`` and ``lr`` when present: runs are pooled
-(their seeds taken as repeats of one experiment) only when they agree in every setting but the seed,
-those included. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
+Optional columns: ``best_top1`` (the best epoch's top-1, in %: ``mixkd claims --metric best_top1``),
+``mix_alpha`` (the mixup alpha; empty: 1), and the settings ``dataset``, ``epochs``, ``batch_size`` and
+``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
+setting but the seed, those included (a table without ``epochs`` cannot tell schedules apart: ``mixkd
+claims`` says so; one that names the schedule otherwise, e.g. ``num_epochs``, is refused). Other columns
+are ignored, except ``id`` (the run's name). A (cell, seed) given twice is refused. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
 (:mod:`mixkd.claims`) and the report read these records only.
 """
 
@@ -41,7 +45,10 @@ from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
 
 COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
-SETTING_COLUMNS = ("epochs", "batch_size", "lr")  # optional: pooled only when equal
+SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr")  # optional: pooled only when equal
+METRIC_COLUMNS = {"top1": "top-1 at the last epoch", "best_top1": "best top-1 over epochs"}  # the values
+# Columns that name a schedule under another name: refused (rename to epochs), never ignored
+SCHEDULE_ALIASES = ("num_epochs", "n_epochs", "total_epochs", "max_epochs", "epoch_count")
 MIXES = ("none", "mixup", "cutmix")
 TEACHER_MIX_VALUES = (*MIXES, "other")
 SAMPLINGS = ("exact", "reference")
@@ -174,6 +181,11 @@ class Result:
     top1: float
     run: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    best_top1: float | None = field(default=None, compare=False)
+
+    def value(self, metric: str = "top1") -> float | None:
+        """The run's ``top1`` (last epoch) or ``best_top1`` (best epoch)."""
+        return self.top1 if metric == "top1" else self.best_top1
 
     @property
     def pool_key(self) -> tuple:
@@ -260,12 +272,15 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
         fraction = 1.0 if fraction is None else fraction
         if fraction < 1.0:
             sampling = r.choice("sampling", SAMPLINGS, default="exact")
+    alpha = r.number("mix_alpha", low=1e-9, high=1e9) if mix != "none" else None
     seed = r.number("seed", integer=True)
     top1 = r.number("top1", required=True, low=0.0, high=100.0)
+    best = r.number("best_top1", low=0.0, high=100.0)
     settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
     context = Context(teacher, teacher_mix, student, settings)
-    return Result(context, Cell(kd, temperature, mix, fraction, None, sampling), None if seed is None else int(seed),
-                  float(top1), _text(row.get("id")) or where)
+    cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling)
+    return Result(context, cell, None if seed is None else int(seed), float(top1), _text(row.get("id")) or where,
+                  {"where": where, "id": _text(row.get("id"))}, best)
 
 
 def _records(rows: Any) -> list[dict[str, Any]]:
@@ -292,7 +307,69 @@ def results_from_rows(rows: Any, source: str = "the table", first: int = 1, unit
     if missing:
         raise MixkdError(f"{source} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}; a results table "
                          f"has the columns {', '.join(COLUMNS)} (one row per trained student)")
-    return [result_from_row(r, f"{source}, {unit} {i}") for i, r in enumerate(records, first)]
+    aliases = [c for c in SCHEDULE_ALIASES if c in present]
+    if aliases and "epochs" not in present:
+        raise MixkdError(f"{source} gives the schedule as '{aliases[0]}': name that column 'epochs', so that runs of "
+                         "different schedules are never pooled as seeds of one experiment")
+    return percent(source, [result_from_row(r, f"{source}, {unit} {i}") for i, r in enumerate(records, first)])
+
+
+FRACTION_NOTE = ("{metric} given as fractions (every value at most 1): read as {metric} × 100 %; give percentages "
+                 "to silence this note")
+
+
+def percent(source: str, results: list[Result]) -> list[Result]:
+    """``results`` with top-1 in %: a table whose every value of a metric is at most 1 gives fractions (multiplied
+    by 100, and ``extra["fraction"]`` lists the metrics converted: :func:`fraction_notes` says so); a value
+    below 1 among percentages whose range holds its 100-fold is a fraction by mistake: refused, naming the row."""
+    scaled: list[str] = []
+    for metric in METRIC_COLUMNS:
+        values = [(r.value(metric), r) for r in results if r.value(metric) is not None]
+        if not values:
+            continue
+        if max(v for v, _ in values) <= 1.0:
+            scaled.append(metric)
+            continue
+        large = [v for v, _ in values if v > 1.0]
+        for v, r in values:
+            if 0 < v < 1.0 and min(large) <= 100 * v <= max(large):
+                other = next(o for w, o in values if w > 1.0)
+                raise MixkdError(f"{r.extra.get('where', r.run)}, column '{metric}': {v:g} looks like a fraction of 1 "
+                                 f"while {other.extra.get('where', other.run)} gives {other.value(metric):g} in %: give "
+                                 f"every {metric} in % (or every one as a fraction)")
+    if not scaled:
+        return results
+    out = []
+    for r in results:
+        top1 = 100 * r.top1 if "top1" in scaled else r.top1
+        best = 100 * r.best_top1 if "best_top1" in scaled and r.best_top1 is not None else r.best_top1
+        out.append(Result(r.context, r.cell, r.seed, top1, r.run, {**r.extra, "fraction": scaled}, best))
+    return out
+
+
+def fraction_notes(results: list[Result]) -> list[str]:
+    """The notes of :func:`percent`'s conversions."""
+    scaled = next((r.extra["fraction"] for r in results if r.extra.get("fraction")), [])
+    return [FRACTION_NOTE.format(metric=m) for m in scaled]
+
+
+def repeated_runs(results: list[Result]) -> None:
+    """Refuse a (cell, seed) given twice in one context (a row given twice gives a zero-width interval): one line
+    naming both rows. Runs of one cell and seed with different ids (e.g. from teachers of different seeds) are
+    distinct runs, kept."""
+    seen: dict[tuple, Result] = {}
+    for r in results:
+        if r.seed is None:
+            continue
+        key = (r.context, r.cell, r.seed)
+        first = seen.get(key)
+        if first is not None and first.extra.get("id", first.run) == r.extra.get("id", r.run):
+            where = first.extra.get("where") or first.run
+            again = r.extra.get("where") or r.run
+            raise MixkdError(f"{where} and {again} are one run twice ({r.context.label}, {r.cell.label}, seed {r.seed}): "
+                             "give each run once (a repeated row would count as a second seed); runs that differ in "
+                             "something the table does not show need distinct ids in an 'id' column")
+        seen.setdefault(key, r)
 
 
 def read_csv(path: str | Path) -> list[Result]:
@@ -359,6 +436,8 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
                      "temperature": "" if cell.temperature is None else f"{cell.temperature:g}", "mix": cell.mix,
                      "mix_fraction": "" if cell.fraction is None else f"{cell.fraction:g}",
                      "sampling": cell.sampling or "", "seed": "" if r.seed is None else r.seed, "top1": r.top1,
+                     "best_top1": "" if r.best_top1 is None else r.best_top1,
+                     "mix_alpha": "" if cell.alpha is None else f"{cell.alpha:g}",
                      **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
     return rows
 
@@ -367,7 +446,7 @@ def write_csv(results: list[Result], path: str | Path) -> None:
     """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *SETTING_COLUMNS, "id"])
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", *SETTING_COLUMNS, "id"])
             writer.writeheader()
             writer.writerows(table_rows(results))
 

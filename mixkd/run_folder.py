@@ -243,14 +243,6 @@ class RunFolder:
     def append_log(self, line: str) -> None:
         append_text(self.log, f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
 
-    def write_error(self, message: str, path: Path | None = None) -> None:
-        """The one-line reason a run (or, with ``path=self.analysis_error``, its analysis) failed,
-        where no error file says it yet."""
-        path = path or self.error
-        if not path.exists():
-            self.path.mkdir(parents=True, exist_ok=True)
-            path.write_text(message + "\n")
-
 
 class RunLock:
     """A held :meth:`RunFolder.lock`: :meth:`release` removes the lock file, then lets it go."""

@@ -29,6 +29,7 @@ import torch
 from mixkd import distributed
 from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
+from mixkd.files import make_dir
 from mixkd.mix import MixSpec, mix_batch
 
 COMPILE_SETTINGS = ("auto", "on", "off")
@@ -163,8 +164,7 @@ def set_compile_cache(directory: str | os.PathLike) -> Path:
     a study (``<study folder>/.compile-cache``) reuses what the first one compiled. Call it before the
     first compilation. Returns the absolute directory.
     """
-    path = Path(directory).absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(Path(directory).absolute())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
 
@@ -215,7 +215,7 @@ class TrainStep:
 
     def _mixed_losses(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
         target = one_hot(y, self.num_classes)
-        x, target = mix_batch(x, target, self.mix, self.generator)
+        x, target = mix_batch(x, target, self.mix, self.generator, distributed.rank(), distributed.world())
         with self.autocast(cache_enabled=cache_enabled):
             return self._compute.losses(x, target)
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mixkd"
 # The data flow, bottom to top. A module's layer is that of the longest prefix listed.
 LAYERS = [
     ("config", ["mixkd", "mixkd.errors", "mixkd.config", "mixkd.files", "mixkd.header", "mixkd.checkpoint", "mixkd.control", "mixkd.distributed",
-                "mixkd.metrics"]),
+                "mixkd.metrics", "mixkd.registry"]),
     ("data", ["mixkd.data"]),
     ("mix", ["mixkd.mix"]),
     ("models", ["mixkd.models"]),

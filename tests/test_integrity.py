@@ -100,6 +100,94 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
         atomic_write_text(tmp_path / "big.txt", "x" * 100_000)
 
 
+# ---- pickles that hold code, deflate bombs --------------------------------------------------
+
+class _Code:
+    """What a hostile .pth pickles: a call of os.system (never made: the test fails if it runs)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_holds_code_is_refused_as_such_without_unsafe_advice_or_warnings(tmp_path, capsys):
+    import pickle
+    import warnings
+
+    from mixkd.cli import main
+
+    marker = tmp_path / "ran"
+    torch.save({"model": _Code(marker)}, tmp_path / "zip.pth")  # torch's zip format
+    with open(tmp_path / "raw.pth", "wb") as f:  # a raw pickle (protocol 4: torch warns about it)
+        pickle.dump({"model": _Code(marker)}, f)
+    for name in ("zip.pth", "raw.pth"):
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            with pytest.raises(MixkdError) as refused:
+                load_checkpoint(tmp_path / name)
+        assert str(refused.value) == (f"checkpoint {tmp_path / name} holds code, not only weights (it calls "
+                                      "posix.system): refused; mixkd never unpickles code: ask for the weights as a "
+                                      "state_dict or a .safetensors file")
+        assert [str(w.message) for w in heard] == []
+    common = ["--dataset", "digits", "--device", "cpu"]
+    for argv in (["eval", str(tmp_path / "raw.pth"), "--model", "resnet8", *common],
+                 ["distill", "--teacher", str(tmp_path / "zip.pth"), "--teacher-model", "resnet8", "--model", "resnet8",
+                  "--epochs", "1", "--no-progress", "--out", str(tmp_path / "student"), *common]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds code, not only weights" in err and "weights_only" not in err, err
+    assert not marker.exists() and not (tmp_path / "student").exists()
+
+
+def test_a_damaged_pth_is_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    import pickle
+
+    with open(tmp_path / "odd.pth", "wb") as f:  # no code, but a type torch's weights-only loader refuses
+        pickle.dump({"model": {"w": torch.zeros(1)}, "when": __import__("datetime").date(2026, 1, 1)}, f)
+    with pytest.raises(MixkdError, match="calls datetime.date"):
+        load_checkpoint(tmp_path / "odd.pth")
+    (tmp_path / "cut.pth").write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
+    with pytest.raises(MixkdError, match=r"cut.pth is corrupt, truncated or not a weights file \(") as cut:
+        load_checkpoint(tmp_path / "cut.pth")
+    assert "weights_only" not in str(cut.value) and "\n" not in str(cut.value)
+
+
+def _rezipped(src, dst, method):
+    """``src`` (a torch zip) with every record stored with ``method`` (as an archiver would)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", method) as b:
+        for info in a.infolist():
+            b.writestr(info.filename, a.read(info.filename), compress_type=method)
+
+
+def test_a_deflate_bomb_is_refused_before_anything_is_inflated(tmp_path, monkeypatch):
+    import zipfile
+
+    import mixkd.checkpoint as checkpoint
+
+    torch.save({"w": torch.zeros(2**20)}, tmp_path / "plain.pth")  # 4 MiB of zeros: deflates about 1000:1
+    _rezipped(tmp_path / "plain.pth", tmp_path / "bomb.pth", zipfile.ZIP_DEFLATED)
+    record = next(i for i in zipfile.ZipFile(tmp_path / "bomb.pth").infolist() if i.filename.endswith("data/0"))
+    assert record.file_size == 4 * 2**20 and record.compress_size < 2**20 // checkpoint.MAX_INFLATION
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load inflated the bomb"))
+    with pytest.raises(MixkdError, match=rf"bomb.pth is not a weights file: its record plain/data/0 would inflate from "
+                                         rf"{record.compress_size:,} to 4,194,304 bytes \([\d,]+:1; torch.save stores "
+                                         r"weights uncompressed\); refused before inflating it"):
+        load_checkpoint(tmp_path / "bomb.pth")
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    torch.save({"w": torch.randn(2**19)}, tmp_path / "random.pth")  # weights deflate by a few percent: they load
+    _rezipped(tmp_path / "random.pth", tmp_path / "deflated.pth", zipfile.ZIP_DEFLATED)
+    assert torch.equal(load_checkpoint(tmp_path / "deflated.pth").state_dict["w"], torch.load(tmp_path / "random.pth")["w"])
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 2**20)  # a machine with 1 MiB free
+    with pytest.raises(MixkdError, match=r"random.pth would take 2.0 MiB once read, more than the 1.0 MiB of memory "
+                                         r"available; refused before reading it"):
+        load_checkpoint(tmp_path / "random.pth")
+
+
 # ---- writes never follow symbolic links ------------------------------------------------------
 
 def _planted(tmp_path, name, folder="received"):
@@ -197,6 +285,73 @@ def test_a_run_replaces_a_linked_config_and_refuses_a_linked_log(tmp_path, one_t
         job.advance()
     assert config_victim.read_text() == log_victim.read_text() == "precious\n"
     assert not config.is_symlink() and "resnet8" in config.read_text()
+
+
+def _planted_folder(tmp_path, name, folder="received"):
+    """A symbolic link ``name`` in a received folder, pointing at a folder of the user's."""
+    victim = tmp_path / f"victim-{name}"
+    victim.mkdir()
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / name).symlink_to(victim)
+    return tmp_path / folder / name, victim
+
+
+def test_a_run_refuses_a_linked_tensorboard_folder_and_a_study_run_folder_that_is_a_link(tmp_path, one_thread):
+    from mixkd.config import build_config
+    from mixkd.engine import Run
+    from mixkd.errors import LinkRefused
+
+    board, victim = _planted_folder(tmp_path, "tensorboard", folder="run")
+    flags = {"task": "train", "model": "resnet8", "dataset": "digits", "epochs": 1, "batch_size": 128,
+             "device": "cpu", "progress": False, "tensorboard": True, "out": str(board.parent)}
+    job = Run(build_config(flags=flags))
+    with pytest.raises(LinkRefused, match=r"run/tensorboard is a symbolic link; mixkd does not write through links"):
+        job.advance()
+    assert list(victim.iterdir()) == [] and board.is_symlink()
+    run_dir, victim = _planted_folder(tmp_path, "resnet8_plain-s0", folder="study")  # a study's run folder
+    with pytest.raises(LinkRefused, match="resnet8_plain-s0 is a symbolic link"):
+        Run(build_config(flags={**flags, "tensorboard": False, "out": str(run_dir)}), paths_relative_to_run=True)
+    assert list(victim.iterdir()) == []
+
+
+def test_folders_mixkd_names_refuse_links_and_their_parents_may_be_links(tmp_path):
+    from mixkd.errors import LinkRefused
+    from mixkd.files import make_dir
+    from mixkd.step import set_compile_cache
+    from mixkd.study.worker import LazyLog, record_failure
+
+    cache, victim = _planted_folder(tmp_path, ".compile-cache")
+    with pytest.raises(LinkRefused, match="compile-cache is a symbolic link"):
+        set_compile_cache(cache)
+    run_dir, _ = _planted_folder(tmp_path, "run-a")
+    with pytest.raises(LinkRefused):
+        record_failure(run_dir, "failed", None)
+    with pytest.raises(LinkRefused):
+        LazyLog(run_dir / "log.txt").write("a line\n")
+    assert list(victim.iterdir()) == [] and list((tmp_path / "victim-run-a").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "user-link").symlink_to(tmp_path / "mine")  # a folder the user names may be a link
+    assert make_dir(tmp_path / "user-link" / "logs") == tmp_path / "user-link" / "logs"
+    assert (tmp_path / "mine" / "logs").is_dir()
+
+
+def test_a_study_with_a_linked_worker_log_stops_in_one_line_and_fails_no_run(tmp_path):
+    from mixkd.errors import LinkRefused
+    from mixkd.study import load_study, run_study
+    from mixkd.study.executors import LocalExecutor
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndefaults: {dataset: digits, device: cpu, epochs: 1}\n"
+                    "teachers: [{name: plain, models: resnet8}]\n")
+    out = tmp_path / "s"
+    out.mkdir()
+    log, victim = _planted(tmp_path, "worker-0.log", folder="s/logs")
+    executor = LocalExecutor(workers=1, use_gpu=False, lock_dir=str(out))
+    with pytest.raises(LinkRefused, match=r"logs/worker-0.log is a symbolic link"):
+        run_study(load_study(spec), out, executor, progress=False, echo=lambda *_: None)
+    assert executor.pids() == [] and victim.read_text() == "precious\n"  # no worker started
+    runs = json.loads((out / "study-state.json").read_text())["runs"]
+    assert [r["status"] for r in runs.values()] == ["pending"]  # nothing marked failed
 
 
 # ---- time limits on the monotonic clock ------------------------------------------------------

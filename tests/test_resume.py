@@ -195,3 +195,66 @@ def test_stop_mid_epoch_and_resume_on_cuda_matches_within_tolerance(tmp_path, pr
     for a, b in zip(metrics(whole), metrics(sliced), strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 2e-2 * max(1.0, abs(a["train_loss"]))
         assert abs(a["test_top1"] - b["test_top1"]) <= 3.0
+
+
+def test_a_signal_during_the_final_evaluation_stops_at_the_next_batch_and_resuming_evaluates_again(
+        tmp_path, one_thread, monkeypatch):
+    import mixkd.engine as engine
+
+    real, batches = engine.evaluate, []
+
+    def evaluate(model, loader, precision="fp32", stop=None):  # SIGUSR1 arrives as batch 2 of 5 is fetched
+        def signalled():
+            for i, batch in enumerate(loader):
+                batches.append(i)
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                yield batch
+        return real(model, signalled(), precision, stop)
+
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    run_job(cfg_for(whole, epochs=1, eval_batch_size=16))  # 80 test images: 5 batches
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    control = StopControl()
+    control.install_signals()
+    try:
+        with pytest.raises(StoppedRun) as stopped:
+            run_job(cfg_for(out, epochs=1, eval_batch_size=16), control=control)
+    finally:
+        control.restore_signals()
+    assert stopped.value.reason == "signal" and batches == [0, 1]  # the batch fetched as it came is not evaluated
+    ckpt = load_checkpoint(out)
+    assert (ckpt.epoch, ckpt.step, ckpt.meta["train_images"], ckpt.meta["stopped"]) == (0, 10, 0, "signal")
+    assert not (out / "metrics.jsonl").exists() and not (out / "result.json").exists()
+    assert "stopped by a signal at epoch 1 step 10/10, before its evaluation" in (out / "log.txt").read_text()
+    monkeypatch.setattr(engine, "evaluate", real)
+    result = run_job(cfg_for(out, epochs=1, eval_batch_size=16), resume=True).result
+    assert_same_run(out, whole)  # the evaluation done again, the epoch's images counted once
+    assert result["images_per_s"] == pytest.approx(160 / json.loads((out / "metrics.jsonl").read_text())["epoch_seconds"])
+
+
+def test_resuming_with_another_thread_count_warns_and_the_result_records_each_part(tmp_path, one_thread, capsys):
+    from mixkd.cli import main
+
+    out = tmp_path / "run"
+    job = Run(cfg_for(out, epochs=1))
+    job.start()
+    while job.step_in_epoch < 5:
+        job.advance()
+    job.stop("signal")  # 5 of 10 steps with 1 thread
+    torch.set_num_threads(2)
+    result = run_job(cfg_for(out, epochs=1), resume=True).result
+    assert result["threads"] == [1, 2]  # not one number as if for the whole run
+    assert result["segments"] == [{"epoch": 0, "step": 0, "threads": 1}, {"epoch": 0, "step": 5, "threads": 2}]
+    assert ("warning: the run so far used 1 CPU thread and continues with 2: sums are taken in another order, so it "
+            "will not match an uninterrupted run bit for bit (result.json records the threads of each part); "
+            "--threads 1 continues as it began") in (out / "log.txt").read_text()
+    # --threads sets the count (a machine key: a resume may give it), and a run at one count records one number
+    fresh = tmp_path / "fresh"
+    args = ["train", "--model", "resnet8", "--dataset", "cifar10", "--data-dir", _TINY["data_dir"], "--batch-size", "16",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(fresh)]
+    assert main([*args, "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    assert json.loads((fresh / "result.json").read_text())["threads"] == 1
+    assert "warning" not in (fresh / "log.txt").read_text()
+    assert main(["train", "--out", str(fresh), "--resume", "--threads", "3"]) == 0  # accepted on resume
+    capsys.readouterr()

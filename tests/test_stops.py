@@ -139,6 +139,29 @@ def test_a_run_folder_held_by_a_live_process_is_refused_and_a_killed_holder_bloc
         holder.wait()
 
 
+# Runs ``python -m mixkd ARGS...`` as it is, with SIGNAL sent to the process at the C library's exit, after
+# the interpreter's teardown (which puts back the default action of the signals Python handled): the last
+# moment a signal can arrive. argv = [SIGNAL, ARGS...]; run it in a session of its own (kill(0, ...)).
+AT_EXIT = r"""
+import ctypes, runpy, signal, sys
+libc = ctypes.CDLL(None)
+libc.on_exit(ctypes.cast(libc.kill, ctypes.c_void_p), ctypes.c_void_p(int(getattr(signal, sys.argv[1]))))  # kill(0, SIG)
+sys.argv = ["mixkd", *sys.argv[2:]]
+runpy.run_module("mixkd", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_finished_run_exits_0_whatever_signal_arrives_as_it_leaves(tmp_path, cifar10_dir):
+    out = tmp_path / "done"
+    for signame, args in (("SIGUSR1", []), ("SIGINT", ["--resume"])):  # a run that finishes; one found finished
+        proc = subprocess.run([sys.executable, "-c", AT_EXIT, signame, "train", *TINY, "--data-dir", str(cifar10_dir),
+                               "--out", str(out), *args],
+                              capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+                              start_new_session=True)
+        assert proc.returncode == 0, (signame, proc.returncode, proc.stderr)
+        assert proc.stdout.startswith("train resnet8: top-1 ")
+
+
 # ---- the requeue command: --resume auto -------------------------------------------------------------
 def _stop_at_call(monkeypatch, n: int, reason: str = "signal") -> None:
     """The n-th StopControl.should_stop of this process hears a stop (as from SIGUSR1 at that step)."""
@@ -226,6 +249,53 @@ def test_a_torchrun_restart_with_an_explicit_out_resumes_like_resume_auto():
     assert resume_mode("auto", True, {}) == "auto"
 
 
+# ---- a full disk under one run ----------------------------------------------------------------------
+def test_a_full_disk_before_the_start_or_mid_run_is_one_line_whose_advice_works(tmp_path, capsys, cifar10_dir,
+                                                                                monkeypatch, one_thread):
+    import errno
+    import shlex
+
+    import mixkd.checkpoint
+    import mixkd.files
+    from mixkd.cli import main
+    from mixkd.run_folder import LOCK_NAME, RunFolder
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = mixkd.files.open_nofollow
+
+    def full_lock(path, mode="a"):  # the disk has an inode left for the lock file, no block for its PID
+        f = real_open(path, mode)
+        if str(path).endswith(LOCK_NAME):
+            f.flush = no_space
+        return f
+
+    out = tmp_path / "run"
+    command = ["train", *TINY, "--data-dir", str(cifar10_dir), "--epochs", "2", "--save-every", "1", "--out", str(out)]
+    monkeypatch.setattr(mixkd.files, "open_nofollow", full_lock)
+    assert main(command) == 2
+    assert _last_error(capsys) == (f"mixkd: error: cannot write {out / LOCK_NAME}: No space left on device; free some "
+                                   "space and run the same command again")
+    assert not out.exists()  # no stray lock, no empty folder: the same command starts afresh
+    monkeypatch.undo()
+    real_save, saves = mixkd.checkpoint._save_file, []
+
+    def full_after_the_first(tensors, path, metadata):
+        saves.append(path)
+        (no_space if len(saves) > 1 else real_save)(tensors, path, metadata)
+
+    monkeypatch.setattr(mixkd.checkpoint, "_save_file", full_after_the_first)
+    assert main(command) == 2  # epoch 1's checkpoint is written, epoch 2's is not
+    line = _last_error(capsys)
+    assert line == (f"mixkd: error: cannot write {out / 'checkpoint.safetensors'}: No space left on device; free some "
+                    f"space (the last checkpoint is kept) and continue with: mixkd train --out {out} --resume")
+    assert RunFolder(out).checkpoint_meta()["epoch"] == 1 and not (out / LOCK_NAME).exists()
+    monkeypatch.undo()
+    printed = shlex.split(line.split("continue with: ")[1])
+    assert main(printed[1:]) == 0 and RunFolder(out).status() == "done"  # the advice is a command that works
+
+
 # ---- a full disk in a study ------------------------------------------------------------------------
 def test_a_full_disk_stops_the_study_with_one_line_and_leaves_every_run_resumable(tmp_path, capsys, cifar10_dir,
                                                                                  monkeypatch, one_thread):
@@ -233,12 +303,12 @@ def test_a_full_disk_stops_the_study_with_one_line_and_leaves_every_run_resumabl
     import json
 
     import mixkd.checkpoint
-    import mixkd.study.cli
+    import mixkd.study.executors
     from mixkd.cli import main
     from mixkd.run_folder import ERROR_NAME, RunFolder
     from mixkd.study import InProcessExecutor
 
-    monkeypatch.setattr(mixkd.study.cli, "make_executor", lambda *args, **kwargs: InProcessExecutor())
+    monkeypatch.setattr(mixkd.study.executors, "make_executor", lambda *args, **kwargs: InProcessExecutor())
     study = tmp_path / "s.yaml"
     study.write_text(f"name: s\ndefaults: {{dataset: cifar10, data_dir: {cifar10_dir}, device: cpu, epochs: 2, "
                      "save_every: 1, batch_size: 32, eval_batch_size: 80}\n"

@@ -39,9 +39,9 @@ def _study(path, data_dir=None, methods=("alone", "kd"), **changes):
 @pytest.fixture
 def inline(monkeypatch, one_thread):
     """``mixkd study run`` with its runs executed in this process."""
-    import mixkd.study.cli
+    import mixkd.study.executors
 
-    monkeypatch.setattr(mixkd.study.cli, "make_executor", lambda *args, **kwargs: InProcessExecutor())
+    monkeypatch.setattr(mixkd.study.executors, "make_executor", lambda *args, **kwargs: InProcessExecutor())
 
 
 def _rows(out):

@@ -100,7 +100,8 @@ def test_report_has_the_paper_table_with_mean_std_and_best_in_bold(study_folder)
     # teacher, alone (69, 70), KD T=1 (70.5, 71.5), KD T=4 (70, 72), FMU (68, 68), PMU (71.5, 72.5), STD+PMU (72, 73)
     assert cells[1:] == ["73.00", "69.50 ± 0.71", "71.00 ± 0.71", "71.00 ± 1.41", "68.00 ± 0.00", "72.00 ± 0.71",
                          "**72.50 ± 0.71**"]
-    rows = [line for line in text.splitlines() if line.startswith("| resnet")]
+    first = text.split("## Teacher → student")[1].split("\n\n| teacher")[1].split("\n\n")[0]  # the last epoch's table
+    rows = [line for line in first.splitlines() if line.startswith("| resnet")]
     assert [r.split("|")[1].strip() for r in rows] == [
         "resnet56 (plain) → resnet20", "resnet56 (plain) → resnet32", "resnet56 (mixup) → resnet20",
         "resnet56 (mixup) → resnet32", "resnet110 (mixup) → resnet20", "resnet110 (mixup) → resnet32"]

@@ -37,7 +37,7 @@ from mixkd.checkpoint import load_checkpoint, load_weights
 from mixkd.data import DataSpec, load_dataset
 from mixkd.device import resolve_device
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, check_writable
+from mixkd.files import atomic_write_text, check_writable, make_dir
 from mixkd.loading import load_teacher
 from mixkd.models import available_models, create_model
 from mixkd.run_folder import ANALYSIS_NAME as ANALYSIS_FILE
@@ -247,7 +247,7 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
     teacher_net, teacher_arch = (None, None)
     if teacher is not None:
         teacher_net, teacher_arch = load_teacher(teacher, teacher_model, spec.num_classes, dev)
-    target = Path(out) if out is not None else run_dir or p.parent / f"{p.stem}-analysis"
+    target = Path(out) if out is not None else run_dir or make_dir(p.parent / f"{p.stem}-analysis")  # mixkd's name: never a link
     info = {"checkpoint": str(p), "run_dir": str(run_dir) if run_dir else None, "model": arch,
             "teacher_checkpoint": teacher, "teacher_model": teacher_arch,
             "task": cfg.task if cfg else None}

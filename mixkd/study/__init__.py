@@ -25,7 +25,7 @@ A study file (see ``configs/studies/``)::
         recipe: {optim: {lr: 0.05}}                  # RunConfig keys for this group
         analysis: false                              # (optional) not this group's runs
     analysis: {subset: 1000, tsne_pair: {teacher: mixup, student: resnet20}}  # mixkd analyze after each run
-    claims: {noise: 0.4, margin: 0.5}                # the report's claims: sigma assumed where one run a side
+    claims: {noise: 0.4, margin: 0.5}                # the report's claims: sigma assumed where runs measure no spread
 
 ``mixkd study run --set KEY=VALUE`` sets a RunConfig key in every run (e.g. ``--set data_dir=/data``).
 
@@ -37,11 +37,31 @@ must be on storage that every node of the cluster mounts at the same path, and m
 installed on every node (``pip install mixkd[ray]``).
 """
 
-from mixkd.study.executors import Executor, InProcessExecutor, LocalExecutor, RayExecutor, make_executor
-from mixkd.study.plan import format_plan
-from mixkd.study.report import collect, write_report
-from mixkd.study.runner import StudyOutcome, run_study
-from mixkd.study.spec import METHODS, PlannedRun, Study, load_study
+from __future__ import annotations
 
-__all__ = ["METHODS", "Executor", "InProcessExecutor", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome", "collect",
-           "format_plan", "load_study", "make_executor", "run_study", "write_report"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below load on first use (PEP 562): importing a light study module (the command line's parser,
+# the claims' report helpers) must not import torch through the executors (``mixkd claims`` stays torch-free).
+_WHERE = {"Executor": "executors", "InProcessExecutor": "executors", "LocalExecutor": "executors",
+          "RayExecutor": "executors", "make_executor": "executors", "format_plan": "plan", "collect": "report",
+          "write_report": "report", "StudyOutcome": "runner", "run_study": "runner", "METHODS": "spec",
+          "PlannedRun": "spec", "Study": "spec", "load_study": "spec"}
+__all__ = ["METHODS", "Executor", "InProcessExecutor", "LocalExecutor", "PlannedRun", "RayExecutor", "Study", "StudyOutcome",
+           "collect", "format_plan", "load_study", "make_executor", "run_study", "write_report"]  # = _WHERE's names
+
+if TYPE_CHECKING:
+    from mixkd.study.executors import Executor, InProcessExecutor, LocalExecutor, RayExecutor, make_executor
+    from mixkd.study.plan import format_plan
+    from mixkd.study.report import collect, write_report
+    from mixkd.study.runner import StudyOutcome, run_study
+    from mixkd.study.spec import METHODS, PlannedRun, Study, load_study
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mixkd.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mixkd.study.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -9,12 +9,9 @@ from pathlib import Path
 from mixkd.control import StopControl, parse_duration
 from mixkd.errors import MixkdError
 from mixkd.run_folder import ANALYSIS_ERROR_NAME, ERROR_NAME, RESULT_NAME
-from mixkd.study import format_plan, load_study, make_executor, run_study, write_report
-from mixkd.study.folder import STATE_NAME, check_folder
-from mixkd.study.report import claims_plan, claims_text, write_html
-from mixkd.study.spec import check_device
-from mixkd.study.status import format_status
-from mixkd.validate import format_problems, machine_problems
+
+# The study's modules (torch among their imports) load in the commands, not with the parser: building
+# mixkd's parser must stay light (``mixkd claims`` imports no torch).
 
 DEFAULT_ROOT = Path("runs")
 
@@ -105,6 +102,10 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from mixkd.study.plan import format_plan
+    from mixkd.study.report import claims_plan
+    from mixkd.study.spec import load_study
+
     _check_counts(args)
     study = load_study(args.file, args.overrides)
     print(format_plan(study, _out(args, study), pack=args.pack))
@@ -114,6 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def summary_line(name: str, out: Path, counts: dict[str, int]) -> str:
     """The line a finished 'study run' prints: its counts, and where the errors are when there are any."""
+    from mixkd.study.folder import STATE_NAME
+
     c = counts
     return (f"study {name}: {c['done']} finished, {c['failed']} failed, {c['blocked']} blocked"
             + (f" (errors in {out}/<run>/{ERROR_NAME} and {out}/{STATE_NAME})" if c["failed"] or c["blocked"] else ""))
@@ -126,6 +129,13 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
     75: stopped on time or by SIGTERM/SIGUSR1, 130: interrupted; both resumable). A write the storage
     refuses (a full disk, a quota, a read-only mount) stops the study: a StorageError (one line, exit
     status 2), every run resumable."""
+    from mixkd.study.executors import make_executor
+    from mixkd.study.folder import check_folder
+    from mixkd.study.report import claims_text, write_report
+    from mixkd.study.runner import run_study
+    from mixkd.study.spec import check_device
+    from mixkd.validate import format_problems, machine_problems
+
     if device:
         check_device(device)
     check_folder(out)  # a folder of another mixkd version: said first, before what this machine lacks
@@ -172,6 +182,8 @@ def run_and_report(study, out: Path, executor: str = "local", workers: int | Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mixkd.study.spec import load_study
+
     _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
     study = load_study(args.file, args.overrides + ([f"track.backend={args.track}"] if args.track else []))
@@ -181,11 +193,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from mixkd.study.status import format_status
+
     print(format_status(args.dir))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mixkd.study.report import write_html, write_report
+
     print(f"report: {write_report(args.dir, args.metric)} (and results.csv beside it)")
     if args.html:
         print(f"report: {write_html(args.dir)}")

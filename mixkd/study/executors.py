@@ -46,7 +46,7 @@ import torch
 from mixkd.control import StopControl, wall_to_monotonic
 from mixkd.data.loaders import available_cores
 from mixkd.errors import MixkdError
-from mixkd.files import open_nofollow
+from mixkd.files import locks_unsupported, make_dir, open_nofollow
 from mixkd.run_folder import RunFolder
 from mixkd.study.folder import WORKERS_LOCK, folder_problem
 from mixkd.study.packworker import PackWorker
@@ -108,6 +108,11 @@ def _die_with_parent() -> None:
         pass
 
 
+def worker_log(lock_path: str, index: int) -> str:
+    """``logs/worker-<index>.log`` of the study folder holding ``lock_path`` (its ``logs/`` made: never a link)."""
+    return os.path.join(make_dir(os.path.join(os.path.dirname(lock_path), "logs")), f"worker-{index}.log")
+
+
 def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, slots: int, limit: float | None,
                   deadline: float | None, lock_path: str | None, tasks, results) -> None:
     """A worker process of ``parent`` (the study's main process, its PID passed in: a process started
@@ -125,16 +130,16 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
     lock = None
     if lock_path:  # held (shared) while this worker lives: a new study run waits for it
         lock = open_nofollow(lock_path, "a")  # held for the process's life
-        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        except OSError as e:  # a file system without locks: a new study run cannot wait for this worker
+            if not locks_unsupported(e):
+                raise
         # Runs log to their own log.txt; anything else (library warnings) goes to the worker's log, not
         # to the study's terminal.
-        logs = os.path.join(os.path.dirname(lock_path), "logs")
-        os.makedirs(logs, exist_ok=True)
-        fd = os.open(os.path.join(logs, f"worker-{index}.log"),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        with open_nofollow(worker_log(lock_path, index), "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
     control = StopControl(time_limit=limit, deadline=deadline)
     control.install_signals(interrupt=False)
     signal.signal(signal.SIGUSR2, lambda *_: control.request("time"))  # the study's time is up (see stop)
@@ -203,6 +208,8 @@ class LocalExecutor:
         self.stopping: str | None = None
 
     def _start(self, i: int) -> None:
+        if self.lock_path:  # its log refused here (a planted link: one line), not as the worker's traceback
+            open_nofollow(worker_log(self.lock_path, i), "a").close()
         self._tasks[i] = self._ctx.Queue()
         self._procs[i] = self._ctx.Process(
             target=_local_worker, daemon=True, name=f"mixkd-study-worker-{i}",
@@ -354,7 +361,7 @@ class _PackActor:
                     self.done.append((job.run_id, {"ok": False, "message": problem, "seconds": 0.0}))
                 return
         if job.analysis is None:  # where each attempt of a run trained, in its log
-            os.makedirs(job.run_dir, exist_ok=True)
+            make_dir(job.run_dir)
             RunFolder(job.run_dir).append_log(f"placed on {self.name}, node id {self.node}, worker pid {os.getpid()}")
         with self.lock:
             self.worker.submit(job)

@@ -29,7 +29,7 @@ from typing import Any
 from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, flock_holders, hold_lock, open_nofollow
+from mixkd.files import atomic_write_text, flock_holders, hold_lock, locks_unsupported, open_nofollow
 from mixkd.run_folder import RunFolder, RunStatus
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
@@ -235,7 +235,9 @@ class FolderLock:
                     fcntl.flock(w, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     fcntl.flock(w, fcntl.LOCK_UN)
                     return
-                except OSError:
+                except OSError as e:
+                    if locks_unsupported(e):  # no locks on this file system: workers cannot be told
+                        return
                     if time.monotonic() > deadline:
                         pids = " ".join(str(p) for p in flock_holders(self.workers))
                         self.__exit__()

@@ -63,7 +63,6 @@ class PackWorker:
                 break
             self.pending.popleft()
             out = Path(run_dir)
-            RunFolder(out).error.unlink(missing_ok=True)
             start = time.perf_counter()
             try:
                 # a folder holding only a config (a start that failed) is not a run yet: it starts afresh
@@ -71,6 +70,8 @@ class PackWorker:
             except Exception as e:  # noqa: BLE001 - recorded, the study goes on
                 done.append(self._failed(run_id, out, {"ok": False, "message": failure_message(e), "error": e}, start))
                 continue
+            RunFolder(out).error.unlink(missing_ok=True)  # after Run checked that the folder is no link
+            run.interrupted = lambda: self.control.reason is not None  # an evaluation stops at its next batch
             if self.pack is None or self.pack.device != run.device or (self.pack.slots != self.slots and not self.pack.live):
                 self.pack = Pack(run.device, self.slots)
             ended = self.pack.admit(run)

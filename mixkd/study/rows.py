@@ -124,13 +124,16 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def results_of(rows: list[dict[str, Any]], metric: str = "top1") -> list[Result]:
-    """The finished students of ``rows`` (as :func:`collect` makes them) as results records, ``metric`` as top-1."""
+    """The finished students of ``rows`` (as :func:`collect` makes them) that have a ``metric`` (``top1``: last
+    epoch, ``best_top1``: best epoch) as results records, with both."""
     out = []
     for r in rows:
         value = r.get(metric)
         if r.get("role") != "student" or r.get("status") != "done" or value is None or math.isnan(float(value)):
             continue
-        out.append(Result(r["context"], r["cell"], r.get("seed"), float(value), r["id"]))
+        best = r.get("best_top1")
+        out.append(Result(r["context"], r["cell"], r.get("seed"), float(r["top1"]) if r.get("top1") is not None else math.nan, r["id"],
+                          best_top1=None if best is None else float(best)))
     return out
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mixkd.config import RunConfig, TrackConfig
 from mixkd.control import StopControl
 from mixkd.errors import MixkdError, StorageError
-from mixkd.files import atomic_write_text
+from mixkd.files import atomic_write_text, make_dir
 from mixkd.run_folder import (
     ANALYSIS_ERROR_NAME,
     ANALYSIS_NAME,
@@ -285,8 +285,7 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
             else:
                 state.set(run_id, RunState.FAILED, outcome["message"])
                 if not (out / run_id / ERROR_NAME).exists():
-                    (out / run_id).mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(out / run_id / ERROR_NAME, outcome["message"] + "\n")
+                    atomic_write_text(make_dir(out / run_id) / ERROR_NAME, outcome["message"] + "\n")
                 note(f"FAILED  {run_id}: {outcome['message']}")
             if bar is not None:
                 bar.update(1)
@@ -302,6 +301,6 @@ def _analyzed(out: Path, state: StudyState, run_id: str, outcome: dict[str, Any]
         return
     state.set_analysis(run_id, AnalysisState.FAILED, outcome["message"])
     if not (out / run_id / ANALYSIS_ERROR_NAME).exists():
-        atomic_write_text(out / run_id / ANALYSIS_ERROR_NAME, outcome["message"] + "\n")
+        atomic_write_text(make_dir(out / run_id) / ANALYSIS_ERROR_NAME, outcome["message"] + "\n")
     note(f"ANALYSIS FAILED  {run_id}: {outcome['message']} (the run's result stands; running the study again "
          "retries the analysis)")

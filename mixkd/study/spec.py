@@ -232,8 +232,9 @@ class StudentGroup(_Strict):
 class ClaimsSetting(_Strict):
     """How the report's claims read this study (see :mod:`mixkd.claims`)."""
 
-    noise: float | None = Field(None, gt=0, description="per-run sigma of top-1 (points) assumed where one run a "
-                                                        "side measures none (None: those comparisons are inconclusive)")
+    noise: float | None = Field(None, gt=0, description="per-run sigma of top-1 (points) assumed where runs measure "
+                                                        "no spread, a single run or runs all equal (None: those "
+                                                        "comparisons are inconclusive)")
     margin: float = Field(0.5, ge=0, description="points a non-inferiority ('at least as well') may fall short by")
 
 

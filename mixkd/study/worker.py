@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mixkd.config import RunConfig
-from mixkd.files import atomic_write_text, open_nofollow
+from mixkd.files import atomic_write_text, make_dir, open_nofollow
 from mixkd.pack import failure_message
 from mixkd.run_folder import ANALYSIS_ERROR_NAME, ANALYSIS_NAME, ERROR_NAME, LOG_NAME
 
@@ -47,7 +47,7 @@ class Job(NamedTuple):
 
 def record_failure(run_dir: Path, message: str, error: BaseException | None, name: str = ERROR_NAME) -> None:
     """``<run dir>/error.txt`` (or ``name``): the one-line message, then the traceback."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     trace = "".join(traceback.format_exception(error)) if error is not None else ""
     atomic_write_text(run_dir / name, message + "\n\n" + trace)
 
@@ -64,7 +64,7 @@ class LazyLog(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dir(self.path.parent)
             self._file = open_nofollow(self.path, "a")
         n = self._file.write(text)
         self._file.flush()
@@ -83,7 +83,7 @@ def execute_analysis(config: RunConfig, run_dir: str, options: dict[str, Any]) -
     # mixkd.analysis draws its figures with matplotlib (heavy): loaded by the workers that analyze only
     from mixkd.analysis import analyze_run
 
-    out = Path(run_dir)
+    out = make_dir(run_dir)  # a study's run folder: never a link
     (out / ANALYSIS_ERROR_NAME).unlink(missing_ok=True)
     start = time.perf_counter()
     if (out / ANALYSIS_NAME).exists():
