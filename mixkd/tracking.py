@@ -149,7 +149,7 @@ class _Wandb:
     def create(self, name: str, params: dict[str, str], tags: dict[str, str], parent: str | None) -> str:
         run_id = uuid.uuid4().hex[:12]  # W&B's ids: lower-case letters and digits
         self._init(run_id, name=name, config=params, tags=[f"{k}={v}" for k, v in tags.items()],
-                   group=parent, job_type="study" if name.startswith("study ") else "run")
+                   group=parent, job_type="study" if "study" in tags else "run")  # study_parent tags it
         return run_id
 
     def resume(self, run_id: str) -> None:
