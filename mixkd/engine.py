@@ -56,6 +56,7 @@ from mixkd.models import create_model, default_lr
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
+from mixkd.registry import load_plugins, plugin_records
 from mixkd.run_folder import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -106,6 +107,7 @@ class Run:
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
         self.rank, self.world = distributed.rank(), distributed.world()
+        load_plugins(cfg.plugins)  # a config passed to another process (a study's worker): its methods there too
         self.writes = distributed.is_main()  # only rank 0 writes the run folder
         if self.world > 1 and not cfg.out:  # every rank's default folder: rank 0's
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
@@ -189,7 +191,8 @@ class Run:
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
-        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
+        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
+                                        channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
@@ -624,8 +627,10 @@ class Run:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
             result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
-                          temperature=self.cfg.kd.temperature)
+                          temperature=self.cfg.kd.params().get("temperature"))
         result["mix"] = self.cfg.mix.model_dump()
+        if self.cfg.plugins:  # the files that registered what the run used, as they were (see mixkd.registry)
+            result["plugins"] = plugin_records(self.cfg.plugins)
         if self.world > 1:
             result.update(processes=self.world, dist_backend=distributed.backend(), sync_bn=self.cfg.sync_bn)
         if self.writes:

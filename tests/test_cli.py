@@ -183,7 +183,12 @@ def test_help_lists_every_option_with_its_default(capsys):
     for flag in ("--teacher", "--teacher-model", "--student", "--dataset", "--data-dir", "--epochs", "--out",
                  "--seed", "--resume", "--download", "--temperature", "--mix-fraction"):
         assert flag in text
-    assert "(default: 240)" in text and "default: the method's, 4 or lskd 2" in text  # KD settings: the method's
+    flat = " ".join(text.split())
+    assert "(default: 240)" in text
+    # every registered method, with its settings and their defaults (its own, not Hinton's)
+    assert "--kd lskd: LS-KD: KD with logit standardization" in flat
+    assert "Defaults: temperature 2.0, ce_weight 0.1, kd_weight 9.0." in flat
+    assert "Except pair=resnet56->resnet20: beta 2.0;" in flat and "--hint-layer HINT_LAYER" in flat
     with pytest.raises(SystemExit) as top:  # the command list too (a bare % in a help line broke it)
         main(["--help"])
     assert top.value.code == 0 and "verdicts with 95% intervals" in " ".join(capsys.readouterr().out.split())

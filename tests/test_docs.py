@@ -13,8 +13,9 @@ import yaml
 
 from mixkd.cli import build_parser
 from mixkd.config import RunConfig
-from mixkd.distiller import distiller_names
+from mixkd.distiller import method_names
 from mixkd.models import available_models
+from mixkd.registry import KD_METHODS
 from mixkd.tracking import flat_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +46,13 @@ def test_the_command_line_reference_has_every_command_and_flag(reference):
 def test_the_config_reference_has_every_key_with_its_default_flag_and_range(reference):
     page = reference.page("reference/config.md")
     keys = flat_params(RunConfig().model_dump(mode="json"))
-    rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
-    assert set(rows) == set(keys)
+    main, settings = page.split("## The KD methods' settings")
+    rows = {line.split("`")[1]: line for line in main.splitlines() if line.startswith("| `")}
+    assert set(rows) == {k for k in keys if k not in {f"kd.{s}" for s in RunConfig().kd.params()}}
+    for method in method_names(None):  # every setting of every method, with its range
+        for name in KD_METHODS.get(method).settings.model_fields:
+            assert f"| `kd.{name}` | `{method}` | " in settings, (method, name)
+    assert "| `kd.beta` | `dkd` | float | [0, 1000] | weight of NCKD" in settings
     assert rows["mix.fraction"] == ("| `mix.fraction` | `--mix-fraction` | `1.0` | float | [0, 1] | share of each batch "
                                     "that is mixed (1 = full mixup) |")
     assert rows["track.backend"].startswith("| `track.backend` *machine* | `--track` | `none` | one of none, mlflow, wandb |")
@@ -56,10 +62,11 @@ def test_the_config_reference_has_every_key_with_its_default_flag_and_range(refe
 def test_the_methods_reference_has_every_registered_method_with_its_defaults(reference):
     page = reference.page("reference/methods.md")
     rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
-    assert set(rows) == set(distiller_names(None)) >= {"alone", "kd", "std", "dkd", "lskd", "dist", "fitnet"}
-    assert ("| `dkd` | DKD | `kd.temperature` 4, `kd.ce_weight` 1, `kd.kd_weight` 1, `kd.alpha` 1, `kd.beta` 8, "
-            "`kd.warmup_epochs` 20 | Decoupled KD") in rows["dkd"]
-    assert "(no teacher)" in rows["alone"]
+    assert set(rows) == set(method_names(None)) >= {"alone", "kd", "std", "dkd", "lskd", "dist", "fitnet"}
+    assert rows["dkd"].startswith("| `dkd` | DKD | `kd.temperature` 4, `kd.ce_weight` 1, `kd.kd_weight` 1, `kd.alpha` 1, "
+                                  "`kd.beta` 8, `kd.warmup_epochs` 20 | dataset=imagefolder: temperature 1, ce_weight 1, "
+                                  "beta 0.5, warmup_epochs 1; pair=resnet56->resnet20: beta 2;")
+    assert "(no settings)" in rows["alone"] and "| `kd` | KD | `kd.temperature` 4, `kd.ce_weight` 0.1" in rows["kd"]
 
 
 def test_the_model_reference_has_every_model(reference):

@@ -100,36 +100,44 @@ def config_page() -> str:
         flag, help_text = given.get(key, ("", ""))
         lines.append(f"| `{key}`{note} | {f'`{flag}`' if flag else ''} | `{_cell(shown)}` | {_cell(kind)} | "
                      f"{_cell(value_range(key) or '')} | {_cell(text or help_text)} |")
+    lines += ["", "## The KD methods' settings", "",
+              "`kd.<setting>` keys depend on `kd.method`: each method has its own typed settings (a key it does "
+              "not have is refused). Their defaults are on [KD methods](methods.md).", "",
+              "| key | method | type | valid | description |", "|---|---|---|---|---|"]
+    for m in kd_methods():
+        for name, kind, valid, text in m["fields"]:
+            lines.append(f"| `kd.{name}` | `{m['name']}` | {_cell(kind)} | {_cell(valid)} | {_cell(text)} |")
     return "\n".join(lines) + "\n"
 
 
 # ---- KD methods --------------------------------------------------------------------------------
 
-def kd_methods() -> list[tuple[str, str, dict[str, Any], str]]:
-    """(name, label, default settings, summary) of every registered KD method: the one place that reads
-    the registry (``alone`` included: the student trained alone)."""
-    from mixkd.config import KD_METHODS
-    from mixkd.distiller import DISTILLERS, distiller_names
+def kd_methods() -> list[dict[str, Any]]:
+    """Every registered KD method (``alone`` included: the student trained alone), as ``name``, ``title``,
+    ``defaults``, ``contexts`` (per-context defaults), ``summary`` and ``fields`` (its settings: name, type,
+    valid range, description): the one place that reads the registry."""
+    from mixkd.config import field_range
+    from mixkd.registry import KD_METHODS
 
-    rows = []
-    for name in distiller_names(None):
-        known = KD_METHODS.get(name)
-        doc = inspect.getdoc(DISTILLERS[name]) or ""
-        rows.append((name, known.long if known else name, dict(known.defaults) if known else {},
-                     doc.split("\n\n")[0].replace("\n", " ")))
-    return rows
+    return [{"name": e.name, "title": e.title, "defaults": e.defaults(), "summary": e.summary,
+             "contexts": {k: dict(v) for k, v in e.context_defaults.items()},
+             "fields": [(k, getattr(f.annotation, "__name__", str(f.annotation)), field_range(f) or "",
+                         f.description or "") for k, f in e.settings.model_fields.items()]}
+            for e in KD_METHODS.entries()]
 
 
 def methods_page() -> str:
-    lines = ["# KD methods", "", GENERATED.format(source="the registry of `mixkd.distiller` and "
-                                                          "`mixkd.config.KD_METHODS`"), "",
+    lines = ["# KD methods", "", GENERATED.format(source="the registry, `mixkd.registry.KD_METHODS`"), "",
              "`kd.method` (`--kd`) names one of them; each setting left out takes the method's default "
-             "(its authors' CIFAR-100 setting), and a setting a method does not use is refused. "
-             "[Methods](../methods.md) explains what each computes.", "",
-             "| method | name | defaults | what it computes |", "|---|---|---|---|"]
-    for name, label, defaults, summary in kd_methods():
-        settings = ", ".join(f"`kd.{k}` {v:g}" for k, v in defaults.items()) or "(no teacher)"
-        lines.append(f"| `{name}` | {_cell(label)} | {settings} | {_cell(summary)} |")
+             "(its authors' CIFAR-100 setting, or their setting for the dataset or teacher → student pair "
+             "where they publish one), and a setting a method does not use is refused. "
+             "[Methods](../methods.md) explains what each computes and how to add one.", "",
+             "| method | name | defaults | other defaults where | what it computes |", "|---|---|---|---|---|"]
+    for m in kd_methods():
+        settings = ", ".join(f"`kd.{k}` {v:g}" for k, v in m["defaults"].items()) or "(no settings)"
+        where = "; ".join(f"{key}: " + ", ".join(f"{k} {v:g}" for k, v in values.items())
+                          for key, values in m["contexts"].items())
+        lines.append(f"| `{m['name']}` | {_cell(m['title'])} | {settings} | {_cell(where)} | {_cell(m['summary'])} |")
     return "\n".join(lines) + "\n"
 
 
