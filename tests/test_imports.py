@@ -25,7 +25,8 @@ LAYERS = [
     ("distiller/losses", ["mixkd.losses", "mixkd.feature_losses", "mixkd.distiller", "mixkd.distillers", "mixkd.methods"]),
     ("step", ["mixkd.step"]),
     ("run", ["mixkd.run_folder", "mixkd.validate", "mixkd.engine", "mixkd.pack", "mixkd.run", "mixkd.learner",
-             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation"]),
+             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation",
+             "mixkd.tracking"]),
     ("analysis", ["mixkd.analysis"]),  # mixkd analyze: reads a finished run
     ("study", ["mixkd.study"]),
     ("results/claims", ["mixkd.results", "mixkd.claims", "mixkd.study.results", "mixkd.study.claims",

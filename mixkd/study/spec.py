@@ -59,6 +59,7 @@ from mixkd.config import (
     TEACHER_KEYS,
     RunConfig,
     load_yaml,
+    machine_key,
     parse_override,
     set_dotted,
 )
@@ -804,7 +805,8 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     planned = run.config_for(out).model_dump(mode="json")
     # kd settings saved empty (older versions wrote every method's keys, null where unused) are no difference
     unused = {k for k in _flat_keys(saved) if k.startswith("kd.") and _get(saved, k) is None}
-    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused)
+    unknown = sorted(k for k in set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused
+                     if not machine_key(k))
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")
@@ -813,7 +815,7 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
         return f"kd.teacher: {teacher!r} -> {run.teacher_path()!r}"
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)
-        if key in PLACEMENT_KEYS or old is _ABSENT:  # a key added to RunConfig since the run started
+        if key in PLACEMENT_KEYS or machine_key(key) or old is _ABSENT:  # a key added to RunConfig since the run started
             continue
         if old != _get(planned, key):
             return f"{key}: {old!r} -> {_get(planned, key)!r}"
