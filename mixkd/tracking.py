@@ -56,7 +56,7 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty section (augment_settings: {}) is one key
             out.update(flat_params(value, name + "."))
         else:
             out[name] = value if isinstance(value, str) else json.dumps(value)

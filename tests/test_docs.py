@@ -63,7 +63,7 @@ def test_the_methods_reference_has_every_registered_method_with_its_defaults(ref
     page = reference.page("reference/methods.md")
     rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
     assert set(rows) == set(method_names(None)) >= {"alone", "kd", "std", "dkd", "lskd", "dist", "fitnet"}
-    assert rows["dkd"].startswith("| `dkd` | DKD | `kd.temperature` 4, `kd.ce_weight` 1, `kd.kd_weight` 1, `kd.alpha` 1, "
+    assert rows["dkd"].startswith("| `dkd` | DKD | `kd.temperature` 4, `kd.ce_weight` 1, `kd.kd_weight` 1, `kd.standardize` false, `kd.alpha` 1, "
                                   "`kd.beta` 8, `kd.warmup_epochs` 20 | dataset=imagefolder: temperature 1, ce_weight 1, "
                                   "beta 0.5, warmup_epochs 1; pair=resnet56->resnet20: beta 2;")
     assert "(no settings)" in rows["alone"] and "| `kd` | KD | `kd.temperature` 4, `kd.ce_weight` 0.1" in rows["kd"]

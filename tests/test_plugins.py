@@ -73,7 +73,7 @@ def test_the_readme_plugin_is_at_most_40_lines_and_its_commands_run(readme_run):
     assert row["train_kd"] > 0 and row["train_loss"] == pytest.approx(row["train_ce"] + 1000 * row["train_kd"], rel=1e-4)
     saved = yaml.safe_load((readme_run / "runs" / "at-student" / "config.yaml").read_text())
     assert saved["plugins"] == [str((readme_run / "my_at.py").resolve())]
-    assert saved["kd"] == {"teacher": saved["kd"]["teacher"], "teacher_model": None, "method": "my_at", "p": 2.0,
+    assert saved["kd"] == {"teacher": saved["kd"]["teacher"], "teacher_model": None, "teacher_input": "auto", "method": "my_at", "p": 2.0,
                            "ce_weight": 1.0, "feat_weight": 1000.0}
 
 

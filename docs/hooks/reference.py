@@ -26,6 +26,13 @@ GENERATED = "*Generated from the code at every build of this site ({source}): ed
 
 # ---- the command line --------------------------------------------------------------------------
 
+
+def _setting(value) -> str:
+    """A setting's default as a config file spells it: booleans true/false, numbers short (4, 0.5)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
 def commands(parser: argparse.ArgumentParser, prefix: str = "mixkd") -> list[tuple[str, argparse.ArgumentParser]]:
     """(``mixkd train``, its parser), ... for every command and subcommand, depth first."""
     found = [(prefix, parser)]
@@ -134,8 +141,8 @@ def methods_page() -> str:
              "[Methods](../methods.md) explains what each computes and how to add one.", "",
              "| method | name | defaults | other defaults where | what it computes |", "|---|---|---|---|---|"]
     for m in kd_methods():
-        settings = ", ".join(f"`kd.{k}` {v:g}" for k, v in m["defaults"].items()) or "(no settings)"
-        where = "; ".join(f"{key}: " + ", ".join(f"{k} {v:g}" for k, v in values.items())
+        settings = ", ".join(f"`kd.{k}` {_setting(v)}" for k, v in m["defaults"].items()) or "(no settings)"
+        where = "; ".join(f"{key}: " + ", ".join(f"{k} {_setting(v)}" for k, v in values.items())
                           for key, values in m["contexts"].items())
         lines.append(f"| `{m['name']}` | {_cell(m['title'])} | {settings} | {_cell(where)} | {_cell(m['summary'])} |")
     return "\n".join(lines) + "\n"
