@@ -38,9 +38,9 @@ class Fixed(torch.nn.Module):
 
 def test_registry_lists_the_methods_that_take_a_teacher():
     catalogue = ["at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd"]
-    assert method_names() == ["kd", "std", "dkd", "lskd", "dist", "fitnet", *catalogue]
+    assert method_names() == ["kd", "std", "dkd", "lskd", "lsdkd", "dist", "fitnet", *catalogue]
     assert method_names(teacher=False) == ["alone"]
-    assert method_names(None) == ["alone", "kd", "std", "dkd", "lskd", "dist", "fitnet", *catalogue]
+    assert method_names(None) == ["alone", "kd", "std", "dkd", "lskd", "lsdkd", "dist", "fitnet", *catalogue]
     assert KD_METHODS.get("kd").obj.__module__ == "mixkd.methods.kd" and issubclass(KD_METHODS.get("std").obj, Distiller)
 
 
