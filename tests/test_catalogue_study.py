@@ -7,9 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
+from test_distiller import Fixed, S, T, Y
 
 from mixkd.claims import check
-from mixkd.distiller import method_names
+from mixkd.distiller import make_distiller, method_names
+from mixkd.losses import dkd_loss, logit_standardize, soft_cross_entropy
 from mixkd.results import kd_label
 from mixkd.study import load_study
 from mixkd.study.report import claims_plan
@@ -72,3 +75,18 @@ def test_the_plan_and_the_claims_give_claims_2_and_4_per_method(study):
     assert [(p.name, len(p.comparisons)) for p in claims[2].parts] == [(f"{k}: PMU > FMU", 2) for k in labels]
     assert [(p.name, len(p.comparisons)) for p in claims[4].parts] == [(f"{k} > student alone", 6) for k in labels]
     assert claims[2].verdict == claims[4].verdict == "holds"
+
+
+def test_dkd_with_logit_standardization_is_dkd_with_standardize_at_the_ls_kd_settings():
+    d = make_distiller("lsdkd", Fixed(S), Fixed(T))
+    d.set_epoch(20, 240)  # past the 20-epoch warm-up: weight 9
+    losses = d.forward_train(torch.zeros(2, 1), Y)
+    # CE (weight 1) on the raw logits + 9 x DKD (alpha 1, beta 8, T 2) on the z-scored ones
+    kd = dkd_loss(logit_standardize(S), logit_standardize(T), Y, alpha=1.0, beta=8.0, temperature=2.0).item()
+    ce = soft_cross_entropy(S, Y).item()
+    assert (losses["ce"].item(), losses["kd"].item()) == pytest.approx((ce, kd), rel=1e-6) and kd > 0
+    assert losses["loss"].item() == pytest.approx(ce + 9 * kd, rel=1e-6)
+    plain = make_distiller("dkd", Fixed(S), Fixed(T), {"standardize": True, "temperature": 2.0, "kd_weight": 9.0})
+    plain.set_epoch(20, 240)
+    assert {k: v.item() for k, v in plain.forward_train(torch.zeros(2, 1), Y).items()} == \
+        {k: v.item() for k, v in losses.items()}

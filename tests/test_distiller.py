@@ -63,7 +63,7 @@ def test_without_a_teacher_the_student_is_trained_alone():
 
 
 def test_unknown_method_is_one_clear_problem():
-    line = ("kd.method: unknown KD method 'dkdd'; did you mean 'dkd'?; choose one of alone, kd, std, dkd, lskd, dist, "
+    line = ("kd.method: unknown KD method 'dkdd'; did you mean 'dkd'?; choose one of alone, kd, std, dkd, lskd, lsdkd, dist, "
             "fitnet, at, nst, sp, pkt, rkd, kdsvd, vid, ofd, reviewkd, crd, ctkd (one of your own: load its file with "
             "--plugin FILE)")
     with pytest.raises(MixkdError) as err:
