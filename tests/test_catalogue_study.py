@@ -90,3 +90,17 @@ def test_dkd_with_logit_standardization_is_dkd_with_standardize_at_the_ls_kd_set
     plain.set_epoch(20, 240)
     assert {k: v.item() for k, v in plain.forward_train(torch.zeros(2, 1), Y).items()} == \
         {k: v.item() for k, v in losses.items()}
+
+
+def test_a_run_planned_before_studies_named_the_teacher_architecture_still_matches_its_plan(study, tmp_path):
+    from mixkd.study.spec import saved_config_mismatch
+
+    run = next(r for r in study.runs if r.id == "students/resnet20-from-resnet56_plain-dkd-s0")
+    assert run.config.kd.teacher_model == "resnet56"
+    saved = run.config_for(tmp_path).model_dump(mode="json")
+    saved["kd"]["teacher_model"] = None  # what such a study folder's config.yaml holds
+    assert saved_config_mismatch(run, saved, tmp_path) is None
+    saved["kd"]["beta"] = 8.0  # ... but a run made with other settings is still refused
+    assert saved_config_mismatch(run, saved, tmp_path) == "kd.beta: 8.0 -> 2.0"
+    saved["kd"]["beta"], saved["kd"]["teacher_model"] = 2.0, "resnet110"
+    assert saved_config_mismatch(run, saved, tmp_path) == "kd.teacher_model: 'resnet110' -> 'resnet56'"
