@@ -588,9 +588,9 @@ class _Expander:
             parts += ["ref"] if sampling == "reference" else []
             parts += [augment] if augment is not None else []
             run_id = f"students/{model_slug(model)}-from-{model_slug(ref.label)}-{'-'.join(parts)}-s{seed}"
-            kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
-            if ref.checkpoint:
-                kd["teacher_model"] = ref.model
+            # the teacher's architecture, also for a teacher run not trained yet: the method's per-pair settings
+            # (DKD's beta, ...) resolve here, at planning time, for the pair the run will distill
+            kd = {"method": m.kd, "teacher_model": ref.model, **({"temperature": temp} if temp is not None else {})}
             mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
             if sampling is not None and sampling != inherited:
                 mix["sampling"] = sampling
@@ -816,6 +816,8 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)
         if key in PLACEMENT_KEYS or machine_key(key) or old is _ABSENT:  # a key added to RunConfig since the run started
+            continue
+        if key == "kd.teacher_model" and old is None:  # planned before studies named their teacher runs' architecture
             continue
         if old != _get(planned, key):
             return f"{key}: {old!r} -> {_get(planned, key)!r}"
