@@ -165,6 +165,8 @@ def test_the_report_gives_reference_sampling_its_own_columns_and_claims_2_and_3_
                                                                        abs=1e-3)
     assert len(claims[3]["comparisons"]) == 2 * (1 + 6)  # STD >= KD T=4; STD+PMU vs the 6 other distilled columns
     # claim 5: exact and reference PMU each against FMU, per teacher; no exact PMU at the reference's share
+    # and the direct comparison of the two samplings (issue 25 item 11), which needs no FMU column: under KD
+    # and STD, per teacher
     assert [(c["part"], c["a"]["runs"][0].endswith("-ref-s0")) for c in claims[5]["comparisons"]] == [
-        ("exact 10% > FMU", False)] * 2 + [("reference 10% > FMU", True)] * 2
+        ("exact 10% > FMU", False)] * 2 + [("reference 10% > FMU", True)] * 2 + [("reference 10% vs exact 10%", True)] * 4
     assert [p["verdict"] for p in claims[5]["parts"]][2] == "not tested"
