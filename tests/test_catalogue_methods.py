@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kd_methods import Fixed, teacher_file  # noqa: F401, F811  (teacher_file: a module fixture)
+from test_kd_methods import Fixed
 
 from mixkd.cli import main
 from mixkd.distiller import make_distiller
