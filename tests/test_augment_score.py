@@ -1,0 +1,169 @@
+"""mixkd augment-score: Wang et al.'s T. stddev, its bootstrap interval, the teacher's entropy, the table.
+
+The statistic is pinned to hand-computed values; the scoring loop and the command run a tiny resnet8
+teacher on digits through a local stand-in of the policy pipeline (``mixkd.augment.make_pipeline``'s
+contract: ``sample(x_uint8)`` then ``mix(x, y_onehot, teacher=...)``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mixkd.analysis.augment_score import (
+    augment_score,
+    batch_mean_probs,
+    bootstrap_interval,
+    entropy,
+    format_scores,
+    parse_policies,
+    score_means,
+    score_policy,
+    t_stddev,
+)
+from mixkd.errors import MixkdError
+
+
+def test_batch_mean_probs_and_entropy_by_hand():
+    # softmax([0, 0]) = [1/2, 1/2]; softmax([2 ln 3, 0] / 2) = [3/4, 1/4]: batch mean [5/8, 3/8] at T = 2
+    logits = torch.tensor([[0.0, 0.0], [2 * math.log(3), 0.0]])
+    assert batch_mean_probs(logits, 2.0).tolist() == pytest.approx([0.625, 0.375])
+    h = entropy(logits, 2.0).tolist()
+    assert h == pytest.approx([math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))])
+
+
+def test_t_stddev_by_hand():
+    # per class 0.2, 0.4, 0.6 (sample std 0.2) and 0.8, 0.6, 0.4 (0.2): the mean over classes 0.2;
+    # a third class constant at 0: (0.2 + 0.2 + 0) / 3
+    means = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    assert t_stddev(means) == pytest.approx(0.2)
+    three = torch.tensor([[0.2, 0.8, 0.0], [0.4, 0.6, 0.0], [0.6, 0.4, 0.0]])
+    assert t_stddev(three) == pytest.approx(0.4 / 3)
+    with pytest.raises(MixkdError, match="at least 2 batches"):
+        t_stddev(means[:1])
+
+
+def test_bootstrap_interval_by_hand():
+    # two batches: a resample is (a, a) or (b, b) with probability 1/2 (std 0), else (a, b): std |a - b| / sqrt(2)
+    means = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
+    low, high = bootstrap_interval(means, reps=4000, generator=torch.Generator().manual_seed(0))
+    assert low == 0.0
+    assert high == pytest.approx(0.4 / math.sqrt(2))
+    # identical batches: no spread, a zero-width interval
+    assert bootstrap_interval(torch.full((5, 3), 1 / 3), reps=200) == pytest.approx((0.0, 0.0))
+    # many batches: the interval brackets the estimate, and narrows as batches are added
+    gen = torch.Generator().manual_seed(1)
+    few = torch.softmax(torch.randn(10, 4, generator=gen), -1)
+    many = torch.softmax(torch.randn(400, 4, generator=gen), -1)
+    lf, hf = bootstrap_interval(few, reps=500, generator=gen)
+    lm, hm = bootstrap_interval(many, reps=500, generator=gen)
+    assert lf < t_stddev(few) < hf and lm < t_stddev(many) < hm
+    assert hm - lm < (hf - lf) / 2
+
+
+class _Linear(torch.nn.Module):
+    """A teacher whose logits are known: the mean of each image's channels, one logit per class (scaled)."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.scale = torch.arange(1, classes + 1, dtype=torch.float32)
+
+    def forward(self, x):
+        return x.float().mean((1, 2, 3))[:, None] * self.scale
+
+
+class _StandIn:
+    """The pipeline contract: ``sample`` scales uint8 to [0, 1] and, for 'flip', flips; ``mix`` keeps the
+    batch (or, for 'pick', keeps the teacher's most confident half twice: a policy that needs the teacher)."""
+
+    def __init__(self, spec: str):
+        self.spec, self.teachers = spec, []
+
+    def sample(self, x):
+        x = x.float() / 255
+        return x.flip(-1) if self.spec == "flip" else x
+
+    def mix(self, x, y, teacher=None, student=None):
+        self.teachers.append(teacher)
+        if self.spec != "pick":
+            return x, y
+        top = teacher(x).max(-1).values.topk(x.shape[0] // 2).indices
+        return torch.cat([x[top], x[top]]), torch.cat([y[top], y[top]])
+
+
+def test_score_policy_runs_the_teacher_on_the_pipelines_batches():
+    gen = torch.Generator().manual_seed(0)
+    raw = [(torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8, generator=gen), torch.tensor([0, 1, 2, 0]))
+           for _ in range(3)]
+    teacher = _Linear(3)
+    pipe = _StandIn("pick")
+    done = []
+    means, ents = score_policy(teacher, iter(raw), pipe, 3, 3, temperature=2.0, progress=done.append)
+    assert done == [1, 2, 3] and pipe.teachers == [teacher] * 3
+    expected = []
+    for x, _ in raw:
+        x = x.float() / 255
+        top = teacher(x).max(-1).values.topk(2).indices
+        expected.append(torch.softmax(teacher(x[top]) / 2, -1).mean(0))
+    assert torch.allclose(means, torch.stack(expected))
+    assert ents.shape == (12,)
+
+
+def test_score_means_and_table():
+    means = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    a = score_means("mixup", means, torch.tensor([1.0, 2.0]), 4.0, reps=100)
+    b = score_means("none", means / 2, torch.tensor([0.5]), 4.0, reps=100)
+    assert (a.t_stddev, a.entropy, a.batches) == (pytest.approx(0.2), 1.5, 3)
+    text = format_scores([a, b]).splitlines()
+    assert "3 batches" in text[0] and "T = 4" in text[0]
+    assert [line.split()[0] for line in text[2:]] == ["none", "mixup"]  # lowest T. stddev first
+    assert text[3].split()[1] == "2.000e-01"
+
+
+def test_parse_policies():
+    assert parse_policies("none, flip_crop+cutout,mixup") == ["none", "flip_crop+cutout", "mixup"]
+    for bad in ("", "none,,mixup", "mixup,mixup"):
+        with pytest.raises(MixkdError, match="--augment"):
+            parse_policies(bad)
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    from mixkd.checkpoint import save_checkpoint
+    from mixkd.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1,
+                    extra={"dataset": "digits"})
+    return path
+
+
+def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
+    pipes = {}
+
+    def make(spec, settings, *, image_size, mean, std, device, generator):
+        assert (image_size, len(mean), len(std), settings) == (32, 3, 3, {})
+        pipes[spec] = _StandIn(spec)
+        return pipes[spec]
+
+    seen = []
+    scores = augment_score(str(digits_teacher), ["none", "flip"], dataset="digits", batches=3, batch_size=8,
+                           reps=50, make_pipeline=make, progress=lambda p, i, n: seen.append((p, i, n)))
+    assert [s.policy for s in scores] == ["none", "flip"] and seen[-1] == ("flip", 3, 3)
+    assert all(s.batches == 3 and s.temperature == 4.0 and s.low <= s.t_stddev <= s.high for s in scores)
+    assert scores[0].t_stddev != scores[1].t_stddev  # the same batches, augmented differently
+    # the command: the pipeline factory comes from mixkd.augment (the stand-in here), --json
+    import types
+
+    from mixkd.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", types.SimpleNamespace(make_pipeline=make))
+    assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "none,flip", "--dataset", "digits",
+                 "--batches", "2", "--batch-size", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in rows] == ["none", "flip"] and rows[0]["batches"] == 2
+    assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "none", "--batches", "1"]) == 2
+    assert "--batches" in capsys.readouterr().err
