@@ -1,4 +1,5 @@
-"""The study's five claims, checked on any results table: comparisons, 95% intervals, verdicts.
+"""The study's five claims and Wang et al.'s (claim 6), checked on any results table: comparisons, rank
+correlations, 95% intervals, verdicts.
 
 ``check(rows, noise=None, margin=0.5)`` takes a results table (see :mod:`mixkd.results` for its
 columns: a list of dicts, a pandas DataFrame, or :class:`~mixkd.results.Result` records) and returns
@@ -43,6 +44,19 @@ comparison is decisively against it, with the one-sided p-values of all its comp
 Holm's method (family-wise error at most 2.5%); it is **inconclusive** otherwise, and lists the parts
 and contexts that were not tested; **not tested** when no part has a comparison. These four words are the verdicts
 in the text, ``report.md`` and ``claims.json``.
+
+**Claim 6** (Wang et al., NeurIPS 2022: a teacher's T. stddev under an augmentation policy, ``mixkd
+augment-score``, ranks the policies as their students do) rests on rank correlations, not on differences: in
+each teacher → student row (its other settings equal) and KD method (and temperature), the augmentations
+(the ``augment`` column, and any mixing the run adds) are points, each with its T. stddev (the ``t_stddev``
+column) and its students' mean metric over seeds. Spearman's rho of the two, with a 95% interval from
+Fisher's z = atanh(rho) and Fieller's variance 1.06 / (k − 3) for k points: the part **holds** when the
+interval lies below 0 (lower T. stddev, better students), **does not hold** when the evidence puts rho above
+0 (one-sided p-values, Holm over the claim's correlations, 2.5%); inconclusive otherwise. A row needs
+at least 5 policies with a T. stddev (at 4 a perfect ranking has probability 1/24 by chance): one with
+fewer, or a policy without a T. stddev, is named in the scope. Its interval comes from the number of
+policies, not from a per-run spread: one seed a policy is enough (``noise`` plays no part), more seeds
+make the means, and so the ranking, less noisy.
 
 Error rates measured by simulation (``bench/claims_sim.py``, tables in BENCHMARKS.md): false "holds"
 and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell, and (``--cases``)
@@ -584,7 +598,7 @@ class ClaimResult:
 
     def seeds(self) -> str:
         """'n = 3 vs 3', 'n = 1 vs 1 to 3 vs 3': the seed counts of its comparisons."""
-        counts = sorted({(c.a.n, c.b.n) for c in self.comparisons})
+        counts = sorted({(c.a.n, c.b.n) for c in self.comparisons if isinstance(c, Comparison)})
         if not counts:
             return "no runs"
         first, last = counts[0], counts[-1]
@@ -669,6 +683,192 @@ def _gaps(grid: Grid, planned: list[Pair]) -> list[Gap]:
     return list(dict.fromkeys(Gap(p.part, p.context, tuple(grid.missing(p))) for p in planned if grid.missing(p)))
 
 
+# ---- claim 6: the teacher's T. stddev ranks the augmentation policies -------------------------------
+
+MIN_POLICIES = 5  # Fisher's z with Fieller's variance needs k - 3 > 0; at k = 4 a perfect ranking has exact p 1/24
+FIELLER_VARIANCE = 1.06  # var(atanh(Spearman's rho)) ~ 1.06 / (k - 3) (Fieller, Hartley, Pearson 1957)
+RHO_CLIP = 1 - 1e-9  # |rho| = 1 (a perfect ranking): atanh finite, the interval then ends within 1e-9 of -1 or 1
+CLAIM6_TEXT = ("(Wang et al., NeurIPS 2022) The teacher's T. stddev ranks the augmentation policies as the students "
+               "do: the lower a policy's T. stddev, the higher its students' mean top-1 (Spearman's rank correlation "
+               "of T. stddev with the students' mean below 0), per KD method and teacher → student row.")
+CLAIM6_NEEDS = (f"students of that KD method under at least {MIN_POLICIES} augmentation policies (the augment column) of "
+                "one teacher → student row, each with the teacher's T. stddev (the t_stddev column: mixkd augment-score)")
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank: Pearson's correlation of the ranks); 0 where
+    either variable has a single rank (no ordering to compare)."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in rx), math.fsum((b - my) ** 2 for b in ry)
+    return 0.0 if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+@dataclass(frozen=True)
+class RankInterval:
+    """Spearman's rho of ``k`` points with its 95% interval: Fisher's z = atanh(rho), standard error
+    sqrt(1.06 / (k - 3)), normal quantiles, back through tanh."""
+
+    rho: float
+    k: int
+    basis: str = "Fisher z, Fieller's variance 1.06/(k−3)"
+    sigma: float | None = None  # (a comparison's field: no sigma is ever assumed for a rank correlation)
+    unmeasured: tuple = ()
+
+    @property
+    def z(self) -> float:
+        return math.atanh(max(-RHO_CLIP, min(RHO_CLIP, self.rho)))
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(FIELLER_VARIANCE / (self.k - 3))
+
+    @property
+    def low(self) -> float:
+        return math.tanh(self.z - _quantile(1 - SIDE, math.inf) * self.se)
+
+    @property
+    def high(self) -> float:
+        return math.tanh(self.z + _quantile(1 - SIDE, math.inf) * self.se)
+
+    def p_negative(self) -> float:
+        """One-sided p-value against "the true rho is at least 0" (small: rho below 0, the claim's way)."""
+        return float(special.ndtr(self.z / self.se))
+
+    def p_positive(self) -> float:
+        """One-sided p-value against "the true rho is at most 0" (small: rho above 0, against the claim)."""
+        return float(special.ndtr(-self.z / self.se))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One augmentation of a rank correlation: its label, the teacher's T. stddev, the students' runs."""
+
+    label: str
+    t_stddev: float
+    side: Side
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.label, "t_stddev": self.t_stddev, **self.side.as_dict()}
+
+
+@dataclass
+class Correlation:
+    """Claim 6 in one row and KD method: the policies' T. stddev against their students' mean metric."""
+
+    part: str
+    context: Context
+    method: str  # 'KD T=4'
+    points: list[Point]
+    interval: RankInterval
+    p_holds: float
+    p_against: float
+    p_against_holm: float = 1.0
+    verdict: str = "inconclusive"
+    margin: float | None = None
+    direct: bool = False
+    qualifier: str = ""
+
+    @property
+    def statement(self) -> str:
+        return f"{self.method}: ρ(T. stddev, top-1) < 0 over {len(self.points)} policies"
+
+    @property
+    def outcome(self) -> str:
+        return self.verdict
+
+    def as_dict(self) -> dict[str, Any]:
+        iv = self.interval
+        return {"part": self.part, "teacher": self.context.teacher_label if self.context.teacher else None,
+                "student": self.context.student, "settings": dict(self.context.settings), "statement": self.statement,
+                "kind": "rank correlation", "method": self.method, "points": [p.as_dict() for p in self.points],
+                "rho": iv.rho, "k": iv.k, "interval_95": [iv.low, iv.high], "se_z": iv.se, "basis": iv.basis,
+                "p_holds": self.p_holds, "p_against": self.p_against, "p_against_holm": self.p_against_holm,
+                "verdict": self.verdict}
+
+
+def _policy_label(augment: str | None, cell: Cell) -> str:
+    """'flip_crop', 'flip_crop, PMU f=0.1': the augmentation a point stands for (the policy, and any mixing the run's
+    mix settings add)."""
+    policy = augment or "(default augmentation)"
+    if cell.mix == "none":
+        return policy
+    mixing = {"full": "FMU", "partial": "PMU"}[cell.mixing] + (" CutMix" if cell.mix == "cutmix" else "")
+    return f"{policy}, " + " ".join([mixing, *(s for s in cell._settings(False) if s[:2] != "T=" and s != "cutmix")])
+
+
+def _rank_groups(results: list[Result]) -> dict[tuple, dict[str, list[Result]]]:
+    """{(row without its augment setting, KD method, T): {augmentation label: runs}} over the distilled runs that
+    name an augmentation or a T. stddev."""
+    groups: dict[tuple, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        augment = r.context.setting("augment")
+        if r.cell.alone or (augment is None and r.t_stddev is None):
+            continue
+        ctx = r.context
+        row = Context(ctx.teacher, ctx.teacher_mix, ctx.student, tuple(kv for kv in ctx.settings if kv[0] != "augment"))
+        groups[row, r.cell.kd, r.cell.temperature][_policy_label(augment, r.cell)].append(r)
+    return groups
+
+
+def _claim6(results: list[Result], metric: str) -> ClaimResult:
+    groups, notes = _rank_groups(results), []
+    correlations, gaps = [], []
+    methods = list(KD_SHORT)
+    for (ctx, kd, temperature), by_policy in sorted(groups.items(), key=lambda kv: (
+            methods.index(kv[0][1]) if kv[0][1] in methods else len(methods), kv[0][1], natural(kv[0][0].teacher or ""),
+            natural(kv[0][0].student), kv[0][0].settings, kv[0][2] or 0)):
+        method = Cell(kd, temperature).label
+        part = f"{_kd_name(kd)}: lower T. stddev, better students"
+        points, lacking = [], []
+        for label, runs in sorted(by_policy.items(), key=lambda kv: natural(kv[0])):
+            given = [r.t_stddev for r in runs if r.t_stddev is not None]
+            if not given:
+                lacking.append(f"T. stddev of {label}")
+                continue
+            if max(given) - min(given) > 1e-12:
+                notes.append(f"{ctx.label}, {method}, {label}: its runs give different T. stddevs "
+                             f"({', '.join(f'{g:.3g}' for g in sorted(set(given)))}); their mean is used")
+            side = Side(ctx, runs[0].cell)
+            for r in runs:
+                side.runs.append(r.run)
+                side.seeds.append(r.seed)
+                side.values.append(r.value(metric))
+            points.append(Point(label, statistics.fmean(given), side))
+        if len(points) < MIN_POLICIES:
+            short = [f"{MIN_POLICIES - len(points)} more polic{'y' if MIN_POLICIES - len(points) == 1 else 'ies'} "
+                     f"with T. stddev (has {len(points)})"]
+            gaps.append(Gap(part, ctx, tuple(short + lacking)))
+            continue
+        if lacking:
+            gaps.append(Gap(part, ctx, tuple(lacking)))  # tested on the policies that have one; named in the scope
+        iv = RankInterval(spearman([p.t_stddev for p in points], [p.side.mean for p in points]), len(points))
+        correlations.append(Correlation(part, ctx, method, points, iv, iv.p_negative(), iv.p_positive()))
+    for c, adjusted in zip(correlations, holm([c.p_against for c in correlations])):
+        c.p_against_holm = adjusted
+        if c.interval.high < 0:
+            c.verdict = "holds"
+        elif adjusted < SIDE:
+            c.verdict = "does not hold"
+    names = list(dict.fromkeys([*(c.part for c in correlations), *(g.part for g in gaps)])) or [
+        "lower T. stddev, better students"]
+    parts = [Part(n, CLAIM6_NEEDS, [c for c in correlations if c.part == n], [g for g in gaps if g.part == n])
+             for n in names]
+    return ClaimResult(6, CLAIM6_TEXT, parts, notes)
+
+
+def correlation_text(c: Correlation) -> str:
+    """'resnet56 (plain) → resnet20: KD T=4: ρ(T. stddev, top-1) < 0 over 7 policies: ρ = -0.89, 95% interval
+    [-0.98, -0.42] (Fisher z, ...): holds'."""
+    iv = c.interval
+    return (f"{c.context.label}: {c.statement}: ρ = {iv.rho:+.2f}, 95% interval [{iv.low:+.2f}, {iv.high:+.2f}] "
+            f"({iv.basis}): {c.verdict}; " + ", ".join(f"{p.label} {p.t_stddev:.3g} → {p.side.mean:.2f}"
+                                                       for p in sorted(c.points, key=lambda p: p.t_stddev)))
+
+
 def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN,
           metric: str = "top1") -> list[ClaimResult]:
     """Every claim of :data:`CLAIMS` on a results table (a list of dicts with the columns of
@@ -718,6 +918,9 @@ def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN,
         if spec.number == 5:
             result.answer = _answer_5(result)
         out.append(result)
+    six = _claim6(results, metric)
+    six.notes[:0] = grid.notes
+    out.append(six)
     return out
 
 
@@ -832,7 +1035,26 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
                        f"per comparison, {every:.2f} for all {k} to hold together"
                        + (f" (a single run: assuming sigma = {noise:g})" if single else ""))
         lines.append(f"  claim {spec.number}: {verdict}")
+    lines.append(f"  claim 6: {_plan_6(results)}")
     return lines
+
+
+def _plan_6(results: list[Result]) -> str:
+    """Whether the runs can decide claim 6, and the smallest rank correlation each of its tests detects."""
+    groups = _rank_groups(results)
+    if not groups:
+        return ("cannot decide: no runs name an augmentation policy (a study's augment: list, or the table's augment "
+                "column)")
+    counts = sorted({len(by_policy) for by_policy in groups.values()})
+    if counts[0] < MIN_POLICIES:
+        return (f"cannot decide: {counts[0]} policies in a row and KD method, fewer than the {MIN_POLICIES} a rank "
+                "correlation's interval needs")
+    rhos = [-math.tanh((_quantile(1 - SIDE, math.inf) + _quantile(POWER, math.inf))
+                       * RankInterval(0.0, k).se) for k in counts]
+    return (f"decidable once each policy's T. stddev is given (mixkd augment-score on each teacher; the t_stddev "
+            f"column): {len(groups)} rank correlations over {', '.join(map(str, counts))} policies; smallest "
+            f"detectable correlation ρ = {', '.join(f'{r:.2f}' for r in rhos)} ({POWER:.0%} power, where the policies' "
+            "mean top-1s rank as their true ones: noisier means detect less)")
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -903,7 +1125,8 @@ def format_claims(claims: list[ClaimResult], details: bool = True, metric: str =
             lines.append(f"  {part.name}{label}: {part.outcome} ({len(part.comparisons)} comparison"
                          f"{'s' * (len(part.comparisons) > 1)})")
             if details:
-                lines += [f"    {comparison_text(c)}" for c in part.comparisons]
+                lines += [f"    {correlation_text(c) if isinstance(c, Correlation) else comparison_text(c)}"
+                          for c in part.comparisons]
         if claim.answer:
             lines.append(f"  answer: {claim.answer}")
         lines += [f"  note: {n}" for n in claim.notes if n not in shared]
@@ -961,7 +1184,19 @@ def claims_markdown(claims: list[ClaimResult], metric_label: str = "top-1 at the
     notes = list(dict.fromkeys([*notes, *(n for c in claims for n in c.notes)]))
     if notes:
         lines += [f"- note: {n}" for n in notes] + [""]
-    rows = [(c.number, cmp) for c in claims for cmp in c.comparisons]
+    rows = [(c.number, cmp) for c in claims for cmp in c.comparisons if isinstance(cmp, Comparison)]
+    ranks = [cmp for c in claims for cmp in c.comparisons if isinstance(cmp, Correlation)]
+    if ranks:
+        lines += ["### Rank correlations (claim 6)", "",
+                  "| teacher → student | KD method | policies: T. stddev → mean top-1 | ρ | 95% interval | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for cmp in ranks:
+            iv = cmp.interval
+            points = "; ".join(f"{p.label}: {p.t_stddev:.3g} → {_side_text(p.side)}"
+                               for p in sorted(cmp.points, key=lambda p: p.t_stddev))
+            lines.append(f"| {cmp.context.label} | {cmp.method} | {points} | {iv.rho:+.2f} | "
+                         f"[{iv.low:+.2f}, {iv.high:+.2f}] | {cmp.verdict} |")
+        lines.append("")
     if rows:
         lines += ["### Comparisons", "",
                   "| # | teacher → student | comparison | A | B | A − B | 95% interval | basis | verdict |",

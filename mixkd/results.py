@@ -22,8 +22,9 @@ A results table has one row per trained student with the columns of :data:`COLUM
 =============== =========================================================================================
 
 Optional columns: ``best_top1`` (the best epoch's top-1, in %: ``mixkd claims --metric best_top1``),
-``mix_alpha`` (the mixup alpha; empty: 1), and the settings ``dataset``, ``epochs``, ``batch_size`` and
-``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
+``mix_alpha`` (the mixup alpha; empty: 1), ``t_stddev`` (the teacher's T. stddev under the run's augmentation
+policy, ``mixkd augment-score``: claim 6), and the settings ``dataset``, ``epochs``, ``batch_size``, ``lr`` and
+``augment`` (the augmentation policy spec, e.g. ``flip_crop+cutout``): runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
 setting but the seed, those included (a table without ``epochs`` cannot tell schedules apart: ``mixkd
 claims`` says so; one that names the schedule otherwise, e.g. ``num_epochs``, is refused). Other columns
 are ignored, except ``id`` (the run's name). A (cell, seed) given twice is refused. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
@@ -45,7 +46,7 @@ from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
 
 COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
-SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr")  # optional: pooled only when equal
+SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr", "augment")  # optional: pooled only when equal
 METRIC_COLUMNS = {"top1": "top-1 at the last epoch", "best_top1": "best top-1 over epochs"}  # the values
 # Columns that name a schedule under another name: refused (rename to epochs), never ignored
 SCHEDULE_ALIASES = ("num_epochs", "n_epochs", "total_epochs", "max_epochs", "epoch_count")
@@ -182,6 +183,7 @@ class Result:
     run: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     best_top1: float | None = field(default=None, compare=False)
+    t_stddev: float | None = field(default=None, compare=False)  # the teacher's T. stddev under the run's policy
 
     def value(self, metric: str = "top1") -> float | None:
         """The run's ``top1`` (last epoch) or ``best_top1`` (best epoch)."""
@@ -276,11 +278,12 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     seed = r.number("seed", integer=True)
     top1 = r.number("top1", required=True, low=0.0, high=100.0)
     best = r.number("best_top1", low=0.0, high=100.0)
+    t_stddev = r.number("t_stddev", low=0.0, high=1.0)
     settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
     context = Context(teacher, teacher_mix, student, settings)
     cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling)
     return Result(context, cell, None if seed is None else int(seed), float(top1), _text(row.get("id")) or where,
-                  {"where": where, "id": _text(row.get("id"))}, best)
+                  {"where": where, "id": _text(row.get("id"))}, best, t_stddev)
 
 
 def _records(rows: Any) -> list[dict[str, Any]]:
@@ -343,7 +346,7 @@ def percent(source: str, results: list[Result]) -> list[Result]:
     for r in results:
         top1 = 100 * r.top1 if "top1" in scaled else r.top1
         best = 100 * r.best_top1 if "best_top1" in scaled and r.best_top1 is not None else r.best_top1
-        out.append(Result(r.context, r.cell, r.seed, top1, r.run, {**r.extra, "fraction": scaled}, best))
+        out.append(Result(r.context, r.cell, r.seed, top1, r.run, {**r.extra, "fraction": scaled}, best, r.t_stddev))
     return out
 
 
@@ -412,7 +415,8 @@ def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_
     'external'; None for a student trained alone), its student and its shared settings."""
     optim = cfg.get("optim") or {}
     settings = tuple((k, str(v)) for k, v in (("dataset", cfg.get("dataset")), ("epochs", cfg.get("epochs")),
-                                              ("batch_size", cfg.get("batch_size")), ("lr", optim.get("lr")))
+                                              ("batch_size", cfg.get("batch_size")), ("lr", optim.get("lr")),
+                                              ("augment", cfg.get("augment")))
                      if v is not None)
     if cfg.get("task") != "distill":
         return Context(None, None, str(cfg.get("model")), settings)
@@ -438,6 +442,7 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
                      "sampling": cell.sampling or "", "seed": "" if r.seed is None else r.seed, "top1": r.top1,
                      "best_top1": "" if r.best_top1 is None else r.best_top1,
                      "mix_alpha": "" if cell.alpha is None else f"{cell.alpha:g}",
+                     "t_stddev": "" if r.t_stddev is None else r.t_stddev,
                      **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
     return rows
 
@@ -446,7 +451,7 @@ def write_csv(results: list[Result], path: str | Path) -> None:
     """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", *SETTING_COLUMNS, "id"])
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "t_stddev", *SETTING_COLUMNS, "id"])
             writer.writeheader()
             writer.writerows(table_rows(results))
 
