@@ -283,7 +283,7 @@ def test_report_has_the_claims_section_and_claims_json_with_the_study_files_sigm
     assert kd4["interval_95"] == pytest.approx([3.9 - 2.776445 * math.sqrt(0.5), 3.9 + 2.776445 * math.sqrt(0.5)],
                                                abs=1e-5)
     assert kd4["no_spread"] == {"a": "one run"} and kd4["df"] == pytest.approx(4.0)
-    assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5]
+    assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5, 6]
     # the finished students as a results table: mixkd claims reads it back to the same verdicts
     assert main(["claims", str(out / "claims-table.csv"), "--noise", "0.5", "--json", str(tmp_path / "c.json")]) == 0
     again = json.loads((tmp_path / "c.json").read_text())
