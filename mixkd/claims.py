@@ -690,7 +690,8 @@ FIELLER_VARIANCE = 1.06  # var(atanh(Spearman's rho)) ~ 1.06 / (k - 3) (Fieller,
 RHO_CLIP = 1 - 1e-9  # |rho| = 1 (a perfect ranking): atanh finite, the interval then ends within 1e-9 of -1 or 1
 CLAIM6_TEXT = ("(Wang et al., NeurIPS 2022) The teacher's T. stddev ranks the augmentation policies as the students "
                "do: the lower a policy's T. stddev, the higher its students' mean top-1 (Spearman's rank correlation "
-               "of T. stddev with the students' mean below 0), per KD method and teacher → student row.")
+               "of T. stddev with the students' mean below 0) and, where the table gives it, the lower their mean "
+               "test loss (above 0), per KD method and teacher → student row.")
 CLAIM6_NEEDS = (f"students of that KD method under at least {MIN_POLICIES} augmentation policies (the augment column) of "
                 "one teacher → student row, each with the teacher's T. stddev (the t_stddev column: mixkd augment-score)")
 
@@ -771,10 +772,17 @@ class Correlation:
     margin: float | None = None
     direct: bool = False
     qualifier: str = ""
+    measure: str = "top-1"  # or "test loss"
+    sign: int = -1  # the claim's direction: rho < 0 (top-1) or rho > 0 (test loss)
 
     @property
     def statement(self) -> str:
-        return f"{self.method}: ρ(T. stddev, top-1) < 0 over {len(self.points)} policies"
+        return f"{self.method}: ρ(T. stddev, {self.measure}) {'<' if self.sign < 0 else '>'} 0 over {len(self.points)} policies"
+
+    @property
+    def decided_for(self) -> bool:
+        """The interval lies on the claim's side of 0."""
+        return self.interval.high < 0 if self.sign < 0 else self.interval.low > 0
 
     @property
     def outcome(self) -> str:
@@ -784,7 +792,7 @@ class Correlation:
         iv = self.interval
         return {"part": self.part, "teacher": self.context.teacher_label if self.context.teacher else None,
                 "student": self.context.student, "settings": dict(self.context.settings), "statement": self.statement,
-                "kind": "rank correlation", "method": self.method, "points": [p.as_dict() for p in self.points],
+                "kind": "rank correlation", "method": self.method, "measure": self.measure, "points": [p.as_dict() for p in self.points],
                 "rho": iv.rho, "k": iv.k, "interval_95": [iv.low, iv.high], "se_z": iv.se, "basis": iv.basis,
                 "p_holds": self.p_holds, "p_against": self.p_against, "p_against_holm": self.p_against_holm,
                 "verdict": self.verdict}
@@ -814,7 +822,12 @@ def _rank_groups(results: list[Result]) -> dict[tuple, dict[str, list[Result]]]:
     return groups
 
 
+MEASURES = (("top-1", -1, "better top-1"), ("test loss", 1, "lower test loss"))  # (measure, sign, part's words)
+
+
 def _claim6(results: list[Result], metric: str) -> ClaimResult:
+    """Claim 6: per row and KD method, the rank correlation of the policies' T. stddev with their students' mean
+    top-1 (``metric``), and with their mean test loss where the table gives one (``test_loss``)."""
     groups, notes = _rank_groups(results), []
     correlations, gaps = [], []
     methods = list(KD_SHORT)
@@ -822,39 +835,44 @@ def _claim6(results: list[Result], metric: str) -> ClaimResult:
             methods.index(kv[0][1]) if kv[0][1] in methods else len(methods), kv[0][1], natural(kv[0][0].teacher or ""),
             natural(kv[0][0].student), kv[0][0].settings, kv[0][2] or 0)):
         method = Cell(kd, temperature).label
-        part = f"{_kd_name(kd)}: lower T. stddev, better students"
-        points, lacking = [], []
-        for label, runs in sorted(by_policy.items(), key=lambda kv: natural(kv[0])):
+        stddev: dict[str, float] = {}
+        for label, runs in by_policy.items():
             given = [r.t_stddev for r in runs if r.t_stddev is not None]
-            if not given:
-                lacking.append(f"T. stddev of {label}")
-                continue
-            if max(given) - min(given) > 1e-12:
+            if given and max(given) - min(given) > 1e-12:
                 notes.append(f"{ctx.label}, {method}, {label}: its runs give different T. stddevs "
                              f"({', '.join(f'{g:.3g}' for g in sorted(set(given)))}); their mean is used")
-            side = Side(ctx, runs[0].cell)
-            for r in runs:
-                side.runs.append(r.run)
-                side.seeds.append(r.seed)
-                side.values.append(r.value(metric))
-            points.append(Point(label, statistics.fmean(given), side))
-        if len(points) < MIN_POLICIES:
-            short = [f"{MIN_POLICIES - len(points)} more polic{'y' if MIN_POLICIES - len(points) == 1 else 'ies'} "
-                     f"with T. stddev (has {len(points)})"]
-            gaps.append(Gap(part, ctx, tuple(short + lacking)))
-            continue
-        if lacking:
-            gaps.append(Gap(part, ctx, tuple(lacking)))  # tested on the policies that have one; named in the scope
-        iv = RankInterval(spearman([p.t_stddev for p in points], [p.side.mean for p in points]), len(points))
-        correlations.append(Correlation(part, ctx, method, points, iv, iv.p_negative(), iv.p_positive()))
+            if given:
+                stddev[label] = statistics.fmean(given)
+        for measure, sign, words in MEASURES:
+            if measure == "test loss" and not any(r.test_loss is not None for runs in by_policy.values() for r in runs):
+                continue  # the table gives no test loss for this row: that part does not apply
+            part = f"{_kd_name(kd)}: lower T. stddev, {words}"
+            points, lacking = [], []
+            for label, runs in sorted(by_policy.items(), key=lambda kv: natural(kv[0])):
+                values = [r.value(metric) if measure == "top-1" else r.test_loss for r in runs]
+                if label not in stddev or any(v is None for v in values):
+                    lacking.append(f"T. stddev of {label}" if label not in stddev else f"test loss of {label}")
+                    continue
+                side = Side(ctx, runs[0].cell, [r.run for r in runs], [r.seed for r in runs], values)
+                points.append(Point(label, stddev[label], side))
+            if len(points) < MIN_POLICIES:
+                more = MIN_POLICIES - len(points)
+                gaps.append(Gap(part, ctx, (f"{more} more polic{'y' if more == 1 else 'ies'} with T. stddev "
+                                            f"(has {len(points)})", *lacking)))
+                continue
+            if lacking:
+                gaps.append(Gap(part, ctx, tuple(lacking)))  # tested on the policies that have one; named in the scope
+            iv = RankInterval(spearman([p.t_stddev for p in points], [p.side.mean for p in points]), len(points))
+            toward, away = (iv.p_negative(), iv.p_positive()) if sign < 0 else (iv.p_positive(), iv.p_negative())
+            correlations.append(Correlation(part, ctx, method, points, iv, toward, away, measure=measure, sign=sign))
     for c, adjusted in zip(correlations, holm([c.p_against for c in correlations])):
         c.p_against_holm = adjusted
-        if c.interval.high < 0:
+        if c.decided_for:
             c.verdict = "holds"
         elif adjusted < SIDE:
             c.verdict = "does not hold"
     names = list(dict.fromkeys([*(c.part for c in correlations), *(g.part for g in gaps)])) or [
-        "lower T. stddev, better students"]
+        "lower T. stddev, better top-1"]
     parts = [Part(n, CLAIM6_NEEDS, [c for c in correlations if c.part == n], [g for g in gaps if g.part == n])
              for n in names]
     return ClaimResult(6, CLAIM6_TEXT, parts, notes)
@@ -1188,13 +1206,13 @@ def claims_markdown(claims: list[ClaimResult], metric_label: str = "top-1 at the
     ranks = [cmp for c in claims for cmp in c.comparisons if isinstance(cmp, Correlation)]
     if ranks:
         lines += ["### Rank correlations (claim 6)", "",
-                  "| teacher → student | KD method | policies: T. stddev → mean top-1 | ρ | 95% interval | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  "| teacher → student | KD method | measure | policies: T. stddev → students' mean | ρ | 95% interval "
+                  "| verdict |", "|---|---|---|---|---|---|---|"]
         for cmp in ranks:
             iv = cmp.interval
             points = "; ".join(f"{p.label}: {p.t_stddev:.3g} → {_side_text(p.side)}"
                                for p in sorted(cmp.points, key=lambda p: p.t_stddev))
-            lines.append(f"| {cmp.context.label} | {cmp.method} | {points} | {iv.rho:+.2f} | "
+            lines.append(f"| {cmp.context.label} | {cmp.method} | {cmp.measure} | {points} | {iv.rho:+.2f} | "
                          f"[{iv.low:+.2f}, {iv.high:+.2f}] | {cmp.verdict} |")
         lines.append("")
     if rows:

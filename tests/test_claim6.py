@@ -62,8 +62,8 @@ def claim6(rows, **kw):
 def test_claim6_verdicts():
     # lower T. stddev, better students under KD and DKD: holds; under DKD the reverse: does not hold
     good = claim6(_rows({"kd": -1.0, "dkd": -0.5}))
-    assert good.verdict == "holds" and [p.name for p in good.parts] == ["KD: lower T. stddev, better students",
-                                                                      "DKD: lower T. stddev, better students"]
+    assert good.verdict == "holds" and [p.name for p in good.parts] == ["KD: lower T. stddev, better top-1",
+                                                                      "DKD: lower T. stddev, better top-1"]
     assert good.comparisons[0].interval.rho == pytest.approx(-1.0) and good.comparisons[0].interval.k == 7
     assert good.scope_text() == "tested on resnet56 (plain) → resnet20"
     bad = claim6(_rows({"kd": -1.0, "dkd": 0.5}))
@@ -73,6 +73,30 @@ def test_claim6_verdicts():
     assert flat.verdict == "inconclusive" and flat.comparisons[0].interval.rho == pytest.approx(0.0)
     # one seed a policy is enough: the interval comes from the number of policies (noise plays no part)
     assert claim6(_rows({"kd": -1.0}, seeds=(0,))).verdict == "holds"
+
+
+def test_claim6_test_loss_part():
+    # Wang et al.'s measure: the students' test loss rises with T. stddev (rho > 0 holds); here top-1 and test loss
+    # disagree under DKD: its loss part does not hold
+    rows = _rows({"kd": -1.0, "dkd": -1.0})
+    for r in rows:
+        rank = POLICIES.index(r["augment"])
+        r["test_loss"] = 1.0 + (0.1 if r["kd"] == "kd" else -0.1) * rank + 0.01 * r["seed"]
+    six = claim6(rows)
+    assert [(p.name, p.verdict) for p in six.parts] == [
+        ("KD: lower T. stddev, better top-1", "holds"), ("KD: lower T. stddev, lower test loss", "holds"),
+        ("DKD: lower T. stddev, better top-1", "holds"), ("DKD: lower T. stddev, lower test loss", "does not hold")]
+    loss = six.parts[1].comparisons[0]
+    assert loss.statement == "KD T=4: ρ(T. stddev, test loss) > 0 over 7 policies" and loss.interval.rho == 1.0
+    none = next(p for p in loss.points if p.label == "none")
+    assert none.side.values == pytest.approx([1.0, 1.01, 1.02])  # rank 0: its runs' losses
+    assert six.verdict == "does not hold"
+    # a policy's runs without a test loss: named in that part's scope only
+    for r in rows:
+        if r["augment"] == "cutout":
+            r["test_loss"] = ""
+    six = claim6(rows)
+    assert "test loss of cutout" in six.scope_text() and six.parts[0].verdict == "holds"
 
 
 def test_claim6_scope():
@@ -95,7 +119,7 @@ def test_claim6_outputs():
     assert "claim 6: holds" in text and "ρ = -1.00" in text and "none 0.01 → 69.90" not in text
     assert "none 0.01 → 70.00" in text  # the policy's mean over seeds
     md = "\n".join(claims_markdown(claims))
-    assert "### Rank correlations (claim 6)" in md and "| resnet56 (plain) → resnet20 | KD T=4 |" in md
+    assert "### Rank correlations (claim 6)" in md and "| resnet56 (plain) → resnet20 | KD T=4 | top-1 |" in md
     six = json.loads(json.dumps(claims_json(claims)))["claims"][-1]
     assert six["claim"] == 6 and six["comparisons"][0]["kind"] == "rank correlation"
     assert [p["policy"] for p in six["comparisons"][0]["points"]] == sorted(POLICIES)
