@@ -52,7 +52,9 @@ each teacher → student row (its other settings equal) and KD method (and tempe
 column) and its students' mean metric over seeds. Spearman's rho of the two, with a 95% interval from
 Fisher's z = atanh(rho) and Fieller's variance 1.06 / (k − 3) for k points: the part **holds** when the
 interval lies below 0 (lower T. stddev, better students), **does not hold** when the evidence puts rho above
-0 (one-sided p-values, Holm over the claim's correlations, 2.5%); inconclusive otherwise. A row needs
+0 (one-sided p-values, Holm over the claim's correlations, 2.5%); inconclusive otherwise. Where the table
+gives the students' test loss (``test_loss``, Wang et al.'s own measure), a second part per method asks the
+same of it, the other way round (rho above 0: lower T. stddev, lower test loss). A row needs
 at least 5 policies with a T. stddev (at 4 a perfect ranking has probability 1/24 by chance): one with
 fewer, or a policy without a T. stddev, is named in the scope. Its interval comes from the number of
 policies, not from a per-run spread: one seed a policy is enough (``noise`` plays no part), more seeds
