@@ -167,3 +167,6 @@ def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
     assert [r["policy"] for r in rows] == ["none", "flip"] and rows[0]["batches"] == 2
     assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "none", "--batches", "1"]) == 2
     assert "--batches" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", None)  # an import of it fails
+    assert main(["augment-score", "--teacher", str(digits_teacher), "--dataset", "digits"]) == 2
+    assert "needs the augmentation policies" in capsys.readouterr().err

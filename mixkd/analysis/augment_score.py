@@ -168,7 +168,11 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
     if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
         raise MixkdError(f"--temperature must be a positive number, got {temperature}")
     if make_pipeline is None:
-        from mixkd.augment import make_pipeline  # the policy registry's pipeline (mixkd.augment owns policies)
+        try:
+            from mixkd.augment import make_pipeline  # the policy registry's pipeline (mixkd.augment owns policies)
+        except ImportError:
+            raise MixkdError("mixkd augment-score needs the augmentation policies (mixkd.augment, issue 28), which "
+                             "this mixkd lacks: update mixkd") from None
     p = Path(teacher_path)
     if not p.exists():
         raise MixkdError(f"--teacher {teacher_path}: no such run folder or checkpoint")
