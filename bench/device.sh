@@ -39,7 +39,9 @@
 #   is eager: its log says so), against the 1-process run of the same config, eager (--no-graph --compile off):
 #   digits, resnet8, batch 64 (2 x 32), 2 epochs of 22 steps;
 #   bench/ddp_check.py compares the losses epoch by epoch (rtol 1e-3: cuDNN picks its kernels per batch size)
-#   and prints each run's images/s (2 processes on one GPU show the cost of DDP's all-reduce, not a speed-up).
+#   and prints each run's images/s (2 processes on one GPU show the cost of DDP's all-reduce, not a speed-up);
+#   then the 2-process run's result.json against `mixkd eval` of its checkpoint on the GPU (the saved model's
+#   figures: identical, or top-1/top-5 equal and the NLL within 1e-5).
 # inductor's cache is kept in $WINDOW/compile-cache, so later steps and calls reuse what was compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -136,7 +138,9 @@ write_fake_cifar(Path(sys.argv[1]), num_classes=10, n_train=64, n_test=40, seed=
   status=$?
   [ $status = 0 ] || rc=1
   grep -h "x 2 processes\|under DDP" "$dir/two/log.txt" >>"$t" 2>/dev/null
-  python3 bench/ddp_check.py "$dir/one" "$dir/two" --rtol 1e-3 >>"$t" 2>&1 || rc=1
+  echo "-- python3 -m mixkd eval $dir/two --json" >>"$t"
+  python3 -m mixkd eval "$dir/two" --json >"$dir/eval.json" 2>>"$t" || rc=1
+  python3 bench/ddp_check.py "$dir/one" "$dir/two" --rtol 1e-3 --eval "$dir/eval.json" >>"$t" 2>&1 || rc=1
   fit "$t"
 }
 

@@ -71,7 +71,7 @@ def main() -> None:
     for m in methods:
         student = create_model(student_name, 100).to(device)
         student.load_state_dict(student0.state_dict())
-        d = make_distiller(m, student, teacher, KDConfig(method=m))
+        d = make_distiller(m, student, teacher, KDConfig(method=m).settings())
         d.set_epoch(10, 240)
         steps[m] = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                              torch.Generator(device=device).manual_seed(1))

@@ -80,13 +80,14 @@ from scipy import special
 from mixkd.config import reference_mixed_share
 from mixkd.errors import MixkdError
 from mixkd.results import (
-    KD_SHORT,
     METRIC_COLUMNS,
     PARTIAL_FRACTION,
     Cell,
     Context,
     Result,
     fraction_notes,
+    kd_label,
+    kd_order,
     natural,
     repeated_runs,
     results_from_rows,
@@ -333,7 +334,7 @@ class Grid:
     @property
     def kd_methods(self) -> list[str]:
         found = {cell.kd for cells in self.cells.values() for cell in cells}
-        return sorted(found, key=lambda m: (list(KD_SHORT).index(m) if m in KD_SHORT else len(KD_SHORT), m))
+        return sorted(found, key=kd_order)
 
     def side(self, context: Context, cell: Cell) -> Side | None:
         if cell.alone:
@@ -347,7 +348,7 @@ class Grid:
 
 
 def _kd_name(method: str) -> str:
-    return KD_SHORT.get(method, method.upper())
+    return kd_label(method)
 
 
 def _close(x: float | None, y: float) -> bool:

@@ -14,21 +14,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixkd.config import KD_PARAMS, SEED_MAX, RunConfig, build_config, int_in, value_range
+from mixkd.config import SEED_MAX, RunConfig, build_config, field_range, int_in, read_yaml, value_range
 from mixkd.control import release_early_stops
 from mixkd.errors import MixkdError, StorageError
 from mixkd.files import AGAIN
+from mixkd.registry import load_plugin
 from mixkd.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, RunFolder, auto_resumes, resume_config, resume_mode
-
-_DEFAULTS = RunConfig.model_validate({}).model_dump()
-_METHOD_KEYS = {f"kd.{k}" for k in KD_PARAMS}  # their defaults are the method's
 
 
 def _default(key: str) -> Any:
-    node: Any = _DEFAULTS
-    for part in key.split("."):
-        node = node[part]
-    return node
+    """A config key's default, read from the fields (no validation: the KD methods, and torch with them,
+    are imported only by the commands that need them)."""
+    model: Any = RunConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -74,23 +75,80 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
 DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, a RepDistiller .pth, or a torchvision state_dict .pth"),
     (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a .pth, e.g. tv_resnet34 for torchvision's resnet34 weights)"),
-    (("--kd",), "kd.method", {}, "a registered KD method (mixkd.distiller): kd (Hinton KD), std (the study's standardized KD), dkd, lskd, dist, fitnet; each one's settings default to its authors' CIFAR-100 ones"),
-    (("--temperature", "-T"), "kd.temperature", {"type": float}, "softmax temperature (lskd: its base temperature; default: the method's, 4 or lskd 2)"),
-    (("--ce-weight",), "kd.ce_weight", {"type": float}, "weight of the cross-entropy term (default: the method's, 0.1 or dkd, dist, fitnet 1)"),
-    (("--kd-weight",), "kd.kd_weight", {"type": float}, "weight of the distillation term (default: the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0)"),
-    (("--alpha",), "kd.alpha", {"type": float}, "dkd: weight of the target-class term TCKD (default 1)"),
-    (("--beta",), "kd.beta", {"type": float}, "dkd: weight of the non-target-class term NCKD (default 8); dist: of the inter-class relation (default 1)"),
-    (("--gamma",), "kd.gamma", {"type": float}, "dist: weight of the intra-class relation (default 1)"),
-    (("--warmup-epochs",), "kd.warmup_epochs", {"type": int}, "dkd: epochs over which its KD weight rises linearly (default 20; 0: none)"),
-    (("--hint-weight",), "kd.hint_weight", {"type": float}, "fitnet: weight of the hint (default 100)"),
-    (("--hint-layer",), "kd.hint_layer", {"type": int}, "fitnet: index of the hinted feature map (default 2, the middle one)"),
+    (("--kd",), "kd.method", {}, "the KD method (its settings are below, each defaulting to its authors'; "
+                                 "--plugin FILE adds your own)"),
 ]
+PLUGIN_HELP = ("a plugin: a .py file (or an importable module) registering KD methods of your own (see docs/methods.md); "
+               "repeatable; its path and SHA-256 are recorded in the run")
+_FLAG_ALIASES = {"temperature": ("-T",)}  # short forms of settings' flags
+
+
+def _setting_type(annotation: Any):
+    """An argparse ``type`` for a setting of this annotation: int, float, str; else a YAML scalar."""
+    if annotation in (int, float, str):
+        return annotation
+    import yaml
+
+    def parse(text: str) -> Any:
+        return yaml.safe_load(text)
+
+    parse.__name__ = getattr(annotation, "__name__", "value")
+    return parse
+
+
+def _add_method_options(p: argparse.ArgumentParser, dests: dict[str, str]) -> None:
+    """One group per registered KD method (in registration order) listing its settings and their defaults;
+    one flag per setting (``--beta`` sets ``kd.beta``), in the group of the first method that has it."""
+    from mixkd.distiller import method_names
+    from mixkd.registry import KD_METHODS
+
+    seen: set[str] = set()
+    for name in method_names():
+        entry = KD_METHODS.get(name)
+        fields = entry.settings.model_fields
+        defaults = ", ".join(f"{k} {v}" for k, v in entry.defaults().items())
+        where = "" if entry.source.startswith("mixkd.") else f" [plugin {entry.source}]"
+        per_run = "; ".join(f"{key}: {', '.join(f'{k} {v}' for k, v in values.items())}"
+                            for key, values in entry.context_defaults.items())
+        text = entry.summary + (f" Defaults: {defaults}." if defaults else "") + (f" Except {per_run}." if per_run else "")
+        group = p.add_argument_group(f"--kd {name}: {entry.title}{where}", text.replace("%", "%%"))
+        for key, field in fields.items():
+            if key in seen:
+                continue
+            seen.add(key)
+            text = (field.description or key).replace("%", "%%")
+            others = [m for m in method_names()[method_names().index(name) + 1:]
+                      if key in KD_METHODS.get(m).settings.model_fields]
+            if others:
+                text += f"; also {', '.join(others)} (each its own default)"
+            if field_range(field):
+                text += f" (valid: {field_range(field)})"
+            dest = f"opt_kd__{key}"
+            group.add_argument(f"--{key.replace('_', '-')}", *_FLAG_ALIASES.get(key, ()), dest=dest, default=None,
+                               type=_setting_type(field.annotation), metavar=key.upper(), help=text)
+            dests[dest] = f"kd.{key}"
+
+
+def preload_plugins(argv: list[str]) -> None:
+    """Load the plugins a command line names (``--plugin``, and those of its ``--config`` file) before its
+    parser is built, so that their methods' settings have flags and ``--help`` lists them."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    pre.add_argument("--config", "-c")
+    known, _ = pre.parse_known_args(argv)
+    if known.config and Path(known.config).is_file():
+        listed = read_yaml(known.config).get("plugins") or []
+        for spec in listed if isinstance(listed, list) else [listed]:
+            if isinstance(spec, str):
+                load_plugin(spec, Path(known.config).parent)
+    for spec in known.plugin:
+        load_plugin(spec)
 
 
 def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str]) -> None:
     for names, key, kwargs, text in options:
         dest = "opt_" + key.replace(".", "__")
-        default = None if key in _METHOD_KEYS else _default(key)  # those default to the method's
+        default = None if key.startswith("kd.") else _default(key)
         shown = "" if default is None or kwargs.get("action") else f" (default: {default})"
         if kwargs.get("action") == "store_const" and kwargs.get("const") is False:
             shown = ""
@@ -100,7 +158,7 @@ def _add_run_options(p: argparse.ArgumentParser, options, dests: dict[str, str])
         dests[dest] = key
 
 
-def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.ArgumentParser:
+def _run_parser(sub, name: str, help_text: str, distill: bool, methods: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text,
                        epilog="Any config key can also be set as key=value after the flags, e.g. mix.fraction=0.1 optim.lr=0.1.")
     p.add_argument("--config", "-c", help="YAML config file (flags and key=value override it); see configs/")
@@ -109,9 +167,13 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     p.add_argument(*model_names, dest="opt_model", default=None,
                    help=f"architecture to {'distill into' if distill else 'train'} (default: {_default('model')}; see 'mixkd models')")
     dests["opt_model"] = "model"
+    p.add_argument("--plugin", dest="opt_plugins", action="append", default=None, metavar="FILE", help=PLUGIN_HELP)
+    dests["opt_plugins"] = "plugins"
     if distill:
         _add_run_options(p, DISTILL_OPTIONS, dests)
     _add_run_options(p, RUN_OPTIONS, dests)
+    if distill and methods:
+        _add_method_options(p, dests)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
                    help="continue the run in --out from its last checkpoint (only machine-local flags such as "
                         "--device, --data-dir, --workers, --no-progress may change); the folder must hold a run. "
@@ -130,7 +192,9 @@ def _run_parser(sub, name: str, help_text: str, distill: bool) -> argparse.Argum
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. ``command``: the command about to run, when known; the KD methods'
+    flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
     parser = argparse.ArgumentParser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
     from mixkd import __version__
@@ -138,7 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
-    _run_parser(sub, "distill", "distill a student from a teacher checkpoint (KD, standardized KD, DKD, LS-KD, DIST, FitNet)", True)
+    methods = command in (None, "distill")
+    if methods:
+        from mixkd.distiller import method_names
+        from mixkd.registry import KD_METHODS
+
+        labels = ", ".join(KD_METHODS.get(m).label for m in method_names())
+        _run_parser(sub, "distill", f"distill a student from a teacher checkpoint ({labels})", True)
+    else:
+        _run_parser(sub, "distill", "distill a student from a teacher checkpoint (KD methods: see "
+                                    "'mixkd distill --help')", True, methods=False)
 
     p = sub.add_parser("eval", help="test-set accuracy of a mixkd checkpoint or a RepDistiller .pth",
                        description="Test-set top-1, top-5 and NLL of a checkpoint (only the test split is loaded). "
@@ -151,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
     p.add_argument("--image-size", type=int_in(8, 4096, "--image-size"), help="crop size for imagefolder data (default: the run's, else 224)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), default=1024, help="evaluation batch size (default: 1024)")
+    p.add_argument("--batch-size", type=int_in(1, 1_000_000, "--batch-size"), help="evaluation batch size (default: the run's, else 1024)")
     p.add_argument("--workers", type=int_in(0, 256, "--workers"), help="data-loading processes for image folders (default: the cores available, at most 4)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="evaluate in fp32 or under bf16 autocast (default: the run's precision, so that its figures are "
+                        "reproduced: bf16 for a CUDA run; fp32 for a checkpoint without its run)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_cmd_eval)
 
@@ -369,11 +445,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
                             download=args.download, batch_size=args.batch_size, image_size=args.image_size,
-                            workers=args.workers)
+                            workers=args.workers, precision=args.precision)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}")
+        print(f"{m['model']} on {m['dataset']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}  "
+              f"({m['precision']}, {m['precision_from']})")
     return 0
 
 
@@ -467,7 +544,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # a number out of its range is a MixkdError already here
+        preload_plugins(sys.argv[1:] if argv is None else argv)  # before the parser: their settings' flags
+        given = sys.argv[1:] if argv is None else argv
+        args = build_parser(given[0] if given and not given[0].startswith("-") else "").parse_args(argv)  # a number out of its range is a MixkdError already here
         if not getattr(args, "stops", False):
             release_early_stops()  # a command without a graceful stop: SIGTERM and Ctrl-C act as usual
         status = args.handler(args)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from mixkd.errors import MixkdError
+from mixkd.registry import KD_METHODS, Settings, load_plugin
 
 # The study's step schedule (epochs 150, 180, 210 of 240) as fractions of the run, so a shorter run
 # keeps the same shape (80 epochs -> 50, 60, 70).
@@ -54,82 +56,74 @@ def reference_mixed_share(batch_size: int, fraction: float) -> float:
     return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
 
 
-class KDMethod(NamedTuple):
-    """A KD method in the catalogue: its short label (table columns, claims), its long one, its defaults."""
+def kd_context(dataset: str | None, model: str | None, teacher_model: str | None) -> dict[str, str]:
+    """What a KD method's per-context defaults match (:meth:`mixkd.registry.Entry.defaults`): the
+    dataset and, when the teacher's architecture is known, the pair ``teacher->student``."""
+    context = {"dataset": dataset} if dataset else {}
+    if teacher_model and model:
+        context["pair"] = f"{teacher_model}->{model}"
+    return context
 
-    short: str
-    long: str
-    defaults: dict[str, float | int]
 
+def _teacher_architecture(kd: dict[str, Any]) -> str | None:
+    """The teacher's architecture: ``kd.teacher_model``, else what its checkpoint's header says (None
+    when it says nothing or cannot be read: the checks of mixkd.validate say why, later)."""
+    if kd.get("teacher_model"):
+        return kd["teacher_model"]
+    teacher = kd.get("teacher")
+    if not isinstance(teacher, str) or not teacher:
+        return None
+    from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
-# The catalogue of KD methods, read by every module that names or labels one (the run's settings here,
-# the study's methods, the results' labels); mixkd.distiller implements them. Each method's
-# hyperparameters and their defaults: its authors' CIFAR-100 settings. A key a method
-# does not list is not used by it (and refused when set).
-#   kd, std: RepDistiller ``scripts/run_cifar_distill.sh`` (-r 0.1 -a 0.9, --kd_T 4); std ignores T.
-#   dkd: mdistiller ``mdistiller/engine/cfg.py`` (CFG.DKD: CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20);
-#        its ``configs/cifar100/dkd/*.yaml`` set BETA 2 for res56_res20 and res110_res32, 6 for the vgg13
-#        and wrn40_2 pairs. DKD has no KD weight of its own (1 here).
-#   lskd: logit-standardization-KD README and ``tools/train.py`` (--base-temp 2 --kd-weight 9; CE weight
-#        ``mdistiller/engine/cfg.py`` CFG.KD.LOSS.CE_WEIGHT 0.1).
-#   dist: image_classification_sota ``configs/strategies/distill/dist_cifar.yaml`` (ori_loss_weight 1,
-#        kd_loss_weight 2, kd: dist_t4 = DIST(beta=1, gamma=1, tau=4) in ``lib/models/losses/kd_loss.py``).
-#   fitnet: RepDistiller ``scripts/run_cifar_distill.sh`` (--distill hint -a 0 -b 100, CE weight 1,
-#        ``train_student.py`` --hint_layer 2); KD at T 4 is there with weight 0 (set kd_weight to add it).
-KD_METHODS: dict[str, KDMethod] = {
-    "kd": KDMethod("KD", "KD", {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
-    "std": KDMethod("STD", "standardized KD", {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
-    "dkd": KDMethod("DKD", "DKD", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0,
-                                   "warmup_epochs": 20}),
-    "lskd": KDMethod("LS-KD", "LS-KD", {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0}),
-    "dist": KDMethod("DIST", "DIST", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "beta": 1.0, "gamma": 1.0}),
-    "fitnet": KDMethod("FitNet", "FitNet", {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.0, "hint_weight": 100.0,
-                                            "hint_layer": 2}),
-}
-KD_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {name: m.defaults for name, m in KD_METHODS.items()}
-# What a method not in the table (one registered by a user) gets: Hinton KD's settings.
-GENERIC_KD_DEFAULTS = KD_METHOD_DEFAULTS["kd"]
-KD_PARAMS = ("temperature", "ce_weight", "kd_weight", "alpha", "beta", "gamma", "warmup_epochs", "hint_weight",
-             "hint_layer")
+    path = Path(teacher).expanduser()
+    try:
+        meta = checkpoint_header(path / CHECKPOINT_NAME if path.is_dir() else path)
+    except (MixkdError, OSError, ValueError):
+        return None
+    model = meta.get("model")
+    return model if isinstance(model, str) else None
 
 
 class KDConfig(_Section):
-    """The teacher, the KD method and its hyperparameters. A hyperparameter left out takes the method's
-    default (:data:`KD_METHOD_DEFAULTS`, its authors' CIFAR-100 setting) and is written back resolved;
-    one the method does not use stays empty and is refused when set."""
+    """The teacher, the KD method and its settings: ``kd.method`` and one flat ``kd.<setting>`` key per
+    setting of that method (its typed settings in :data:`mixkd.registry.KD_METHODS`). A setting left out
+    takes the method's default for the run (its authors', per dataset and teacher->student pair where they
+    have them) and is written back resolved; one the method does not have is refused, and so is a method
+    that is not registered (load a method of your own with ``plugins:`` / ``--plugin FILE``)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth or a torchvision state_dict .pth")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
-    method: str = Field("kd", description="a registered KD method (mixkd.distiller): kd (Hinton), std (the study's standardized KD), dkd, lskd, dist, fitnet")
-    # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
-    temperature: float = Field(4.0, ge=0.01, le=1000, description="softmax temperature (lskd: the base temperature); default the method's: 4, lskd 2; std ignores it")
-    ce_weight: float = Field(0.1, ge=0, le=1000, description="weight of the cross-entropy term (RepDistiller's gamma); default the method's: kd, std, lskd 0.1; dkd, dist, fitnet 1")
-    kd_weight: float = Field(0.9, ge=0, le=1000, description="weight of the distillation term; default the method's: kd, std 0.9; dkd 1; lskd 9; dist 2; fitnet 0")
-    alpha: float | None = Field(None, ge=0, le=1000, description="dkd: weight of TCKD, the target-class term (default 1)")
-    beta: float | None = Field(None, ge=0, le=1000, description="dkd: weight of NCKD, the non-target-class term (default 8); dist: weight of the inter-class relation (default 1)")
-    gamma: float | None = Field(None, ge=0, le=1000, description="dist: weight of the intra-class relation (default 1)")
-    warmup_epochs: int | None = Field(None, ge=0, le=100_000, description="dkd: epochs over which its KD weight rises linearly to kd_weight, epoch e (from 1) weighted min(e / warmup_epochs, 1) (default 20; 0: none)")
-    hint_weight: float | None = Field(None, ge=0, le=1000, description="fitnet: weight of the hint, the MSE between the regressed student feature map and the teacher's (default 100)")
-    hint_layer: int | None = Field(None, ge=0, le=100, description="fitnet: which feature map is hinted, an index into the models' is_feat features (default 2: the middle one)")
+    method: str = Field("kd", description="a registered KD method (mixkd.registry.KD_METHODS: mixkd/methods/, or a plugin's)")
 
     @model_validator(mode="before")
     @classmethod
-    def _method_defaults(cls, data: Any) -> Any:
+    def _settings(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        method = data.get("method", "kd")
-        defaults = KD_METHOD_DEFAULTS.get(method, GENERIC_KD_DEFAULTS) if isinstance(method, str) else {}
-        unused = [k for k in KD_PARAMS if k not in defaults and data.get(k) is not None
-                  and k not in GENERIC_KD_DEFAULTS]
-        if unused:
-            raise ValueError(f"the {method} method does not use kd.{unused[0]} (it uses "
-                             f"{', '.join(defaults)}); remove it")
-        return {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
+        return resolve_kd(data, {})
 
-    def params(self) -> dict[str, float | int]:
-        """The hyperparameters the method uses, resolved."""
-        names = KD_METHOD_DEFAULTS.get(self.method, GENERIC_KD_DEFAULTS)
-        return {k: getattr(self, k) for k in names}
+    def settings(self) -> Settings:
+        """The method's typed settings (resolved already: the values held here)."""
+        return KD_METHODS.get(self.method).resolve(self.model_extra, where="kd")
+
+    def params(self) -> dict[str, Any]:
+        """The method's settings, resolved, by name."""
+        return dict(self.model_extra or {})
+
+
+def resolve_kd(kd: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
+    """The ``kd`` section ``kd`` with its method's settings resolved for ``context`` (a setting given as
+    None is unset). An unregistered method, a setting the method does not have or an invalid value:
+    one :class:`MixkdError` line."""
+    method = kd.get("method", "kd")
+    if not isinstance(method, str):
+        raise MixkdError(f"kd.method must be a method's name, got {method!r}")
+    own = {k: kd[k] for k in ("teacher", "teacher_model") if k in kd}
+    given = {k: v for k, v in kd.items() if k not in ("teacher", "teacher_model", "method")}
+    settings = KD_METHODS.get(method).resolve(given, context, where="kd")
+    return {**own, "method": method, **settings.model_dump()}
 
 
 class RunConfig(_Section):
@@ -157,7 +151,28 @@ class RunConfig(_Section):
     progress: bool = True
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
-    kd: KDConfig = KDConfig()
+    kd: KDConfig = Field(default_factory=KDConfig)
+    plugins: list[str] = Field([], description="plugin files (.py) or modules that register KD methods of your own "
+                               "(mixkd.registry.load_plugin); relative paths are from the config file's folder")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_and_kd(cls, data: Any) -> Any:
+        """Load the plugins (before anything names what they register), then resolve the KD method's
+        settings for this run's dataset and teacher->student pair."""
+        if not isinstance(data, dict):
+            return data
+        plugins = data.get("plugins") or []
+        if not isinstance(plugins, list):
+            plugins = [plugins]
+        data = {**data, "plugins": [load_plugin(p).ref if isinstance(p, str) else p for p in plugins]}
+        kd = data.get("kd")
+        if kd is None or isinstance(kd, dict):
+            kd = dict(kd or {})
+            teacher = _teacher_architecture(kd) if data.get("task") == "distill" else None
+            context = kd_context(data.get("dataset", "cifar100"), data.get("model", "resnet8x4"), teacher)
+            data["kd"] = resolve_kd(kd, context)
+        return data
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -228,8 +243,11 @@ def value_range(key: str) -> str | None:
     for s in sections:
         model = model.model_fields[s].annotation
     field = model.model_fields.get(name)
-    if field is None:
-        return None
+    return None if field is None else field_range(field)
+
+
+def field_range(field: FieldInfo) -> str | None:
+    """The valid range of a numeric pydantic field, as ``[0, 1)``; None when it has no bounds."""
     def num(v) -> str:
         return str(v) if isinstance(v, int) else f"{v:g}"
 
@@ -361,7 +379,14 @@ def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = 
                  overrides: list[str] | None = None) -> RunConfig:
     """Merge defaults, a YAML file, flags (dotted keys -> values, None = not given) and overrides."""
     tree: dict[str, Any] = read_yaml(file) if file else {}
-    for key, value in (flags or {}).items():
+    if file and isinstance(tree.get("plugins"), str | list):  # relative to the config file's folder
+        listed = tree["plugins"] if isinstance(tree["plugins"], list) else [tree["plugins"]]
+        tree["plugins"] = [load_plugin(p, Path(file).parent).ref if isinstance(p, str) else p for p in listed]
+    flags = dict(flags or {})
+    given = flags.pop("plugins", None) or []  # --plugin: relative to the working directory, added to the file's
+    if given:
+        tree["plugins"] = list(dict.fromkeys([*(tree.get("plugins") or []), *(load_plugin(p).ref for p in given)]))
+    for key, value in flags.items():
         if value is not None:
             set_dotted(tree, key, value)
     for text in overrides or []:
@@ -371,6 +396,8 @@ def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = 
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         raise MixkdError(_format_validation_error(e, source)) from None
+    except MixkdError as e:
+        raise MixkdError(f"invalid {source}: {e}") from None
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -1,16 +1,25 @@
-"""The distiller: the one interface of a KD method, and the registry of methods.
+"""The distiller: the one interface of a KD method.
 
 A :class:`Distiller` owns the student (and a frozen teacher) and turns a (mixed) batch into named
 losses. It is what the training step calls, what the optimizer trains and what a checkpoint
-saves, so a new KD method is **one new class plus its registry entry**; nothing in the engine, the
-step, the study or the report changes for it::
+saves, so a new KD method is **one file**: its class, its typed settings and its registry entry
+(:data:`mixkd.registry.KD_METHODS`); nothing in the engine, the step, the CLI, the study or the report
+changes for it (``mixkd/methods/`` holds the built-in ones; ``--plugin FILE`` loads one from outside)::
 
-    @register("mykd")
+    from pydantic import Field
+    from mixkd.distiller import Distiller, KDSettings
+    from mixkd.registry import KD_METHODS
+
+    class MySettings(KDSettings):                     # temperature, ce_weight, kd_weight, and its own
+        hint_weight: float = Field(100.0, ge=0, description="weight of the hint (its source)")
+
+    @KD_METHODS.register("mykd", settings=MySettings, label="MyKD")
     class MyKD(Distiller):
+        # its docstring's first line is its summary in ``mixkd distill --help``
         loss_names = ("loss", "ce", "kd")
 
-        def __init__(self, student, teacher, kd):   # kd: the run's KDConfig (temperature, weights...)
-            super().__init__(student, teacher, kd)
+        def __init__(self, student, teacher, settings):   # settings: the resolved MySettings
+            super().__init__(student, teacher, settings)
             self.modules["regressor"] = torch.nn.Conv2d(64, 256, 1)   # trainable, optional
 
         def forward_train(self, x, target):
@@ -19,10 +28,9 @@ step, the study or the report changes for it::
                 feats_t, logits_t = self.teacher(x, is_feat=True)
             ce = soft_cross_entropy(logits_s, target)
             kd = ...  # may use self.epoch (a device tensor) for schedules
-            return {"loss": ce + kd, "ce": ce, "kd": kd}
+            return {"loss": self.settings.ce_weight * ce + kd, "ce": ce, "kd": kd}
 
-``mixkd distill --kd mykd`` (``kd.method: mykd``) then runs it; its name is validated against the
-registry (:func:`distiller_names`), and its hyperparameters come from the run's ``kd`` section.
+``mixkd distill --kd mykd`` (``kd.method: mykd``) then runs it, with ``--hint-weight`` (``kd.hint_weight``).
 
 The contract (modelled on mdistiller's ``distillers/_base.py``):
 
@@ -33,6 +41,8 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   tensor), so that a whole epoch runs without synchronization and the step can be captured as a CUDA
   graph. Models return logits, or ``(features, logits)`` with ``is_feat=True`` (see
   :mod:`mixkd.models`).
+- ``settings``: the method's typed settings, resolved for the run (defaults < per-context defaults <
+  what the user set; :meth:`mixkd.registry.Entry.resolve`).
 - ``modules``: a ``torch.nn.ModuleDict`` of the method's own trainable modules (a FitNet regressor,
   say), empty for logit methods. :func:`make_distiller` puts them on the student's device; they
   are trained with the student (:meth:`Distiller.parameters`), switched with it between train and
@@ -43,71 +53,76 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
   inside a captured graph without host syncs.
 - The teacher is in eval mode, without gradients, and sees the same mixed batch as the student.
-
-Registered methods: ``alone`` (:class:`Supervised`, the student trained alone: no teacher), ``kd``
-(:class:`HintonKD`) and ``std`` (:class:`StandardizedKD`).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterator
-from typing import ClassVar
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from mixkd.config import KDConfig
 from mixkd.errors import MixkdError
-from mixkd.losses import (
-    DISTILLATION_DEFAULTS,
-    KDObjective,
-    distillation_loss,
-    kd_loss,
-    soft_cross_entropy,
-    supervised_objective,
-)
-
-DISTILLERS: dict[str, type[Distiller]] = {}
+from mixkd.losses import distillation_loss, soft_cross_entropy
+from mixkd.registry import KD_METHODS, Settings
 
 
-def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
-    """Class decorator: make a :class:`Distiller` subclass available as ``kd.method: name``."""
-
-    def add(cls: type[Distiller]) -> type[Distiller]:
-        if name in DISTILLERS:
-            raise ValueError(f"a distiller named {name!r} is registered already ({DISTILLERS[name].__name__})")
-        cls.name = name
-        DISTILLERS[name] = cls
-        return cls
-
-    return add
+def weight_field(default: float, description: str) -> Any:
+    """A setting weighting a loss term: a float in [0, 1000] (``description``: what it weighs, its source)."""
+    return Field(default, ge=0, le=1000, description=description)
 
 
-def distiller_names(teacher: bool | None = True) -> list[str]:
-    """The registered method names: those that need a teacher (``teacher=True``: the values of
-    ``kd.method``), those that do not (False), or all (None)."""
-    return [n for n, c in DISTILLERS.items() if teacher is None or c.needs_teacher == teacher]
+def temperature_field(default: float, description: str) -> Any:
+    """A softmax temperature: in [0.01, 1000] (below 0.01, logits / T overflow float32)."""
+    return Field(default, ge=0.01, le=1000, description=description)
 
 
-def unknown_method_message(name: str) -> str:
-    return f"kd.method: unknown KD method {name!r}; choose one of {', '.join(distiller_names())}"
+class KDSettings(Settings):
+    """The settings every logit KD method has: its temperature and the weights of its two terms.
+    Their defaults are Hinton KD's as RepDistiller runs it on CIFAR-100."""
+
+    # Below 0.01, logits / T overflow float32 (1e-320 is a float, not a temperature).
+    temperature: float = temperature_field(4.0, "softmax temperature (RepDistiller "
+                                           "scripts/run_cifar_distill.sh --kd_T 4)")
+    ce_weight: float = weight_field(0.1, "weight of the cross-entropy term (RepDistiller "
+                                    "scripts/run_cifar_distill.sh -r 0.1, its gamma)")
+    kd_weight: float = weight_field(0.9, "weight of the distillation term (RepDistiller "
+                                    "scripts/run_cifar_distill.sh -a 0.9, its alpha)")
 
 
 def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                   kd: KDConfig | None = None, *, channels_last: bool = False) -> Distiller:
-    """The registered distiller ``method`` for ``student`` and ``teacher`` (None: ``alone``) with the
-    hyperparameters of ``kd`` (defaults when None)."""
+                   settings: Settings | Mapping[str, Any] | None = None, *, channels_last: bool = False,
+                   context: Mapping[str, str] | None = None) -> Distiller:
+    """The registered distiller ``method`` (:data:`mixkd.registry.KD_METHODS`) for ``student`` and
+    ``teacher`` (None: ``alone``) with ``settings``: the method's resolved settings, or a mapping of
+    the ones to change from its defaults for ``context`` (None: the defaults)."""
     if teacher is None:
-        method = "alone"
-    cls = DISTILLERS.get(method)
-    if cls is None or not cls.needs_teacher and teacher is not None:
-        raise MixkdError(unknown_method_message(method))
-    distiller = cls(student, teacher, kd if kd is not None else KDConfig())
+        method, settings = "alone", None
+    entry = KD_METHODS.get(method)
+    if not getattr(entry.obj, "needs_teacher", True) and teacher is not None:
+        raise MixkdError(KD_METHODS.unknown_message(method, KD_METHODS.names(_takes_teacher)))
+    if not isinstance(settings, Settings):
+        settings = entry.resolve(settings, context, where="kd")
+    elif not isinstance(settings, entry.settings):
+        raise MixkdError(f"kd: the {method} KD method takes {entry.settings.__name__}, "
+                         f"not {type(settings).__name__}")
+    distiller = entry.obj(student, teacher, settings)
     distiller.modules.to(distiller.device)
     distiller.channels_last = channels_last
     return distiller
+
+
+def _takes_teacher(entry) -> bool:
+    return getattr(entry.obj, "needs_teacher", True)
+
+
+def method_names(teacher: bool | None = True) -> list[str]:
+    """The registered KD methods: those that need a teacher (``teacher=True``: the values of
+    ``kd.method``), those that do not (False), or all (None)."""
+    return KD_METHODS.names(None if teacher is None else (lambda e: _takes_teacher(e) == teacher))
 
 
 class Distiller:
@@ -117,22 +132,27 @@ class Distiller:
     rest (parameters, train/eval, checkpoint state, the epoch tensor, channels-last input) is here.
     """
 
-    name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
     loss_names: ClassVar[tuple[str, ...]] = ("loss", "ce", "kd")
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, kd: KDConfig):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, settings: Settings):
         if self.needs_teacher and teacher is None:
-            raise ValueError(f"the {self.name or type(self).__name__} distiller needs a teacher")
+            raise ValueError(f"the {self.name} distiller needs a teacher")
         if not self.needs_teacher and teacher is not None:
-            raise ValueError(f"the {self.name or type(self).__name__} distiller takes no teacher")
-        self.student, self.teacher, self.kd = student, teacher, kd
+            raise ValueError(f"the {self.name} distiller takes no teacher")
+        self.student, self.teacher, self.settings = student, teacher, settings
         self.channels_last = False  # bf16 runs feed the models channels-last images
         self.device = next(student.parameters()).device
         self.modules = torch.nn.ModuleDict()  # the method's own trainable modules
         self.epoch = torch.ones((), dtype=torch.float32, device=self.device)  # from 1; see set_epoch
         self.epochs = 1
         self._parallel: torch.nn.Module | None = None  # the DDP wrapper of a data-parallel run
+
+    @property
+    def name(self) -> str:
+        """The name the method is registered under (its class name when it is not registered)."""
+        entry = getattr(type(self), "registry_entry", None)
+        return entry.name if entry is not None else type(self).__name__
 
     # ---- what a subclass writes -------------------------------------------------------------
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,7 +221,7 @@ class Distiller:
 
     def with_models(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> Distiller:
         """A view of this distiller computing with other (compiled) student and teacher modules; it
-        shares everything else (the method's modules, the epoch tensor, the hyperparameters)."""
+        shares everything else (the method's modules, the epoch tensor, the settings)."""
         view = copy.copy(self)
         view.student, view.teacher = student, teacher
         return view
@@ -220,60 +240,23 @@ class _Trainable(torch.nn.Module):
         return self._forward(x, target)
 
 
-@register("alone")
-class Supervised(Distiller):
-    """The student trained alone (teachers, baselines): soft-target cross-entropy on the mixed labels."""
-
-    needs_teacher = False
-    loss_names = ("loss", "ce")
-
-    def forward_train(self, x, target):
-        return supervised_objective(self.student(x), target)
 
 
-class _LogitKD(Distiller):
-    """A method on the logits only: ``objective(student_logits, teacher_logits, target)``."""
-
-    objective_method: ClassVar[str] = "kd"
-
-    def __init__(self, student, teacher, kd: KDConfig):
-        super().__init__(student, teacher, kd)
-        self.objective = KDObjective(self.objective_method, kd.temperature, kd.ce_weight, kd.kd_weight)
-
-    def forward_train(self, x, target):
-        student_logits = self.student(x)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        return self.objective(student_logits, teacher_logits, target)
-
-
-@register("kd")
-class HintonKD(_LogitKD):
-    """Hinton KD: ``ce_weight * CE + kd_weight * T^2 KL`` at ``temperature`` (see :class:`KDObjective`)."""
-
-    objective_method = "kd"
-
-
-@register("std")
-class StandardizedKD(_LogitKD):
-    """Standardized KD: CE on standardized student logits + KL of standardized logits (no temperature)."""
-
-    objective_method = "std"
-
-
-class _Term(Distiller):
-    """A logit method: ``ce_weight * CE(student, target) + weight * term``, the term one of
-    :func:`mixkd.losses.distillation_loss` (``term``) with the run's resolved hyperparameters."""
+class LogitTermDistiller(Distiller):
+    """A logit method: ``ce_weight * CE(student, target) + kd_factor() * term``, the term one of
+    :func:`mixkd.losses.distillation_loss` (``term``) with the settings that term takes
+    (``term_settings``)."""
 
     term: ClassVar[str] = ""
+    term_settings: ClassVar[tuple[str, ...]] = ("temperature",)
 
-    def __init__(self, student, teacher, kd: KDConfig):
-        super().__init__(student, teacher, kd)
-        self.params = {k: kd.params()[k] for k in DISTILLATION_DEFAULTS[self.term]}
+    def __init__(self, student, teacher, settings: KDSettings):
+        super().__init__(student, teacher, settings)
+        self.params = {k: getattr(settings, k) for k in self.term_settings}
 
     def kd_factor(self) -> torch.Tensor | float:
         """What multiplies the term: ``kd_weight`` (a schedule may make it a device tensor)."""
-        return self.kd.kd_weight
+        return self.settings.kd_weight
 
     def forward_train(self, x, target):
         student_logits = self.student(x)
@@ -281,105 +264,4 @@ class _Term(Distiller):
             teacher_logits = self.teacher(x)
         ce = soft_cross_entropy(student_logits, target)
         kd = distillation_loss(self.term, student_logits, teacher_logits, target, **self.params)
-        return {"loss": self.kd.ce_weight * ce + self.kd_factor() * kd, "ce": ce, "kd": kd}
-
-
-@register("dkd")
-class DKD(_Term):
-    """Decoupled KD (Zhao et al., CVPR 2022; mdistiller ``distillers/DKD.py``): ``ce_weight * CE +
-    min(epoch / warmup_epochs, 1) * kd_weight * T^2 (alpha TCKD + beta NCKD)``, the epoch counted from 1.
-    On a mixed sample, the label-weighted sum of DKD over the sample's classes
-    (:func:`mixkd.losses.dkd_loss`)."""
-
-    term = "dkd"
-
-    def kd_factor(self):
-        warmup = self.kd.warmup_epochs
-        if not warmup:
-            return self.kd.kd_weight
-        return self.kd.kd_weight * torch.clamp(self.epoch / warmup, max=1.0)  # a device op: no host sync
-
-
-@register("lskd")
-class LogitStandardizedKD(_Term):
-    """KD with logit standardization (Sun et al., CVPR 2024): Hinton KD on z-scored logits at a base
-    temperature, times T^2; CE on the raw student logits (unlike the study's ``std``)."""
-
-    term = "lskd"
-
-
-@register("dist")
-class DIST(_Term):
-    """DIST (Huang et al., NeurIPS 2022): T^2 (beta * inter-class + gamma * intra-class relation),
-    each 1 - Pearson correlation of softmax(z / T) across classes / across the batch."""
-
-    term = "dist"
-
-
-class ConvRegressor(torch.nn.Module):
-    """FitNet's regressor from a student feature map to the teacher's (RepDistiller ``models/util.py``
-    ``ConvReg``): a 1x1 convolution when the maps have one size (a 3x3 stride-2 one when the student's is
-    twice the teacher's, a 4x4 stride-2 transposed one when half, a (1 + dH) x (1 + dW) one when larger
-    otherwise), then batch norm and ReLU."""
-
-    def __init__(self, s_shape: torch.Size, t_shape: torch.Size):
-        super().__init__()
-        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape[1:], t_shape[1:]
-        if s_h == 2 * t_h:
-            self.conv = torch.nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif s_h * 2 == t_h:
-            self.conv = torch.nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h:
-            self.conv = torch.nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise MixkdError(f"fitnet: no regressor from a {s_h}x{s_w} student feature map to a {t_h}x{t_w} "
-                             "teacher one; choose another kd.hint_layer")
-        self.bn = torch.nn.BatchNorm2d(t_c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
-
-
-@register("fitnet")
-class FitNet(Distiller):
-    """FitNet (Romero et al., ICLR 2015) as RepDistiller trains it (``--distill hint``): ``ce_weight * CE
-    + kd_weight * Hinton KD + hint_weight * MSE(regressor(student feature), teacher feature)`` on the
-    ``hint_layer``-th feature map (``is_feat`` features; 2: the middle stage), both from the same mixed
-    batch. The regressor (:class:`ConvRegressor`) is the method's trainable module: in the optimizer,
-    the checkpoints and the captured step. Its shape is found by one forward of both models on a
-    32 x 32 batch (the CIFAR size; a 1x1 or stride-2 regressor then serves any size)."""
-
-    loss_names = ("loss", "ce", "kd", "hint")
-    PROBE_SIZE = 32
-
-    def __init__(self, student, teacher, kd: KDConfig):
-        super().__init__(student, teacher, kd)
-        self.layer = kd.hint_layer
-        s_shape, t_shape = self._feature_shapes()
-        self.modules["regressor"] = ConvRegressor(s_shape, t_shape).to(self.device)
-
-    def _feature_shapes(self) -> tuple[torch.Size, torch.Size]:
-        probe = torch.zeros(2, 3, self.PROBE_SIZE, self.PROBE_SIZE, device=self.device)
-        shapes = []
-        for model in (self.student, self.teacher):
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                feats, _ = model(probe, is_feat=True)
-            model.train(was_training)
-            if not -len(feats) <= self.layer < len(feats) or feats[self.layer].dim() != 4:
-                maps = [i for i, f in enumerate(feats) if f.dim() == 4]
-                raise MixkdError(f"fitnet: kd.hint_layer {self.layer} is not a feature map of "
-                                 f"{type(model).__name__}; choose one of {maps}")
-            shapes.append(feats[self.layer].shape)
-        return shapes[0], shapes[1]
-
-    def forward_train(self, x, target):
-        feats_s, student_logits = self.student(x, is_feat=True)
-        with torch.no_grad():
-            feats_t, teacher_logits = self.teacher(x, is_feat=True)
-        hint = F.mse_loss(self.modules["regressor"](feats_s[self.layer]).float(), feats_t[self.layer].float())
-        ce = soft_cross_entropy(student_logits, target)
-        kd = kd_loss(student_logits, teacher_logits, self.kd.temperature)
-        loss = self.kd.ce_weight * ce + self.kd.kd_weight * kd + self.kd.hint_weight * hint
-        return {"loss": loss, "ce": ce, "kd": kd, "hint": hint}
+        return {"loss": self.settings.ce_weight * ce + self.kd_factor() * kd, "ce": ce, "kd": kd}

@@ -3,7 +3,7 @@
 ``torchrun --nproc-per-node N -m mixkd train ...`` (which sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and SLURM's ``srun`` (``SLURM_PROCID``,
 ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the address is the first host of the step's node list,
-the port derived from ``SLURM_JOB_ID`` unless ``MASTER_ADDR`` / ``MASTER_PORT`` are set) start one
+the port derived from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID`` (:func:`slurm_port`) unless ``MASTER_ADDR`` / ``MASTER_PORT`` are set) start one
 process per device; :func:`setup` joins them into one process group. Everything else asks this
 module where it stands (:func:`rank`, :func:`world`, :func:`active`) and reduces through it, so a
 run of one process never touches ``torch.distributed``.
@@ -31,7 +31,7 @@ from mixkd.errors import MixkdError
 
 BACKENDS = ("auto", "nccl", "gloo")
 TIMEOUT_S = 600.0  # the process group's: a collective waits at most this for a dead or stuck rank
-SLURM_PORT_BASE = 15_000  # MASTER_PORT under SLURM: this + SLURM_JOB_ID % 20000
+SLURM_PORT_BASE = 15_000  # MASTER_PORT under SLURM: this + (SLURM_JOB_ID + 7919 x SLURM_STEP_ID) % 20000
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
     return int(m.group(1))
 
 
+def slurm_port(job: int, step: int) -> int:
+    """The rendezvous port of SLURM job step ``step`` of job ``job``: :data:`SLURM_PORT_BASE` + (job +
+    7919 x step) % 20000. Steps of one job that run at once (``srun ... &`` twice in one allocation) get
+    different ports (7919 is prime to 20000), and step 0 keeps the port of earlier versions."""
+    return SLURM_PORT_BASE + (job + 7919 * step) % 20_000
+
+
 def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
     """The launch this process is part of, or None for a process alone (one process of one).
 
@@ -91,7 +98,8 @@ def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
             return None
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
         addr = env.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1")
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID", 0) % 20_000
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(
+            _int(env, "SLURM_JOB_ID", 0), _int({"s": env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")}, "s", 0))
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
         return Launch(rank=_int(env, "SLURM_PROCID"), world=world, local_rank=_int(env, "SLURM_LOCALID", 0),
                       local_world=_int({"n": per_node}, "n"), addr=addr, port=port, launcher="slurm")
@@ -208,6 +216,23 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if work is not t:
         t.copy_(work)
     return t
+
+
+def broadcast_(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place (in one flat message per dtype)."""
+    if not active() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = _on_backend(torch.cat([t.detach().reshape(-1) for t in group]))
+        dist.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def agree(values: list[int]) -> list[int]:

@@ -44,7 +44,7 @@ from mixkd import distributed
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, load_dataset, make_loaders
+from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, StorageError, TrainingDiverged
@@ -56,6 +56,7 @@ from mixkd.models import create_model, default_lr
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
+from mixkd.registry import load_plugins, plugin_records
 from mixkd.run_folder import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -105,6 +106,7 @@ class Run:
     def __init__(self, cfg: RunConfig, resume: bool = False, *, paths_relative_to_run: bool = False,
                  echo=None):
         self.rank, self.world = distributed.rank(), distributed.world()
+        load_plugins(cfg.plugins)  # a config passed to another process (a study's worker): its methods there too
         self.writes = distributed.is_main()  # only rank 0 writes the run folder
         if self.world > 1 and not cfg.out:  # every rank's default folder: rank 0's
             cfg = cfg.model_copy(update={"out": distributed.broadcast_object(str(default_run_dir(cfg)))})
@@ -169,6 +171,10 @@ class Run:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+        if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
+            mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
+            if mismatch:
+                raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
             rank=self.rank, world=self.world)
@@ -182,7 +188,8 @@ class Run:
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
                                                            self.data.num_classes, self.device, channels_last)
-        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd, channels_last=channels_last)
+        self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
+                                        channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
@@ -538,6 +545,7 @@ class Run:
             raise TrainingDiverged(
                 f"the training loss became {means['loss']} in epoch {epoch + 1}; stopped, the last good "
                 f"checkpoint ({self.last_saved}) is kept in {self.dir}; try a lower --lr")
+        self._share_buffers()
         self.output.phase("evaluating on the test set")
         t0 = time.perf_counter()
         test = evaluate(self.model, self.test_loader, self.precision, stop=self.interrupted)
@@ -562,6 +570,16 @@ class Run:
         self.output.epoch(row)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
+
+    def _share_buffers(self) -> None:
+        """Data-parallel runs: rank 0's buffers (BatchNorm's running statistics) of the student and the
+        method's modules on every rank. DDP sends rank 0's at the start of each forward only, so after an
+        epoch's last step each rank holds the statistics of its own part (without --sync-bn); shared
+        before the evaluation and the checkpoint, every rank evaluates the weights rank 0 saves, and
+        the metrics are those of the saved model (the next forward would send these anyway: training
+        is unchanged)."""
+        if self.world > 1:
+            distributed.broadcast_(list(self.model.buffers()) + list(self.distiller.modules.buffers()))
 
     def stop(self, reason: str) -> None:
         """Write a step-exact checkpoint and stop here (``reason``: time, signal or interrupt)."""
@@ -603,8 +621,10 @@ class Run:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
             result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
-                          temperature=self.cfg.kd.temperature)
+                          temperature=self.cfg.kd.params().get("temperature"))
         result["mix"] = self.cfg.mix.model_dump()
+        if self.cfg.plugins:  # the files that registered what the run used, as they were (see mixkd.registry)
+            result["plugins"] = plugin_records(self.cfg.plugins)
         if self.world > 1:
             result.update(processes=self.world, dist_backend=distributed.backend(), sync_bn=self.cfg.sync_bn)
         if self.writes:

@@ -17,7 +17,9 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -150,17 +152,37 @@ def open_nofollow(path: str | Path, mode: str = "a") -> IO[str]:
     return os.fdopen(fd, mode)
 
 
-def hold_lock(path: str | Path) -> tuple[IO[str] | None, str]:
+# flock answers these where the file system has no locks (NFS without lockd: ENOLCK; Lustre mounted
+# without -o flock: ENOSYS; some FUSE file systems: EOPNOTSUPP), not "another process holds it".
+LOCKS_UNSUPPORTED_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+OWNER_SUFFIX = ".owner"  # the exclusive-create fallback's file beside a lock file: "host pid"
+
+
+def locks_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` (from ``flock``) says that the file system has no locks, rather than that one is held."""
+    return isinstance(err, OSError) and err.errno in LOCKS_UNSUPPORTED_ERRNOS
+
+
+def hold_lock(path: str | Path) -> tuple[IO[str] | OwnerFileLock | None, str]:
     """An exclusive ``flock`` on ``path`` (created, never through a link) for this process, the file
     then naming its PID: (the open file, which holds it until closed, ""), or (None, the holder's PID
     as the file names it, "?" where it names none) where another process holds it. The kernel drops a
     lock with its holder, so a file left by a killed process blocks nothing; one replaced or removed
-    while this process waited for it is locked anew."""
+    while this process waited for it is locked anew.
+
+    Where the file system has no ``flock`` (:func:`locks_unsupported`), the lock is the exclusive
+    creation of ``<path>.owner`` naming this host and PID (:class:`OwnerFileLock`), removed when the
+    returned holder is closed; a file left by a process that died is stale when it names this host and
+    a PID that no longer runs (taken over), and one naming another host is refused, the holder's text
+    saying so and which file to remove."""
     while True:
         f = open_nofollow(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if locks_unsupported(e):
+                f.close()
+                return _hold_owner_file(Path(str(path) + OWNER_SUFFIX))
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
@@ -184,6 +206,124 @@ def hold_lock(path: str | Path) -> tuple[IO[str] | None, str]:
             raise write_error(path, e) from None
         raise
     return f, ""
+
+
+class OwnerFileLock:
+    """A lock held as an exclusively created file naming its host and PID (where ``flock`` is not
+    supported); :meth:`close` removes the file (only while it is still this process's own)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+        self._ino = os.fstat(fd).st_ino
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _read_owner(path: Path) -> tuple[str, int | None, int] | None:
+    """(host, PID, inode) of an owner file, None where it is gone; PID None where it names none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MixkdError(f"{path} is a symbolic link; mixkd does not follow links: remove it") from None
+        raise
+    with os.fdopen(fd) as f:
+        ino = os.fstat(f.fileno()).st_ino
+        words = f.read(4096).split()
+    host = words[0] if words else "?"
+    pid = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+    return host, pid, ino
+
+
+def _hold_owner_file(path: Path) -> tuple[OwnerFileLock | None, str]:
+    """The exclusive-create fallback of :func:`hold_lock` at ``path`` (``<lock file>.owner``)."""
+    me = socket.gethostname()
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            owner = _read_owner(path)
+            if owner is None:
+                continue  # let go meanwhile: create it again
+            host, pid, ino = owner
+            if pid is not None and host == me and not _pid_runs(pid):
+                _remove_stale(path, ino)  # its process died on this host: stale, taken over
+                continue
+            if pid is None and host == me:
+                return None, "?"
+            where = "this host" if host == me else f"host {host}"
+            return None, (f"{pid if pid is not None else '?'} on {where}; file locks are unsupported on this file "
+                          f"system, so {path.name} stands for the lock" +
+                          ("" if host == me else f", and whether that process still runs cannot be told from "
+                           f"{me}: if it does not, remove {path}"))
+        except OSError as e:
+            if is_environment_error(e):
+                raise write_error(path, e) from None
+            raise
+        try:
+            os.write(fd, f"{me} {os.getpid()}\n".encode())
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise write_error(path, e) from None
+        return OwnerFileLock(path, fd), ""
+    return None, "?"
+
+
+def _remove_stale(path: Path, ino: int) -> None:
+    """Remove the stale owner file ``path`` whose inode was ``ino``: moved aside first, so that a file
+    another process created meanwhile (a new owner) is put back, never removed."""
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if os.stat(aside).st_ino != ino:  # not the one read: a new owner's, put it back
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    os.unlink(aside)
+
+
+def wait_lock(path: str | Path, waiting=None, poll_s: float = 0.2):
+    """:func:`hold_lock` on ``path``, waiting while another process holds it; returns the holder (close
+    it, after removing ``path``, to let go). ``waiting(holder)`` is called once, after the first refusal."""
+    told = False
+    while True:
+        f, holder = hold_lock(path)
+        if f is not None:
+            return f
+        if not told and waiting is not None:
+            waiting(holder)
+            told = True
+        time.sleep(poll_s)
 
 
 def append_text(path: str | Path, text: str) -> None:

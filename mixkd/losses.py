@@ -12,8 +12,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mixkd.config import KD_METHOD_DEFAULTS
-
 KDMethod = Literal["kd", "std"]
 
 
@@ -179,12 +177,11 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     return (temperature * temperature) * (target.float() * per_class).sum(dim=-1).mean()
 
 
-# The parameters of each method's term, with their defaults: the authors' CIFAR-100 settings, cited
-# where they are kept (mixkd.config.KD_METHOD_DEFAULTS, with each method's CE and KD weights).
-_TERM_PARAMS = {"kd": ("temperature",), "std": (), "dkd": ("alpha", "beta", "temperature"),
-                "lskd": ("temperature",), "dist": ("beta", "gamma", "temperature")}
+# The parameters of each method's term, with their defaults: the authors' CIFAR-100 settings (each cited
+# in its method's settings, mixkd/methods/<method>.py, with the method's CE and KD weights).
 DISTILLATION_DEFAULTS: dict[str, dict[str, float]] = {
-    method: {k: float(KD_METHOD_DEFAULTS[method][k]) for k in names} for method, names in _TERM_PARAMS.items()}
+    "kd": {"temperature": 4.0}, "std": {}, "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0},
+    "lskd": {"temperature": 2.0}, "dist": {"beta": 1.0, "gamma": 1.0, "temperature": 4.0}}
 
 
 def distillation_loss(method: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -9,17 +9,23 @@ import torch.nn.functional as F
 
 from mixkd import distributed
 
+NLL_SCALE = 2.0**32  # NLL summed as integer multiples of 2^-32: exact sums, whatever their order
+
 
 def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Summed (not averaged) top-1 / top-5 hits and NLL of a batch, as device tensors."""
+    """Summed (not averaged) top-1 / top-5 hits and NLL of a batch, as int64 device tensors; the NLL
+    in units of 2^-32 (each sample's rounded, an error below 1e-10), so that the totals are exact
+    integer sums whatever the batches and however they are split over ranks: a data-parallel run
+    reports what one process computes on the same weights, to the last bit."""
     logits = logits.float()
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
     hits = topk == labels[:, None]
+    nll = F.cross_entropy(logits, labels, reduction="none").double()
     return {
-        "top1": hits[:, 0].sum().float(),
-        "top5": hits.any(dim=1).sum().float(),
-        "nll": F.cross_entropy(logits, labels, reduction="sum"),
+        "top1": hits[:, 0].sum(),
+        "top5": hits.any(dim=1).sum(),
+        "nll": (nll * NLL_SCALE).round().long().sum(),
     }
 
 
@@ -55,12 +61,12 @@ def evaluate(model: torch.nn.Module, loader, precision: str = "fp32",
     model.train(was_training)
     keys = ["top1", "top5", "nll"]
     device = next(iter(totals.values())).device if totals else torch.device("cpu")
-    packed = torch.stack([totals[k].double() if k in totals else torch.zeros((), dtype=torch.float64, device=device)
-                          for k in keys] + [torch.tensor(float(n), dtype=torch.float64, device=device)])
+    packed = torch.stack([totals[k] if k in totals else torch.zeros((), dtype=torch.int64, device=device)
+                          for k in keys] + [torch.tensor(n, dtype=torch.int64, device=device)])
     if getattr(loader, "world", 1) > 1:
-        distributed.all_reduce(packed)
+        distributed.all_reduce(packed)  # integers: exact
     *values, n = packed.cpu().tolist()
     if n == 0:
         return {"top1": float("nan"), "top5": float("nan"), "nll": float("nan")}
     out = dict(zip(keys, values))
-    return {"top1": 100.0 * out["top1"] / n, "top5": 100.0 * out["top5"] / n, "nll": out["nll"] / n}
+    return {"top1": 100.0 * out["top1"] / n, "top5": 100.0 * out["top5"] / n, "nll": out["nll"] / NLL_SCALE / n}

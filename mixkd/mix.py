@@ -92,16 +92,33 @@ def mixed_count(batch_size: int, fraction: float) -> int:
     return int(math.floor(fraction * batch_size + 0.5))
 
 
-def mixed_mask(batch_size: int, fraction: float, sampling: Sampling = "exact", generator=None, device=None):
+def rank_mixed_count(part: int, fraction: float, rank: int = 0, world: int = 1) -> int:
+    """The samples that rank ``rank`` of ``world`` mixes in its ``part`` of a global batch of
+    ``part * world`` (equal parts, as data-parallel training batches are): the global batch mixes
+    exactly ``mixed_count(part * world, fraction)`` whatever ``world``, rank r taking
+    ``c((r + 1) * part) - c(r * part)`` with ``c(p) = round(K * p / B)`` (halves up), a deterministic
+    share in proportion to its part. One process (``world=1``): ``mixed_count(part, fraction)``."""
+    total = part * world
+    k = mixed_count(total, fraction)
+
+    def c(p: int) -> int:  # the mixed samples among the global batch's first p, in integers (exact)
+        return (2 * k * p + total) // (2 * total)
+
+    return c((rank + 1) * part) - c(rank * part)
+
+
+def mixed_mask(batch_size: int, fraction: float, sampling: Sampling = "exact", generator=None, device=None,
+               count: int | None = None):
     """Boolean mask of the samples to mix.
 
-    ``exact``: exactly round(fraction * B) samples, chosen without replacement.
+    ``exact``: exactly round(fraction * B) samples (``count`` where given), chosen without replacement.
     ``reference``: the released MIX-KD code's choice: int(B * (1 - fraction)) indices of *unmixed*
     samples drawn with replacement, so duplicates leave more samples mixed than asked
     (expected mixed share (1 - 1/B) ** int(B * (1 - fraction)); about 41% at B = 64, fraction 0.1).
     """
     if sampling == "exact":
-        chosen = random_permutation(batch_size, generator, device)[: mixed_count(batch_size, fraction)]
+        k = mixed_count(batch_size, fraction) if count is None else count
+        chosen = random_permutation(batch_size, generator, device)[:k]
         return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill_(0, chosen, True)
     if sampling == "reference":
         n_unmixed = int(batch_size * (1.0 - fraction))
@@ -167,11 +184,18 @@ def partial_mixup(x, y_onehot, alpha: float, fraction: float, sampling: Sampling
     return mixup(x, y_onehot, alpha, mask=mask, generator=generator)
 
 
-def mix_batch(x, y_onehot, spec: MixSpec, generator=None):
-    """Apply ``spec`` to a batch; full mixing when ``spec.fraction == 1`` with exact sampling."""
+def mix_batch(x, y_onehot, spec: MixSpec, generator=None, rank: int = 0, world: int = 1):
+    """Apply ``spec`` to a batch; full mixing when ``spec.fraction == 1`` with exact sampling.
+
+    ``rank``, ``world``: ``x`` is rank ``rank``'s part of a data-parallel global batch of ``world``
+    equal parts; exact partial mixing then mixes this rank's share (:func:`rank_mixed_count`) of
+    round(fraction x global batch), so that the global batch's mixed count does not depend on
+    ``world``. (``reference`` sampling draws within each part, as the released single-process code
+    draws within its batch.)"""
     if not spec.active:
         return x, y_onehot
     full = spec.fraction >= 1.0 and spec.sampling == "exact"
-    mask = None if full else mixed_mask(x.shape[0], spec.fraction, spec.sampling, generator, x.device)
+    count = rank_mixed_count(x.shape[0], spec.fraction, rank, world) if spec.sampling == "exact" else None
+    mask = None if full else mixed_mask(x.shape[0], spec.fraction, spec.sampling, generator, x.device, count=count)
     fn = mixup if spec.method == "mixup" else cutmix
     return fn(x, y_onehot, spec.alpha, mask=mask, generator=generator)

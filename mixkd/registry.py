@@ -124,6 +124,8 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = builtins is None
         self._loading = False
+        self._declared: list[dict[str, Any]] | None = None
+        _REGISTRIES.append(self)
 
     # ---- registering ---------------------------------------------------------------------------
     def register(self, name: str, *, settings: type[Settings] = NoSettings, label: str | None = None,
@@ -165,6 +167,10 @@ class Registry:
             obj.registry_entry = entry
         return entry
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (for tests and for a session that registered one of its own)."""
+        self._entries.pop(name, None)
+
     # ---- looking up ----------------------------------------------------------------------------
     def _ensure_builtins(self) -> None:
         if self._loaded or self._loading:
@@ -193,6 +199,32 @@ class Registry:
         self._ensure_builtins()
         return list(self._entries.values())
 
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """``{name, label, title, extra}`` of ``name`` without importing the built-in entries when they are
+        not imported yet: what their files declare (:meth:`declared`), so that a torch-free command
+        (``mixkd claims``) labels methods as the loaded registry would. None for an unknown name."""
+        if self._loaded or self.builtins is None:
+            entry = self._entries.get(name)
+            return None if entry is None else _description(entry)
+        entry = self._entries.get(name)  # a plugin's, loaded already
+        if entry is not None:
+            return _description(entry)
+        return next((d for d in self.declared() if d["name"] == name), None)
+
+    def described_names(self) -> list[str]:
+        """The names, in registration order, without importing the built-in entries (see :meth:`describe`)."""
+        if self._loaded or self.builtins is None:
+            return list(self._entries)
+        return list(dict.fromkeys([d["name"] for d in self.declared()] + list(self._entries)))
+
+    def declared(self) -> list[dict[str, Any]]:
+        """What the built-in package's modules declare in their ``@<registry>.register("name", label=...,
+        title=..., ...)`` decorators (literal arguments only), read from their source without importing
+        them, in the order the package's ``__init__`` imports them."""
+        if self._declared is None:
+            self._declared = _declared_entries(self.builtins) if self.builtins else []
+        return self._declared
+
     def get(self, name: str, choices: Iterable[str] | None = None) -> Entry:
         """The entry ``name``, or one line saying it is unknown, what is close and what exists."""
         self._ensure_builtins()
@@ -208,6 +240,50 @@ class Registry:
         where = f"{self.option}: " if self.option else ""
         return (f"{where}unknown {self.kind} {name!r}{hint}; choose one of {', '.join(names)} "
                 f"(one of your own: load its file with --plugin FILE)")
+
+
+_REGISTRIES: list[Registry] = []  # every catalogue, for unload_plugin
+
+
+def _description(entry: Entry) -> dict[str, Any]:
+    return {"name": entry.name, "label": entry.label, "title": entry.title, "extra": dict(entry.extra),
+            "settings": entry.setting_names()}
+
+
+def _declared_entries(package: str) -> list[dict[str, Any]]:
+    """The registrations written in ``package``'s modules (see :meth:`Registry.declared`)."""
+    import ast
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0])
+    order: list[str] = []
+    init = folder / "__init__.py"
+    for node in ast.walk(ast.parse(init.read_text())) if init.is_file() else []:
+        if isinstance(node, ast.ImportFrom) and node.module == package:
+            order += [alias.name for alias in node.names]
+    found = []
+    for module in order:
+        path = folder / f"{module}.py"
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "register" and node.args and isinstance(node.args[0], ast.Constant)):
+                continue
+            kwargs = {}
+            for kw in node.keywords:
+                try:
+                    kwargs[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:
+                    continue
+            name = node.args[0].value
+            label = kwargs.pop("label", None) or name
+            title = kwargs.pop("title", None) or label
+            extra = {k: v for k, v in kwargs.items() if k not in ("settings", "context_defaults")}
+            found.append({"name": name, "label": label, "title": title, "extra": extra, "settings": None})
+    return found
 
 
 def _source_of(obj: Any) -> str:
@@ -226,6 +302,11 @@ class Plugin:
     path: str
     sha256: str
     module: str
+
+    @property
+    def ref(self) -> str:
+        """What loads it again from anywhere: its resolved file path, or the module name it was given as."""
+        return self.spec if self.module == self.spec else self.path
 
 
 _PLUGINS: dict[str, Plugin] = {}  # by resolved path
@@ -306,6 +387,28 @@ def _forget(module_name: str) -> None:
 
 def load_plugins(specs: Iterable[str], base: str | Path | None = None) -> list[Plugin]:
     return [load_plugin(s, base) for s in specs]
+
+
+def plugin_records(paths: Iterable[str]) -> list[dict[str, str]]:
+    """``[{"path", "sha256"}]`` of the loaded plugins ``paths`` (resolved paths or module names), for a
+    run or a study to record what it ran with."""
+    by_module = {p.module: p for p in _PLUGINS.values()}
+    records = []
+    for path in paths:
+        plugin = _PLUGINS.get(path) or by_module.get(path)
+        if plugin is None:
+            raise MixkdError(f"plugin {path} is not loaded")
+        records.append({"path": plugin.path, "sha256": plugin.sha256})
+    return records
+
+
+def unload_plugin(plugin: Plugin) -> None:
+    """Forget a plugin and every entry it registered (tests; a session trying a new version of its file)."""
+    for registry in _REGISTRIES:
+        for name in [n for n, e in registry._entries.items() if e.source == plugin.path]:
+            registry.remove(name)
+    _PLUGINS.pop(plugin.path, None)
+    _forget(plugin.module)
 
 
 def loaded_plugins() -> list[Plugin]:

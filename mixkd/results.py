@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixkd.config import KD_METHODS
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write
+from mixkd.registry import KD_METHODS
 
 COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
 SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr", "augment")  # optional: pooled only when equal
@@ -54,11 +54,38 @@ SCHEDULE_ALIASES = ("num_epochs", "n_epochs", "total_epochs", "max_epochs", "epo
 MIXES = ("none", "mixup", "cutmix")
 TEACHER_MIX_VALUES = (*MIXES, "other")
 SAMPLINGS = ("exact", "reference")
-# Short names of the KD methods in labels (any other method is shown by its name in capitals).
-KD_SHORT = {name: m.short for name, m in KD_METHODS.items()}  # mixkd.config's catalogue
-KD_LONG = {name: m.long for name, m in KD_METHODS.items()}
-# KD methods whose loss has no temperature: a temperature given for them is dropped.
-TEMPERATURE_FREE = frozenset({"std"})
+
+
+def kd_label(method: str) -> str:
+    """A KD method's short label (table columns, claims): its registry label; a method not registered
+    in this process (a plugin's, read back from a results table) by its name in capitals. Reads the
+    registry without importing the methods (``mixkd claims`` imports no torch)."""
+    found = KD_METHODS.describe(method)
+    return found["label"] if found else method.upper()
+
+
+def kd_title(method: str) -> str:
+    """A KD method's long label (reports): its registry title, else :func:`kd_label`."""
+    found = KD_METHODS.describe(method)
+    return found["title"] if found else kd_label(method)
+
+
+def kd_order(method: str) -> tuple[int, str]:
+    """Where a KD method sorts: in registration order (built-ins first), then unknown ones by name."""
+    names = KD_METHODS.described_names()
+    return (names.index(method) if method in names else len(names), method)
+
+
+def temperature_free(method: str) -> bool:
+    """Whether a KD method's loss has no temperature (registered with ``uses_temperature=False``, or
+    without a temperature setting): a temperature given for it is dropped."""
+    found = KD_METHODS.describe(method)
+    if not found:
+        return False
+    return found["extra"].get("uses_temperature") is False or (
+        found["settings"] is not None and "temperature" not in found["settings"])
+
+
 # The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
 PARTIAL_FRACTION = 0.1
 
@@ -105,7 +132,7 @@ class Cell:
 
     @property
     def kd_short(self) -> str:
-        return KD_SHORT.get(self.kd, self.kd.upper())
+        return kd_label(self.kd)
 
     def _settings(self, sep_sampling: bool) -> list[str]:
         parts = [f"T={_g(self.temperature)}"] if self.temperature is not None else []
@@ -130,7 +157,7 @@ class Cell:
         """'KD + partial mixup (T=4, f=0.1)', 'standardized KD', 'student alone'."""
         if self.alone and self.mix == "none":
             return "student alone"
-        name = "student alone" if self.alone else KD_LONG.get(self.kd, self.kd_short)
+        name = "student alone" if self.alone else kd_title(self.kd)
         if self.mix != "none":
             name += f" + {self.mixing} {'mixup' if self.mix == 'mixup' else 'CutMix'}"
         settings = [s for s in self._settings(False) if s != "cutmix"]
@@ -139,8 +166,7 @@ class Cell:
     def sort_key(self) -> tuple:
         """Columns in order: the student alone, then KD methods (kd, std, others by name), each without,
         with full and with partial mixing, then by temperature, fraction, alpha, mix mode, sampling."""
-        methods = list(KD_SHORT)
-        method = (-1, "") if self.alone else (methods.index(self.kd) if self.kd in methods else len(methods), self.kd)
+        method = (-1, "") if self.alone else kd_order(self.kd)
         return (*method, ("none", "full", "partial").index(self.mixing), self.temperature is None,
                 self.temperature or 0.0, self.fraction or 0.0, self.alpha or 1.0, self.mix,
                 self.sampling not in (None, "exact"), self.sampling or "")
@@ -265,7 +291,7 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
                            "and kd none; a distilled one names both")
     teacher_mix = r.choice("teacher_mix", TEACHER_MIX_VALUES, default="none") if teacher else None
     temperature = r.number("temperature", low=1e-9, high=1e9)
-    if kd in TEMPERATURE_FREE or kd == "none":
+    if temperature_free(kd) or kd == "none":
         temperature = None
     elif kd == "kd" and temperature is None:
         raise r.fail("temperature", "is empty; Hinton KD (kd) needs its temperature")
@@ -409,7 +435,7 @@ def cell_from_config(cfg: dict[str, Any]) -> Cell:
     sampling = (mix.get("sampling") or "exact") if fraction is not None and fraction < 1 else None
     method = (kd.get("method") or "kd") if cfg.get("task") == "distill" else "none"
     temperature = None
-    if method != "none" and method not in TEMPERATURE_FREE:
+    if method != "none" and not temperature_free(method):
         temperature = float(kd.get("temperature", 4.0))
     return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling)
 

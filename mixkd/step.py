@@ -215,7 +215,7 @@ class TrainStep:
 
     def _mixed_losses(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
         target = one_hot(y, self.num_classes)
-        x, target = mix_batch(x, target, self.mix, self.generator)
+        x, target = mix_batch(x, target, self.mix, self.generator, distributed.rank(), distributed.world())
         with self.autocast(cache_enabled=cache_enabled):
             return self._compute.losses(x, target)
 

@@ -17,11 +17,12 @@ from pydantic import ValidationError
 
 from mixkd.config import RunConfig, read_yaml
 from mixkd.data import check_dataset, dataset_num_classes
-from mixkd.distiller import distiller_names, unknown_method_message
+from mixkd.distiller import method_names
 from mixkd.errors import MixkdError
 from mixkd.header import checkpoint_header
 from mixkd.models import available_models
 from mixkd.models.registry import unknown_model_message
+from mixkd.registry import KD_METHODS
 from mixkd.run_folder import CHECKPOINT_NAME, CONFIG_NAME
 
 
@@ -87,7 +88,8 @@ def _value_problems(cfg: RunConfig) -> list[str]:
 def _method_problems(cfg: RunConfig) -> list[str]:
     """``kd.method`` names a registered distiller that takes a teacher (checked for every task, so a
     config's typo is caught before it is distilled from)."""
-    return [] if cfg.kd.method in distiller_names() else [unknown_method_message(cfg.kd.method)]
+    names = method_names()
+    return [] if cfg.kd.method in names else [KD_METHODS.unknown_message(cfg.kd.method, names)]
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:

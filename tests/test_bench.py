@@ -66,6 +66,7 @@ def test_device_script_smoke_runs_every_step_and_variant(tmp_path):
         _header((out / name).read_text(), "device.sh")
     ddp = (out / "ddp.txt").read_text()  # torchrun, 2 gloo processes, against one process
     assert "ddp check: losses agree" in ddp and ddp.count("exit status 0") == 2 and "images/s, 2 processes" in ddp
+    assert "eval check: identical figures" in ddp  # on the CPU: the run's figures are its checkpoint's, bit for bit
     tests = (out / "tests.txt").read_text()
     assert tests.count("exit status 0") == 2 and "skipped" in tests  # the CUDA tests exist (and skip on the CPU)
     assert (window / "compile-tests").read_text().strip() == "skipped (no CUDA)"

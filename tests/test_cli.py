@@ -75,6 +75,41 @@ def test_eval_of_a_run_folder_takes_dataset_and_data_from_the_run(capsys, teache
     assert json.loads(stdout)["dataset"] == "digits"  # flags still choose
 
 
+def test_eval_uses_the_runs_precision_unless_told_and_says_which(capsys, teacher_run, tmp_path):
+    """A CUDA run evaluates under bf16 autocast (precision auto); `mixkd eval` of its folder does the same by
+    default, so that it reproduces the run's figures, and says so; --precision chooses; a checkpoint
+    without its run is evaluated in fp32."""
+    import shutil
+
+    from mixkd.evaluation import eval_precision
+
+    assert eval_precision(None, "bf16", "cuda") == ("bf16", "the run's precision")
+    assert eval_precision(None, "auto", "cuda") == ("bf16", "the run's precision")  # config.yaml of an unfinished run
+    assert eval_precision(None, "auto", "cpu") == ("fp32", "the run's precision")
+    assert eval_precision(None, "bf16", "cpu") == ("bf16", "the run's precision")  # a CUDA run evaluated on a CPU
+    assert eval_precision("fp32", "bf16", "cuda") == ("fp32", "asked")
+    assert eval_precision("auto", None, "cuda") == ("bf16", "asked")
+    assert eval_precision(None, None, "cuda") == ("fp32", "default")
+    # a run whose result says bf16 (as a CUDA run's does): evaluated under bf16 autocast on the CPU too
+    run = tmp_path / "bf16-run"
+    shutil.copytree(teacher_run, run)
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**result, "precision": "bf16"}))
+    outs = {}
+    for flags in ([], ["--precision", "fp32"]):
+        code, stdout, err = _mixkd(capsys, "eval", run, "--device", "cpu", *flags)
+        assert code == 0, err
+        outs[tuple(flags)] = stdout
+    assert outs[()].rstrip().endswith("(bf16, the run's precision)"), outs
+    assert outs[("--precision", "fp32")].rstrip().endswith("(fp32, asked)")
+    code, stdout, err = _mixkd(capsys, "eval", teacher_run, "--device", "cpu", "--json")
+    fp32 = json.loads(stdout)
+    assert (fp32["precision"], fp32["precision_from"], fp32["nll"]) == ("fp32", "the run's precision", result["nll"])
+    code, stdout, err = _mixkd(capsys, "eval", run, "--device", "cpu", "--json")
+    bf16 = json.loads(stdout)
+    assert bf16["precision"] == "bf16" and bf16["nll"] != fp32["nll"]  # bf16 logits: another NLL
+
+
 def test_an_unreadable_image_is_one_line_naming_the_file(capsys, tmp_path):
     from PIL import Image
 
@@ -148,7 +183,12 @@ def test_help_lists_every_option_with_its_default(capsys):
     for flag in ("--teacher", "--teacher-model", "--student", "--dataset", "--data-dir", "--epochs", "--out",
                  "--seed", "--resume", "--download", "--temperature", "--mix-fraction"):
         assert flag in text
-    assert "(default: 240)" in text and "default: the method's, 4 or lskd 2" in text  # KD settings: the method's
+    flat = " ".join(text.split())
+    assert "(default: 240)" in text
+    # every registered method, with its settings and their defaults (its own, not Hinton's)
+    assert "--kd lskd: LS-KD: KD with logit standardization" in flat
+    assert "Defaults: temperature 2.0, ce_weight 0.1, kd_weight 9.0." in flat
+    assert "Except pair=resnet56->resnet20: beta 2.0;" in flat and "--hint-layer HINT_LAYER" in flat
     with pytest.raises(SystemExit) as top:  # the command list too (a bare % in a help line broke it)
         main(["--help"])
     assert top.value.code == 0 and "verdicts with 95% intervals" in " ".join(capsys.readouterr().out.split())

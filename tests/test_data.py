@@ -861,3 +861,87 @@ def test_sharded_test_loaders_cover_the_test_split_once():
     parts = [[y for _, y in D.make_test_loader(spec, "cpu", 100, rank=r, world=3)] for r in range(3)]
     assert torch.equal(torch.cat([torch.cat([p[b] for p in parts]) for b in range(4)]), whole)
     assert [sum(y.shape[0] for y in p) for p in parts] == [33 * 3 + 20, 33 * 3 + 20, 34 * 3 + 20]
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_processes_racing_to_prepare_one_archive_extract_it_once(tmp_path, monkeypatch, capsys, download):
+    """Two loaders of one data folder holding only the archive (or nothing, with download=True), inside the
+    extraction (the download) at the same time (each waits up to 1 s for the other one to be inside too):
+    one prepares, the other waits for the lock and uses the folder made (no 'Directory not empty' failure
+    with advice to --download; no second download into the same file). The lock is a flock on its own open
+    file, so two threads contend as two processes do."""
+    import threading
+
+    inside, extractions = threading.Barrier(2), []
+
+    def meet() -> None:
+        extractions.append(threading.get_ident())
+        try:
+            inside.wait(timeout=1.0)  # without the lock both meet here, then both move their folder into place
+        except threading.BrokenBarrierError:
+            pass
+
+    if download:
+        def fake_download_url(url, root, filename=None, md5=None, **kwargs):
+            meet()
+            make_fake_cifar_tar_gz(Path(root), num_classes=10, n_train=20, n_test=10)
+
+        monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download_url)
+    else:
+        make_fake_cifar_tar_gz(tmp_path, num_classes=10, n_train=20, n_test=10)
+        real = tarfile.TarFile.extractall
+
+        def meeting(self, *args, **kwargs):
+            meet()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(tarfile.TarFile, "extractall", meeting)
+    loaded: list = [None, None]
+
+    def load(i: int) -> None:
+        try:
+            loaded[i] = load_dataset("cifar10", tmp_path, download=download)
+        except MixkdError as e:
+            loaded[i] = e
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [type(x).__name__ for x in loaded] == ["DataSpec", "DataSpec"], loaded
+    assert len(extractions) == 1  # the second found the folder made
+    assert "which prepares dataset 'cifar10' in" in capsys.readouterr().err  # the waiting one said so
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_ranks_data_fingerprints_name_what_differs(tmp_path, monkeypatch):
+    """A data-parallel run compares every rank's fingerprint (class names; per split, the sample count and a
+    hash of the pixels and labels, or of an image folder's listing) with rank 0's: equal data passes; a
+    different count, the same count of other files or images, or other classes are one line naming the
+    ranks and what differs."""
+    from mixkd.data import fingerprint, fingerprint_mismatch
+
+    monkeypatch.setenv("MIXKD_CACHE", str(tmp_path / "cache"))
+    a = fingerprint(load_dataset("imagefolder", _write_image_folder(tmp_path / "a"), image_size=16))
+    same = fingerprint(load_dataset("imagefolder", _write_image_folder(tmp_path / "same"), image_size=16))
+    assert a["train"][0] == 6 and fingerprint_mismatch([a, same, same]) is None  # the listing, not the path
+    more = fingerprint(load_dataset("imagefolder", _write_image_folder(tmp_path / "more", n=4), image_size=16))
+    renamed_root = _write_image_folder(tmp_path / "renamed")
+    (renamed_root / "train" / "dog" / "2.png").rename(renamed_root / "train" / "dog" / "9.png")
+    renamed = fingerprint(load_dataset("imagefolder", renamed_root, image_size=16))
+    classes = fingerprint(load_dataset("imagefolder", _write_image_folder(tmp_path / "cls", ("cat", "fox"), ("cat", "fox")),
+                                       image_size=16))
+    assert fingerprint_mismatch([a, more]) == (
+        "the ranks see different data: rank 1 differs from rank 0 (rank 0 vs rank 1: training samples 6 vs 8); "
+        "give every rank the same dataset (the same --data-dir contents on every node)")
+    line = fingerprint_mismatch([a, a, renamed, renamed])
+    assert line.startswith("the ranks see different data: rank 2, 3 differ from rank 0 (rank 0 vs rank 2: training "
+                           f"samples differ with the same count (6; content hash {a['train'][1]} vs ")
+    assert "class 1 is 'dog' vs 'fox'" in fingerprint_mismatch([a, classes])
+    write_fake_cifar(tmp_path / "c0", num_classes=10, n_train=20, n_test=10, seed=0)
+    write_fake_cifar(tmp_path / "c1", num_classes=10, n_train=20, n_test=10, seed=1)
+    c0, c1 = (fingerprint(load_dataset("cifar10", tmp_path / d)) for d in ("c0", "c1"))
+    assert fingerprint_mismatch([c0, c0]) is None
+    assert "training samples differ with the same count (20;" in fingerprint_mismatch([c0, c1])
+    assert "test samples differ with the same count (10;" in fingerprint_mismatch([c0, c1])

@@ -9,14 +9,14 @@ from run_rows import epoch_rows
 
 from mixkd.checkpoint import save_checkpoint
 from mixkd.config import KDConfig, RunConfig, build_config
-from mixkd.distiller import DISTILLERS, Distiller, distiller_names, make_distiller
+from mixkd.distiller import Distiller, make_distiller, method_names
 from mixkd.engine import Run
 from mixkd.errors import MixkdError
 from mixkd.losses import soft_cross_entropy
 from mixkd.mix import MixSpec
 from mixkd.models import create_model
+from mixkd.registry import KD_METHODS, NoSettings
 from mixkd.step import SGD, TrainStep
-from mixkd.validate import run_config_problems
 
 # the logits and labels of tests/test_losses.py, with its hand-computed values
 S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
@@ -37,9 +37,10 @@ class Fixed(torch.nn.Module):
 
 
 def test_registry_lists_the_methods_that_take_a_teacher():
-    assert distiller_names() == ["kd", "std", "dkd", "lskd", "dist", "fitnet"]
-    assert distiller_names(teacher=False) == ["alone"]
-    assert DISTILLERS["kd"].name == "kd" and issubclass(DISTILLERS["std"], Distiller)
+    assert method_names() == ["kd", "std", "dkd", "lskd", "dist", "fitnet"]
+    assert method_names(teacher=False) == ["alone"]
+    assert method_names(None) == ["alone", "kd", "std", "dkd", "lskd", "dist", "fitnet"]
+    assert KD_METHODS.get("kd").obj.__module__ == "mixkd.methods.kd" and issubclass(KD_METHODS.get("std").obj, Distiller)
 
 
 @pytest.mark.parametrize("method, expected", [
@@ -47,7 +48,7 @@ def test_registry_lists_the_methods_that_take_a_teacher():
     ("std", {"loss": 0.1 * CE_STD + 0.9 * STD_KD, "ce": CE_STD, "kd": STD_KD}),
 ])
 def test_builtin_methods_give_the_hand_computed_losses(method, expected):
-    d = make_distiller(method, Fixed(S), Fixed(T), KDConfig(method=method, temperature=4.0))
+    d = make_distiller(method, Fixed(S), Fixed(T), KDConfig(method=method, temperature=4.0).settings())
     losses = d.losses(torch.zeros(2, 3), Y)
     assert set(losses) == set(d.loss_names) == set(expected)
     for k, v in expected.items():
@@ -61,18 +62,27 @@ def test_without_a_teacher_the_student_is_trained_alone():
 
 
 def test_unknown_method_is_one_clear_problem():
-    with pytest.raises(MixkdError, match="unknown KD method 'dkdd'; choose one of kd, std"):
+    line = ("kd.method: unknown KD method 'dkdd'; did you mean 'dkd'?; choose one of alone, kd, std, dkd, lskd, dist, "
+            "fitnet (one of your own: load its file with --plugin FILE)")
+    with pytest.raises(MixkdError) as err:
         make_distiller("dkdd", Fixed(S), Fixed(T))
-    cfg = RunConfig.model_validate({"model": "resnet8", "dataset": "digits", "kd": {"method": "dkdd"}})
-    assert [p for p in run_config_problems(cfg) if "kd.method" in p] == [
-        "kd.method: unknown KD method 'dkdd'; choose one of kd, std, dkd, lskd, dist, fitnet"]
+    assert str(err.value) == line
+    # never Hinton's settings in its place: the config itself is refused, in one line
+    with pytest.raises(MixkdError) as err:
+        RunConfig.model_validate({"model": "resnet8", "dataset": "digits", "kd": {"method": "dkdd"}})
+    assert str(err.value) == line
+    with pytest.raises(MixkdError) as err:
+        build_config(flags={"task": "distill", "kd.method": "dkdd", "kd.teacher": "t.pth"})
+    assert str(err.value) == f"invalid config: {line}"
+    with pytest.raises(MixkdError, match="unknown KD method 'alone'; choose one of kd, std, dkd"):
+        make_distiller("alone", Fixed(S), Fixed(T))  # the student alone takes no teacher
 
 
 class Hint(Distiller):
     """A new method: CE + (epoch / epochs) * |scale * student - teacher|^2 with a trainable ``scale``."""
 
-    def __init__(self, student, teacher, kd):
-        super().__init__(student, teacher, kd)
+    def __init__(self, student, teacher, settings):
+        super().__init__(student, teacher, settings)
         self.modules["scale"] = torch.nn.Linear(1, 1, bias=False).to(self.device)
         torch.nn.init.constant_(self.modules["scale"].weight, 0.5)
 
@@ -88,9 +98,9 @@ class Hint(Distiller):
 
 @pytest.fixture
 def hint(monkeypatch):
-    monkeypatch.setitem(DISTILLERS, "hint", Hint)
-    monkeypatch.setattr(Hint, "name", "hint")
-    return Hint
+    KD_METHODS.add("hint", Hint, settings=NoSettings)
+    yield Hint
+    KD_METHODS.remove("hint")
 
 
 def test_a_new_method_trains_its_module_follows_the_epoch_and_leaves_no_trace_when_measured(hint):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,9 @@ from mixkd.errors import MixkdError
 from mixkd.models.sync_bn import GlooSyncBatchNorm, convert_sync_batchnorm
 
 try:
-    from cifar_fixture import write_fake_cifar
+    from cifar_fixture import make_fake_cifar_tar_gz, write_fake_cifar
 except ImportError:  # run from the repository root
-    from tests.cifar_fixture import write_fake_cifar
+    from tests.cifar_fixture import make_fake_cifar_tar_gz, write_fake_cifar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,8 @@ def test_launch_from_torchrun_and_slurm_environments():
     s = distributed.launch_from_env(slurm)
     assert (s.rank, s.world, s.local_rank, s.local_world, s.addr, s.port, s.launcher) == (
         5, 8, 1, 2, "gpu07", distributed.SLURM_PORT_BASE + 123456 % 20000, "slurm")
+    # a second step running beside the first in one allocation: another port (15000 + (123456 + 7919) % 20000)
+    assert distributed.launch_from_env({**slurm, "SLURM_STEP_ID": "1"}).port == 26375 != s.port
     s = distributed.launch_from_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "999"})
     assert (s.addr, s.port) == ("head", 999)
     batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}  # sbatch's script outside srun
@@ -365,3 +368,93 @@ def test_a_time_limit_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path,
     assert [p.returncode for p in procs] == [75, 75], outs
     _stopped_at("\n".join(outs), "stopped before the time limit", "stopped on time")
     assert not (run / "result.json").exists() and (run / "checkpoint.safetensors").exists()
+
+
+def test_without_sync_bn_the_figures_are_the_saved_models_and_the_ranks_extract_the_archive_once(tmp_path):
+    """2 ranks without --sync-bn, from a data folder holding only the CIFAR archive: the ranks prepare it
+    once (one extracts under the lock, the other waits), and the run's reported figures (metrics.jsonl,
+    result.json) are exactly what `mixkd eval` computes from its checkpoint (every rank evaluates rank 0's
+    BatchNorm statistics, the ones saved; each rank's own would give other figures)."""
+    from mixkd.evaluation import evaluate_checkpoint
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_fake_cifar_tar_gz(data, num_classes=10, n_train=64, n_test=40, seed=0)
+    args = [a for a in _args(data, run, 2) if a != "--sync-bn"]
+    proc = _torchrun(args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    result = json.loads((run / "result.json").read_text())
+    assert result["sync_bn"] is False and result["processes"] == 2
+    evaluated = evaluate_checkpoint(str(run), device="cpu")
+    assert evaluated["precision"] == "fp32" and evaluated["precision_from"] == "the run's precision"
+    reported = {k: result[k] for k in ("top1", "top5", "nll")}
+    assert reported == {k: evaluated[k] for k in ("top1", "top5", "nll")}  # exactly
+    last = _rows(run)[-1]
+    assert {k: last[f"test_{k}"] for k in ("top1", "top5", "nll")} == reported
+
+
+def test_ranks_that_see_different_data_are_refused_at_start(tmp_path, data_dir):
+    """Two srun tasks whose data folders hold as many images but not the same ones: both refuse at start in
+    one line naming the ranks and what differs, and nothing is written (before: the run trained each rank
+    on its own data without a word; with different counts, the ranks hung on a collective)."""
+    import socket
+
+    other = tmp_path / "other"
+    write_fake_cifar(other, num_classes=10, n_train=64, n_test=40, seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "mixkd", *_args(data_dir if r == 0 else other, run, 1)], env={
+        **_env(), "SLURM_PROCID": str(r), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(r),
+        "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "79", "SLURM_STEP_TASKS_PER_NODE": "2",
+        "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        assert ("error: the ranks see different data: rank 1 differs from rank 0 (rank 0 vs rank 1: training samples "
+                "differ with the same count (64; content hash") in out, out[-2000:]
+        assert "Traceback" not in out
+    assert not run.exists()
+
+
+def test_the_slurm_example_requeues_a_stop_whatever_srun_reports_and_scales_the_lr(tmp_path):
+    """examples/slurm-ddp.sbatch with srun and scontrol stood in for: a stop whose last tasks srun killed
+    (--kill-on-bad-exit; reported 137, a new checkpoint written) is requeued, as a stop reported 75 is; a
+    failure at the start (exit 2, no checkpoint) and a finished run are not. Its lr is the config's scaled
+    linearly to its global batch."""
+    import yaml
+
+    bin_dir, run, log = tmp_path / "bin", tmp_path / "run", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\necho \"srun $*\" >> \"$CALLS\"\nmkdir -p \"$RUN\"\ncase \"$ACT\" in\n"
+        "  stop|killed) echo x > \"$RUN/c.tmp\" && mv \"$RUN/c.tmp\" \"$RUN/checkpoint.safetensors\";;\n"
+        "  finish) echo '{}' > \"$RUN/result.json\";;\nesac\n"
+        "case \"$ACT\" in stop) exit 75;; killed) exit 137;; bad) exit 2;; *) exit 0;; esac\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$CALLS\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    outcomes = {}
+    for act in ("killed", "stop", "bad", "finish"):
+        shutil.rmtree(run, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        if act == "bad":  # a checkpoint of an earlier slice, untouched by this one
+            run.mkdir()
+            (run / "checkpoint.safetensors").write_text("old")
+        proc = subprocess.run(["bash", str(ROOT / "examples" / "slurm-ddp.sbatch")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                                                          "RUN": str(run), "ACT": act, "CALLS": str(log),
+                                                          "SLURM_JOB_ID": "4242"})
+        calls = log.read_text().splitlines()
+        outcomes[act] = (proc.returncode, "scontrol requeue 4242" in calls)
+    assert outcomes == {"killed": (137, True), "stop": (75, True), "bad": (2, False), "finish": (0, False)}
+    args = calls[0].split()
+    config = yaml.safe_load((ROOT / args[args.index("--config") + 1]).read_text())
+    lr, batch = float(args[args.index("--lr") + 1]), int(args[args.index("--batch-size") + 1])
+    assert (batch, lr / batch) == (1024, config["optim"]["lr"] / config["batch_size"])  # 0.4 at 1024 for 0.2 at 512
+    assert "--kill-on-bad-exit=1" in args and "--resume" in args

@@ -22,7 +22,7 @@ LAYERS = [
     ("data", ["mixkd.data"]),
     ("mix", ["mixkd.mix"]),
     ("models", ["mixkd.models"]),
-    ("distiller/losses", ["mixkd.losses", "mixkd.distiller", "mixkd.distillers", "mixkd.mlkd_loss"]),
+    ("distiller/losses", ["mixkd.losses", "mixkd.distiller", "mixkd.distillers", "mixkd.methods", "mixkd.mlkd_loss"]),
     ("step", ["mixkd.step"]),
     ("run", ["mixkd.run_folder", "mixkd.validate", "mixkd.engine", "mixkd.pack", "mixkd.run", "mixkd.learner",
              "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation"]),

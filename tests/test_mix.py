@@ -15,6 +15,7 @@ from mixkd.mix import (
     mixed_mask,
     partial_mixup,
     random_partners,
+    rank_mixed_count,
     sample_beta,
 )
 
@@ -46,6 +47,26 @@ def test_mixed_count_rounds_halves_up():
     # round(fraction * B) computed by hand: 6.4 -> 6, 32, 2.5 -> 3, 7, 0, 12.8 -> 13, 0.5 -> 1
     cases = [(64, 0.1, 6), (64, 0.5, 32), (10, 0.25, 3), (7, 1.0, 7), (64, 0.0, 0), (128, 0.1, 13), (5, 0.1, 1)]
     assert [mixed_count(b, f) for b, f, _ in cases] == [n for _, _, n in cases]
+
+
+def test_partial_mixup_of_a_data_parallel_batch_mixes_round_fraction_of_the_global_batch_whatever_the_world():
+    """f = 0.1 of a global batch of 512 is 51 mixed samples (51.2 rounded) on 1, 2, 8, 32 or 64 ranks, each
+    rank mixing its deterministic share of its 512/N images through mix_batch (each rank's own
+    round(0.1 x 512/N) would give 51, 52, 48, 64, 0)."""
+    spec = MixSpec("mixup", 1.0, 0.1)
+    for world in (1, 2, 8, 32, 64):
+        part = 512 // world
+        shares = []
+        for rank in range(world):
+            x, y = _batch(part, seed=rank)
+            xm, _ = mix_batch(x, y, spec, torch.Generator().manual_seed(rank), rank=rank, world=world)
+            shares.append(int(_changed_rows(x, xm).sum()))
+            assert shares[-1] == rank_mixed_count(part, 0.1, rank, world)
+        assert sum(shares) == 51, (world, shares)
+        assert max(shares) - min(shares) <= 1  # spread evenly (parts are equal)
+    # hand-computed shares: c(p) = round(51 p / 512); 2 ranks: c(256) = 26 (25.5 up), then 51 - 26 = 25
+    assert [rank_mixed_count(256, 0.1, r, 2) for r in range(2)] == [26, 25]
+    assert [rank_mixed_count(64, 0.1, r, 8) for r in range(8)] == [6, 7, 6, 7, 6, 6, 7, 6]
 
 
 @pytest.mark.parametrize("b,fraction", [(64, 0.1), (64, 0.5), (10, 0.25), (7, 1.0), (64, 0.0)])

@@ -364,7 +364,7 @@ def test_fitnet_hint_from_resnet50_to_mobilenet_v2_needs_no_resizing() -> None:
 
     torch.manual_seed(0)
     d = make_distiller("fitnet", create_model("tv_mobilenet_v2", 5), create_model("tv_resnet50", 5).eval(),
-                       KDConfig(method="fitnet", teacher="t.pth"))
+                       KDConfig(method="fitnet", teacher="t.pth").settings())
     conv = d.modules["regressor"].conv  # from the student's stride-8 map (32 channels) to the teacher's (512)
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and (conv.in_channels, conv.out_channels) == (32, 512)
     losses = d.forward_train(torch.randn(2, 3, 32, 32), torch.eye(5)[[0, 3]])

@@ -1,6 +1,7 @@
 """A run folder you can trust: saved paths independent of the working directory, nothing written by a
 start that fails, --resume that refuses what it would ignore, one-line errors for unusable --out."""
 
+import errno
 import json
 import os
 import shutil
@@ -310,3 +311,43 @@ def test_every_reader_of_a_saved_config_refuses_a_repeated_key(tmp_path):
     with pytest.raises(MixkdError, match="config.yaml"):
         collect(tmp_path)
     assert measurements(tmp_path)[0] == {}  # a damaged run measures nothing
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_file_system_without_flock_locks_by_an_owner_file_with_a_stale_rule(tmp_path, monkeypatch, code):
+    """flock refused as NFS (ENOLCK), FUSE (EOPNOTSUPP) or Lustre (ENOSYS) refuse it is "locks unsupported
+    here", not "held by PID ?": the lock is then <lock>.owner, created exclusively, naming host and PID.
+    Held by a live process: refused naming it; left by a dead process of this host: taken over; naming
+    another host: refused, saying which file to remove."""
+    import socket
+    import subprocess
+
+    from mixkd.errors import FolderInUse
+    from mixkd.files import fcntl as files_fcntl
+    from mixkd.run_folder import RunFolder
+
+    def no_flock(f, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files_fcntl, "flock", no_flock)
+    folder = RunFolder(tmp_path)
+    owner = tmp_path / (folder.lock_file.name + ".owner")
+    host = socket.gethostname()
+    held = folder.lock()
+    assert owner.read_text() == f"{host} {os.getpid()}\n"
+    with pytest.raises(FolderInUse, match=rf"\(PID {os.getpid()} on this host; file locks are unsupported on this "
+                                          rf"file system, so \.run\.lock\.owner stands for the lock\)"):
+        folder.lock()
+    held.release()
+    assert not owner.exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner.write_text(f"{host} {dead.pid}\n")  # a process of this host that died holding it: stale
+    held = folder.lock()
+    assert owner.read_text() == f"{host} {os.getpid()}\n" and not list(tmp_path.glob("*.stale.*"))
+    held.release()
+    owner.write_text("node77 4242\n")  # another host's: cannot be told alive from here
+    with pytest.raises(FolderInUse, match=rf"\(PID 4242 on host node77; .* cannot be told from {host}: if it does "
+                                          rf"not, remove {owner}\)"):
+        folder.lock()
+    assert owner.read_text() == "node77 4242\n"  # left as it was

@@ -46,6 +46,8 @@ from mixkd.data.spec import (
     SPLITS,
     ArraySplit,
     DataSpec,
+    fingerprint,
+    fingerprint_mismatch,
 )
 
 __all__ = [
@@ -68,6 +70,8 @@ __all__ = [
     "check_dataset",
     "clear_cache",
     "dataset_num_classes",
+    "fingerprint",
+    "fingerprint_mismatch",
     "load_dataset",
     "make_loaders",
     "make_test_loader",

@@ -7,11 +7,15 @@ reading or writing anything.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import torchvision
 from mixkd.data.cache import cached
 from mixkd.data.spec import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, ArraySplit, DataSpec, one_line
 from mixkd.errors import MixkdError
+from mixkd.files import wait_lock
 
 DEFAULT_DATA_DIR = Path("data")
 ROW_BYTES = 3 * 32 * 32  # one image in a CIFAR pickle: 3072 uint8
@@ -163,20 +168,45 @@ def _find_cifar_folder(name: str, info: CifarInfo, root: Path, download: bool) -
     if root.exists() and not root.is_dir():
         raise MixkdError(f"dataset {name!r}: {root} is not a directory; {expected}")
     folder, archive = root / info.folder, root / info.archive
-    if archive.is_file():
+    if not archive.is_file() and not download:
+        raise MixkdError(f"dataset {name!r} not found in {root}: {expected}")
+    with _preparing(root, info, name):  # one process extracts (or downloads), the others wait for it
+        if _existing_folder(info, root) is not None:  # done by another process meanwhile
+            return _existing_folder(info, root)
+        if not archive.is_file():
+            _download(name, info, root)
         _safe_extract(archive, root, info.folder)
-        return folder
-    if download:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            torchvision.datasets.utils.download_url(info.url, str(root), info.archive, info.md5)
-        except Exception as e:  # network errors, MD5 mismatch, permissions
-            raise MixkdError(
-                f"downloading dataset {name!r} from {info.url} to {root} failed: {type(e).__name__}: {one_line(e)}"
-            ) from e
-        _safe_extract(archive, root, info.folder)
-        return folder
-    raise MixkdError(f"dataset {name!r} not found in {root}: {expected}")
+    return folder
+
+
+@contextlib.contextmanager
+def _preparing(root: Path, info: CifarInfo, name: str):
+    """Hold ``root/.<archive>.lock`` while preparing the dataset there: the ranks of a data-parallel run,
+    a study's workers and two studies sharing a data folder extract (or download) it once, the others
+    waiting for the one that does (then finding the folder made)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = root / f".{info.archive}.lock"
+        held = wait_lock(lock, lambda holder: print(
+            f"mixkd: waiting for process {holder}, which prepares dataset {name!r} in {root}", file=sys.stderr, flush=True))
+    except OSError as e:
+        raise MixkdError(f"cannot prepare dataset {name!r} in {root}: {e.strerror or e}; make the folder writable "
+                         "or extract the archive there yourself") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        held.close()
+
+
+def _download(name: str, info: CifarInfo, root: Path) -> None:
+    """The official archive, MD5-checked, into ``root`` (under the preparation lock: one download)."""
+    try:
+        torchvision.datasets.utils.download_url(info.url, str(root), info.archive, info.md5)
+    except Exception as e:  # network errors, MD5 mismatch, permissions
+        raise MixkdError(
+            f"downloading dataset {name!r} from {info.url} to {root} failed: {type(e).__name__}: {one_line(e)}"
+        ) from e
 
 
 def _safe_extract(archive: Path, root: Path, folder: str) -> None:
@@ -202,14 +232,26 @@ def _safe_extract(archive: Path, root: Path, folder: str) -> None:
         extracted = tmp / folder
         if not extracted.is_dir():
             raise MixkdError(f"archive {archive} does not contain the folder {folder}/")
-        os.replace(extracted, root / folder)
     except MixkdError:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise MixkdError(
             f"cannot extract {archive}: {type(e).__name__}: {one_line(e)} "
             "(damaged archive? delete it and pass --download)"
         ) from e
+    except OSError as e:  # the file system's: no room, no permission (the archive may be fine)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MixkdError(f"cannot extract {archive} into {root}: {e.strerror or one_line(e)}; check the folder's "
+                         "free space and permissions") from e
+    try:
+        os.replace(extracted, root / folder)
+    except OSError as e:
+        if not (root / folder).is_dir():
+            raise MixkdError(f"cannot move the extracted {folder}/ into {root}: {e.strerror or one_line(e)}; check "
+                             "the folder's permissions") from e
+        # made meanwhile by a process that did not wait for the lock (an older mixkd): use it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

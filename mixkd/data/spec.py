@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,3 +87,64 @@ def few(items: Sequence[str], k: int = 5) -> str:
         return "none"
     more = f" and {len(items) - k} more" if len(items) > k else ""
     return ", ".join(items[:k]) + more
+
+
+# ---- the same data on every rank --------------------------------------------------------------------
+def _split_print(split: Split | None) -> tuple[int, str] | None:
+    """(sample count, hash of the split's content): an in-memory split's labels and pixels; an image
+    folder's listing (each sample's path below its root, and its class)."""
+    if split is None:
+        return None
+    h = hashlib.blake2b(digest_size=8)
+    if isinstance(split, ArraySplit):
+        for t in (split.labels, split.images):  # hashed in place (no copy of CIFAR's 150 MB)
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    else:
+        samples = split.samples
+        if hasattr(samples, "_names"):  # mixkd's FolderIndex: the listing as one byte buffer
+            h.update(samples._names.tobytes())
+            h.update(samples._offsets.tobytes())
+            h.update(samples.targets.tobytes())
+        else:
+            root = str(split.root)
+            for path, target in samples:
+                h.update(f"{os.path.relpath(path, root)}\0{target}\n".encode())
+    return len(split), h.hexdigest()
+
+
+def fingerprint(spec: DataSpec) -> dict[str, object]:
+    """What must be equal on every rank of a data-parallel run: the class names, and for each split its
+    sample count and a hash of its content (in-memory data) or listing (image folders)."""
+    return {"dataset": spec.name, "classes": list(spec.class_names),
+            **{split: _split_print(getattr(spec, split)) for split in SPLITS}}
+
+
+def fingerprint_mismatch(prints: Sequence[dict[str, object]]) -> str | None:
+    """One line saying how the ranks' :func:`fingerprint` s differ from rank 0's (None where they do not)."""
+    first = prints[0]
+    differ = [r for r, p in enumerate(prints) if p != first]
+    if not differ:
+        return None
+    r = differ[0]
+    other = prints[r]
+    what = []
+    for split, label in (("train", "training"), ("test", "test")):
+        a, b = first[split], other[split]
+        if a != b:
+            if a is None or b is None or a[0] != b[0]:
+                what.append(f"{label} samples {a[0] if a else 0} vs {b[0] if b else 0}")
+            else:
+                what.append(f"{label} samples differ with the same count ({a[0]}; content hash {a[1]} vs {b[1]})")
+    ca, cb = first["classes"], other["classes"]
+    if ca != cb:
+        if len(ca) != len(cb):
+            what.append(f"{len(ca)} vs {len(cb)} classes")
+        else:
+            i = next(i for i, (x, y) in enumerate(zip(ca, cb)) if x != y)
+            what.append(f"class {i} is {ca[i]!r} vs {cb[i]!r}")
+    if first["dataset"] != other["dataset"]:
+        what.insert(0, f"dataset {first['dataset']!r} vs {other['dataset']!r}")
+    ranks = few([str(x) for x in differ])
+    return (f"the ranks see different data: rank {ranks} differ{'s' if len(differ) == 1 else ''} from rank 0 "
+            f"(rank 0 vs rank {r}: {'; '.join(what)}); give every rank the same dataset (the same --data-dir "
+            "contents on every node)")

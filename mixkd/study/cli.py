@@ -16,6 +16,10 @@ from mixkd.run_folder import ANALYSIS_ERROR_NAME, ERROR_NAME, RESULT_NAME
 DEFAULT_ROOT = Path("runs")
 
 
+PLUGIN_HELP = ("a plugin: a .py file or importable module registering KD methods of your own (added to the study "
+               "file's plugins:; repeatable); its SHA-256 is recorded for each run")
+
+
 def add_study_parser(sub) -> None:
     study = sub.add_parser("study", help="grids of runs from one study file: plan, run, status, report",
                            description="Run a whole study (teachers, then students over methods, temperatures, "
@@ -32,6 +36,7 @@ def add_study_parser(sub) -> None:
     p.add_argument("--pack", type=int, metavar="K", help="also estimate 'mixkd study run --pack K' (K runs in one "
                                                            "process) on one H100, from measured figures")
     p.add_argument("--set", **over)
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE", help=PLUGIN_HELP)
     p.set_defaults(handler=cmd_plan)
 
     p = commands.add_parser("run", help="run every unfinished run of a study (teachers first), then report",
@@ -55,6 +60,7 @@ def add_study_parser(sub) -> None:
                         "step-exact checkpoint and the command exits with status 75; run it again to continue. "
                         "SIGTERM/SIGUSR1 do the same (SLURM's --signal)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray on this machine)")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE", help=PLUGIN_HELP)
     p.add_argument("--device", help="device for every run, overriding the study file: auto, cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="print one line per finished run instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -101,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from mixkd.study.spec import load_study
 
     _check_counts(args)
-    study = load_study(args.file, args.overrides)
+    study = load_study(args.file, args.overrides, plugins=args.plugins)
     print(format_plan(study, _out(args, study), pack=args.pack))
     print("\n" + claims_plan(study))
     return 0
@@ -180,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
-    study = load_study(args.file, args.overrides)
+    study = load_study(args.file, args.overrides, plugins=args.plugins)
     return run_and_report(study, _out(args, study), args.executor, args.workers, args.pack, args.address,
                           args.device, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report,
                           threads=args.threads, time_limit=limit)

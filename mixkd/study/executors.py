@@ -46,7 +46,7 @@ import torch
 from mixkd.control import StopControl, wall_to_monotonic
 from mixkd.data.loaders import available_cores
 from mixkd.errors import MixkdError
-from mixkd.files import make_dir, open_nofollow
+from mixkd.files import locks_unsupported, make_dir, open_nofollow
 from mixkd.run_folder import RunFolder
 from mixkd.study.folder import WORKERS_LOCK, folder_problem
 from mixkd.study.packworker import PackWorker
@@ -130,7 +130,11 @@ def _local_worker(parent: int, index: int, env: dict[str, str], threads: int, sl
     lock = None
     if lock_path:  # held (shared) while this worker lives: a new study run waits for it
         lock = open_nofollow(lock_path, "a")  # held for the process's life
-        fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        except OSError as e:  # a file system without locks: a new study run cannot wait for this worker
+            if not locks_unsupported(e):
+                raise
         # Runs log to their own log.txt; anything else (library warnings) goes to the worker's log, not
         # to the study's terminal.
         with open_nofollow(worker_log(lock_path, index), "a") as log:

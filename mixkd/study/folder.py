@@ -29,7 +29,7 @@ from typing import Any
 from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, flock_holders, hold_lock, open_nofollow
+from mixkd.files import atomic_write_text, flock_holders, hold_lock, locks_unsupported, open_nofollow
 from mixkd.run_folder import RunFolder, RunStatus
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
@@ -120,7 +120,8 @@ def load_folder(out: str | Path) -> tuple[Study, dict[str, Any] | None]:
         raise MixkdError(f"{out} is not a study folder (it has no {STUDY_COPY}); give the folder that "
                          "'mixkd study run --out' wrote")
     state = check_folder(out)
-    study = load_study(out / STUDY_COPY, (state or {}).get("overrides"), check_files=False)
+    found = {p["spec"]: p["path"] for p in (state or {}).get("plugins") or [] if isinstance(p, dict) and "spec" in p}
+    study = load_study(out / STUDY_COPY, (state or {}).get("overrides"), check_files=False, plugin_paths=found)
     return study, state
 
 
@@ -194,13 +195,31 @@ class StudyState:
                 entry["analysis"] = self.analysis[run.id].value
             if run.id in self.analysis_error:
                 entry["analysis_error"] = self.analysis_error[run.id]
+            if self.study.plugins:  # what it runs with (check_plugins)
+                entry["plugins"] = self.study.plugins
             runs[run.id] = entry
         state = {"format": FOLDER_FORMAT, "id": self.id, "mixkd_version": __version__, "overrides": self.study.overrides,
                  "study": self.study.name, "source": str(self.study.source),
                  "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "interrupted": interrupted, "counts": self.counts(),
+                 **({"plugins": self.study.plugins} if self.study.plugins else {}),
                  **({"analyses": self.analysis_counts()} if self.analysis else {}), "runs": runs}
         atomic_write_text(self.out / STATE_NAME, json.dumps(state, indent=1) + "\n")
+
+
+def check_plugins(study: Study, out: str | Path) -> None:
+    """Refuse, in one line, to continue a study whose runs were made with another plugin file than the one
+    the study file now loads (same ``plugins:`` entry, another SHA-256): a study moved to another machine
+    must bring its plugin files as they were."""
+    state = check_folder(out) or {}
+    now = {p["spec"]: p for p in study.plugins}
+    for run_id, entry in (state.get("runs") or {}).items():
+        for used in entry.get("plugins") or [] if isinstance(entry, dict) else []:
+            current = now.get(used.get("spec"))
+            if current is not None and current["sha256"] != used.get("sha256"):
+                raise MixkdError(f"{out}: run {run_id} was made with plugin {used.get('spec')} of SHA-256 "
+                                 f"{str(used.get('sha256'))[:12]}… ({used.get('path')}), but {current['path']} has "
+                                 f"{current['sha256'][:12]}…: put the plugin file it ran with there, or use another --out")
 
 
 # ---- the lock ----------------------------------------------------------------------------------
@@ -235,7 +254,9 @@ class FolderLock:
                     fcntl.flock(w, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     fcntl.flock(w, fcntl.LOCK_UN)
                     return
-                except OSError:
+                except OSError as e:
+                    if locks_unsupported(e):  # no locks on this file system: workers cannot be told
+                        return
                     if time.monotonic() > deadline:
                         pids = " ".join(str(p) for p in flock_holders(self.workers))
                         self.__exit__()

@@ -37,6 +37,7 @@ from mixkd.claims import (
 )
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text
+from mixkd.registry import load_plugin
 from mixkd.results import write_csv as results_table
 from mixkd.run_folder import ANALYSIS_NAME
 from mixkd.study.figures import (
@@ -48,7 +49,7 @@ from mixkd.study.figures import (
     plot_tsne_montage,
     tsne_pair,
 )
-from mixkd.study.folder import STUDY_COPY
+from mixkd.study.folder import STATE_NAME, STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
 from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
@@ -151,6 +152,21 @@ def study_claims(rows: list[dict[str, Any]], spec: dict[str, Any],
 
 # ---- the report -------------------------------------------------------------------------------
 
+def _load_recorded_plugins(out: Path) -> None:
+    """Load the plugins the study folder's state records, where their files are still there (a report
+    of a study moved without them labels their methods by name)."""
+    try:
+        state = json.loads((out / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    for plugin in state.get("plugins") or [] if isinstance(state, dict) else []:
+        if isinstance(plugin, dict) and Path(str(plugin.get("path"))).is_file():
+            try:
+                load_plugin(str(plugin["path"]))
+            except MixkdError:  # another file registering that name is loaded already: its labels serve
+                pass
+
+
 def write_report(out: str | Path, metric: str = "top1") -> Path:
     """Write ``results.csv``, ``report.md`` and its figures into study folder ``out``; returns report.md."""
     out = Path(out)
@@ -158,6 +174,7 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
         raise MixkdError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
     if not out.is_dir():
         raise MixkdError(f"study folder not found: {out}")
+    _load_recorded_plugins(out)  # their methods' labels and titles in the tables
     rows = collect(out)
     if not rows:
         raise MixkdError(f"no runs found in {out}; is it a study folder (mixkd study run FILE --out {out})?")

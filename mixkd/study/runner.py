@@ -43,6 +43,7 @@ from mixkd.study.folder import (
     StudyState,
     analysis_status,
     check_folder,
+    check_plugins,
     check_run,
 )
 from mixkd.study.spec import PlannedRun, Study, check_device
@@ -91,6 +92,7 @@ def run_study(study: Study, out: str | Path, executor: Executor, device: str | N
     if problem:
         raise MixkdError(problem)
     check_folder(out)  # a folder of another mixkd version: an error before anything in it changes
+    check_plugins(study, out)  # a plugin file that is not the one its runs were made with
     _check_teacher_runs(study, out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ import difflib
 import itertools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,17 +53,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from mixkd import __version__
 from mixkd.config import (
-    GENERIC_KD_DEFAULTS,
-    KD_METHODS,
-    KD_PARAMS,
     MACHINE_KEYS,
     RunConfig,
     load_yaml,
     parse_override,
     set_dotted,
 )
+from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
 from mixkd.models import default_lr
+from mixkd.registry import KD_METHODS, load_plugin
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
 
@@ -73,15 +73,37 @@ class Method:
     name: str  # its key in METHODS and its part of run ids
     label: str  # column title in the report
     task: Literal["train", "distill"]
-    kd: str | None  # the KD method (mixkd.config.KD_METHODS), None for the student alone
+    kd: str | None  # the KD method (mixkd.registry.KD_METHODS), None for the student alone
     mixing: Literal["none", "full", "partial"]
 
 
 _MIXINGS = (("", "none", ""), ("_fmu", "full", " + full mixup"), ("_pmu", "partial", " + partial mixup"))
-# The student alone, and every KD method of the catalogue alone, with full (_fmu) and with partial (_pmu) mixup.
-METHODS: dict[str, Method] = {"alone": Method("alone", "student alone", "train", None, "none")} | {
-    f"{kd}{suffix}": Method(f"{kd}{suffix}", f"{m.long}{text}", "distill", kd, mixing)
-    for kd, m in KD_METHODS.items() for suffix, mixing, text in _MIXINGS}
+
+
+class StudyMethods(Mapping):
+    """The study's methods: the student alone, and every KD method registered (built in, or loaded from a
+    plugin) alone, with full (``_fmu``) and with partial (``_pmu``) mixup; read from the registry each
+    time, so that a plugin's methods are there once it is loaded."""
+
+    def _all(self) -> dict[str, Method]:
+        methods = {"alone": Method("alone", "student alone", "train", None, "none")}
+        for kd in method_names():
+            title = KD_METHODS.get(kd).title
+            methods |= {f"{kd}{suffix}": Method(f"{kd}{suffix}", f"{title}{text}", "distill", kd, mixing)
+                        for suffix, mixing, text in _MIXINGS}
+        return methods
+
+    def __getitem__(self, name: str) -> Method:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+METHODS = StudyMethods()
 
 # Keys the grid sets; a recipe, the defaults or an override may not set them.
 GRID_KEYS = {
@@ -94,7 +116,9 @@ GRID_KEYS = {
 # (its folder, its teacher's path: compared by teacher run id, see saved_config_mismatch) and the
 # machine-local keys that a resumed run takes from the new command (config.MACHINE_KEYS), so
 # that a study folder moved to another machine continues with ``--set data_dir=...`` there.
-PLACEMENT_KEYS = {"out", "kd.teacher", *MACHINE_KEYS}
+# The plugins' paths too: a moved study finds its plugin files elsewhere; their contents are compared by
+# SHA-256 instead (mixkd.study.folder.check_plugins).
+PLACEMENT_KEYS = {"out", "kd.teacher", "plugins", *MACHINE_KEYS}
 
 
 def _listify(value: Any) -> Any:
@@ -102,8 +126,12 @@ def _listify(value: Any) -> Any:
 
 
 def _known_method(name: str) -> str:
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+    known = list(METHODS)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown method '{name}'{hint}; known: {', '.join(known)} (a KD method of your own: "
+                         "list its file under plugins:)")
     return name
 
 
@@ -245,6 +273,8 @@ class StudyFile(_Strict):
     students: list[StudentGroup] = []
     analysis: Annotated[StudyAnalysis | None, BeforeValidator(_analysis_flag)] = None
     claims: ClaimsSetting = ClaimsSetting()
+    plugins: Annotated[list[str], BeforeValidator(_listify)] = Field(
+        [], description="plugin files (paths from the study file's folder) or modules registering KD methods")
 
 
 @dataclass
@@ -300,6 +330,7 @@ class Study:
     runs: list[PlannedRun] = field(default_factory=list)
     tsne_pair: tuple[str, str] | None = None  # (teacher, student model) of the report's t-SNE montage
     overrides: list[str] = field(default_factory=list)  # the --set KEY=VALUE it was loaded with
+    plugins: list[dict[str, str]] = field(default_factory=list)  # {spec, path, sha256} of each plugin it loaded
 
     def run(self, run_id: str) -> PlannedRun:
         return next(r for r in self.runs if r.id == run_id)
@@ -357,7 +388,8 @@ def _without_method_keys(tree: dict[str, Any]) -> dict[str, Any]:
     kd = tree.get("kd")
     if not isinstance(kd, dict):
         return tree
-    return {**tree, "kd": {k: v for k, v in kd.items() if k not in KD_PARAMS or k in GENERIC_KD_DEFAULTS}}
+    shared = {"teacher", "teacher_model", "method", *KDSettings.model_fields}
+    return {**tree, "kd": {k: v for k, v in kd.items() if k in shared}}
 
 
 class _Expander:
@@ -643,10 +675,13 @@ def check_teacher_checkpoints(spec: StudyFile, source: str, text: str = "") -> N
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None,
-               check_files: bool = True) -> Study:
+               check_files: bool = True, plugins: list[str] | None = None,
+               plugin_paths: dict[str, str] | None = None) -> Study:
     """Read, validate and expand a study file. ``overrides`` ('key=value') apply to every run;
     ``seeds`` replaces every group's seeds (used by ``mixkd demo --seed``). A study without runs, and
-    (with ``check_files``) an existing teacher checkpoint that is not there, are errors."""
+    (with ``check_files``) an existing teacher checkpoint that is not there, are errors. ``plugins``
+    (``--plugin``: paths from the working directory) add to the file's ``plugins:``; ``plugin_paths``
+    ({entry: path}) says where the entries of a study file copied into its folder were found."""
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
@@ -656,6 +691,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:
             if isinstance(group, dict) and "checkpoint" not in group:
                 group["seeds"] = list(seeds)
+    if plugins and isinstance(data, dict):
+        listed = data.get("plugins") or []
+        data["plugins"] = [*(listed if isinstance(listed, list) else [listed]),
+                           *(load_plugin(spec).ref for spec in plugins)]
+    plugins = _load_plugins(data, p, plugin_paths or {})
     spec = parse_study(data, str(p))
     runs = expand(spec, str(p), overrides)
     if not runs:
@@ -665,7 +705,31 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
         check_teacher_checkpoints(spec, str(p), text)
     pair = spec.analysis.tsne_pair if spec.analysis is not None else None
     return Study(spec.name, spec.description, p, text, runs, (pair.teacher, pair.student) if pair else None,
-                 list(overrides or []))
+                 list(overrides or []), plugins)
+
+
+def _load_plugins(data: Any, path: Path, found: dict[str, str]) -> list[dict[str, str]]:
+    """Load the study file's ``plugins:`` (relative paths from its folder) before its methods are read, and
+    give every run them (``defaults.plugins``, resolved). Their {spec, path, sha256}."""
+    if not isinstance(data, dict) or not data.get("plugins"):
+        return []
+    listed = data["plugins"] if isinstance(data["plugins"], list) else [data["plugins"]]
+    loaded = []
+    for spec in listed:
+        if not isinstance(spec, str):
+            raise MixkdError(f"invalid study file {path}: plugins: {spec!r} is not a file path or a module name")
+        try:
+            plugin = load_plugin(found.get(spec, spec), path.parent)
+        except MixkdError as e:
+            raise MixkdError(f"invalid study file {path}: {e}") from None
+        loaded.append((spec, plugin))
+    defaults = data.get("defaults")
+    if isinstance(defaults, dict):
+        own = defaults.get("plugins") or []
+        defaults["plugins"] = [*(own if isinstance(own, list) else [own]), *(pl.ref for _, pl in loaded)]
+    elif defaults is None:
+        data["defaults"] = {"plugins": [pl.ref for _, pl in loaded]}
+    return [{"spec": spec, "path": pl.path, "sha256": pl.sha256} for spec, pl in loaded]
 
 
 def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Path) -> str | None:
@@ -676,7 +740,9 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     versions) and ``../../teachers/x`` are the same teacher, so a moved folder matches its plan.
     Keys this version does not know mean a run made by another mixkd version."""
     planned = run.config_for(out).model_dump(mode="json")
-    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS)
+    # kd settings saved empty (older versions wrote every method's keys, null where unused) are no difference
+    unused = {k for k in _flat_keys(saved) if k.startswith("kd.") and _get(saved, k) is None}
+    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused)
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")

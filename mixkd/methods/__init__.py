@@ -1,0 +1,6 @@
+"""The built-in KD methods, one module each (see :mod:`mixkd.distiller` for the contract): importing
+this package registers them in :data:`mixkd.registry.KD_METHODS`, in this order (the order of
+``--help``, of the report's columns and of the claims)."""
+
+# isort: skip_file
+from mixkd.methods import alone, kd, std, dkd, lskd, dist, fitnet  # noqa: F401, I001  (each registers itself)
