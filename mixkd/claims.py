@@ -833,10 +833,9 @@ def _claim6(results: list[Result], metric: str) -> ClaimResult:
     top-1 (``metric``), and with their mean test loss where the table gives one (``test_loss``)."""
     groups, notes = _rank_groups(results), []
     correlations, gaps = [], []
-    methods = list(KD_SHORT)
     for (ctx, kd, temperature), by_policy in sorted(groups.items(), key=lambda kv: (
-            methods.index(kv[0][1]) if kv[0][1] in methods else len(methods), kv[0][1], natural(kv[0][0].teacher or ""),
-            natural(kv[0][0].student), kv[0][0].settings, kv[0][2] or 0)):
+            kd_order(kv[0][1]), natural(kv[0][0].teacher or ""), natural(kv[0][0].student), kv[0][0].settings,
+            kv[0][2] or 0)):
         method = Cell(kd, temperature).label
         stddev: dict[str, float] = {}
         for label, runs in by_policy.items():
