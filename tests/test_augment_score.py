@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
 
 from mixkd.analysis.augment_score import (
+    augment_batch,
     augment_score,
     batch_mean_probs,
     bootstrap_interval,
@@ -74,23 +76,59 @@ class _Linear(torch.nn.Module):
         return x.float().mean((1, 2, 3))[:, None] * self.scale
 
 
+class _Pick:
+    """A batch policy that picks with the teacher (CutMixPick's interface): a pool of the batch and its mirror
+    image, the teacher's most confident half kept."""
+
+    needs_models = True
+    settings = types.SimpleNamespace(criterion="teacher_entropy")
+
+    def __init__(self):
+        self.scored = []
+
+    def candidates(self, x, y, generator=None):
+        return torch.cat([x, x.flip(-1)])
+
+    def pick(self, pool, teacher_logits, student_logits, batch_size):
+        self.scored.append((teacher_logits, student_logits))
+        return teacher_logits.max(-1).values.topk(batch_size // 2).indices
+
+
 class _StandIn:
-    """The pipeline contract: ``sample`` scales uint8 to [0, 1] and, for 'flip', flips; ``mix`` keeps the
-    batch (or, for 'pick', keeps the teacher's most confident half twice: a policy that needs the teacher)."""
+    """The policy pipeline's interface (mixkd.augment.Pipeline): ``sample(x_uint8, native=...)`` scales to
+    [0, 1] (and, for 'flip', flips); ``batch``: None, a mixing policy (``method``) or one that picks."""
 
     def __init__(self, spec: str):
-        self.spec, self.teachers = spec, []
+        self.spec, self.natives = spec, []
+        self.batch = _Pick() if spec == "pick" else types.SimpleNamespace(method="mixup") if spec == "mixup" else None
 
-    def sample(self, x):
+    def sample(self, x, seed=None, native=False):
+        self.natives.append(native)
         x = x.float() / 255
         return x.flip(-1) if self.spec == "flip" else x
 
-    def mix(self, x, y, teacher=None, student=None):
-        self.teachers.append(teacher)
-        if self.spec != "pick":
-            return x, y
-        top = teacher(x).max(-1).values.topk(x.shape[0] // 2).indices
-        return torch.cat([x[top], x[top]]), torch.cat([y[top], y[top]])
+
+def test_augment_batch_per_sample_then_batch_stage():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 2, 2), dtype=torch.uint8, generator=gen)
+    y = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    teacher = _Linear(3)
+    flip = _StandIn("flip")
+    assert torch.equal(augment_batch(flip, x, y, teacher), (x.float() / 255).flip(-1)) and flip.natives == [True]
+    # mixup: every sample a convex combination of two images of the batch (Beta(1, 1) weights)
+    mixed = augment_batch(_StandIn("mixup"), x, y, teacher, torch.Generator().manual_seed(1))
+    assert mixed.shape == x.shape and not torch.equal(mixed, x.float() / 255)
+    assert mixed.min() >= (x.float() / 255).min() and mixed.max() <= (x.float() / 255).max()
+    # a pick: scored by the teacher only, the kept half of the pool returned
+    pick = _StandIn("pick")
+    out = augment_batch(pick, x, y, teacher)
+    pool = torch.cat([x.float() / 255, (x.float() / 255).flip(-1)])
+    (t_logits, s_logits), = pick.batch.scored
+    assert torch.equal(t_logits, teacher(pool)) and s_logits is None
+    assert torch.equal(out, pool[teacher(pool).max(-1).values.topk(3).indices])
+    pick.batch.settings = types.SimpleNamespace(criterion="student_entropy")
+    with pytest.raises(MixkdError, match="teacher only"):
+        augment_batch(pick, x, y, teacher)
 
 
 def test_score_policy_runs_the_teacher_on_the_pipelines_batches():
@@ -101,14 +139,14 @@ def test_score_policy_runs_the_teacher_on_the_pipelines_batches():
     pipe = _StandIn("pick")
     done = []
     means, ents = score_policy(teacher, iter(raw), pipe, 3, 3, temperature=2.0, progress=done.append)
-    assert done == [1, 2, 3] and pipe.teachers == [teacher] * 3
+    assert done == [1, 2, 3] and len(pipe.batch.scored) == 3
     expected = []
     for x, _ in raw:
-        x = x.float() / 255
-        top = teacher(x).max(-1).values.topk(2).indices
-        expected.append(torch.softmax(teacher(x[top]) / 2, -1).mean(0))
+        pool = torch.cat([x.float() / 255, (x.float() / 255).flip(-1)])
+        top = teacher(pool).max(-1).values.topk(2).indices
+        expected.append(torch.softmax(teacher(pool[top]) / 2, -1).mean(0))
     assert torch.allclose(means, torch.stack(expected))
-    assert ents.shape == (12,)
+    assert ents.shape == (6,)
 
 
 def test_score_means_and_table():
@@ -144,8 +182,8 @@ def digits_teacher(tmp_path_factory):
 def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
     pipes = {}
 
-    def make(spec, settings, *, image_size, mean, std, device, generator):
-        assert (image_size, len(mean), len(std), settings) == (32, 3, 3, {})
+    def make(spec, settings, *, image_size, mean, std, device, generator, dataset, temperature):
+        assert (image_size, len(mean), len(std), settings, dataset, temperature) == (32, 3, 3, {}, "digits", 4.0)
         pipes[spec] = _StandIn(spec)
         return pipes[spec]
 
@@ -156,8 +194,6 @@ def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
     assert all(s.batches == 3 and s.temperature == 4.0 and s.low <= s.t_stddev <= s.high for s in scores)
     assert scores[0].t_stddev != scores[1].t_stddev  # the same batches, augmented differently
     # the command: the pipeline factory comes from mixkd.augment (the stand-in here), --json
-    import types
-
     from mixkd.cli import main
 
     monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", types.SimpleNamespace(make_pipeline=make))

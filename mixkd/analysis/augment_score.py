@@ -13,7 +13,8 @@ percentile bootstrap interval over the N batches (resampled with replacement), a
 entropy (nats, at the same temperature) on the same samples.
 
 Pure functions: :func:`batch_mean_probs`, :func:`t_stddev`, :func:`bootstrap_interval`,
-:func:`mean_entropy`; :func:`score_policy` runs the teacher over a pipeline's batches and
+:func:`entropy`; :func:`augment_batch` puts a raw batch through a policy pipeline, :func:`score_policy` runs
+the teacher over a pipeline's batches and
 :func:`augment_score` does the whole command (a teacher run, the dataset's training split, each policy's
 pipeline from :func:`mixkd.augment.make_pipeline`).
 """
@@ -96,20 +97,40 @@ def score_means(policy: str, means: torch.Tensor, entropies: torch.Tensor, tempe
                        temperature)
 
 
+def augment_batch(pipeline: Any, x: torch.Tensor, y_onehot: torch.Tensor, teacher: torch.nn.Module,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A raw uint8 batch through a policy pipeline (:mod:`mixkd.augment`): the per-sample stage with the
+    loader-native policies too (``sample(x, native=True)``: there is no loader here), then the batch stage:
+    mixup or CutMix by :func:`mixkd.mix.mix_batch` (every sample, Beta(1, 1), as the policy's defaults), or a
+    policy that picks with the models (CutMixPick: its pool of candidates, scored by the teacher, the kept ones
+    returned; a criterion that needs the student is refused: augment-score runs the teacher only)."""
+    from mixkd.mix import MixSpec, mix_batch
+
+    x = pipeline.sample(x, native=True)
+    batch = getattr(pipeline, "batch", None)
+    if batch is None:
+        return x
+    if getattr(batch, "needs_models", False):
+        criterion = getattr(batch.settings, "criterion", "teacher_entropy")
+        if criterion != "teacher_entropy":
+            raise MixkdError(f"{pipeline.spec}: augment-score runs the teacher only, so it scores a pick by the "
+                             f"teacher's entropy; {criterion} needs the student: use criterion teacher_entropy")
+        pool = batch.candidates(x, y_onehot, generator)
+        return pool.index_select(0, batch.pick(pool, teacher(pool), None, x.shape[0]))
+    return mix_batch(x, y_onehot, MixSpec(batch.method), generator)[0]
+
+
 @torch.no_grad()
 def score_policy(teacher: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], pipeline: Any,
                  num_classes: int, n: int, temperature: float = DEFAULT_TEMPERATURE,
-                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the teacher on ``n`` augmented batches: each raw (uint8 images, labels) batch goes through
-    ``pipeline.sample`` (per sample) then ``pipeline.mix`` (the batch stage; the teacher is passed for the
-    policies that pick by it, CutMixPick). Returns the (n, C) batch-mean probabilities and every sample's
-    entropy. The teacher only: no student, no gradient."""
+                 progress: Callable[[int], None] | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the teacher on ``n`` batches augmented by ``pipeline`` (:func:`augment_batch`). Returns the (n, C)
+    batch-mean probabilities and every sample's entropy. The teacher only: no student, no gradient."""
     means, ents = [], []
     for i in range(n):
         x, y = next(batches)
-        x = pipeline.sample(x)
-        x, _ = pipeline.mix(x, F.one_hot(y, num_classes).float(), teacher=teacher)
-        logits = teacher(x)
+        logits = teacher(augment_batch(pipeline, x, F.one_hot(y, num_classes).float(), teacher, generator))
         means.append(batch_mean_probs(logits, temperature))
         ents.append(entropy(logits, temperature))
         if progress is not None:
@@ -194,10 +215,12 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
     for policy in policies:
         gen = torch.Generator(device=dev).manual_seed(seed)
         pipeline = make_pipeline(policy, {}, image_size=spec.image_size, mean=spec.mean, std=spec.std, device=dev,
-                                 generator=gen)
+                                 generator=gen, dataset=dataset, temperature=temperature)
         draws = random_batches(train.images, train.labels, batch_size, dev, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)  # the per-sample policies draw from torch's global generator
         means, ents = score_policy(teacher, draws, pipeline, spec.num_classes, batches, temperature,
-                                   None if progress is None else (lambda i, policy=policy: progress(policy, i, batches)))
+                                   None if progress is None else (lambda i, policy=policy: progress(policy, i, batches)),
+                                   generator=gen)
         scores.append(score_means(policy, means, ents, temperature, reps, torch.Generator().manual_seed(seed)))
     return scores
 
