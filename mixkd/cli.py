@@ -501,10 +501,13 @@ def _cmd_augment_score(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    saved = None
+    if Path(args.teacher).is_dir():  # a run folder keeps its scores: a study's report reads them (claim 6)
+        saved = score.save_scores(args.teacher, scores, args.batch_size or score.DEFAULT_BATCH_SIZE)
     if args.json:
         print(json.dumps([s.as_dict() for s in scores]))
     else:
-        print(score.format_scores(scores))
+        print(score.format_scores(scores) + (f"\nsaved in {saved}" if saved else ""))
     return 0
 
 

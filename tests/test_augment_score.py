@@ -206,3 +206,26 @@ def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", None)  # an import of it fails
     assert main(["augment-score", "--teacher", str(digits_teacher), "--dataset", "digits"]) == 2
     assert "needs the augmentation policies" in capsys.readouterr().err
+
+
+def test_scores_saved_in_the_teacher_folder_reach_a_study_row(tmp_path):
+    from mixkd.analysis.augment_score import read_scores, save_scores
+    from mixkd.study.rows import _t_stddev
+
+    teacher = tmp_path / "teachers" / "resnet8-plain-s0"
+    teacher.mkdir(parents=True)
+    means = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    save_scores(teacher, [score_means("flip_crop", means, torch.ones(2), 4.0, reps=20),
+                          score_means("flip_crop+mixup", means / 2, torch.ones(2), 4.0, reps=20)], 64)
+    save_scores(teacher, [score_means("flip_crop", means / 4, torch.ones(2), 4.0, reps=20)], 64)  # scored again
+    assert read_scores(teacher) == {"flip_crop": pytest.approx(0.05), "flip_crop+mixup": pytest.approx(0.1)}
+    cfg = {"task": "distill", "augment": "flip_crop", "mix": {"method": "none"}}
+    assert _t_stddev(tmp_path, "teachers/resnet8-plain-s0", cfg) == pytest.approx(0.05)
+    full = {**cfg, "mix": {"method": "mixup", "fraction": 1.0}}  # mixing every sample by mix:, as the spec's +mixup
+    assert _t_stddev(tmp_path, "teachers/resnet8-plain-s0", full) == pytest.approx(0.1)
+    partial = {**cfg, "mix": {"method": "mixup", "fraction": 0.1}}
+    assert _t_stddev(tmp_path, "teachers/resnet8-plain-s0", partial) is None
+    assert _t_stddev(tmp_path, "teachers/other", cfg) is None and read_scores(tmp_path) == {}
+    (teacher / "augment-score.json").write_text("[1]")
+    with pytest.raises(MixkdError, match="not an augment-score file"):
+        read_scores(teacher)

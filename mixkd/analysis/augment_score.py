@@ -21,9 +21,11 @@ pipeline from :func:`mixkd.augment.make_pipeline`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,8 +178,6 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
     the policy pipeline factory (default :func:`mixkd.augment.make_pipeline`, the registry's). Every policy sees
     batches drawn by one seed, so policies differ in their augmentation only. ``progress(policy, done, total)``
     is called after each batch."""
-    from pathlib import Path
-
     from mixkd.checkpoint import load_checkpoint
     from mixkd.data import load_dataset
     from mixkd.device import resolve_device
@@ -223,6 +223,39 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
                                    generator=gen)
         scores.append(score_means(policy, means, ents, temperature, reps, torch.Generator().manual_seed(seed)))
     return scores
+
+
+SCORES_NAME = "augment-score.json"  # in a teacher's run folder: its scores, one per policy spec
+SCORES_FORMAT = "mixkd-augment-score-1"
+
+
+def save_scores(run_dir: str | Path, scores: Sequence[PolicyScore], batch_size: int) -> Path:
+    """Add ``scores`` to ``run_dir``'s :data:`SCORES_NAME` (a policy scored again replaces its entry; atomic):
+    ``{"format", "scores": {spec: {...PolicyScore, "batch_size"}}}``, which a study's report reads to give
+    each student its teacher's T. stddev (claim 6)."""
+    from mixkd.files import atomic_write_text, read_json
+
+    path = Path(run_dir) / SCORES_NAME
+    saved = read_json(path, "delete it: mixkd augment-score writes it anew") if path.exists() else {}
+    entries = dict(saved.get("scores", {})) if isinstance(saved, dict) else {}
+    entries.update({s.policy: {**s.as_dict(), "batch_size": batch_size} for s in scores})
+    atomic_write_text(path, json.dumps({"format": SCORES_FORMAT, "scores": entries}, indent=1) + "\n")
+    return path
+
+
+def read_scores(run_dir: str | Path) -> dict[str, float]:
+    """{policy spec: T. stddev} saved in ``run_dir`` by :func:`save_scores` ({} where there is none)."""
+    from mixkd.files import read_json
+
+    path = Path(run_dir) / SCORES_NAME
+    if not path.is_file():
+        return {}
+    saved = read_json(path, "delete it: mixkd augment-score writes it anew")
+    entries = saved.get("scores") if isinstance(saved, dict) else None
+    if not isinstance(entries, dict):
+        raise MixkdError(f"{path} is not an augment-score file (no 'scores'): delete it; mixkd augment-score writes "
+                         "it anew")
+    return {spec: float(e["t_stddev"]) for spec, e in entries.items() if isinstance(e, dict) and "t_stddev" in e}
 
 
 def format_scores(scores: Sequence[PolicyScore]) -> str:
