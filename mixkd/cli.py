@@ -265,7 +265,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--augment", help="comma-separated policy specs (default: none,flip_crop,cutout,autoaugment,"
                                      "mixup,cutmix,cutmix_pick)")
     p.add_argument("--batches", type=int_in(2, 1_000_000, "--batches"),
-                   help="augmented batches per policy (default: 50)")
+                   help="augmented batches per policy (default: 200: fewer widen the interval and make it miss more often)")
     p.add_argument("--batch-size", type=int_in(2, 65_536, "--batch-size"),
                    help="images per batch (default: 64, the recipe's: the statistic depends on it)")
     p.add_argument("--temperature", type=float, help="softmax temperature (default: a distillation run's kd.temperature, else 4)")

@@ -8,9 +8,9 @@ standard deviation of that vector over the N batches, averaged over the classes
 (``stack(avg_probs).std(0).mean()``; torch's unbiased std). A lower T. stddev predicts a better student
 (claim 6 of :mod:`mixkd.claims` tests that ranking on a study's results).
 
-Here the probabilities are taken at the KD temperature (issue 28), and the statistic comes with a
-percentile bootstrap interval over the N batches (resampled with replacement), and the teacher's mean
-entropy (nats, at the same temperature) on the same samples.
+Here the probabilities are taken at the KD temperature (issue 28), and the statistic comes with a basic
+bootstrap interval over the N batches (resampled with replacement), and the teacher's mean entropy (nats, at
+the same temperature) on the same samples.
 
 Pure functions: :func:`batch_mean_probs`, :func:`t_stddev`, :func:`bootstrap_interval`,
 :func:`entropy`; :func:`augment_batch` puts a raw batch through a policy pipeline, :func:`score_policy` runs
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from mixkd.errors import MixkdError
 
-DEFAULT_BATCHES = 50  # batches per policy (Wang et al. sample the training set in batches; 50 x 64 = 3,200 images)
+DEFAULT_BATCHES = 200  # batches per policy (200 x 64 = 12,800 images): the interval covered 92% at 200, 80% at 50 (BENCHMARKS.md)
 DEFAULT_BATCH_SIZE = 64  # the recipe's batch (REFERENCE.md): the statistic depends on it (a mean over the batch)
 DEFAULT_TEMPERATURE = 4.0  # the KD temperature of the study's recipe (RepDistiller, REFERENCE.md)
 BOOTSTRAP_REPS = 2000
@@ -61,18 +61,22 @@ def entropy(logits: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> t
 
 
 def bootstrap_interval(means: torch.Tensor, reps: int = BOOTSTRAP_REPS, level: float = LEVEL,
-                       generator: torch.Generator | None = None) -> tuple[float, float]:
-    """The percentile bootstrap interval of :func:`t_stddev` over the batches: ``reps`` resamples of the N
-    batches with replacement (vectorised: one (reps, N) index draw)."""
+                       generator: torch.Generator | None = None, chunk: int = 250) -> tuple[float, float]:
+    """The basic (reverse percentile) bootstrap interval of :func:`t_stddev` over the batches: ``reps`` resamples
+    of the N batches with replacement, ``[2 est - q_high, 2 est - q_low]`` (low clipped at 0). A resample repeats
+    batches, so its spread falls short of the estimate's: the percentile interval sits below the estimate and
+    covered the true value less often in simulation (bench/augment_score_sim.py, BENCHMARKS.md). Drawn
+    ``chunk`` resamples at a time (memory: chunk x N x C doubles)."""
     n = means.shape[0]
     if n < 2:
         raise MixkdError(f"a bootstrap interval needs at least 2 batches, got {n}")
-    idx = torch.randint(0, n, (reps, n), generator=generator)
-    samples = means.double()[idx]  # (reps, N, C)
-    stats = samples.std(1).mean(-1)  # (reps,)
+    data = means.double()
+    stats = torch.cat([data[torch.randint(0, n, (min(chunk, reps - start), n), generator=generator)].std(1).mean(-1)
+                       for start in range(0, reps, chunk)])
     tail = (1 - level) / 2
-    low, high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=stats.dtype))
-    return float(low), float(high)
+    q_low, q_high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=stats.dtype)).tolist()
+    est = t_stddev(means)
+    return max(0.0, 2 * est - q_high), 2 * est - q_low
 
 
 @dataclass(frozen=True)
