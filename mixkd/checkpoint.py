@@ -270,13 +270,15 @@ def _load_torch(path: Path) -> Checkpoint:
             raise MixkdError(f"checkpoint {path} holds code, not only weights (it calls {code[0]}): refused; mixkd "
                              "never unpickles code: ask for the weights as a state_dict or a .safetensors file") from None
         raise MixkdError(f"checkpoint {path} is corrupt, truncated or not a weights file ({_torch_reason(e)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        state, meta = obj["model"], {k: v for k, v in obj.items() if k != "model" and isinstance(v, (int, float, str))}
+    key = next((k for k in ("model", "state_dict") if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+    if key is not None:  # RepDistiller's {"model": ...}; timm's training script's {"state_dict": ...}
+        state, meta = obj[key], {k: v for k, v in obj.items() if k != key and isinstance(v, (int, float, str))}
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         state, meta = obj, {}
     else:
         raise MixkdError(f"checkpoint {path} holds no state_dict: expected {{'model': state_dict, ...}} as RepDistiller "
-                         "saves, or a bare state_dict as torchvision saves")
+                         "saves, {'state_dict': ...} as timm's train.py saves, or a bare state_dict as torchvision "
+                         "and timm save")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     return Checkpoint(state, meta)
 

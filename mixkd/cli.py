@@ -73,10 +73,11 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
 ]
 
 DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
-    (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, a RepDistiller .pth, or a torchvision state_dict .pth"),
-    (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a .pth, e.g. tv_resnet34 for torchvision's resnet34 weights)"),
+    (("--teacher",), "kd.teacher", {}, "teacher checkpoint: a mixkd run directory / .safetensors, a RepDistiller .pth, a timm .safetensors/.pth or torchvision .pth, a Hugging Face hub cache folder or hf-hub:ORG/NAME (from the local cache, offline)"),
+    (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a .pth: tv:resnet34 for torchvision's resnet34 weights, timm:resnet18 for timm's; a hub folder names its own)"),
     (("--kd",), "kd.method", {}, "the KD method (its settings are below, each defaulting to its authors'; "
                                  "--plugin FILE adds your own)"),
+    (("--teacher-input",), "kd.teacher_input", {"choices": ["auto", "model", "dataset"]}, "the teacher's preprocessing: auto (its pretrained config's for a timm:/tv: teacher from a library weights file), model, or dataset (default: auto)"),
 ]
 PLUGIN_HELP = ("a plugin: a .py file (or an importable module) registering KD methods of your own (see docs/methods.md); "
                "repeatable; its path and SHA-256 are recorded in the run")
@@ -276,7 +277,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.set_defaults(handler=_cmd_augment_score)
 
-    p = sub.add_parser("models", help="list the available architectures", description="List the model zoo.")
+    p = sub.add_parser("models", help="list the available architectures",
+                       description="List the model zoo (RepDistiller's CIFAR models and the tv_* ones), or with --source "
+                                   "the architectures of timm or torchvision, named timm:NAME / tv:NAME (the library's "
+                                   "own listing).")
+    p.add_argument("--source", choices=["timm", "tv"], help="list timm's or torchvision's classifiers instead")
+    p.add_argument("pattern", nargs="?", help="with --source: a wildcard (resnet*, *vit*) or a word the names contain")
     p.add_argument("--params", action="store_true", help="also count parameters (100 classes)")
     p.set_defaults(handler=_cmd_models)
 
@@ -495,9 +501,10 @@ def _cmd_augment_score(args: argparse.Namespace) -> int:
 
     try:
         scores = score.augment_score(args.teacher, policies, teacher_model=args.teacher_model, dataset=args.dataset,
-                               data_dir=args.data_dir, batches=args.batches or score.DEFAULT_BATCHES,
-                               batch_size=args.batch_size or score.DEFAULT_BATCH_SIZE,
-                               temperature=args.temperature, device=args.device, seed=args.seed, progress=progress)
+                                     data_dir=args.data_dir, batches=args.batches or score.DEFAULT_BATCHES,
+                                     batch_size=args.batch_size or score.DEFAULT_BATCH_SIZE,
+                                     temperature=args.temperature, device=args.device, seed=args.seed,
+                                     progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -512,12 +519,19 @@ def _cmd_augment_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from mixkd.models import available_models, create_model, default_lr
+    from mixkd.models import available_models, create_model, default_lr, list_external
 
-    for name in available_models():
+    if args.pattern and not args.source:
+        raise MixkdError("a PATTERN needs --source timm or --source tv (the zoo's own list is short: 'mixkd models')")
+    names = list_external(args.source, args.pattern) if args.source else available_models()
+    if args.source and not names:
+        raise MixkdError(f"no {args.source} model matches {args.pattern!r}; list them all with "
+                         f"'mixkd models --source {args.source}'")
+    width = max(14, *(len(n) for n in names))
+    for name in names:
         if args.params:
             n = sum(p.numel() for p in create_model(name, 100).parameters())
-            print(f"{name:14s} {n / 1e6:7.2f}M params  lr {default_lr(name)}")
+            print(f"{name:{width}s} {n / 1e6:7.2f}M params  lr {default_lr(name)}")
         else:
             print(name)
     return 0

@@ -93,9 +93,10 @@ class KDConfig(_Section):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth or a torchvision state_dict .pth")
-    teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: e.g. tv_resnet34 for torchvision's resnet34 weights)")
+    teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth, a timm .safetensors/.pth or torchvision .pth, a Hugging Face hub cache folder or hf-hub:ORG/NAME (local cache, offline)")
+    teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: tv:resnet34 for torchvision's resnet34 weights, timm:resnet18 for timm's; a hub folder names its own)")
     method: str = Field("kd", description="a registered KD method (mixkd.registry.KD_METHODS: mixkd/methods/, or a plugin's)")
+    teacher_input: Literal["auto", "model", "dataset"] = Field("auto", description="the teacher's input preprocessing: auto: its pretrained config's (size, mean, std, interpolation) when its weights come from a library file and its name is timm:/tv:, else the dataset's; model: its pretrained config's for the tv_* names too; dataset: always the dataset's (docs/models.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +114,10 @@ class KDConfig(_Section):
         return dict(self.model_extra or {})
 
 
+# The kd keys of every method: where the teacher is, what it is, and what input it gets.
+TEACHER_KEYS = ("teacher", "teacher_model", "teacher_input")
+
+
 def resolve_kd(kd: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
     """The ``kd`` section ``kd`` with its method's settings resolved for ``context`` (a setting given as
     None is unset). An unregistered method, a setting the method does not have or an invalid value:
@@ -120,8 +125,8 @@ def resolve_kd(kd: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
     method = kd.get("method", "kd")
     if not isinstance(method, str):
         raise MixkdError(f"kd.method must be a method's name, got {method!r}")
-    own = {k: kd[k] for k in ("teacher", "teacher_model") if k in kd}
-    given = {k: v for k, v in kd.items() if k not in ("teacher", "teacher_model", "method")}
+    own = {k: kd[k] for k in TEACHER_KEYS if k in kd}
+    given = {k: v for k, v in kd.items() if k not in (*TEACHER_KEYS, "method")}
     settings = KD_METHODS.get(method).resolve(given, context, where="kd")
     return {**own, "method": method, **settings.model_dump()}
 

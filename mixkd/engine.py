@@ -53,6 +53,7 @@ from mixkd.loading import load_teacher
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
+from mixkd.models.preprocess import Preprocessing
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
@@ -181,13 +182,18 @@ class Run:
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = create_model(cfg.model, self.data.num_classes).to(self.device, memory_format=memory_format)
+        self.model = create_model(cfg.model, self.data.num_classes, self.data.image_size).to(
+            self.device, memory_format=memory_format)
         if cfg.sync_bn and self.world > 1:
             self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl")
         self.teacher, self.teacher_arch = None, None
         if cfg.task == "distill":
-            self.teacher, self.teacher_arch = load_teacher(self.teacher_path, cfg.kd.teacher_model,
-                                                           self.data.num_classes, self.device, channels_last)
+            self.teacher, self.teacher_arch = load_teacher(
+                self.teacher_path, cfg.kd.teacher_model, self.data.num_classes, self.device, channels_last,
+                data=Preprocessing(self.data.image_size, self.data.mean, self.data.std),
+                teacher_input=cfg.kd.teacher_input)
+            if getattr(self.teacher, "preprocess_note", None):
+                self.notes.append(f"note: {self.teacher.preprocess_note}")
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
                                         channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
@@ -471,7 +477,10 @@ class Run:
             if self.compiling:
                 self._compile_step(x, y)
                 return True
-            self.step(x, y)
+            if isinstance(self.step, GraphedTrainStep) and not self.step.warm:
+                self._first_step(x, y)  # the capture
+            else:
+                self.step(x, y)
             self.step_in_epoch += 1
             self.output.stepped()
             self._tick()
@@ -486,14 +495,40 @@ class Run:
         """The first step of a compiled run: compilation (and graph capture), shown as its own phase."""
         self.output.phase("compiling the models (once per architecture and process)")
         t0 = time.perf_counter()
-        self.step(x, y)
+        self._first_step(x, y)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.compile_seconds = time.perf_counter() - t0
-        self._log(f"compiled in {self.compile_seconds:.1f} s (inductor; cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})")
+        if self.step.compiled:  # else it fell back to eager, and said so
+            self._log(f"compiled in {self.compile_seconds:.1f} s (inductor; cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})")
         self.step_in_epoch += 1
         self.output.stepped()
         self._clock = (time.perf_counter(), self.step_in_epoch)  # compilation is not a step's time
+
+    def _first_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The first step of a compiled or graphed run, which compiles or captures; where a model cannot be
+        compiled or captured (a timm/tv model dynamo cannot trace, say), the step falls back to eager with
+        one log line naming the models and why, from the state before the failed attempt."""
+        restore = self.step._snapshot()  # weights, buffers, optimizer, loss sums, the mixing and torch RNGs
+        try:
+            self.step(x, y)
+            return
+        except (MixkdError, TrainingDiverged):
+            raise
+        except Exception as e:  # dynamo/inductor or CUDA-graph capture errors come in many types
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            restore()
+            what = "compiled" if self.step.compiled else "captured as a CUDA graph"
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            models = self.cfg.model + (f" (teacher {self.teacher_arch})" if self.teacher_arch else "")
+            self._log(f"note: the step of {models} could not be {what} ({type(e).__name__}: {why}); it runs eagerly")
+        sums, steps = self.step.sums.clone(), self.step.steps
+        self.step = TrainStep(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
+                              self.precision, compile=False)
+        self.step.sums.copy_(sums)
+        self.step.steps = steps
+        self.step(x, y)
 
     def _tick(self) -> None:
         """Per-step bookkeeping: step time (synchronized now and then on CUDA) and the timed checkpoint."""

@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
     dev = resolve_device(device)
     chosen, why = eval_precision(precision, run_precision, dev.type)
     data = load_dataset(dataset, data_dir or "./data", download=download, image_size=image_size, splits=("test",))
-    net, arch = load_model(checkpoint, model, data.num_classes)
+    net, arch = load_model(checkpoint, model, data.num_classes, image_size=data.image_size)
     test_loader = make_test_loader(data, dev, batch_size or 1024, workers=workers)
     # as the run evaluates: bf16 autocast on channels-last weights (mixkd.engine), else fp32
     memory_format = torch.channels_last if chosen == "bf16" else torch.contiguous_format

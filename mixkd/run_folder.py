@@ -264,11 +264,15 @@ def run_status(run_dir: str | os.PathLike) -> RunStatus:
 
 # ---- the teacher -----------------------------------------------------------------------------------
 
+HUB_PREFIX = "hf-hub:"  # a teacher from the local Hugging Face cache (mixkd.loading)
+
+
 def resolve_teacher(teacher: str, run_dir: str | os.PathLike | None) -> str:
     """What a saved ``kd.teacher`` names: absolute as it is; relative to the run folder (how studies
-    write it), else relative to the working directory (runs made by older versions)."""
+    write it), else relative to the working directory (runs made by older versions). An
+    ``hf-hub:org/name`` (weights in the local Hugging Face cache) is no path and stays as it is."""
     p = Path(teacher)
-    if p.is_absolute() or run_dir is None:
+    if p.is_absolute() or run_dir is None or teacher.startswith(HUB_PREFIX):
         return str(p)
     beside = Path(os.path.normpath(Path(run_dir) / p))  # lexically: the run folder may not exist yet
     if beside.exists() or not p.exists():
@@ -283,6 +287,8 @@ def teacher_path(cfg: RunConfig, run_dir: str | os.PathLike, relative_to_run: bo
     t = cfg.kd.teacher
     if not t:
         return None
+    if t.startswith(HUB_PREFIX):
+        return t
     return resolve_teacher(t, run_dir) if relative_to_run else str(Path(t).resolve())
 
 
@@ -321,7 +327,9 @@ def default_run_dir(cfg: RunConfig) -> Path:
     """``runs/<task>-<model>-<dataset>-<time>-<pid>``: the process ID keeps the folders of commands
     started in the same second apart."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task}-{cfg.model}-{cfg.dataset}-{stamp}-{os.getpid()}"
+    from mixkd.models.registry import model_slug
+
+    return Path("runs") / f"{cfg.task}-{model_slug(cfg.model)}-{cfg.dataset}-{stamp}-{os.getpid()}"
 
 
 def writable_dir_problem(out: Path) -> str | None:

@@ -63,13 +63,18 @@ class SGD:
     @torch.no_grad()
     def step(self) -> None:
         grads = [p.grad for p in self.params]
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+        if self.weight_decay:  # in place: the step owns the gradients (zero_grad drops them)
+            torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
         if self.momentum:
             torch._foreach_mul_(self.buffers, self.momentum)
             torch._foreach_add_(self.buffers, grads)
             grads = self.buffers
-        torch._foreach_sub_(self.params, torch._foreach_mul(grads, self.lr))
+        if self.lr.device.type == "cpu":
+            # no graph to capture: the rate as a number, and no temporary copy of the model (on the CPU
+            # each allocating foreach op costs what a ResNet-18 step's tenth does; BENCHMARKS.md, issue 29)
+            torch._foreach_add_(self.params, grads, alpha=-self.lr.item())
+        else:
+            torch._foreach_sub_(self.params, torch._foreach_mul(grads, self.lr))
 
     def state_dict(self) -> dict:
         return {

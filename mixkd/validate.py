@@ -20,8 +20,9 @@ from mixkd.data import check_dataset, dataset_num_classes
 from mixkd.distiller import method_names
 from mixkd.errors import MixkdError
 from mixkd.header import checkpoint_header
-from mixkd.models import available_models
-from mixkd.models.registry import unknown_model_message
+from mixkd.loading import is_hub_source, resolve_source
+from mixkd.models import available_models, model_problem
+from mixkd.models.external import split_name
 from mixkd.registry import KD_METHODS
 from mixkd.run_folder import CHECKPOINT_NAME, CONFIG_NAME
 
@@ -93,11 +94,11 @@ def _method_problems(cfg: RunConfig) -> list[str]:
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:
-    known = set(available_models())
     names = [cfg.model]
     if cfg.task == "distill" and cfg.kd.teacher_model:
         names.append(cfg.kd.teacher_model)
-    return [("" if i == 0 else "teacher: ") + unknown_model_message(n) for i, n in enumerate(names) if n not in known]
+    problems = [(i, model_problem(n)) for i, n in enumerate(names)]
+    return [("" if i == 0 else "teacher: ") + p for i, p in problems if p]
 
 
 # ---- device and output folder ----------------------------------------------------------------
@@ -142,16 +143,24 @@ def teacher_problems(teacher: str, teacher_model: str | None, num_classes: int |
     """Problems with a teacher checkpoint, read from its header only: a missing or unreadable file,
     a truncated one, an architecture it does not name (then ``--teacher-model`` is needed), a class
     count that is not the dataset's."""
+    if is_hub_source(teacher):
+        try:
+            source = resolve_source(teacher)
+        except MixkdError as e:
+            return [f"teacher {e}"]
+        if not teacher_model and not source.architecture:
+            return [f"teacher {teacher}: its config.json names no architecture: pass --teacher-model"]
+        teacher, teacher_model = str(source.path), teacher_model or source.architecture
     p = Path(teacher).expanduser()
     if not p.exists():
-        if teacher in available_models():
+        if teacher in available_models() or split_name(teacher):
             return [f"teacher {teacher!r} is an architecture name, not a checkpoint: pass a run directory, "
                     ".safetensors or .pth as --teacher (and the architecture as --teacher-model)"]
         return [f"teacher checkpoint not found: {p}"]
     if p.is_dir():
         if not (p / CHECKPOINT_NAME).is_file():
             return [f"teacher {p} is a folder without {CHECKPOINT_NAME}: pass a finished mixkd run directory, "
-                    "a .safetensors or a RepDistiller .pth"]
+                    "a .safetensors or .pth, or a Hugging Face hub cache folder (models--ORG--NAME)"]
         p = p / CHECKPOINT_NAME
     try:
         meta = checkpoint_header(p)

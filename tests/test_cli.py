@@ -188,7 +188,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     # every registered method, with its settings and their defaults (its own, not Hinton's)
     assert "--kd lskd: LS-KD: KD with logit standardization" in flat
     assert "Defaults: temperature 2.0, ce_weight 0.1, kd_weight 9.0." in flat
-    assert "Except pair=resnet56->resnet20: beta 2.0;" in flat and "--hint-layer HINT_LAYER" in flat
+    assert "Except dataset=imagefolder: temperature 1.0, ce_weight 1.0, beta 0.5, warmup_epochs 1; pair=resnet56->resnet20: beta 2.0;" in flat
+    assert "--hint-layer HINT_LAYER" in flat
     with pytest.raises(SystemExit) as top:  # the command list too (a bare % in a help line broke it)
         main(["--help"])
     assert top.value.code == 0 and "verdicts with 95% intervals" in " ".join(capsys.readouterr().out.split())

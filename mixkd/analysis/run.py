@@ -38,8 +38,10 @@ from mixkd.data import DataSpec, load_dataset
 from mixkd.device import resolve_device
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write_text, check_writable, make_dir
-from mixkd.loading import load_teacher
+from mixkd.loading import is_hub_source, load_teacher
 from mixkd.models import available_models, create_model
+from mixkd.models.external import split_name
+from mixkd.models.preprocess import Preprocessing
 from mixkd.run_folder import ANALYSIS_NAME as ANALYSIS_FILE
 from mixkd.run_folder import CHECKPOINT_NAME, RunFolder, resolve_teacher
 
@@ -187,9 +189,9 @@ def _run_dir_of(path: Path) -> Path | None:
 
 
 def _teacher_path(teacher: str, source: str) -> str:
-    if Path(teacher).exists():
+    if Path(teacher).exists() or is_hub_source(teacher):
         return teacher
-    if teacher in available_models():
+    if teacher in available_models() or split_name(teacher):
         raise MixkdError(f"teacher {teacher!r} ({source}) is an architecture name, not a checkpoint: pass a run "
                          "directory, .safetensors or .pth as --teacher (and the architecture as --teacher-model)")
     raise MixkdError(f"teacher checkpoint not found: {teacher} ({source}); pass --teacher PATH or --no-teacher")
@@ -241,11 +243,13 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
     if isinstance(trained_for, int) and trained_for != spec.num_classes:
         raise MixkdError(f"{p} was trained for {trained_for} classes but {dataset} has {spec.num_classes}; "
                          "analyze it on the dataset it was trained on (--dataset)")
-    student = create_model(arch, spec.num_classes)
+    student = create_model(arch, spec.num_classes, spec.image_size)
     load_weights(student, ckpt.state_dict, str(p))
     teacher_net, teacher_arch = (None, None)
     if teacher is not None:
-        teacher_net, teacher_arch = load_teacher(teacher, teacher_model, spec.num_classes, dev)
+        teacher_net, teacher_arch = load_teacher(teacher, teacher_model, spec.num_classes, dev,
+                                                 data=Preprocessing(spec.image_size, spec.mean, spec.std),
+                                                 teacher_input=cfg.kd.teacher_input if cfg else "auto")
     target = Path(out) if out is not None else run_dir or make_dir(p.parent / f"{p.stem}-analysis")  # mixkd's name: never a link
     info = {"checkpoint": str(p), "run_dir": str(run_dir) if run_dir else None, "model": arch,
             "teacher_checkpoint": teacher, "teacher_model": teacher_arch,

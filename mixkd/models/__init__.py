@@ -1,4 +1,6 @@
-"""Model zoo: RepDistiller's CIFAR architectures plus torchvision's ResNet-18/34/50 and MobileNet-V2.
+"""Model zoo: RepDistiller's CIFAR architectures, torchvision's ResNet-18/34/50 and MobileNet-V2, and
+any timm or torchvision classifier by name (``timm:convnext_atto``, ``tv:mobilenet_v3_small``; see
+:mod:`mixkd.models.external`).
 
 Every model's ``forward(x, is_feat=False, preact=False)`` returns logits, or
 ``(features, logits)`` when ``is_feat`` is true; ``features[-1]`` is the pooled,
@@ -20,6 +22,15 @@ from mixkd.models import (  # noqa: F401
     vgg,
     wrn,
 )
-from mixkd.models.registry import ModelOutput, available_models, create_model, default_lr
+from mixkd.models.external import feature_index, feature_names, list_external
+from mixkd.models.registry import (
+    ModelOutput,
+    available_models,
+    create_model,
+    default_lr,
+    model_problem,
+    model_slug,
+)
 
-__all__ = ["ModelOutput", "available_models", "create_model", "default_lr"]
+__all__ = ["ModelOutput", "available_models", "create_model", "default_lr", "feature_index", "feature_names",
+           "list_external", "model_problem", "model_slug"]

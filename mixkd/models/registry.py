@@ -1,4 +1,7 @@
-"""Name -> constructor registry for the model zoo."""
+"""Name -> constructor registry for the model zoo, and the one entry point for every model name:
+the registry's (RepDistiller's CIFAR models, ``tv_resnet18``...), ``timm:<name>`` and ``tv:<name>``
+(:mod:`mixkd.models.external`). ``tv:resnet18/34/50`` and ``tv:mobilenet_v2`` are the registry's
+``tv_*`` models (the same class, keys and features), so either name loads the other's checkpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from mixkd.errors import MixkdError
+from mixkd.models import external
 
 # What every model's ``forward(x, is_feat=False, preact=False)`` returns:
 # logits, or ``(features, logits)`` when ``is_feat`` is true.
@@ -27,6 +31,9 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+# ``tv:`` names served by a registered model (the same torchvision class with the zoo's features).
+ALIASES = {"tv:resnet18": "tv_resnet18", "tv:resnet34": "tv_resnet34", "tv:resnet50": "tv_resnet50",
+           "tv:mobilenet_v2": "tv_mobilenet_v2"}
 
 
 def register(name: str, lr: float = DEFAULT_LR) -> Callable[[ModelFactory], ModelFactory]:
@@ -64,21 +71,46 @@ def unknown_model_message(name: str) -> str:
     return f"unknown model {name!r}{hint}; available: {', '.join(sorted(_REGISTRY, key=_natural_key))}"
 
 
+def model_problem(name: str) -> str | None:
+    """Why ``name`` names no model, in one line (unknown, or ``timm:`` without timm); None if it does."""
+    if name in _REGISTRY or name in ALIASES:
+        return None
+    if external.split_name(name):
+        return external.external_problem(name)
+    return unknown_model_message(name)
+
+
+def model_slug(name: str) -> str:
+    """``name`` as part of a file or folder name: ``timm:resnet18`` -> ``timm_resnet18``."""
+    return str(name).replace(":", "_").replace("/", "_")
+
+
 def _lookup(name: str) -> _Entry:
-    entry = _REGISTRY.get(name)
+    entry = _REGISTRY.get(ALIASES.get(name, name))
     if entry is not None:
         return entry
     raise MixkdError(unknown_model_message(name))
 
 
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build model ``name`` with a ``num_classes``-way classifier (random init)."""
-    entry = _lookup(name)
+def create_model(name: str, num_classes: int = 100, image_size: int | None = None) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way classifier (random init). ``image_size``: the input
+    size a timm model of fixed input size (a ViT) is built for; the other models take any size."""
+    external_name = name not in ALIASES and external.split_name(name) is not None
+    entry = None if external_name else _lookup(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise MixkdError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return entry.factory(num_classes)
+    model = external.create_external(name, num_classes, image_size) if entry is None else entry.factory(num_classes)
+    if image_size is not None:
+        model.mixkd_input_size = image_size  # the size it is trained at (what a feature method probes it with)
+    return model
 
 
 def default_lr(name: str) -> float:
-    """RepDistiller's default learning rate for ``name``."""
+    """RepDistiller's default learning rate for ``name`` (a ``timm:``/``tv:`` model: 0.01 for the
+    MobileNet/ShuffleNet/EfficientNet families, else 0.05)."""
+    if name not in ALIASES and external.split_name(name):
+        problem = external.external_problem(name)
+        if problem:
+            raise MixkdError(problem)
+        return external.default_lr(name)
     return _lookup(name).lr

@@ -42,6 +42,10 @@ class TorchvisionMobileNetV2(MobileNetV2):
         feats.append(x)
         return feats, self.classifier(x)
 
+    def feature_names(self) -> list[str]:
+        """The names of the ``is_feat`` features: the last ``features`` block of each stage, the pooled vector."""
+        return [f"features.{end - 1}" for end in _STAGE_ENDS] + ["pre_logits"]
+
 
 @register("tv_mobilenet_v2", lr=0.01)
 def tv_mobilenet_v2(num_classes: int) -> TorchvisionMobileNetV2:

@@ -51,6 +51,10 @@ class TorchvisionResNet(ResNet):
         feats.append(x)
         return feats, self.fc(x)
 
+    def feature_names(self) -> list[str]:
+        """The names of the ``is_feat`` features (the stem's ReLU, the stages, the pooled vector)."""
+        return ["relu", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+
 
 @register("tv_resnet18")
 def tv_resnet18(num_classes: int) -> TorchvisionResNet:

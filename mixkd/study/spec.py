@@ -54,6 +54,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from mixkd import __version__
 from mixkd.config import (
     MACHINE_KEYS,
+    TEACHER_KEYS,
     RunConfig,
     load_yaml,
     parse_override,
@@ -61,7 +62,7 @@ from mixkd.config import (
 )
 from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
-from mixkd.models import default_lr
+from mixkd.models import default_lr, model_slug
 from mixkd.registry import KD_METHODS, load_plugin
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
 
@@ -388,7 +389,7 @@ def _without_method_keys(tree: dict[str, Any]) -> dict[str, Any]:
     kd = tree.get("kd")
     if not isinstance(kd, dict):
         return tree
-    shared = {"teacher", "teacher_model", "method", *KDSettings.model_fields}
+    shared = {*TEACHER_KEYS, "method", *KDSettings.model_fields}
     return {**tree, "kd": {k: v for k, v in kd.items() if k in shared}}
 
 
@@ -488,7 +489,7 @@ class _Expander:
                 for mix in g.mix:
                     name = f"{model}_{g.name}" + (f"-{mix_label(mix)}" if len(g.mix) > 1 else "")
                     for seed in g.seeds:
-                        run_id = f"teachers/{name}-s{seed}"
+                        run_id = f"teachers/{model_slug(name)}-s{seed}"  # timm:x -> timm_x in paths
                         label = name + (f"-s{seed}" if len(g.seeds) > 1 else "")
                         config = _merge(base, {"task": "train", "model": model, "seed": seed,
                                                "mix": mix.model_dump()})
@@ -528,7 +529,7 @@ class _Expander:
                     for model in students:
                         for seed in g.seeds:
                             config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
-                            self.add(config, f"students/{model}-alone-s{seed}", "student", where, model, seed,
+                            self.add(config, f"students/{model_slug(model)}-alone-s{seed}", "student", where, model, seed,
                                      method=METHODS[method], analysis=analysis)
                     continue
                 for ref, model in combos:
@@ -571,7 +572,7 @@ class _Expander:
             parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
             parts += ["cutmix"] if mode == "cutmix" else []
             parts += ["ref"] if sampling == "reference" else []
-            run_id = f"students/{model}-from-{ref.label}-{'-'.join(parts)}-s{seed}"
+            run_id = f"students/{model_slug(model)}-from-{model_slug(ref.label)}-{'-'.join(parts)}-s{seed}"
             kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
             if ref.checkpoint:
                 kd["teacher_model"] = ref.model
