@@ -11,16 +11,28 @@ machine then slow the wall clock, not the measure. A second table times the dist
 
   python bench/method_bench.py                                  # CPU: resnet56 -> resnet20, batch 64
   python bench/method_bench.py --device cuda --rounds 200       # GPU (eager step)
+  python bench/method_bench.py --methods kd,at,nst --memory      # also each method's peak step memory
+  python bench/method_bench.py --catalogue --memory              # mdistiller's catalogue and CTKD against KD
+
+``--memory`` runs each method again in a process of its own (one at a time) and reports the peak of
+three training steps' memory over what the process held after a first one (models, the method's
+modules, the optimizer's state): on the CPU the peak resident set (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``), on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import re
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from scipy.stats import binom
@@ -33,6 +45,7 @@ from mixkd.models import create_model
 from mixkd.step import SGD, TrainStep
 
 METHODS = ("kd", "std", "dkd", "lskd", "dist", "fitnet")
+FEATURE_METHODS = ("kd", "at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -48,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="resnet56:resnet20")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--catalogue", action="store_true", help="the methods: " + ",".join(FEATURE_METHODS))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -55,13 +69,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu on the CPU, wall on CUDA")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory", action="store_true", help="also each method's peak step memory (one process each)")
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
     args = ap.parse_args()
+    if args.memory_of:
+        print(json.dumps(peak_step_memory(args, args.memory_of)))
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     teacher_name, student_name = args.pair.split(":")
-    methods = args.methods.split(",")
+    methods = list(FEATURE_METHODS) if args.catalogue else args.methods.split(",")
     torch.manual_seed(0)
     teacher = create_model(teacher_name, 100).to(device).eval()
     for p in teacher.parameters():
@@ -104,10 +123,16 @@ def main() -> None:
     print("\n| method | its distillation term, forward + backward (ms, median of 200) |\n|---|---|")
     for m, t in terms.items():
         print(f"| {m} | {1e3 * t:.3f} |")
+    memory = {}
+    if args.memory:
+        memory = {m: child_memory(args, m) for m in methods}
+        print("\n| method | peak step memory over what stays between steps (MiB) | ratio to KD |\n|---|---|---|")
+        for m, mib in memory.items():
+            print(f"| {m} | {mib:.1f} | {mib / memory['kd']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device_text, "clock": clock_name, "rows": rows, "times": times,
-                       "terms": terms}, f, indent=1)
+                       "terms": terms, "memory_mib": memory}, f, indent=1)
 
 
 def term_times(methods: list[str], batch: int, device: torch.device, clock) -> dict[str, float]:
@@ -127,6 +152,58 @@ def term_times(methods: list[str], batch: int, device: torch.device, clock) -> d
             samples.append(clock() - t0)
         out[m] = statistics.median(samples[20:])
     return out
+
+
+def _resident_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_step_memory(args, method: str, steps: int = 3) -> float:
+    """MiB: the peak memory of ``steps`` training steps of ``method`` over what the process held after its
+    first step (models, the method's modules, the optimizer's state): what a step allocates and frees
+    (activations kept for the backward, gradients, the method's temporaries). This process: a child of
+    ``--memory``."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    teacher_name, student_name = args.pair.split(":")
+    torch.manual_seed(0)
+    teacher = create_model(teacher_name, 100).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    d = make_distiller(method, create_model(student_name, 100).to(device), teacher, KDConfig(method=method).settings())
+    d.set_epoch(10, 240)
+    step = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
+                     torch.Generator(device=device).manual_seed(1))
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+    step(x, y)  # the first step allocates the optimizer's state; the peak is measured over what stays after it
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        base = 1024 * _resident_kib("VmRSS")
+    for _ in range(steps):
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = 1024 * _resident_kib("VmHWM")
+    return (peak - base) / 2**20
+
+
+def child_memory(args, method: str) -> float:
+    """:func:`peak_step_memory` of ``method`` in a fresh process (peaks are per process)."""
+    cmd = [sys.executable, __file__, "--memory-of", method, "--pair", args.pair, "--batch-size", str(args.batch_size),
+           "--device", args.device, "--threads", str(args.threads)]
+    # glibc: every block of 64 KiB or more its own mapping, returned when freed, so that the resident set
+    # follows what is allocated (else freed heap stays resident and its reuse hides a peak)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return float(json.loads(out.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

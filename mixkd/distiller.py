@@ -66,7 +66,7 @@ import torch
 from pydantic import Field
 
 from mixkd.errors import MixkdError
-from mixkd.losses import distillation_loss, soft_cross_entropy
+from mixkd.losses import distillation_loss, logit_standardize, soft_cross_entropy
 from mixkd.registry import KD_METHODS, Settings
 
 
@@ -91,6 +91,24 @@ class KDSettings(Settings):
                                     "scripts/run_cifar_distill.sh -r 0.1, its gamma)")
     kd_weight: float = weight_field(0.9, "weight of the distillation term (RepDistiller "
                                     "scripts/run_cifar_distill.sh -a 0.9, its alpha)")
+
+
+class LogitStandardization(Settings):
+    """The switch of logit standardization, which a logit method's settings add (KD, DKD, DIST)."""
+
+    standardize: bool = Field(False, description="logit standardization (Sun et al., CVPR 2024): the distillation "
+                              "term on z-scored logits, (z - mean) / (1e-7 + std) per sample, teacher and student, "
+                              "the temperature acting as the base temperature; CE stays on the raw logits "
+                              "(logit-standardization-KD mdistiller/distillers/KD.py, DKD.py; its CIFAR recipe "
+                              "--base-temp 2 --kd-weight 9 is -T 2 --kd-weight 9 here, for KD and for DKD)")
+
+
+def standardized(on: bool, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits a method's distillation term sees: z-scored when ``on`` (its settings' ``standardize``)."""
+    if on:
+        return logit_standardize(student_logits), logit_standardize(teacher_logits)
+    return student_logits, teacher_logits
 
 
 def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Module | None,
@@ -253,6 +271,7 @@ class LogitTermDistiller(Distiller):
     def __init__(self, student, teacher, settings: KDSettings):
         super().__init__(student, teacher, settings)
         self.params = {k: getattr(settings, k) for k in self.term_settings}
+        self.standardize = bool(getattr(settings, "standardize", False))  # read here: the step only sees a bool
 
     def kd_factor(self) -> torch.Tensor | float:
         """What multiplies the term: ``kd_weight`` (a schedule may make it a device tensor)."""
@@ -263,5 +282,6 @@ class LogitTermDistiller(Distiller):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         ce = soft_cross_entropy(student_logits, target)
-        kd = distillation_loss(self.term, student_logits, teacher_logits, target, **self.params)
+        kd = distillation_loss(self.term, *standardized(self.standardize, student_logits, teacher_logits), target,
+                               **self.params)
         return {"loss": self.settings.ce_weight * ce + self.kd_factor() * kd, "ce": ce, "kd": kd}

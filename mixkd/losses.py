@@ -1,5 +1,8 @@
 """The study's losses: soft-target cross-entropy, Hinton KD, standardized KD and their objectives.
 
+The logit methods' terms are :func:`distillation_loss`; the feature methods' terms are
+:func:`feature_loss` (defined in :mod:`mixkd.feature_losses`, re-exported here).
+
 All reductions are means over the batch; KL divergences sum over classes first ("batchmean"),
 as RepDistiller's ``DistillKL`` does. Losses are computed in float32 whatever the logits' dtype.
 """
@@ -11,6 +14,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from mixkd.feature_losses import FEATURE_LOSS_DEFAULTS, feature_loss, term_params  # noqa: F401  (feature terms public)
 
 KDMethod = Literal["kd", "std"]
 
@@ -193,17 +198,10 @@ def distillation_loss(method: str, student_logits: torch.Tensor, teacher_logits:
     the authors' CIFAR-100 values (:data:`DISTILLATION_DEFAULTS`). ``target``: (B, C) label
     distributions (one-hot rows for unmixed samples); only DKD reads it.
     """
-    if method not in DISTILLATION_DEFAULTS:
-        raise ValueError(f"unknown KD method {method!r}; choose one of {', '.join(DISTILLATION_DEFAULTS)}")
-    allowed = DISTILLATION_DEFAULTS[method]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        takes = ", ".join(allowed) or "no parameters"
-        raise ValueError(f"KD method {method!r} does not take {', '.join(unknown)}; it takes {takes}")
+    p = term_params("KD method", method, params, DISTILLATION_DEFAULTS)
     if student_logits.shape != teacher_logits.shape or target.shape != student_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher logits "
                          f"{tuple(teacher_logits.shape)} and target {tuple(target.shape)} must have one (B, C) shape")
-    p = {**allowed, **params}
     if method == "kd":
         return kd_loss(student_logits, teacher_logits, p["temperature"])
     if method == "std":

@@ -52,13 +52,14 @@ def test_every_method_is_registered_with_its_authors_cifar100_settings():
     assert set(NEW) <= set(method_names())
     # mdistiller cfg.py CFG.DKD; LS-KD README --base-temp 2 --kd-weight 9; dist_cifar.yaml; RepDistiller -a 0 -b 100
     assert KDConfig(method="dkd").params() == {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0,
-                                               "beta": 8.0, "warmup_epochs": 20}
+                                               "beta": 8.0, "warmup_epochs": 20, "standardize": False}
     assert KDConfig(method="lskd").params() == {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0}
     assert KDConfig(method="dist").params() == {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 2.0, "beta": 1.0,
-                                                "gamma": 1.0}
+                                                "gamma": 1.0, "standardize": False}
     assert KDConfig(method="fitnet").params() == {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 0.0,
                                                   "hint_weight": 100.0, "hint_layer": 2}
-    assert KDConfig().params() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}  # kd as before
+    assert KDConfig().params() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9,  # kd as before
+                                   "standardize": False}  # and its switch of logit standardization
 
 
 def test_settings_given_win_are_written_resolved_and_unused_ones_are_refused(tmp_path):
@@ -67,7 +68,7 @@ def test_settings_given_win_are_written_resolved_and_unused_ones_are_refused(tmp
     again = build_config(flags={"kd.method": "dkd"}, overrides=["kd.beta=2"])
     assert again.kd == cfg.kd
     with pytest.raises(MixkdError, match=r"^invalid config: kd.beta: the kd KD method does not use it \(it uses "
-                                         r"kd.temperature, kd.ce_weight, kd.kd_weight\); remove it$"):
+                                         r"kd.temperature, kd.ce_weight, kd.kd_weight, kd.standardize\); remove it$"):
         build_config(flags={"kd.beta": 2.0})
     with pytest.raises(MixkdError, match="kd.warmup_epochs: the dist KD method does not use it"):
         build_config(flags={"kd.method": "dist", "kd.warmup_epochs": 5})

@@ -50,14 +50,15 @@ def test_a_config_written_before_the_move_loads_with_its_settings(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"task": "distill", "model": "resnet8", "dataset": "digits", "kd": OLD_KD}))
     cfg = load_run_config(path)
-    assert cfg.kd.method == "kd" and cfg.kd.params() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert cfg.kd.method == "kd" and cfg.kd.params() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9,
+                                                      "standardize": False}
     dkd = build_config(path, overrides=["kd.method=dkd", "kd.temperature=null", "kd.ce_weight=null",
                                         "kd.kd_weight=null", "kd.beta=3"])
     assert dkd.kd.params() == {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 3.0,
-                               "warmup_epochs": 20}
+                               "warmup_epochs": 20, "standardize": False}
     # written back resolved, the method's keys only
     assert yaml.safe_load(dkd.to_yaml())["kd"] == {"teacher": "t.safetensors", "teacher_model": "resnet8",
-                                                    "method": "dkd", **dkd.kd.params()}
+                                                    "teacher_input": "auto", "method": "dkd", **dkd.kd.params()}
 
 
 def test_per_pair_defaults_follow_the_teacher_and_student(tmp_path):
@@ -90,8 +91,7 @@ def test_a_run_saved_before_the_move_resumes(tmp_path, one_thread):
     tree["kd"] = {**OLD_KD, "teacher": str(teacher), "teacher_model": None}  # as the version before wrote it
     saved.write_text(yaml.safe_dump(tree, sort_keys=False))
     resumed = Run(load_run_config(saved).model_copy(update={"out": str(tmp_path / "cut")}), resume=True)
-    assert resumed.cfg.kd.params() == {"temperature": 4.0, "ce_weight": 0.1,
-                                                                       "kd_weight": 0.9}
+    assert resumed.cfg.kd.params() == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False}
     while resumed.advance():
         pass
     assert resumed.result["kd_method"] == "kd" and resumed.result["epochs"] == 1

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from mixkd.distiller import KDSettings, LogitTermDistiller, temperature_field, weight_field
+from mixkd.distiller import KDSettings, LogitStandardization, LogitTermDistiller, temperature_field, weight_field
 from mixkd.registry import KD_METHODS
 
 _SOTA = "image_classification_sota"
 
 
-class DISTSettings(KDSettings):
+class DISTSettings(LogitStandardization, KDSettings):
     temperature: float = temperature_field(4.0, f"softmax temperature ({_SOTA} "
                                            "lib/models/losses/kd_loss.py dist_t4: tau=4)")
     ce_weight: float = weight_field(1.0, f"weight of the cross-entropy term ({_SOTA} "

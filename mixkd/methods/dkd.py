@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mixkd.distiller import KDSettings, LogitTermDistiller, temperature_field, weight_field
+from mixkd.distiller import KDSettings, LogitStandardization, LogitTermDistiller, temperature_field, weight_field
 from mixkd.registry import KD_METHODS
 
 _CFG = "mdistiller engine/cfg.py"
 
 
-class DKDSettings(KDSettings):
+class DKDSettings(LogitStandardization, KDSettings):
     temperature: float = temperature_field(4.0, f"softmax temperature ({_CFG} CFG.DKD.T)")
     ce_weight: float = weight_field(1.0, f"weight of the cross-entropy term ({_CFG} "
                                     "CFG.DKD.CE_WEIGHT)")
