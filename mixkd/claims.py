@@ -816,7 +816,8 @@ def _rank_groups(results: list[Result]) -> dict[tuple, dict[str, list[Result]]]:
     name an augmentation or a T. stddev."""
     groups: dict[tuple, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        augment = r.context.setting("augment")
+        # the policy: the cell's (i28-policies: Cell.augment, None for the default) or the row's augment setting
+        augment = getattr(r.cell, "augment", None) or r.context.setting("augment")
         if r.cell.alone or (augment is None and r.t_stddev is None):
             continue
         ctx = r.context
