@@ -279,6 +279,11 @@ def _load_torch(path: Path) -> Checkpoint:
         raise MixkdError(f"checkpoint {path} holds no state_dict: expected {{'model': state_dict, ...}} as RepDistiller "
                          "saves, {'state_dict': ...} as timm's train.py saves, or a bare state_dict as torchvision "
                          "and timm save")
+    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        what = f"key {bad[0]!r}" if not isinstance(bad[0], str) else f"{bad[0]!r}: a {type(bad[1]).__name__}"
+        raise MixkdError(f"checkpoint {path} holds a state_dict with a value that is not a named tensor ({what}); "
+                         "a state_dict maps parameter names to tensors: use another checkpoint")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     return Checkpoint(state, meta)
 

@@ -68,6 +68,7 @@ partner cells) and of unequal spreads, claim 5's answer included.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -80,6 +81,7 @@ from scipy import special
 from mixkd.config import reference_mixed_share
 from mixkd.errors import MixkdError
 from mixkd.results import (
+    DEFAULT_AUGMENT,
     METRIC_COLUMNS,
     PARTIAL_FRACTION,
     Cell,
@@ -96,8 +98,8 @@ from mixkd.results import (
 LEVEL = 0.95
 SIDE = (1 - LEVEL) / 2  # each tail of the 95% interval: the level of each one-sided decision
 DEFAULT_MARGIN = 0.5  # points of top-1: "at least as well" allows this much less
-DEFAULT_SIGMA = 0.4  # points: an assumed per-run spread for planning (REFERENCE: CIFAR-100 +-0.3 to 0.5)
-SIGMA_SOURCE = "CIFAR-100 run-to-run spread about ±0.3 to 0.5 points (REFERENCE.md)"
+DEFAULT_SIGMA = 0.4  # points: an assumed per-run spread for planning (CIFAR-100 +-0.3 to 0.5: docs/study-claims-reference.md)
+SIGMA_SOURCE = "CIFAR-100 run-to-run spread about ±0.3 to 0.5 points (docs/study-claims-reference.md)"
 POWER = 0.8  # the smallest detectable difference: the one decided with this probability
 REFERENCE_BATCH = 64  # the recipe's batch size, for the reference sampling's mixed share when none is given
 SHARE_TOLERANCE = 0.01  # an exact PMU within this of the reference's mixed share "mixes as much"
@@ -372,11 +374,11 @@ def _pmu_exact(cell: Cell, fraction: float = PARTIAL_FRACTION) -> bool:
 
 
 def _full_of(cell: Cell) -> Cell:
-    return Cell(cell.kd, cell.temperature, cell.mix, 1.0, cell.alpha, None)
+    return Cell(cell.kd, cell.temperature, cell.mix, 1.0, cell.alpha, None, cell.augment)
 
 
 def _partial_of(full: Cell, fraction: float = PARTIAL_FRACTION, sampling: str = "exact") -> Cell:
-    return Cell(full.kd, full.temperature, full.mix, fraction, full.alpha, sampling)
+    return Cell(full.kd, full.temperature, full.mix, fraction, full.alpha, sampling, full.augment)
 
 
 def _parts_2(grid: Grid) -> list[str]:
@@ -475,7 +477,7 @@ CLAIMS: list[ClaimSpec] = [
                                                                "other distilled students of the same teacher"}),
     ClaimSpec(4, "Any KD beats the student trained alone: every distilled column, under every KD method present.",
               _parts_4, _pairs_4, {"> student alone": "the student alone and students distilled with that method"}),
-    ClaimSpec(5, "(Ours, REFERENCE claim 5: where the PMU gain comes from.) PMU beats FMU however it mixes: exact 10% "
+    ClaimSpec(5, "(mixkd's own question, not the paper's: where the PMU gain comes from.) PMU beats FMU however it mixes: exact 10% "
                  "(the paper's text), reference 10% (the released code: about 41% of a batch of 64 mixed) and exact "
                  "at the reference's share (41%); the direct comparisons of reference 10% with exact 10% and with "
                  "exact at the same share say which sampling the gain comes from (the answer).",
@@ -801,29 +803,29 @@ class Correlation:
                 "verdict": self.verdict}
 
 
-def _policy_label(augment: str | None, cell: Cell) -> str:
-    """'flip_crop', 'flip_crop, PMU f=0.1': the augmentation a point stands for (the policy, and any mixing the run's
-    mix settings add)."""
-    policy = augment or "(default augmentation)"
-    if cell.mix == "none":
+def _policy_label(cell: Cell) -> str:
+    """'flip_crop+cutout', 'flip_crop+mixup', 'flip_crop+mixup f=0.1': the augmentation a point stands for, named as
+    ``--augment`` and ``mixkd augment-score`` name it (the cell's policies, and the mixing its mix settings add)."""
+    policy = cell.augment or DEFAULT_AUGMENT
+    if cell.mix == "none" or cell.mix in policy.split("+"):
         return policy
-    mixing = {"full": "FMU", "partial": "PMU"}[cell.mixing] + (" CutMix" if cell.mix == "cutmix" else "")
-    return f"{policy}, " + " ".join([mixing, *(s for s in cell._settings(False) if s[:2] != "T=" and s != "cutmix")])
+    plain = dataclasses.replace(cell, augment=None)
+    return " ".join([f"{policy}+{cell.mix}", *(s for s in plain._settings(False) if s[:2] != "T=" and s != "cutmix")])
 
 
 def _rank_groups(results: list[Result]) -> dict[tuple, dict[str, list[Result]]]:
-    """{(row without its augment setting, KD method, T): {augmentation label: runs}} over the distilled runs that
-    name an augmentation or a T. stddev."""
+    """{(row, KD method, T): {augmentation label: runs}} over the distilled runs of the rows and methods where a
+    run names an augmentation policy (the augment column) or a T. stddev."""
     groups: dict[tuple, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    named: set[tuple] = set()
     for r in results:
-        # the policy: the cell's (i28-policies: Cell.augment, None for the default) or the row's augment setting
-        augment = getattr(r.cell, "augment", None) or r.context.setting("augment")
-        if r.cell.alone or (augment is None and r.t_stddev is None):
+        if r.cell.alone:
             continue
-        ctx = r.context
-        row = Context(ctx.teacher, ctx.teacher_mix, ctx.student, tuple(kv for kv in ctx.settings if kv[0] != "augment"))
-        groups[row, r.cell.kd, r.cell.temperature][_policy_label(augment, r.cell)].append(r)
-    return groups
+        key = (r.context, r.cell.kd, r.cell.temperature)
+        groups[key][_policy_label(r.cell)].append(r)
+        if r.cell.augment is not None or r.t_stddev is not None:
+            named.add(key)
+    return {key: by_policy for key, by_policy in groups.items() if key in named}
 
 
 MEASURES = (("top-1", -1, "better top-1"), ("test loss", 1, "lower test loss"))  # (measure, sign, part's words)
@@ -980,14 +982,14 @@ def _unpaired_pmu(grid: Grid) -> list[str]:
     for ctx, cells in grid.cells.items():
         for cell in cells:
             if cell.mixing == "partial" and cell.sampling == "reference" and _close(cell.fraction, PARTIAL_FRACTION):
-                exact = Cell(cell.kd, cell.temperature, cell.mix, cell.fraction, cell.alpha, "exact")
+                exact = Cell(cell.kd, cell.temperature, cell.mix, cell.fraction, cell.alpha, "exact", cell.augment)
                 if exact not in cells:
                     notes.append(f"{ctx.label}: {cell.label} has no sampling exact twin: claims 2 and 3 use exact PMU "
                                  "only (claim 5 uses it)")
     return notes
 
 
-RECIPE_EPOCHS = 240  # the study's schedule (REFERENCE.md recipe)
+RECIPE_EPOCHS = 240  # the study's schedule (docs/study-claims-reference.md)
 
 
 def schedule_note(rows: Any) -> str:

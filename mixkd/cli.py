@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -53,6 +54,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--weight-decay",), "optim.weight_decay", {"type": float}, "weight decay"),
     (("--milestones",), "optim.milestones", {"type": _int_list}, "epochs where lr is multiplied by --lr-decay, e.g. 150,180,210 (default 62.5/75/87.5%% of --epochs)"),
     (("--lr-decay",), "optim.lr_decay", {"type": float}, "lr factor at each milestone"),
+    (("--augment",), "augment", {}, "augmentation policies joined by '+': none, flip, flip_crop, cutout, autoaugment, randaugment, trivialaugment, random_erasing, then at most one of mixup, cutmix, cutmix_pick; see docs/augmentation.md"),
+    (("--teacher-view",), "teacher_view", {"choices": ["same", "independent", "clean"]}, "what the teacher sees: same (the student's batch), independent (its own draw), clean (un-augmented)"),
     (("--mix",), "mix.method", {"choices": ["none", "mixup", "cutmix"]}, "mixing of the training batch"),
     (("--mix-alpha",), "mix.alpha", {"type": float}, "Beta(a, a) parameter of the mixing weight"),
     (("--mix-fraction",), "mix.fraction", {"type": float}, "share of each batch mixed: 1 = full mixup, 0.1 = the study's partial mixup"),
@@ -193,10 +196,23 @@ def _run_parser(sub, name: str, help_text: str, distill: bool, methods: bool = T
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (every subcommand's too), with a bad command line said in one line
+    (argparse prints its whole usage text first) and ``-`` then a digit read as a value, not as an
+    option: ``--time-limit -5m`` is a negative duration (refused as one), not a missing value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")  # argparse's: -5 and -.5, not -5m
+
+    def error(self, message: str):
+        raise MixkdError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line's parser. ``command``: the command about to run, when known; the KD methods'
     flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
     from mixkd import __version__
 

@@ -10,14 +10,16 @@ study files).
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from mixkd.errors import MixkdError
+from mixkd.files import read_text
 from mixkd.registry import KD_METHODS, Settings, load_plugin
 
 # The study's step schedule (epochs 150, 180, 210 of 240) as fractions of the run, so a shorter run
@@ -28,8 +30,25 @@ MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensor
                 "save_every_minutes", "threads")
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type holds numbers (int, float, a list of them) and no bool."""
+    args = typing.get_args(annotation)
+    if args:
+        return bool not in args and any(_numeric(a) for a in args)
+    return annotation in (int, float)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """A number is not true/false: pydantic would read ``epochs: true`` as 1 epoch."""
+        if _numeric(cls.model_fields[info.field_name].annotation) and (
+                isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v))):
+            raise ValueError("expected a number, not true/false")
+        return v
 
 
 SEED_MAX = 2**63 - 1  # what torch.manual_seed takes
@@ -154,6 +173,9 @@ class RunConfig(_Section):
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the teacher and student inside the step; auto: on for CUDA runs of in-memory datasets (24-37% faster on an H100), off on the CPU and for imagefolder")
     tensorboard: bool = False
     progress: bool = True
+    augment: str = Field("flip_crop", min_length=1, max_length=500, description="augmentation policies joined by '+': per-sample ones (none, flip, flip_crop, cutout, autoaugment, randaugment, trivialaugment, random_erasing, or a plugin's), then at most one batch policy (mixup, cutmix, cutmix_pick); docs/augmentation.md")
+    augment_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="settings of the augment policies by name, e.g. {cutout: {size: 8}, randaugment: {magnitude: 14}}")
+    teacher_view: Literal["same", "independent", "clean"] = Field("same", description="what the teacher sees: same (the student's augmented, mixed batch), independent (its own draw of the augmentation and mix), clean (the un-augmented image)")
     optim: OptimConfig = OptimConfig()
     mix: MixConfig = MixConfig()
     kd: KDConfig = Field(default_factory=KDConfig)
@@ -198,11 +220,16 @@ class RunConfig(_Section):
         m = self.optim.milestones
         if m is not None and any(e < 1 or e > 100_000 for e in m):
             raise ValueError("optim.milestones: epochs must be in [1, 100000]")
+        if m is not None and m != sorted(m):
+            raise ValueError(f"optim.milestones {m}: give the epochs in increasing order ({sorted(m)})")
+        if m is not None and m and m[-1] > self.epochs:
+            raise ValueError(f"optim.milestones {m}: epoch {m[-1]} is past the last epoch ({self.epochs}), where the "
+                             "lr never changes; drop it or choose the milestones of this run (--milestones, optim.milestones)")
         return self
 
     def milestones(self) -> list[int]:
         if self.optim.milestones is not None:
-            return sorted(self.optim.milestones)
+            return list(self.optim.milestones)
         return [round(f * self.epochs) for f in MILESTONE_FRACTIONS]
 
     def milestone_note(self) -> str | None:
@@ -238,6 +265,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     given = first.get("input")
     got = "" if first["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
     more = f"; and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    if not first["loc"]:  # a check of the whole config: its message names the key
+        return f"invalid {source}: {msg}{more}"
     return f"invalid {source}: {loc}: {msg}{got}{more}"
 
 
@@ -351,7 +380,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"config file not found: {p}")
-    data = load_yaml(p.read_text(), f"config file {p}") or {}
+    data = load_yaml(read_text(p, f"config file {p}"), f"config file {p}") or {}
     if not isinstance(data, dict):
         raise MixkdError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -49,5 +49,5 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, device: s
     rows = collect(out)
     print("\n" + paper_table(rows) + "\n")
     print(f"report (table and figures): {report}; every run: {out / 'results.csv'}")
-    print("\n" + claims_text(out))
+    print("\n" + claims_text(out, details=False))
     return rows

@@ -24,7 +24,8 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with the thread count (numbers depend on it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' * (n != 1)})"
 
 
 def library_versions() -> dict[str, str]:

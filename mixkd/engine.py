@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from mixkd import distributed
+from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
@@ -151,7 +152,9 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
-        self._lock = None if self.fresh or not self.writes else self.folder.lock()  # rank 0 writes, and locks
+        # A finished run is only read (its result printed), also where its folder is read-only.
+        finished = not self.fresh and self.folder.result.exists()
+        self._lock = None if self.fresh or finished or not self.writes else self.folder.lock()  # rank 0 writes, and locks
 
     # ---- paths -----------------------------------------------------------------------------
     @property
@@ -172,13 +175,28 @@ class Run:
     def _build(self) -> None:
         cfg = self.cfg
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
+        self.augment = make_pipeline(cfg.augment, cfg.augment_settings, image_size=self.data.image_size,
+                                     mean=self.data.mean, std=self.data.std, device=self.device, dataset=cfg.dataset,
+                                     temperature=cfg.kd.params().get("temperature") or 4.0,
+                                     mix=MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling))
+        pick = self.augment.batch if self.augment.batch is not None and self.augment.batch.needs_models else None
+        if pick is not None and self.world > 1:
+            raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
+                             "data-parallel wrapper); run it without torchrun/srun")
+        if cfg.teacher_view != "same" and self.world > 1:
+            raise MixkdError(f"teacher_view: {cfg.teacher_view} runs on one process (the data-parallel wrapper hands "
+                             "the teacher the student's batch); use teacher_view: same, or run without torchrun/srun")
         if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
                 raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
-            rank=self.rank, world=self.world)
+            rank=self.rank, world=self.world, pipeline=self.augment, teacher_view=cfg.teacher_view)
+        if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
+            self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
+                              "run in the loader on the device, per sample (torchvision v2), outside the "
+                              "(graphed) step, which cannot capture their data-dependent choices")
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -201,7 +219,7 @@ class Run:
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
         self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)
-        self.mix = MixSpec(cfg.mix.method, cfg.mix.alpha, cfg.mix.fraction, cfg.mix.sampling)
+        self.mix = self.augment.mix_spec  # mixup / CutMix from augment or --mix, with the mix.* settings
         self.mix_generator = torch.Generator(device=self.device)
         compile_step = resolve_compile(cfg.compile, self.device.type, cfg.dataset)
         if self.world > 1:
@@ -211,7 +229,7 @@ class Run:
             self.distiller.data_parallel(self.device, broadcast_buffers=not cfg.sync_bn)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             self.precision, compile=compile_step)
+                             self.precision, compile=compile_step, teacher_view=cfg.teacher_view, pick=pick)
         self.steps_per_epoch = len(self.train_loader)
 
     @property
@@ -378,10 +396,13 @@ class Run:
             self.folder.write_config(self._saved_config())
             self.folder.metrics.unlink(missing_ok=True)
             self.folder.checkpoint.unlink(missing_ok=True)
-        where = f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch + 1}"
+        n = self.cfg.epochs
+        where = f"epoch {self.epoch + 1}" + (f" step {self.step_in_epoch}" if self.step_in_epoch else "")
+        if self.epoch >= n:  # every epoch trained, the run not finished (stopped in its final evaluation)
+            where = f"the end of epoch {n} of {n}, to finish"
         ranks = f" x {self.world} processes ({distributed.backend()}, batch {self.cfg.batch_size // self.world} each)" if self.world > 1 else ""
         self._log(f"{'start' if self.fresh and not self.epoch else 'resume at ' + where}: {self.cfg.task} "
-                  f"{self.cfg.model} on {self.cfg.dataset}, {self.cfg.epochs} epochs, device {device_name(self.device)}{ranks}, "
+                  f"{self.cfg.model} on {self.cfg.dataset}, {n} epoch{'s' * (n != 1)}, device {device_name(self.device)}{ranks}, "
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)
@@ -654,10 +675,14 @@ class Run:
         if self.teacher is not None:
             if self.teacher_metrics is None:
                 self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
-            result.update(teacher=self.cfg.kd.teacher, teacher_model=self.teacher_arch,
+            # as config.yaml names it (a command line's absolute, a study's relative to the run), so that
+            # a resumed run records what an uninterrupted one does
+            result.update(teacher=self._saved_config().kd.teacher, teacher_model=self.teacher_arch,
                           teacher_top1=self.teacher_metrics["top1"], kd_method=self.cfg.kd.method,
                           temperature=self.cfg.kd.params().get("temperature"))
-        result["mix"] = self.cfg.mix.model_dump()
+        result["mix"] = {**self.cfg.mix.model_dump(), "method": self.mix.method}
+        result["augment"] = effective_spec(self.cfg.augment, self.mix.method)
+        result["teacher_view"] = self.cfg.teacher_view
         if self.cfg.plugins:  # the files that registered what the run used, as they were (see mixkd.registry)
             result["plugins"] = plugin_records(self.cfg.plugins)
         if self.world > 1:
@@ -679,6 +704,10 @@ class Run:
 
     def close(self) -> None:
         self.output.close()
+        self._batches = None
+        for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+            if hasattr(loader, "close"):  # image folders: their worker processes end here
+                loader.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

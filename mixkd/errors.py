@@ -23,6 +23,10 @@ class LinkRefused(StorageError):
     run resumable, none failed) rather than writing its error files through the link."""
 
 
+class ReadOnlyStorage(StorageError):
+    """A write refused because the file system is mounted read-only."""
+
+
 class TrainingDiverged(MixkdError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from mixkd.errors import LinkRefused, MixkdError, StorageError
+from mixkd.errors import LinkRefused, MixkdError, ReadOnlyStorage, StorageError
 
 # Writes failing for these reasons are the machine's state, not a bug: one line, the file named.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -54,7 +54,8 @@ def write_error(path: str | Path, err: BaseException) -> MixkdError:
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "StorageFull" in str(err) or "No space" in str(err):
         hint = f"free some space (the last checkpoint is kept) and {AGAIN}"
     elif getattr(err, "errno", None) == errno.EROFS or "ReadOnly" in str(err):
-        hint = "the file system is read-only: write elsewhere (--out) or copy the folder to writable storage"
+        return ReadOnlyStorage(f"cannot write {path}: {reason}; the file system is read-only: write elsewhere "
+                               "(--out) or copy the folder to writable storage")
     else:
         return MixkdError(f"cannot write {path}: {reason}; check the folder's permissions and free space")
     found = StorageError(f"cannot write {path}: {reason}; {hint}")
@@ -354,6 +355,16 @@ def flock_holders(path: str | Path) -> list[int]:
             if pid.isdigit() and int(pid) not in pids:
                 pids.append(int(pid))
     return sorted(pids)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of ``path`` (UTF-8); one :class:`MixkdError` naming ``what`` where it is not UTF-8 text
+    (a file saved in another encoding, or not a text file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MixkdError(f"{what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it "
+                         "as UTF-8") from None
 
 
 def read_json(path: str | Path, hint: str = "restore it from a copy, or delete it") -> Any:

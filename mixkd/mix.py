@@ -144,6 +144,31 @@ def mixup(x, y, alpha: float, mask=None, generator=None):
     return x_mixed, y_mixed
 
 
+def box_mask(cy, cx, half_h, half_w, h: int, w: int) -> torch.Tensor:
+    """(B, H, W) boolean masks of the boxes [cy - half_h, cy + half_h) x [cx - half_w, cx + half_w),
+    clipped to the image, one per sample (all arguments (B,) integer tensors): CutMix's and Cutout's box."""
+    dev = cy.device
+    y0, y1 = (cy - half_h).clamp(0, h), (cy + half_h).clamp(0, h)
+    x0, x1 = (cx - half_w).clamp(0, w), (cx + half_w).clamp(0, w)
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    in_rows = (rows[None] >= y0[:, None]) & (rows[None] < y1[:, None])
+    in_cols = (cols[None] >= x0[:, None]) & (cols[None] < x1[:, None])
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def cutmix_box(lam: torch.Tensor, h: int, w: int, generator=None) -> torch.Tensor:
+    """CutMix's boxes (Yun et al. 2019; clovaai/CutMix-PyTorch ``rand_bbox``): side sqrt(1 - lambda) times
+    the image's (halves floored), centre uniform over the pixels, clipped to the image: (B, H, W) masks."""
+    b, dev = lam.shape[0], lam.device
+    cut = torch.sqrt(1.0 - lam)
+    cy = torch.randint(0, h, (b,), generator=generator, device=dev)
+    cx = torch.randint(0, w, (b,), generator=generator, device=dev)
+    half_h = (cut * h / 2).floor().long()
+    half_w = (cut * w / 2).floor().long()
+    return box_mask(cy, cx, half_h, half_w, h, w)
+
+
 def cutmix(x, y, alpha: float, mask=None, generator=None):
     """CutMix with one box per sample: a box of area (1 - lambda) of the partner's image is pasted.
 
@@ -152,18 +177,7 @@ def cutmix(x, y, alpha: float, mask=None, generator=None):
     b, _, h, w = x.shape
     dev = x.device
     lam = sample_beta(alpha, b, generator, dev)
-    cut = torch.sqrt(1.0 - lam)
-    cy = torch.randint(0, h, (b,), generator=generator, device=dev)
-    cx = torch.randint(0, w, (b,), generator=generator, device=dev)
-    half_h = (cut * h / 2).floor().long()
-    half_w = (cut * w / 2).floor().long()
-    y0, y1 = (cy - half_h).clamp(0, h), (cy + half_h).clamp(0, h)
-    x0, x1 = (cx - half_w).clamp(0, w), (cx + half_w).clamp(0, w)
-    rows = torch.arange(h, device=dev)
-    cols = torch.arange(w, device=dev)
-    in_rows = (rows[None] >= y0[:, None]) & (rows[None] < y1[:, None])
-    in_cols = (cols[None] >= x0[:, None]) & (cols[None] < x1[:, None])
-    box = in_rows[:, :, None] & in_cols[:, None, :]  # (B, H, W)
+    box = cutmix_box(lam, h, w, generator)  # (B, H, W)
     if mask is not None:
         box = box & mask[:, None, None]
     partner = random_partners(b, generator, dev)

@@ -22,10 +22,11 @@ A results table has one row per trained student with the columns of :data:`COLUM
 =============== =========================================================================================
 
 Optional columns: ``best_top1`` (the best epoch's top-1, in %: ``mixkd claims --metric best_top1``),
-``mix_alpha`` (the mixup alpha; empty: 1), ``t_stddev`` (the teacher's T. stddev under the run's augmentation
-policy, ``mixkd augment-score``: claim 6), ``test_loss`` (the student's test loss, last epoch: claim 6's other
-measure), and the settings ``dataset``, ``epochs``, ``batch_size``, ``lr`` and
-``augment`` (the augmentation policy spec, e.g. ``flip_crop+cutout``): runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
+``mix_alpha`` (the mixup alpha; empty: 1), ``augment`` (the per-sample augmentation policies, and
+cutmix_pick, as ``--augment`` names them: ``flip_crop+cutout``; empty: ``flip_crop``), ``t_stddev`` (the
+teacher's T. stddev under the run's augmentation, ``mixkd augment-score``: claim 6), ``test_loss`` (the
+student's test loss, last epoch: claim 6's other measure), and the settings ``dataset``, ``epochs``,
+``batch_size`` and ``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
 setting but the seed, those included (a table without ``epochs`` cannot tell schedules apart: ``mixkd
 claims`` says so; one that names the schedule otherwise, e.g. ``num_epochs``, is refused). Other columns
 are ignored, except ``id`` (the run's name). A (cell, seed) given twice is refused. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
@@ -47,7 +48,7 @@ from mixkd.files import atomic_write
 from mixkd.registry import KD_METHODS
 
 COLUMNS = ("teacher", "teacher_mix", "student", "kd", "temperature", "mix", "mix_fraction", "sampling", "seed", "top1")
-SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr", "augment")  # optional: pooled only when equal
+SETTING_COLUMNS = ("dataset", "epochs", "batch_size", "lr")  # optional: pooled only when equal
 METRIC_COLUMNS = {"top1": "top-1 at the last epoch", "best_top1": "best top-1 over epochs"}  # the values
 # Columns that name a schedule under another name: refused (rename to epochs), never ignored
 SCHEDULE_ALIASES = ("num_epochs", "n_epochs", "total_epochs", "max_epochs", "epoch_count")
@@ -86,7 +87,7 @@ def temperature_free(method: str) -> bool:
         found["settings"] is not None and "temperature" not in found["settings"])
 
 
-# The study's partial mixup: the share of each batch mixed (REFERENCE: PMU 10%).
+# The study's partial mixup: the share of each batch mixed (PMU 10%: docs/study-claims-reference.md).
 PARTIAL_FRACTION = 0.1
 
 
@@ -112,6 +113,7 @@ class Cell:
     fraction: float | None = None
     alpha: float | None = None
     sampling: str | None = None
+    augment: str | None = None  # the per-sample policies (and cutmix_pick) when not the default flip_crop
 
     @property
     def alone(self) -> bool:
@@ -141,14 +143,17 @@ class Cell:
         parts += ["cutmix"] if self.mix == "cutmix" else []
         if self.mixing == "partial" and self.sampling not in (None, "exact"):
             parts += [f"({self.sampling} sampling)" if sep_sampling else f"{self.sampling} sampling"]
+        if self.augment is not None:
+            parts += [f"[{augment_label(self.augment)}]"]
         return parts
 
     @property
     def label(self) -> str:
         """The column title: 'student alone', 'KD T=4', 'STD+PMU f=0.1', 'KD+PMU T=4 f=0.1 (reference sampling)'."""
         if self.alone:
-            return "student alone" + ("" if self.mix == "none" else f" + {self.method[6:].upper()} " +
-                                      " ".join(self._settings(True))).rstrip()
+            if self.mix == "none":
+                return " ".join(["student alone", *self._settings(True)])
+            return ("student alone" + f" + {self.method[6:].upper()} " + " ".join(self._settings(True))).rstrip()
         name = self.kd_short + {"none": "", "full": "+FMU", "partial": "+PMU"}[self.mixing]
         return " ".join([name, *self._settings(True)])
 
@@ -169,7 +174,7 @@ class Cell:
         method = (-1, "") if self.alone else kd_order(self.kd)
         return (*method, ("none", "full", "partial").index(self.mixing), self.temperature is None,
                 self.temperature or 0.0, self.fraction or 0.0, self.alpha or 1.0, self.mix,
-                self.sampling not in (None, "exact"), self.sampling or "")
+                self.sampling not in (None, "exact"), self.sampling or "", self.augment or "")
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,15 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     if not student:
         raise r.fail("student", "is empty; give the student's architecture")
     kd = _text(row.get("kd")).lower()
+    if kd == "alone":  # the study's name for a student trained alone
+        if teacher is not None:
+            raise r.fail("kd", f"'alone' with teacher {teacher!r}: a student trained alone has an empty teacher "
+                               "and kd none; a distilled one names both")
+        kd = "none"
+    if kd.endswith(("_fmu", "_pmu")):
+        base = "none" if kd[:-4] == "alone" else kd[:-4]
+        raise r.fail("kd", f"{kd!r} is a study method, not a KD method: write {base!r} here and the mixing in "
+                           "the mix and mix_fraction columns")
     if not kd or not kd.replace("_", "").replace("-", "").isalnum():
         raise r.fail("kd", f"{kd or 'empty'!r} is not a KD method: use none (trained alone), kd, std or another "
                            "method's name")
@@ -310,7 +324,9 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     test_loss = r.number("test_loss", low=0.0, high=1e6)
     settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
     context = Context(teacher, teacher_mix, student, settings)
-    cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling)
+    augment = _text(row.get("augment")) or None
+    cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling,
+                None if augment == DEFAULT_AUGMENT else augment)
     return Result(context, cell, None if seed is None else int(seed), float(top1), _text(row.get("id")) or where,
                   {"where": where, "id": _text(row.get("id"))}, best, t_stddev, test_loss)
 
@@ -418,6 +434,10 @@ def read_csv(path: str | Path) -> list[Result]:
     if not rows:
         raise MixkdError(f"{path} has no rows; give a header and one row per trained student with the columns "
                          f"{', '.join(COLUMNS)}")
+    for line, row in enumerate(rows, 2):
+        if None in row:  # csv.DictReader's key for the fields beyond the header's
+            raise MixkdError(f"{path}, line {line} has {len(row) - 1 + len(row[None])} fields, the header "
+                             f"{len(row) - 1}: quote a value that holds a comma, or give the column a name")
     return results_from_rows(rows, str(path), first=2, unit="line")  # line 1 is the header
 
 
@@ -426,10 +446,30 @@ def read_csv(path: str | Path) -> list[Result]:
 TEACHER_MIXES = {"plain": "none", "mixup": "mixup", "cutmix": "cutmix"}
 
 
+DEFAULT_AUGMENT = "flip_crop"  # RunConfig's augment default: a table without an augment column used it
+_MIX_POLICIES = ("mixup", "cutmix")  # the mix column's, not the augment column's
+
+
+def sample_augment(spec: str) -> str:
+    """The augment column of a run's spec: its policies but mixup and CutMix (the mix column has those)."""
+    return "+".join(p for p in spec.split("+") if p not in _MIX_POLICIES) or "none"
+
+
+def augment_label(spec: str) -> str:
+    """A spec's label from the augmentation registry ('flip_crop+cutout' -> 'flip+crop+Cutout'); imported
+    here, when a table has policies, so that tables without (and ``mixkd claims`` on them) stay torch-free."""
+    from mixkd.augment import augment_label as label
+
+    return label(spec)
+
+
 def cell_from_config(cfg: dict[str, Any]) -> Cell:
     """The cell of a run from its config tree (a RunConfig's keys; defaults where a key is missing)."""
     mix, kd = cfg.get("mix") or {}, cfg.get("kd") or {}
     mixing = mix.get("method") or "none"
+    spec = str(cfg.get("augment") or DEFAULT_AUGMENT)
+    if mixing == "none":  # mixup / CutMix named in augment instead of mix.method
+        mixing = next((p for p in spec.split("+") if p in _MIX_POLICIES), "none")
     fraction = float(mix.get("fraction", 1.0)) if mixing != "none" else None
     alpha = float(mix.get("alpha", 1.0)) if mixing != "none" else None
     sampling = (mix.get("sampling") or "exact") if fraction is not None and fraction < 1 else None
@@ -437,7 +477,9 @@ def cell_from_config(cfg: dict[str, Any]) -> Cell:
     temperature = None
     if method != "none" and not temperature_free(method):
         temperature = float(kd.get("temperature", 4.0))
-    return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling)
+    augment = sample_augment(spec)
+    return Cell(method, temperature, mixing, fraction, None if alpha == 1.0 else alpha, sampling,
+                None if augment == DEFAULT_AUGMENT else augment)
 
 
 def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_mix_label: str | None) -> Context:
@@ -445,8 +487,7 @@ def context_from_config(cfg: dict[str, Any], teacher_model: str | None, teacher_
     'external'; None for a student trained alone), its student and its shared settings."""
     optim = cfg.get("optim") or {}
     settings = tuple((k, str(v)) for k, v in (("dataset", cfg.get("dataset")), ("epochs", cfg.get("epochs")),
-                                              ("batch_size", cfg.get("batch_size")), ("lr", optim.get("lr")),
-                                              ("augment", cfg.get("augment")))
+                                              ("batch_size", cfg.get("batch_size")), ("lr", optim.get("lr")))
                      if v is not None)
     if cfg.get("task") != "distill":
         return Context(None, None, str(cfg.get("model")), settings)
@@ -472,6 +513,7 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
                      "sampling": cell.sampling or "", "seed": "" if r.seed is None else r.seed, "top1": r.top1,
                      "best_top1": "" if r.best_top1 is None else r.best_top1,
                      "mix_alpha": "" if cell.alpha is None else f"{cell.alpha:g}",
+                     "augment": cell.augment or DEFAULT_AUGMENT,
                      "t_stddev": "" if r.t_stddev is None else r.t_stddev,
                      "test_loss": "" if r.test_loss is None else r.test_loss,
                      **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
@@ -482,8 +524,8 @@ def write_csv(results: list[Result], path: str | Path) -> None:
     """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "t_stddev", "test_loss", *SETTING_COLUMNS,
-                                                   "id"])
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "augment", "t_stddev", "test_loss",
+                                                   *SETTING_COLUMNS, "id"])
             writer.writeheader()
             writer.writerows(table_rows(results))
 

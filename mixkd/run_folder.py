@@ -57,7 +57,7 @@ from typing import Any
 
 from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
 from mixkd.errors import FolderInUse, MixkdError
-from mixkd.files import append_text, atomic_write_text, hold_lock, read_json
+from mixkd.files import append_text, atomic_write_text, hold_lock, read_json, read_text
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
 
 CONFIG_NAME = "config.yaml"
@@ -185,7 +185,7 @@ class RunFolder:
     def read_config_tree(self) -> dict[str, Any]:
         """``config.yaml`` as saved, without validating it (reports and folders of other versions); parsed
         by :func:`mixkd.config.load_yaml` (repeated keys and alias bombs are one MixkdError naming the file)."""
-        return load_yaml(self.config.read_text(), f"run config {self.config}") or {}
+        return load_yaml(read_text(self.config, f"run config {self.config}"), f"run config {self.config}") or {}
 
     def read_result(self) -> dict[str, Any] | None:
         """``result.json``, or None where the run has not finished."""
@@ -346,6 +346,11 @@ def writable_dir_problem(out: Path) -> str | None:
     return None
 
 
+def _shown(value: Any) -> str:
+    """A config value in a message: a key left unset (None: the method's or model's default) said so."""
+    return "unset (its default)" if value is None else repr(value)
+
+
 def _dotted(cfg: RunConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
@@ -385,7 +390,7 @@ def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dic
         raise MixkdError(f"{folder.path} holds a '{saved.task}' run: continue it with "
                          f"mixkd {saved.task} --out {folder.path} --resume")
     asked = asked or {}
-    conflicts = [f"{k} {v!r} (saved: {_dotted(saved, k)!r})" for k, v in asked.items()
+    conflicts = [f"{k} {_shown(v)} (saved: {_shown(_dotted(saved, k))})" for k, v in asked.items()
                  if k not in MACHINE_KEYS and v != _dotted(saved, k)]
     if conflicts:
         raise MixkdError(f"--resume continues the run saved in {folder.config}, but these settings differ from it: "
@@ -417,7 +422,7 @@ def _differences(saved: RunConfig, mine: RunConfig) -> list[str]:
         return out
 
     a, b = flat(saved.model_dump()), flat(mine.model_dump())
-    return [f"{k} {b.get(k)!r} (saved: {a.get(k)!r})" for k in sorted(a.keys() | b.keys())
+    return [f"{k} {_shown(b.get(k))} (saved: {_shown(a.get(k))})" for k in sorted(a.keys() | b.keys())
             if k not in MACHINE_KEYS and k != "out" and a.get(k) != b.get(k)]
 
 
@@ -452,10 +457,10 @@ def open_run(cfg: RunConfig, resume: bool) -> tuple[RunConfig, RunFolder, bool]:
     ``runs/``), without writing anything: resuming, :func:`resume_config` with ``cfg``'s machine-local
     keys; else ``cfg``, refused where the folder holds a run that has begun."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    problem = writable_dir_problem(out)
-    if problem:
-        raise MixkdError(problem)
     folder = RunFolder(out)
+    problem = writable_dir_problem(out)
+    if problem and not (resume and folder.result.is_file()):  # a finished run is only read: print its result
+        raise MixkdError(problem)
     if resume:
         return resume_config(out, machine=cfg), folder, False
     if folder.config.exists() and folder.has_begun():

@@ -27,10 +27,26 @@ from pathlib import Path
 import torch
 
 from mixkd import distributed
+from mixkd.augment.base import BatchPolicy
 from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
 from mixkd.files import make_dir
 from mixkd.mix import MixSpec, mix_batch
+
+
+class _TeacherInput(torch.nn.Module):
+    """The teacher, reading the batch of its own view (:attr:`x`, set by the step before the losses)
+    instead of the one the KD method hands it: every method gets ``teacher_view`` without a change."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.x: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        view = self.x.to(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous() else self.x
+        return self.teacher(view, *args, **kwargs)
 
 COMPILE_SETTINGS = ("auto", "on", "off")
 COMPILE_SCOPES = ("models", "step")
@@ -184,11 +200,15 @@ class TrainStep:
     graph_owns_grads = False
 
     def __init__(self, distiller: Distiller, optimizer: SGD, mix: MixSpec, num_classes: int, generator: torch.Generator,
-                 precision: str = "fp32", compile: bool | CompileSpec | None = None):
+                 precision: str = "fp32", compile: bool | CompileSpec | None = None, teacher_view: str = "same",
+                 pick: BatchPolicy | None = None):
         self.distiller, self.optimizer, self.mix = distiller, optimizer, mix
         self.num_classes, self.generator, self.precision = num_classes, generator, precision
+        self.teacher_view, self.pick = teacher_view, pick
+        if pick is not None and (mix.active or teacher_view != "same"):
+            raise ValueError("cutmix_pick is the batch stage itself: no other mixing, teacher_view same")
         self.device = optimizer.params[0].device
-        self.loss_names = distiller.loss_names
+        self.loss_names = distiller.loss_names + (("pick_kd",) if pick is not None else ())
         self.sums = torch.zeros(len(self.loss_names), device=self.device)  # sums of per-batch mean losses
         self.steps = 0
         self.compile_spec = CompileSpec() if compile is True else (compile or None)
@@ -203,6 +223,10 @@ class TrainStep:
                 self._compute = distiller.with_models(torch.compile(distiller.student, **opts), teacher)
             else:
                 self._forward = torch.compile(self._mixed_losses, **opts)
+        self._teacher_input: _TeacherInput | None = None
+        if teacher_view != "same" and distiller.teacher is not None:  # the teacher reads its own batch
+            self._teacher_input = _TeacherInput(self._compute.teacher)
+            self._compute = self._compute.with_models(self._compute.student, self._teacher_input)
 
     @property
     def compiled(self) -> bool:
@@ -220,9 +244,41 @@ class TrainStep:
 
     def _mixed_losses(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
         target = one_hot(y, self.num_classes)
-        x, target = mix_batch(x, target, self.mix, self.generator, distributed.rank(), distributed.world())
+        x_teacher = None
+        if x.dim() == 5:  # (2, B, C, H, W): the student's view, the teacher's (mixkd.data.loaders.TEACHER_VIEWS)
+            x, x_teacher = x[0], x[1]
+        if self.pick is not None:
+            return self._picked_losses(x, target, cache_enabled)
+        clean_target = target
+        rank, world = distributed.rank(), distributed.world()
+        x, target = mix_batch(x, target, self.mix, self.generator, rank, world)
+        if self._teacher_input is not None:
+            if x_teacher is None:
+                raise ValueError(f"teacher_view {self.teacher_view} needs the loader's (2, B, C, H, W) batches")
+            if self.teacher_view == "independent":  # its own draw of the mixing too
+                x_teacher, _ = mix_batch(x_teacher, clean_target, self.mix, self.generator, rank, world)
+            self._teacher_input.x = x_teacher
         with self.autocast(cache_enabled=cache_enabled):
             return self._compute.losses(x, target)
+
+    def _picked_losses(self, x: torch.Tensor, target: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
+        """CutMixPick (mixkd/augment/cutmix_pick.py): the method's losses on the clean batch plus the
+        picked CutMix candidates' KD term; the pick is a top-k on the device."""
+        pick, compute = self.pick, self._compute
+        pool, _ = pick.candidates(x, target, self.generator)
+        with self.autocast(cache_enabled=cache_enabled):
+            losses = compute.losses(x, target)
+            with torch.no_grad():
+                teacher_pool = compute.teacher(pool).float()
+                student_pool = None
+                if pick.settings.criterion != "teacher_entropy":  # in train mode, as Good-DA-in-KD scores
+                    student_pool = compute.student(pool).float()
+            idx = pick.pick(pool, teacher_pool, student_pool, x.shape[0])
+            student_picked = compute.student(pool.index_select(0, idx)).float()
+        picked = pick.picked_kd(teacher_pool.index_select(0, idx), student_picked)
+        factor = compute.kd_factor() if hasattr(compute, "kd_factor") else getattr(compute.settings, "kd_weight", 1.0)
+        weight = pick.settings.weight * factor
+        return {**losses, "loss": losses["loss"] + weight * picked, "pick_kd": picked}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # autocast's weight cache must be off while capturing; compiled code is specialized on that

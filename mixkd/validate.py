@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mixkd.augment import batch_method, parse_augment
 from mixkd.config import RunConfig, read_yaml
 from mixkd.data import check_dataset, dataset_num_classes
 from mixkd.distiller import method_names
@@ -45,6 +46,7 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
     """Every problem found in ``cfg``, cheapest checks first (see the module docstring)."""
     problems = _value_problems(cfg)
     problems += _method_problems(cfg)
+    problems += augment_problems(cfg)
     problems += _model_problems(cfg)
     problems += _device_problems(cfg.device)
     problems += _out_problems(cfg.out)
@@ -91,6 +93,38 @@ def _method_problems(cfg: RunConfig) -> list[str]:
     config's typo is caught before it is distilled from)."""
     names = method_names()
     return [] if cfg.kd.method in names else [KD_METHODS.unknown_message(cfg.kd.method, names)]
+
+
+def augment_problems(cfg: RunConfig) -> list[str]:
+    """``augment``, ``augment_settings`` and ``teacher_view`` against each other and the run."""
+    try:
+        entries = parse_augment(cfg.augment)
+    except MixkdError as err:
+        return [str(err)]
+    problems = []
+    names = [e.name for e in entries]
+    for name, values in cfg.augment_settings.items():
+        if name not in names:
+            problems.append(f"augment_settings.{name}: augment ({cfg.augment}) does not use {name}; remove it")
+            continue
+        try:
+            next(e for e in entries if e.name == name).resolve(values, where=f"augment_settings.{name}")
+        except MixkdError as err:
+            problems.append(str(err))
+    batch = batch_method(cfg.augment)
+    if batch != "none" and cfg.mix.method not in ("none", batch):
+        problems.append(f"augment: {cfg.augment} mixes with {batch} but mix.method (--mix) is {cfg.mix.method}: "
+                        "name the batch policy once (in augment, or with --mix)")
+    if batch == "cutmix_pick" and cfg.task != "distill":
+        problems.append("augment: cutmix_pick picks by the teacher's scores: it needs distill with a teacher")
+    if cfg.teacher_view != "same" and cfg.task != "distill":
+        problems.append(f"teacher_view: {cfg.teacher_view} needs distill (train has no teacher); remove it")
+    if cfg.teacher_view != "same" and batch == "cutmix_pick":
+        problems.append("teacher_view: cutmix_pick scores the student's candidates with the teacher: use teacher_view: same")
+    if cfg.teacher_view != "same" and cfg.dataset == "imagefolder":
+        problems.append(f"teacher_view: {cfg.teacher_view} needs an in-memory dataset (cifar100, cifar10, digits); "
+                        "use teacher_view: same for image folders")
+    return problems
 
 
 def _model_problems(cfg: RunConfig) -> list[str]:

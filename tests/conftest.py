@@ -26,6 +26,18 @@ def cifar10_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """A resnet8 teacher checkpoint for 10 classes (random weights, seed 0)."""
+    from mixkd.checkpoint import save_checkpoint
+    from mixkd.models import create_model
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the duration of a test (tiny tensors: faster, and steady on a busy machine)."""

@@ -129,25 +129,32 @@ def test_claim6_outputs():
 
 
 def test_results_table_carries_augment_and_t_stddev(tmp_path):
-    rows = _rows({"kd": -1.0}, policies=POLICIES[:2], seeds=(0,))
+    rows = _rows({"kd": -1.0}, policies=POLICIES[:3], seeds=(0,))
     results = results_from_rows(rows)
-    assert results[1].context.setting("augment") == "flip_crop" and results[1].t_stddev == pytest.approx(0.02)
-    assert results[0].context != results[1].context  # runs of different policies are never pooled
+    assert [r.cell.augment for r in results] == ["none", None, "cutout"]  # None: the default, flip_crop
+    assert results[2].t_stddev == pytest.approx(0.03)
+    rows[0]["test_loss"] = 1.25
+    results = results_from_rows(rows)
+    assert results[0].test_loss == 1.25 and results[1].test_loss is None
     write_csv(results, tmp_path / "t.csv")
     back = read_csv(tmp_path / "t.csv")
-    assert [(r.context, r.cell, r.t_stddev) for r in back] == [(r.context, r.cell, r.t_stddev) for r in results]
+    assert [(r.context, r.cell, r.t_stddev, r.test_loss) for r in back] == [
+        (r.context, r.cell, r.t_stddev, r.test_loss) for r in results]
     with pytest.raises(MixkdError, match="row 1, column 't_stddev'"):
         results_from_rows([{**rows[0], "t_stddev": "2"}])
 
 
 def test_claim6_labels_mixing_runs_apart():
-    # the same policy with and without PMU: two points, labelled apart
-    ctx = Context("resnet56", "none", "resnet20", (("augment", "flip_crop"),))
+    # the default policy alone, with full mixup (the spec flip_crop+mixup, as augment-score names it) and with PMU
+    ctx = Context("resnet56", "none", "resnet20")
     runs = [Result(ctx, Cell("kd", 4.0), 0, 70.0, "a", t_stddev=0.01),
-            Result(ctx, Cell("kd", 4.0, "mixup", 0.1, None, "exact"), 0, 71.0, "b", t_stddev=0.02)]
+            Result(ctx, Cell("kd", 4.0, "mixup", 1.0), 0, 71.0, "b", t_stddev=0.02),
+            Result(ctx, Cell("kd", 4.0, "mixup", 0.1, None, "exact", "cutout"), 0, 71.0, "c", t_stddev=0.03)]
     gaps = claim6(runs).untested
-    assert gaps and "(has 2)" in gaps[0].missing[0]
+    assert gaps and "(has 3)" in gaps[0].missing[0]
     from mixkd.claims import _rank_groups
 
     (labels,) = [list(g) for g in _rank_groups(runs).values()]
-    assert labels == ["flip_crop", "flip_crop, PMU f=0.1"]
+    assert labels == ["flip_crop", "flip_crop+mixup", "cutout+mixup f=0.1"]
+    # runs that name neither a policy nor a T. stddev: no claim 6
+    assert not _rank_groups([Result(ctx, Cell("kd", 4.0), 0, 70.0, "a")])

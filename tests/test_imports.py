@@ -20,7 +20,7 @@ LAYERS = [
     ("config", ["mixkd", "mixkd.errors", "mixkd.config", "mixkd.files", "mixkd.header", "mixkd.checkpoint", "mixkd.control", "mixkd.distributed",
                 "mixkd.metrics", "mixkd.registry"]),
     ("data", ["mixkd.data"]),
-    ("mix", ["mixkd.mix"]),
+    ("mix", ["mixkd.mix", "mixkd.augment"]),
     ("models", ["mixkd.models"]),
     ("distiller/losses", ["mixkd.losses", "mixkd.feature_losses", "mixkd.distiller", "mixkd.distillers", "mixkd.methods",
                           "mixkd.mlkd_loss"]),

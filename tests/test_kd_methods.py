@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from run_rows import epoch_rows
 from test_distillation_loss import DIST_T4, DKD_MIXED, LSKD_T2, Y_MIXED, S, T, dec, softmax
 
-from mixkd.checkpoint import save_checkpoint
 from mixkd.cli import main
 from mixkd.config import KDConfig, build_config
 from mixkd.distiller import make_distiller, method_names
@@ -190,14 +189,6 @@ def test_fitnet_steps_measure_without_a_trace_and_its_state_round_trips(one_thre
 
 
 # ---- through the engine and the command line ----------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_checkpoint(path, create_model("resnet8", 10), model_name="resnet8", num_classes=10, epoch=1)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory):
     from cifar_fixture import write_fake_cifar

@@ -432,9 +432,13 @@ def test_demo_runs_the_quickstart_study_and_says_where_the_report_is(tmp_path, c
     printed = capsys.readouterr().out
     assert f"report (table and figures): {out / 'report.md'}" in printed
     assert "| resnet8 (plain) → resnet8 |" in printed
-    # the claims last: KD vs the student alone, one run a side (no spread measured), and the schedule's line
-    claims = printed.split("claims (details: report.md, claims.json):\n")[1]
-    assert "resnet8 (plain) → resnet8: KD T=4 > student alone: " in claims and "n = 1 vs 1, no spread measured" in claims
+    # the claims last, short: each part's verdict (the comparisons are in report.md), why one run a side is
+    # inconclusive in words, with the difference, and the schedule's line
+    claims = printed.split("claims (each comparison, with its interval: report.md, claims.json):\n")[1]
+    assert "\n  KD > student alone: inconclusive (1 comparison)\n" in claims and "n = 1 vs 1" not in claims
+    why = claims.rstrip().splitlines()[-2]
+    assert why.startswith("why inconclusive: this comparison has a side that measures no spread (one run, or runs "
+                          "all equal), so no interval can be drawn") and "(KD T=4 > student alone: " in why, why
     assert claims.rstrip().splitlines()[-1].startswith("schedule: 1 epoch, short of the study's 240")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"done"} and {r["epochs"] for r in rows} == {1}
 

@@ -18,7 +18,7 @@ sees, batch by batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +31,10 @@ from mixkd.data.spec import ArraySplit, DataSpec
 from mixkd.errors import MixkdError
 
 CROP_PADDING = 4  # RandomCrop(32, padding=4)
+# What the teacher sees (issue 28): same: the student's batch; independent: its own draw of the
+# per-sample policies (and of the mixing, in the step); clean: the un-augmented image. With a view other
+# than same a DeviceLoader yields x of shape (2, B, C, H, W): x[0] the student's, x[1] the teacher's.
+TEACHER_VIEWS = ("same", "independent", "clean")
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -134,13 +138,22 @@ class DeviceLoader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        crop: bool = True,
+        flip: bool = True,
+        sample: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        teacher_view: str = "same",
     ) -> None:
         _check_batch(batch_size, rank, world, drop_last)
+        if teacher_view not in TEACHER_VIEWS:
+            raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank yields its part of each
         self.rank, self.world = rank, world
         self.shuffle = shuffle
-        self.augment = augment
+        self.augment = augment and (crop or flip)
+        self.crop, self.flip = crop, flip
+        self.sample, self.teacher_view = sample, teacher_view
+        self._epoch_seed = seed
         self.drop_last = drop_last
         self.images = shared_to_device(split.images, self.device)  # read-only: never written into
         self.labels = shared_to_device(split.labels, self.device)
@@ -158,6 +171,7 @@ class DeviceLoader:
 
     def set_epoch_seed(self, seed: int) -> None:
         self._gen.manual_seed(seed)
+        self._epoch_seed = seed
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_from(0)
@@ -166,16 +180,40 @@ class DeviceLoader:
         _check_start(start, len(self))
         return self._batches(start)
 
+    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets and flips of ``n`` samples from the loader's generator (today's draws, in
+        today's order, for flip + crop; flip alone keeps the offsets at the padding, i.e. no shift)."""
+        g, dev = self._gen, self.device
+        if self.crop:
+            span = 2 * CROP_PADDING + 1
+            off_y = torch.randint(0, span, (n,), generator=g, device=dev)
+            off_x = torch.randint(0, span, (n,), generator=g, device=dev)
+        else:
+            off_y = off_x = torch.full((n,), CROP_PADDING, dtype=torch.long, device=dev)
+        if self.flip:
+            flip = torch.rand(n, generator=g, device=dev) < 0.5  # like RandomHorizontalFlip(p=0.5)
+        else:
+            flip = torch.zeros(n, dtype=torch.bool, device=dev)
+        return off_y, off_x, flip
+
+    def _batch_seed(self, b: int, view: int) -> int:
+        """The seed of batch ``b``'s per-sample policies (view 0: the student's, 1: the teacher's own draw)."""
+        return (self._epoch_seed * 1_000_003 + 2 * b + view) % (2**63 - 1)
+
+    def _finish(self, x: torch.Tensor, b: int, view: int) -> torch.Tensor:
+        if self.sample is None:
+            return self._normalize(x)
+        return self.sample(x, self._batch_seed(b, view))
+
     def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The whole epoch's randomness is drawn first, whatever ``start``: batch b is the same
         # tensor whether the epoch is iterated from 0 or from b.
         n, dev, g = self.num_samples, self.device, self._gen
         order = torch.randperm(n, generator=g, device=dev) if self.shuffle else None
         if self.augment:
-            span = 2 * CROP_PADDING + 1
-            off_y = torch.randint(0, span, (n,), generator=g, device=dev)
-            off_x = torch.randint(0, span, (n,), generator=g, device=dev)
-            flip = torch.rand(n, generator=g, device=dev) < 0.5  # like RandomHorizontalFlip(p=0.5)
+            off_y, off_x, flip = self._draw(n)
+            if self.teacher_view == "independent":  # drawn after the student's: those stay today's
+                t_off_y, t_off_x, t_flip = self._draw(n)
             if order is None:
                 order = torch.arange(n, device=dev)
         for b in range(start, len(self)):
@@ -186,6 +224,7 @@ class DeviceLoader:
                 if s == e:  # a last partial batch smaller than the world: nothing for this rank
                     continue
             if order is None:
+                idx = torch.arange(s, e, device=dev)
                 xb, yb = self.images[s:e], self.labels[s:e]
             else:
                 idx = order[s:e]
@@ -194,7 +233,14 @@ class DeviceLoader:
                     xb = self._crop_flip(idx, off_y[s:e], off_x[s:e], flip[s:e])
                 else:
                     xb = self.images.index_select(0, idx)
-            yield self._normalize(xb), yb
+            x = self._finish(xb, b, 0)
+            if self.teacher_view == "clean":
+                x = torch.stack([x, self._normalize(self.images.index_select(0, idx))])
+            elif self.teacher_view == "independent":
+                xt = (self._crop_flip(idx, t_off_y[s:e], t_off_x[s:e], t_flip[s:e]) if self.augment
+                      else self.images.index_select(0, idx))
+                x = torch.stack([x, self._finish(xt, b, 1)])
+            yield x, yb
 
     def _crop_flip(
         self, idx: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, flip: torch.Tensor
@@ -315,6 +361,14 @@ class FolderLoader:
     def __len__(self) -> int:
         return len(self._sampler)
 
+    def close(self) -> None:
+        """End the worker processes now (they are persistent: they would otherwise live until this loader
+        is collected, or be killed at exit before removing their ``/tmp/pymp-*`` folders)."""
+        workers = getattr(self._loader, "_iterator", None)  # the DataLoader's persistent iterator, once started
+        if workers is not None:
+            workers._shutdown_workers()
+            self._loader._iterator = None
+
     def set_epoch_seed(self, seed: int) -> None:
         self._gen.manual_seed(seed)
 
@@ -346,6 +400,8 @@ def make_loaders(
     workers: int | None = None,
     rank: int = 0,
     world: int = 1,
+    pipeline: Any = None,
+    teacher_view: str = "same",
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader]:
     """(train_loader, test_loader) for ``spec``.
 
@@ -354,17 +410,29 @@ def make_loaders(
     ``workers`` only matters for ``imagefolder`` (None: what the machine has). With ``world > 1``
     both loaders yield rank ``rank``'s part of each global batch (``batch_size`` and
     ``eval_batch_size`` are global; the training batch must divide over ``world``).
+
+    ``pipeline``: the run's augmentation (:class:`mixkd.augment.Pipeline`; None: flip + crop): in-memory
+    datasets draw its flip / crop here and run its other per-sample policies on the device, image
+    folders get its ``folder_transform``. ``teacher_view`` (in-memory datasets): see :data:`TEACHER_VIEWS`.
     """
     if spec.train is None:
         raise ValueError("make_loaders needs the train split: load the dataset with both splits")
     train: DeviceLoader | FolderLoader
     if isinstance(spec.train, ArraySplit):
+        native = {} if pipeline is None else {"crop": pipeline.crop, "flip": pipeline.flip,
+                                              "sample": pipeline.sample_extra if pipeline.extra else None}
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
-                             drop_last=drop_last, rank=rank, world=world)
+                             drop_last=drop_last, rank=rank, world=world, teacher_view=teacher_view, **native)
     else:
+        if teacher_view != "same":
+            raise MixkdError(f"teacher_view: {teacher_view} needs an in-memory dataset (cifar100, cifar10, digits); "
+                             "image folders give the teacher the student's view: use teacher_view: same")
         test_tf = spec.test.transform if spec.test is not None else None
+        transform = None if augment else test_tf
+        if augment and pipeline is not None:  # flip + crop: the folder's RandomResizedCrop + flip; else its test view
+            transform = pipeline.folder_transform(spec.train.transform if pipeline.crop else test_tf)
         train = FolderLoader(spec.train, batch_size, device, shuffle=True, drop_last=drop_last, workers=workers,
-                             transform=None if augment else test_tf, rank=rank, world=world)
+                             transform=transform, rank=rank, world=world)
     if len(train) == 0:
         raise MixkdError(
             f"batch size {batch_size} is larger than the {train.num_samples} training samples of "

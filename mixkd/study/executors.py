@@ -53,7 +53,7 @@ from mixkd.study.packworker import PackWorker
 from mixkd.study.worker import Job, Outcome, not_started
 
 Completion = tuple[str, Outcome]
-DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (REFERENCE.md: 8 runs per process on streams)
+DEFAULT_GPU_PACK = 8  # the best K measured on an H100 (docs/study-claims-reference.md: 8 runs per process on streams)
 
 
 class Executor(Protocol):
@@ -307,6 +307,14 @@ class LocalExecutor:
                     proc.join()
         self._procs = [None] * len(self._procs)
         self._assigned = [[] for _ in self._assigned]
+        # Release the queues' named semaphores now: a study that stops leaves through os._exit, which
+        # skips the finalizers that would, and the resource tracker then warns of "leaked semaphore objects".
+        for q in [*self._tasks, self._results]:
+            if q is not None:
+                q.close()
+                q.join_thread()
+        self._tasks = [None] * len(self._tasks)
+        self._results = None
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]

@@ -117,7 +117,7 @@ def plot_temperature_curves(rows: list[dict[str, Any]], metric: str, path: Path)
 
 def plot_fraction_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
     """Top-1 against the mixed share of the batch (0: no mixing, 1: full mixup), per KD loss. Partial
-    mixup with ``sampling: reference`` is left out: it mixes more than its fraction (REFERENCE claim 5)."""
+    mixup with ``sampling: reference`` is left out: it mixes more than its fraction (claim 5, docs/study-claims-reference.md)."""
     mixup = [r for r in rows if r["mix_method"] == "mixup" and r["teacher"] is not None]
     alpha = statistics.mode([r["mix_alpha"] for r in mixup]) if mixup else 1.0
     groups: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))

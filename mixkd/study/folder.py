@@ -29,7 +29,7 @@ from typing import Any
 from mixkd import __version__
 from mixkd.config import load_yaml
 from mixkd.errors import MixkdError
-from mixkd.files import atomic_write_text, flock_holders, hold_lock, locks_unsupported, open_nofollow
+from mixkd.files import atomic_write_text, flock_holders, hold_lock, locks_unsupported, open_nofollow, read_text
 from mixkd.run_folder import RunFolder, RunStatus
 from mixkd.study.spec import PlannedRun, Study, load_study, saved_config_mismatch
 
@@ -39,6 +39,9 @@ WORKERS_LOCK = ".study.workers.lock"
 STUDY_COPY = "study.yaml"
 # What a study writes into its folder (study-state.json's "format"); another value is another layout.
 FOLDER_FORMAT = "mixkd-study-1"
+# What to do about a damaged state file.
+STATE_HINT = ("delete it and run the same 'mixkd study run' command again (--set values included): it writes the "
+              "file anew from the run folders")
 
 
 class RunState(StrEnum):
@@ -79,7 +82,7 @@ def check_run(run: PlannedRun, out: Path) -> tuple[RunStatus, str | None]:
     (a mismatch: the runner reports it as failed)."""
     folder = RunFolder(out / run.id)
     if folder.config.exists():
-        saved = load_yaml(folder.config.read_text(), f"run config {folder.config}") or {}
+        saved = load_yaml(read_text(folder.config, f"run config {folder.config}"), f"run config {folder.config}") or {}
         mismatch = saved_config_mismatch(run, saved, out)
         if mismatch:
             return run_status(out, run.id), (f"{folder.path} holds a run made with other settings ({mismatch}); "
@@ -101,12 +104,31 @@ def check_folder(out: str | Path) -> dict[str, Any] | None:
         raise MixkdError(f"cannot read {path} ({e}); is {out} a study folder written by mixkd?") from None
     if not isinstance(state, dict):
         raise MixkdError(f"{path} is not a mixkd study state; is {out} a study folder written by mixkd?")
+    problem = state_problem(state)
+    if problem:
+        raise MixkdError(f"{path} is damaged ({problem}); {STATE_HINT}")
     fmt = state.get("format", FOLDER_FORMAT)  # folders written before the format was recorded: this layout
     if fmt != FOLDER_FORMAT:
         raise MixkdError(f"{out} is a study folder of another mixkd version ({state.get('mixkd_version', 'unknown')}, "
                          f"format {fmt!r}); this mixkd ({__version__}) reads {FOLDER_FORMAT!r}: continue it with the "
                          "mixkd that wrote it, or use another --out")
     return state
+
+
+def state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the layout of a study state read from JSON (a value of another type), or None."""
+    runs = state.get("runs", {})
+    if not isinstance(runs, dict):
+        return f'"runs" is {json.dumps(runs)[:40]}, not a mapping of run ids'
+    bad = next((k for k, v in runs.items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        return f'"runs" gives {bad!r} as {json.dumps(runs[bad])[:40]}, not a mapping'
+    overrides = state.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        return '"overrides" is not a list of key=value texts'
+    if not isinstance(state.get("id", ""), (str, type(None))):
+        return '"id" is not a text'
+    return None
 
 
 def load_folder(out: str | Path) -> tuple[Study, dict[str, Any] | None]:

@@ -28,8 +28,8 @@ Key = tuple[str, str, str | None, int]  # dataset, model, teacher model, batch s
 # Images/s measured on one NVIDIA H100 (torch 2.11) with mixkd: CIFAR-100-shaped 32x32 images, batch 64, the
 # training step captured in a CUDA graph; {K: aggregate images/s of K runs packed in one process, each on its
 # own CUDA stream}. Keyed by (model, teacher model or None for training alone, precision). Training only
-# (no evaluation) unless said. Sources: ../shared/REFERENCE.md "mixkd itself on one NVIDIA H100 (torch 2.11,
-# 2026-11-26, commit d0f2224)" and issue 11; nothing here is extrapolated.
+# (no evaluation) unless said. Sources: docs/study-claims-reference.md ("mixkd itself on one NVIDIA H100 (torch 2.11,
+# 2026-11-26, commit d0f2224)") and issue 11; nothing here is extrapolated.
 H100_MEASURED: dict[tuple[str, str | None, str], dict[int, float]] = {
     # distillation steps, PMU 10% + standardized KD, random CIFAR-shaped data: one run (variant d, bf16 graph)
     # and 2 / 4 / 8 runs packed (prototype ../shared/bench/multirun_prototype.py); KD steps cost about the same
@@ -46,7 +46,7 @@ H100_MEASURED: dict[tuple[str, str | None, str], dict[int, float]] = {
     ("resnet8x4", None, "bf16"): {1: 23_392, 2: 46_784},
     ("resnet8x4", None, "fp32"): {1: 16_529, 2: 33_058},
 }
-H100_SOURCE = "REFERENCE.md: mixkd on one NVIDIA H100, bf16/fp32 CUDA graph, batch 64, commit d0f2224"
+H100_SOURCE = "docs/study-claims-reference.md: mixkd on one NVIDIA H100, bf16/fp32 CUDA graph, batch 64, commit d0f2224"
 
 
 def finished_line(out: Path) -> str:

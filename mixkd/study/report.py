@@ -27,7 +27,9 @@ import yaml
 
 from mixkd.claims import (
     DEFAULT_MARGIN,
+    UNMEASURED_HINT,
     ClaimResult,
+    Comparison,
     check,
     claims_json,
     claims_markdown,
@@ -35,7 +37,7 @@ from mixkd.claims import (
     plan,
     schedule_note,
 )
-from mixkd.errors import MixkdError
+from mixkd.errors import MixkdError, ReadOnlyStorage
 from mixkd.files import atomic_write_text
 from mixkd.registry import load_plugin
 from mixkd.results import write_csv as results_table
@@ -52,7 +54,14 @@ from mixkd.study.figures import (
 from mixkd.study.folder import STATE_NAME, STUDY_COPY
 from mixkd.study.rows import collect, planned_results, results_of, write_csv
 from mixkd.study.spec import Study
-from mixkd.study.tables import analysis_tables, analyzed, method_summary_table, paper_table, teacher_name
+from mixkd.study.tables import (
+    analysis_tables,
+    analyzed,
+    method_summary_table,
+    paper_table,
+    policy_table,
+    teacher_name,
+)
 
 OTHER_METRIC = {"top1": "best_top1", "best_top1": "top1"}  # reported beside the chosen one
 OTHER_WHY = {"best_top1": "mdistiller's and most published KD figures are best-epoch",
@@ -119,15 +128,35 @@ def _wanted_pair(spec: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def claims_text(out: str | Path, metric: str = "top1") -> str:
+def claims_text(out: str | Path, metric: str = "top1", details: bool = True) -> str:
     """The claims of a study folder as plain text (what ``mixkd study run`` and ``mixkd demo`` print last):
-    verdicts, intervals, seed counts, and what the runs' schedule can say."""
+    verdicts, intervals, seed counts, and what the runs' schedule can say. Without ``details`` (the
+    demo): each part's verdict without its comparisons, and in words why a comparison of single runs
+    is inconclusive however large its difference."""
     out = Path(out)
     spec = yaml.safe_load((out / STUDY_COPY).read_text()) or {} if (out / STUDY_COPY).exists() else {}
     rows = collect(out)
-    claims, _, _ = study_claims(rows, spec, metric)
-    return "claims (details: report.md, claims.json):\n" + format_claims(claims, metric=metric) + "\n" + schedule_note(
-        results_of(rows, metric))
+    claims, noise, margin = study_claims(rows, spec, metric)
+    head = "claims (details: report.md, claims.json):" if details else \
+        "claims (each comparison, with its interval: report.md, claims.json):"
+    text = format_claims(claims, details, metric=metric)
+    unmeasured = [c for claim in claims for c in claim.comparisons if c.interval.se is None]
+    if not details and unmeasured:
+        text = text.removesuffix("\n" + UNMEASURED_HINT) + "\n" + why_inconclusive(unmeasured, margin, out)
+    return head + "\n" + text + "\n" + schedule_note(results_of(rows, metric))
+
+
+def why_inconclusive(unmeasured: list[Comparison], margin: float, out: Path) -> str:
+    """Why comparisons of one run a side are inconclusive, in words, with the largest difference among
+    them as the example (a verdict of 'inconclusive' beside -40 points reads as a contradiction)."""
+    c = max(unmeasured, key=lambda c: abs(c.interval.difference))
+    n = len(unmeasured)
+    return (f"why inconclusive: {f'each of these {n} comparisons has' if n > 1 else 'this comparison has'} a side "
+            f"that measures no spread (one run, or runs all equal), so no interval can be drawn, and no difference, "
+            f"however large ({c.statement}: {c.interval.difference:+.2f} points), can be told from chance. "
+            f"A comparison is decided only when its 95% interval clears 0 (or -{margin:g} points, the margin of "
+            f"an 'at least as well'): run 3 seeds or more, of longer runs, or assume a per-run spread (mixkd claims "
+            f"{out / CLAIMS_TABLE} --noise SIGMA).")
 
 
 def claims_plan(study: Study) -> str:
@@ -176,8 +205,20 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
         raise MixkdError(f"study folder not found: {out}")
     _load_recorded_plugins(out)  # their methods' labels and titles in the tables
     rows = collect(out)
+    if not rows and (out / STUDY_COPY).is_file():  # a study stopped before any of its runs began
+        raise MixkdError(f"no run of the study in {out} has begun yet, so there is nothing to report: continue the "
+                         f"study (the same 'mixkd study run' command) and report once runs have finished "
+                         f"(mixkd study status {out} says where it stands)")
     if not rows:
         raise MixkdError(f"no runs found in {out}; is it a study folder (mixkd study run FILE --out {out})?")
+    try:
+        return _write_report(out, rows, metric)
+    except ReadOnlyStorage as e:  # the report has no --out: it goes into the study folder
+        raise MixkdError(f"{str(e).split('; ')[0]}; 'mixkd study report' writes into the study folder, and {out} is "
+                         "on a read-only file system: copy the folder to writable storage and report the copy") from None
+
+
+def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
     write_csv(rows, out / "results.csv")
     name, description, spec = out.name, "", {}
     if (out / STUDY_COPY).exists():
@@ -191,6 +232,11 @@ def write_report(out: str | Path, metric: str = "top1") -> Path:
               f"Student {METRICS[metric]} (%), mean ± std over seeds (n = runs where fewer than the most); "
               "best method per row in **bold**; teacher and student-alone accuracy beside.", "",
               paper_table(rows, metric), ""]
+    policies = policy_table(rows, metric)
+    if policies is not None:
+        lines += ["## Method × augmentation policy", "",
+                  f"Student {METRICS[metric]} (%) by augmentation policy (`augment:`), mean ± std over seeds; best "
+                  "policy per row in **bold**.", "", policies, ""]
     other = OTHER_METRIC[metric]
     if any(r["status"] == "done" and r["teacher"] is not None and r.get(other) is not None for r in rows):
         lines += [f"Beside it, the same runs' {METRICS[other]} ({OTHER_WHY[other]}):", "", paper_table(rows, other), ""]

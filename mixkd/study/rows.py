@@ -17,13 +17,13 @@ from typing import Any
 
 from mixkd.errors import MixkdError
 from mixkd.files import atomic_write, read_json
-from mixkd.results import Result, cell_from_config, context_from_config, natural
+from mixkd.results import DEFAULT_AUGMENT, Result, cell_from_config, context_from_config, natural
 from mixkd.run_folder import ANALYSIS_NAME, CONFIG_NAME, RunFolder, teacher_run
-from mixkd.study.folder import STATE_NAME, analysis_status, run_status
+from mixkd.study.folder import STATE_HINT, STATE_NAME, analysis_status, run_status, state_problem
 from mixkd.study.spec import Study, mix_label
 
 COLUMNS = ["id", "role", "status", "dataset", "model", "method", "teacher", "teacher_model", "teacher_mix",
-           "temperature", "mix_method", "mix_fraction", "mix_alpha", "mix_sampling", "seed", "epochs", "batch_size", "lr",
+           "temperature", "mix_method", "mix_fraction", "mix_alpha", "mix_sampling", "augment", "seed", "epochs", "batch_size", "lr",
            "top1", "best_top1", "best_epoch", "top5", "nll", "teacher_top1", "wall_seconds", "images_per_s",
            "device", "error"]
 # From each run's analysis.json (mixkd.analysis.summary_row): ECE as a fraction, agreement and accuracies in %.
@@ -50,7 +50,8 @@ def _row(out: Path, run_id: str, cfg: dict[str, Any], result: dict[str, Any] | N
     row.update(id=run_id, role=role, status=run_status(out, run_id), dataset=cfg.get("dataset"),
                model=cfg.get("model"), mix_method=cell.mix, mix_fraction=cell.fraction or 0.0,
                mix_alpha=mix.get("alpha") if cell.mix != "none" else None,
-               mix_sampling=mix.get("sampling", "exact") if cell.mix != "none" else None, seed=cfg.get("seed"),
+               mix_sampling=mix.get("sampling", "exact") if cell.mix != "none" else None,
+               augment=cell.augment or DEFAULT_AUGMENT, seed=cfg.get("seed"),
                epochs=cfg.get("epochs"), batch_size=cfg.get("batch_size"), lr=(cfg.get("optim") or {}).get("lr"),
                method="teacher" if role == "teacher" else cell.method, temperature=cell.temperature)
     teacher_model = None
@@ -124,8 +125,11 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
     state = out / STATE_NAME
     if state.exists():  # runs that never started (blocked by a failed teacher) have no directory
         seen = {r["id"] for r in rows}
-        saved = read_json(state, "delete it: 'mixkd study run' writes it anew")
-        for run_id, entry in (saved.get("runs", {}) if isinstance(saved, dict) else {}).items():
+        saved = read_json(state, STATE_HINT)
+        problem = state_problem(saved) if isinstance(saved, dict) else "not a JSON object"
+        if problem:
+            raise MixkdError(f"{state} is damaged ({problem}); {STATE_HINT}")
+        for run_id, entry in saved.get("runs", {}).items():
             if run_id not in seen and entry.get("status") == "blocked":
                 row = dict.fromkeys(COLUMNS)
                 row.update(id=run_id, role="teacher" if run_id.startswith("teachers/") else "student",

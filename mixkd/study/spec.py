@@ -43,6 +43,7 @@ import difflib
 import itertools
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mixkd import __version__
+from mixkd.augment import parse_augment
 from mixkd.config import (
     MACHINE_KEYS,
     TEACHER_KEYS,
@@ -62,6 +64,7 @@ from mixkd.config import (
 )
 from mixkd.distiller import KDSettings, method_names
 from mixkd.errors import MixkdError
+from mixkd.files import read_text
 from mixkd.models import default_lr, model_slug
 from mixkd.registry import KD_METHODS, load_plugin
 from mixkd.run_folder import CHECKPOINT_NAME, names_run, relative_teacher
@@ -238,6 +241,7 @@ class StudentGroup(_Strict):
     alphas: Floats = [1.0]
     mix_modes: Annotated[list[Literal["mixup", "cutmix"]], BeforeValidator(_listify), Field(min_length=1)] = ["mixup"]
     samplings: Annotated[list[Literal["exact", "reference"]], BeforeValidator(_listify), Field(min_length=1)] = ["exact"]
+    augment: Strs | None = None  # augmentation specs (issue 28), crossed with the methods; None: the recipe's
     seeds: Ints = [0]
     recipe: dict[str, Any] = {}
     analysis: GroupAnalysis = None
@@ -251,6 +255,11 @@ class StudentGroup(_Strict):
     def _students(self) -> StudentGroup:
         if (self.models is None) == (self.pairs is None):
             raise ValueError("give either models: (crossed with every teacher) or pairs: ('teacher -> student')")
+        for spec in self.augment or []:
+            try:
+                parse_augment(spec)
+            except MixkdError as err:
+                raise ValueError(str(err).removeprefix("augment: ")) from None
         needs_teacher = [m for m in self.methods if METHODS[m].task == "distill"]
         if (needs_teacher or self.pairs) and not self.teachers:
             raise ValueError(f"methods {', '.join(needs_teacher) or 'with pairs:'} need teachers: (teacher group names)")
@@ -527,9 +536,12 @@ class _Expander:
             for method in g.methods:
                 if METHODS[method].task == "train":
                     for model in students:
-                        for seed in g.seeds:
-                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"}})
-                            self.add(config, f"students/{model_slug(model)}-alone-s{seed}", "student", where, model, seed,
+                        for augment, seed in itertools.product(g.augment or [None], g.seeds):
+                            config = _merge(base, {"task": "train", "model": model, "seed": seed, "mix": {"method": "none"},
+                                                   **({"augment": augment} if augment is not None else {})})
+                            part = f"-{augment}" if augment is not None else ""
+                            self.add(config, f"students/{model_slug(model)}-alone{part}-s{seed}", "student", where, model,
+                                     seed,
                                      method=METHODS[method], analysis=analysis)
                     continue
                 for ref, model in combos:
@@ -563,15 +575,17 @@ class _Expander:
         mixing = m.mixing != "none"
         inherited = _get(base, "mix.sampling") or "exact"  # defaults: / recipe: / --set, as before the axis
         samplings = [None] if m.mixing != "partial" else g.samplings if g.sampling_axis else [inherited]
-        for temp, frac, alpha, mode, sampling, seed in itertools.product(
+        augments = g.augment or [None]
+        for temp, frac, alpha, mode, sampling, augment, seed in itertools.product(
                 temps, fractions, g.alphas if mixing else [None], g.mix_modes if mixing else [None], samplings,
-                g.seeds):
+                augments, g.seeds):
             parts = [method]
             parts += [f"T{_fmt(temp)}"] if temp is not None else []
             parts += [f"f{_fmt(frac)}"] if m.mixing == "partial" else []
             parts += [f"a{_fmt(alpha)}"] if alpha is not None and alpha != 1 else []
             parts += ["cutmix"] if mode == "cutmix" else []
             parts += ["ref"] if sampling == "reference" else []
+            parts += [augment] if augment is not None else []
             run_id = f"students/{model_slug(model)}-from-{model_slug(ref.label)}-{'-'.join(parts)}-s{seed}"
             kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
             if ref.checkpoint:
@@ -579,7 +593,8 @@ class _Expander:
             mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
             if sampling is not None and sampling != inherited:
                 mix["sampling"] = sampling
-            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix})
+            config = _merge(base, {"task": "distill", "model": model, "seed": seed, "kd": kd, "mix": mix,
+                                   **({"augment": augment} if augment is not None else {})})
             yield config, run_id, {"seed": seed, "teacher_run": ref.run_id, "teacher_checkpoint": ref.checkpoint,
                                    "teacher_model": ref.model, "method": m, "temperature": temp, "fraction": frac,
                                    "alpha": alpha, "sampling": sampling}
@@ -618,8 +633,54 @@ def parse_study(data: Any, source: str = "<study>") -> StudyFile:
         raise MixkdError(f"invalid study file {source}: {_where(err['loc'])}: {msg}{got}") from None
 
 
+# The most runs one study file may declare: each is a training run (the largest shipped study has 228),
+# and expanding a million-run grid takes minutes and gigabytes before anything is printed.
+MAX_RUNS = 10_000
+
+
+def count_runs(spec: StudyFile) -> tuple[int, list[tuple[str, int]]]:
+    """(the runs ``spec`` declares, (group, its runs) for each group), counted from the axes' lengths
+    without expanding the grid (a run declared by two groups counts twice)."""
+    teachers: dict[str, Counter[str]] = {}  # group -> its teachers' architectures, one per teacher run
+    groups: list[tuple[str, int]] = []
+    for gi, g in enumerate(spec.teachers):
+        if g.checkpoint is not None:
+            teachers[g.name] = Counter([g.model])
+            continue
+        each = len(g.mix) * len(g.seeds)
+        teachers[g.name] = Counter({m: each for m in g.models})
+        groups.append((f"teachers[{gi}]", len(g.models) * each))
+    for gi, g in enumerate(spec.students):
+        refs = sum((teachers.get(name, Counter()) for name in g.teachers or []), Counter())
+        if g.pairs is not None:
+            combos, students = sum(refs[t] for t, _ in g.pairs), len({s for _, s in g.pairs})
+        else:
+            combos, students = refs.total() * len(g.models), len(g.models)
+        n = 0
+        for name in g.methods:
+            m = METHODS[name]
+            if m.task == "train":
+                n += students * len(g.seeds)
+                continue
+            per = len(g.temperatures) if m.kd == "kd" else 1
+            if m.mixing != "none":
+                per *= len(g.alphas) * len(g.mix_modes)
+            if m.mixing == "partial":
+                per *= len(g.fractions) * (len(g.samplings) if g.sampling_axis else 1)
+            n += combos * per * len(g.seeds)
+        groups.append((f"students[{gi}]", n))
+    return sum(n for _, n in groups), groups
+
+
 def expand(spec: StudyFile, source: str = "<study>", overrides: list[str] | None = None) -> list[PlannedRun]:
-    """All runs of a study, teachers first, each once; raises MixkdError naming the bad key."""
+    """All runs of a study, teachers first, each once; raises MixkdError naming the bad key, and where
+    the study declares more than :data:`MAX_RUNS` runs (counted first: nothing is expanded then)."""
+    total, groups = count_runs(spec)
+    if total > MAX_RUNS:
+        largest = ", ".join(f"{g}: {n:,}" for g, n in sorted(groups, key=lambda gn: -gn[1])[:3])
+        raise MixkdError(f"study file {source} declares {total:,} runs ({largest}), more than the {MAX_RUNS:,} one "
+                         "study may hold: split it into several study files, or shorten its lists (models, "
+                         "temperatures, fractions, seeds, ...)")
     over: dict[str, Any] = {}
     for text in overrides or []:
         set_dotted(over, *parse_override(text))
@@ -686,7 +747,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None, seeds: list
     p = Path(path)
     if not p.is_file():
         raise MixkdError(f"study file not found: {p} (see configs/studies/ for examples)")
-    text = p.read_text()
+    text = read_text(p, f"study file {p}")
     data = load_yaml(text, f"study file {p}")
     if seeds is not None and isinstance(data, dict):
         for group in [*(data.get("teachers") or []), *(data.get("students") or [])]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mixkd.results import Cell, natural
+from mixkd.results import DEFAULT_AUGMENT, Cell, augment_label, natural
 from mixkd.study.spec import mix_label
 
 # The analysis tables in the paper-style layout: (summary_row key, better: max / min / None).
@@ -80,6 +81,34 @@ def paper_table(rows: list[dict[str, Any]], metric: str = "top1") -> str:
     """The markdown table: teacher -> student rows, method columns, best per row in bold."""
     table = _pair_table(rows, lambda r: r[metric], lambda r: r["teacher_top1"])
     return table if table is not None else "No distillation run has finished yet."
+
+
+def policy_table(rows: list[dict[str, Any]], metric: str = "top1") -> str | None:
+    """Method x augmentation policy (issue 28): a row per (teacher -> student, method), a column per
+    policy (labels from the augmentation registry), cells mean +- std over seeds, best per row in bold.
+    None unless the finished runs use more than one policy."""
+    done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None and r["role"] == "student"]
+    policies = sorted({r["cell"].augment or "" for r in done})
+    if len(policies) < 2:
+        return None
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    keys: dict[tuple, tuple] = {}
+    for r in done:
+        base = replace(r["cell"], augment=None)
+        pair = (teacher_name(r) if r["teacher"] is not None else "–", r["model"], base.label)
+        keys[pair] = (pair_key(r) if r["teacher"] is not None else (False, natural(""), "", natural(r["model"])), base.sort_key())
+        cells[pair][r["cell"].augment or ""].append(r[metric])
+    n_max = max(len(v) for row in cells.values() for v in row.values())
+    labels = [augment_label(p or DEFAULT_AUGMENT) for p in policies]
+    lines = ["| teacher → student | method | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(policies)]
+    for pair in sorted(cells, key=keys.get):
+        stats = [seed_stats(cells[pair].get(p, [])) for p in policies]
+        means = [st[0] for st in stats if st]
+        best = max(means) if means else None
+        row = [f"{pair[0]} → {pair[1]}", pair[2]]
+        row += [_cell(st, n_max, bold=st is not None and st[0] == best) for st in stats]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def analyzed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,117 @@
+"""Step time of each augmentation policy against today's flip + crop (issue 28), on this machine.
+
+    python bench/augment_speed.py [--steps 6] [--batch 64] [--student resnet20] [--teacher resnet56]
+
+A synthetic CIFAR-sized in-memory split (uint8 3x32x32, 100 classes), the device loader producing each
+batch (per-sample policies run there) and one KD step (mixkd.step.TrainStep); the median of ``--steps``
+timed steps after one untimed, each policy in turn, twice (ABAB order) so that drift of a shared machine
+shows. Also times the per-sample stage alone with the libraries considered (torchvision.transforms.v2
+per sample, kornia per sample, kornia batched: one sub-policy for the whole batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mixkd.augment import make_pipeline
+from mixkd.data.loaders import DeviceLoader
+from mixkd.data.spec import ArraySplit
+from mixkd.distiller import make_distiller
+from mixkd.mix import MixSpec
+from mixkd.models import create_model
+from mixkd.step import SGD, TrainStep
+
+MEAN, STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+SPECS = ["flip_crop", "none", "flip", "flip_crop+cutout", "flip_crop+autoaugment", "flip_crop+randaugment",
+         "flip_crop+trivialaugment", "flip_crop+random_erasing", "flip_crop+mixup", "flip_crop+cutmix",
+         "flip_crop+cutmix_pick"]
+
+
+def step_seconds(spec, split, args, teacher, student_state):
+    pipe = make_pipeline(spec, image_size=32, mean=MEAN, std=STD)
+    loader = DeviceLoader(split, args.batch, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True,
+                          crop=pipe.crop, flip=pipe.flip, sample=pipe.sample_extra if pipe.extra else None)
+    student = create_model(args.student, 100)
+    student.load_state_dict(student_state)
+    d = make_distiller("kd", student, teacher)
+    batch = pipe.batch
+    mix = MixSpec(batch.method, 1.0, 1.0) if batch is not None and not batch.needs_models else MixSpec()
+    step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 100, torch.Generator().manual_seed(0),
+                     pick=batch if batch is not None and batch.needs_models else None)
+    it = iter(loader)
+    times = []
+    for i in range(args.steps + 1):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        step(x, y)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sample_stage(args, split):
+    x = split.images[: args.batch]
+    out = {}
+    for name in ("autoaugment", "randaugment", "trivialaugment", "random_erasing"):
+        pipe = make_pipeline(name, image_size=32, mean=MEAN, std=STD)
+        t0 = time.perf_counter()
+        for s in range(3):
+            pipe.sample(x, seed=s)
+        out[f"torchvision v2, per sample: {name}"] = (time.perf_counter() - t0) / 3
+    try:
+        import kornia.augmentation as K
+        from kornia.augmentation import auto
+
+        kinds = {"autoaugment": lambda: auto.AutoAugment("cifar10"), "randaugment": lambda: auto.RandAugment(n=2, m=9),
+                 "trivialaugment": lambda: auto.TrivialAugment(), "random_erasing": lambda: K.RandomErasing(p=0.5)}
+        xf = x.float() / 255
+        for name, make in kinds.items():
+            aug = make()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                aug(xf)
+            out[f"kornia, batched (auto policies: one sub-policy per batch): {name}"] = (time.perf_counter() - t0) / 3
+            t0 = time.perf_counter()
+            torch.cat([aug(s[None]) for s in xf])
+            out[f"kornia, per sample: {name}"] = time.perf_counter() - t0
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--student", default="resnet20")
+    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    split = ArraySplit(torch.randint(0, 256, (args.batch * (args.steps + 2), 3, 32, 32), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 100, (args.batch * (args.steps + 2),), generator=g))
+    torch.manual_seed(0)
+    teacher = create_model(args.teacher, 100).eval()
+    student_state = create_model(args.student, 100).state_dict()
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.teacher} -> {args.student}")
+    for k, v in sample_stage(args, split).items():
+        print(f"  per-sample stage, {k}: {1000 * v:.1f} ms / batch")
+    seconds = {s: [] for s in SPECS}
+    for _ in range(2):
+        for s in SPECS:
+            seconds[s].append(step_seconds(s, split, args, teacher, student_state))
+    base = statistics.mean(seconds["flip_crop"])
+    print("| --augment | step (ms) | ratio vs flip_crop | rounds (ms) |")
+    print("|---|---|---|---|")
+    for s in SPECS:
+        m = statistics.mean(seconds[s])
+        print(f"| {s} | {1000 * m:.0f} | {m / base:.2f} | {' / '.join(f'{1000 * v:.0f}' for v in seconds[s])} |")
+
+
+if __name__ == "__main__":
+    main()
