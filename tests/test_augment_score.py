@@ -87,7 +87,7 @@ class _Pick:
         self.scored = []
 
     def candidates(self, x, y, generator=None):
-        return torch.cat([x, x.flip(-1)])
+        return torch.cat([x, x.flip(-1)]), torch.cat([y, y])
 
     def pick(self, pool, teacher_logits, student_logits, batch_size):
         self.scored.append((teacher_logits, student_logits))
@@ -193,14 +193,16 @@ def test_augment_score_command_on_digits(digits_teacher, monkeypatch, capsys):
     assert [s.policy for s in scores] == ["none", "flip"] and seen[-1] == ("flip", 3, 3)
     assert all(s.batches == 3 and s.temperature == 4.0 and s.low <= s.t_stddev <= s.high for s in scores)
     assert scores[0].t_stddev != scores[1].t_stddev  # the same batches, augmented differently
-    # the command: the pipeline factory comes from mixkd.augment (the stand-in here), --json
+    # the command, with mixkd.augment's own pipelines (CutMixPick picks with the teacher), --json
     from mixkd.cli import main
 
-    monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", types.SimpleNamespace(make_pipeline=make))
-    assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "none,flip", "--dataset", "digits",
-                 "--batches", "2", "--batch-size", "8", "--json"]) == 0
+    assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "flip_crop,flip_crop+cutmix_pick",
+                 "--dataset", "digits", "--batches", "2", "--batch-size", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["policy"] for r in rows] == ["none", "flip"] and rows[0]["batches"] == 2
+    assert [r["policy"] for r in rows] == ["flip_crop", "flip_crop+cutmix_pick"] and rows[0]["batches"] == 2
+    assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "flip_crop+nonsense",
+                 "--dataset", "digits", "--batches", "2"]) == 2
+    assert "nonsense" in capsys.readouterr().err
     assert main(["augment-score", "--teacher", str(digits_teacher), "--augment", "none", "--batches", "1"]) == 2
     assert "--batches" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "mixkd.augment", None)  # an import of it fails

@@ -121,7 +121,7 @@ def augment_batch(pipeline: Any, x: torch.Tensor, y_onehot: torch.Tensor, teache
         if criterion != "teacher_entropy":
             raise MixkdError(f"{pipeline.spec}: augment-score runs the teacher only, so it scores a pick by the "
                              f"teacher's entropy; {criterion} needs the student: use criterion teacher_entropy")
-        pool = batch.candidates(x, y_onehot, generator)
+        pool, _ = batch.candidates(x, y_onehot, generator)  # the candidates and their labels
         return pool.index_select(0, batch.pick(pool, teacher(pool), None, x.shape[0]))
     return mix_batch(x, y_onehot, MixSpec(batch.method), generator)[0]
 
