@@ -13,6 +13,10 @@ machine then slow the wall clock, not the measure. A second table times the dist
   python bench/method_bench.py --device cuda --rounds 200       # GPU (eager step)
   python bench/method_bench.py --methods kd,at,nst --memory      # also each method's peak step memory
   python bench/method_bench.py --catalogue --memory              # mdistiller's catalogue and CTKD against KD
+  python bench/method_bench.py --logit                          # every logit method, and each with "+ls"
+
+A method written ``NAME+ls`` is NAME with logit standardization (``kd.standardize: true``, its other
+settings its defaults), e.g. ``dkd+ls`` (DKD + LS).
 
 ``--memory`` runs each method again in a process of its own (one at a time) and reports the peak of
 three training steps' memory over what the process held after a first one (models, the method's
@@ -37,7 +41,6 @@ from pathlib import Path
 import torch
 from scipy.stats import binom
 
-from mixkd.config import KDConfig
 from mixkd.distiller import make_distiller
 from mixkd.losses import DISTILLATION_DEFAULTS, distillation_loss
 from mixkd.mix import MixSpec
@@ -46,6 +49,15 @@ from mixkd.step import SGD, TrainStep
 
 METHODS = ("kd", "std", "dkd", "lskd", "dist", "fitnet")
 FEATURE_METHODS = ("kd", "at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
+LOGIT_METHODS = ("kd", "std", "dkd", "lskd", "dist", "ctkd", "kd+ls", "dkd+ls", "dist+ls")
+
+
+def distiller(name: str, student: torch.nn.Module, teacher: torch.nn.Module):
+    """The distiller of ``name`` (``NAME+ls``: NAME with ``standardize: true``), its defaults otherwise."""
+    method, _, variant = name.partition("+")
+    if variant not in ("", "ls"):
+        raise SystemExit(f"--methods: {name!r}: the only variant is NAME+ls (logit standardization)")
+    return make_distiller(method, student, teacher, {"standardize": True} if variant else None)
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -62,6 +74,7 @@ def main() -> None:
     ap.add_argument("--pair", default="resnet56:resnet20")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--catalogue", action="store_true", help="the methods: " + ",".join(FEATURE_METHODS))
+    ap.add_argument("--logit", action="store_true", help="the methods: " + ",".join(LOGIT_METHODS))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -80,7 +93,7 @@ def main() -> None:
     clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     teacher_name, student_name = args.pair.split(":")
-    methods = list(FEATURE_METHODS) if args.catalogue else args.methods.split(",")
+    methods = list(FEATURE_METHODS if args.catalogue else LOGIT_METHODS if args.logit else args.methods.split(","))
     torch.manual_seed(0)
     teacher = create_model(teacher_name, 100).to(device).eval()
     for p in teacher.parameters():
@@ -90,7 +103,7 @@ def main() -> None:
     for m in methods:
         student = create_model(student_name, 100).to(device)
         student.load_state_dict(student0.state_dict())
-        d = make_distiller(m, student, teacher, KDConfig(method=m).settings())
+        d = distiller(m, student, teacher)
         d.set_epoch(10, 240)
         steps[m] = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                              torch.Generator(device=device).manual_seed(1))
@@ -170,7 +183,7 @@ def peak_step_memory(args, method: str, steps: int = 3) -> float:
     teacher = create_model(teacher_name, 100).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    d = make_distiller(method, create_model(student_name, 100).to(device), teacher, KDConfig(method=method).settings())
+    d = distiller(method, create_model(student_name, 100).to(device), teacher)
     d.set_epoch(10, 240)
     step = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                      torch.Generator(device=device).manual_seed(1))

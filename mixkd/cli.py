@@ -71,6 +71,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--save-every-minutes",), "save_every_minutes", {"type": float}, "also checkpoint mid-epoch every M minutes (0: never)"),
     (("--workers",), "workers", {"type": int}, "data-loading processes for image folders (default: the cores available, at most 4)"),
     (("--threads",), "threads", {"type": int}, "CPU threads of torch (default: torch's own: OMP_NUM_THREADS, else the cores); on the CPU a run is bit-exact only with the same count, so resume with the one it started with (a resume with another count warns)"),
+    (("--track",), "track.backend", {"choices": ["none", "mlflow", "wandb"]}, "also log the run to an experiment tracker: MLflow (track.uri: its tracking URI, default sqlite:///mlflow.db) or W&B (pip install 'mixkd[mlflow]' / 'mixkd[wandb]')"),
     (("--tensorboard",), "tensorboard", {"action": "store_const", "const": True}, "also log per-epoch scalars to <out>/tensorboard"),
     (("--no-progress",), "progress", {"action": "store_const", "const": False}, "no progress bar"),
 ]
@@ -209,14 +210,48 @@ class Parser(argparse.ArgumentParser):
         raise MixkdError(f"{message} (see {self.prog} --help)")
 
 
+def cudnn_text(version: int | None) -> str:
+    """cuDNN's version number as torch gives it, written out: 92400 -> 9.24.0 (cuDNN 9: major * 10000 +
+    minor * 100 + patch), 8902 -> 8.9.2 (cuDNN 8 and older: major * 1000 + minor * 100 + patch)."""
+    if version is None:
+        return "not available"
+    major, rest = divmod(version, 10000 if version >= 10000 else 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def version_text() -> str:
+    """What ``mixkd --version`` prints: mixkd's version, torch's and torchvision's, and the CUDA and cuDNN
+    torch was built with and sees here (its GPUs)."""
+    import torch
+    import torchvision
+
+    from mixkd import __version__
+
+    cuda = torch.version.cuda
+    if cuda is None:
+        seen = "CUDA: none (a CPU build of torch)"
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        seen = (f"CUDA {cuda} ({gpus} GPU(s) seen" + (f": {torch.cuda.get_device_name(0)}" if gpus else "") + "), "
+                f"cuDNN {cudnn_text(cudnn)}")
+    return (f"mixkd {__version__} (at {Path(__file__).resolve().parent})\n"
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}, {seen}")
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line's parser. ``command``: the command about to run, when known; the KD methods'
     flags (which import the methods, and torch) are added to ``distill`` only when it is that one."""
     parser = Parser(
         prog="mixkd", description="Knowledge distillation with mixup: train teachers, distill students, evaluate.")
-    from mixkd import __version__
-
-    parser.add_argument("--version", action="version", version=f"mixkd {__version__}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="print mixkd's version, torch's, and the CUDA and cuDNN that torch sees, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_parser(sub, "train", "train a model (a teacher, or a student alone), optionally with mixup/CutMix", False)
     methods = command in (None, "distill")

@@ -27,7 +27,13 @@ from mixkd.registry import KD_METHODS, Settings, load_plugin
 MILESTONE_FRACTIONS = (0.625, 0.75, 0.875)
 # Keys that describe the machine, not the run: a run resumed (elsewhere) takes them from the new command.
 MACHINE_KEYS = ("device", "progress", "data_dir", "download", "workers", "tensorboard", "save_every",
-                "save_every_minutes", "threads")
+                "save_every_minutes", "threads", "track")
+
+
+def machine_key(key: str) -> bool:
+    """Whether dotted config key ``key`` is machine-local (one of :data:`MACHINE_KEYS` or inside one:
+    ``track.backend``)."""
+    return key.split(".", 1)[0] in MACHINE_KEYS
 
 
 def _numeric(annotation: Any) -> bool:
@@ -73,6 +79,16 @@ def reference_mixed_share(batch_size: int, fraction: float) -> float:
     """Expected share of mixed samples under ``sampling='reference'`` (:func:`mixkd.mix.mixed_mask`): here,
     without torch, for the claims (``mixkd claims`` imports no torch)."""
     return (1.0 - 1.0 / batch_size) ** int(batch_size * (1.0 - fraction))
+
+
+class TrackConfig(_Section):
+    """Where the run is also logged (:mod:`mixkd.tracking`): an experiment tracker. Machine-local: a
+    resumed run may change it. ``track: mlflow`` in a YAML file is short for ``track: {backend: mlflow}``."""
+
+    backend: Literal["none", "mlflow", "wandb"] = Field("none", description="experiment tracker: none, mlflow (pip install 'mixkd[mlflow]') or wandb (pip install 'mixkd[wandb]')")
+    uri: str | None = Field(None, description="mlflow: the tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory); wandb: the folder of its files (default: $WANDB_DIR, else the working directory)")
+    project: str = Field("mixkd", min_length=1, description="the MLflow experiment / W&B project the runs go to")
+    parent: str | None = Field(None, description="set by a study: the tracked id of the study's parent run (its runs are its children)")
 
 
 def kd_context(dataset: str | None, model: str | None, teacher_model: str | None) -> dict[str, str]:
@@ -181,6 +197,12 @@ class RunConfig(_Section):
     kd: KDConfig = Field(default_factory=KDConfig)
     plugins: list[str] = Field([], description="plugin files (.py) or modules that register KD methods of your own "
                                "(mixkd.registry.load_plugin); relative paths are from the config file's folder")
+    track: TrackConfig = TrackConfig()
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _track(cls, v: Any) -> Any:
+        return {"backend": v} if isinstance(v, str) else v  # track: mlflow
 
     @model_validator(mode="before")
     @classmethod

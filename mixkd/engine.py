@@ -43,7 +43,7 @@ import torch
 from mixkd import distributed
 from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from mixkd.config import RunConfig, resolve_precision
+from mixkd.config import RunConfig, TrackConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
 from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
 from mixkd.device import device_name, library_versions, resolve_device
@@ -69,6 +69,7 @@ from mixkd.run_folder import (
     teacher_path,
 )
 from mixkd.step import SGD, GraphedTrainStep, TrainStep, resolve_compile
+from mixkd.tracking import Tracker, run_params, run_tags
 from mixkd.validate import unfinished_teacher_note, validate_run_config
 
 DISTILLER_STATE = "distiller."  # checkpoint state keys of the KD method's own modules
@@ -125,6 +126,8 @@ class Run:
         self.output = RunOutput(self.folder, echo if self.writes else None, progress=self.cfg.progress and self.writes,
                                 tensorboard=self.cfg.tensorboard and self.writes,
                                 title=f"{self.cfg.task} {self.cfg.model}")
+        # the experiment tracker (--track), rank 0's alone; a failure is one warning line in the log
+        self.tracker = Tracker(self.folder.path, self.cfg.track if self.writes else TrackConfig(), self._log)
         self.phase = "new"  # new -> training -> finished | stopped | failed
         self.created = False  # whether anything was written for this process's part of the run
         self.result: dict[str, Any] | None = None
@@ -406,6 +409,8 @@ class Run:
                   f"{self.precision}" + (f", teacher top-1 {self.teacher_metrics['top1']:.2f}%" if self.teacher_metrics else ""))
         for note in self.notes:
             self._log(note)
+        self.tracker.open(self.dir.name, run_params(self.cfg), run_tags(self.cfg, self.teacher_arch))
+        self.tracker.epochs(self.history)  # those not logged yet (a run that starts tracking on resume)
         self.output.open(self.cfg.epochs * self.steps_per_epoch, self.epoch * self.steps_per_epoch + self.step_in_epoch)
 
     @property
@@ -624,6 +629,7 @@ class Run:
         self._log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, test top-1 {test['top1']:.2f}%, "
                   f"{row['images_per_s']:.0f} images/s, {seconds:.1f} s")
         self.output.epoch(row)
+        self.tracker.epochs([row])
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             self._save(final=epoch + 1 == cfg.epochs)
 
@@ -689,6 +695,8 @@ class Run:
             result.update(processes=self.world, dist_backend=distributed.backend(), sync_bn=self.cfg.sync_bn)
         if self.writes:
             self.folder.write_result(result)
+            self.tracker.summary(result)
+            self.tracker.files([self.folder.config, self.folder.result])
         distributed.barrier()  # result.json is written before any rank reports the run finished
         self._log(f"finished: top-1 {result['top1']:.2f}% (last epoch), best {result['best_top1']:.2f}% "
                   f"(epoch {result['best_epoch']})")
@@ -708,6 +716,7 @@ class Run:
         for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
             if hasattr(loader, "close"):  # image folders: their worker processes end here
                 loader.close()
+        self.tracker.close(self.phase)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

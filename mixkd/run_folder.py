@@ -55,7 +55,7 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml
+from mixkd.config import MACHINE_KEYS, RunConfig, load_run_config, load_yaml, machine_key
 from mixkd.errors import FolderInUse, MixkdError
 from mixkd.files import append_text, atomic_write_text, hold_lock, read_json, read_text
 from mixkd.header import CHECKPOINT_NAME, checkpoint_header
@@ -391,13 +391,13 @@ def resume_config(out: str | os.PathLike, *, task: str | None = None, asked: dic
                          f"mixkd {saved.task} --out {folder.path} --resume")
     asked = asked or {}
     conflicts = [f"{k} {_shown(v)} (saved: {_shown(_dotted(saved, k))})" for k, v in asked.items()
-                 if k not in MACHINE_KEYS and v != _dotted(saved, k)]
+                 if not machine_key(k) and v != _dotted(saved, k)]
     if conflicts:
         raise MixkdError(f"--resume continues the run saved in {folder.config}, but these settings differ from it: "
                          + ", ".join(conflicts) + f"; only {', '.join(MACHINE_KEYS)} may change on resume "
                          "(start a new run with another --out to change the others)")
     local = {k: getattr(machine, k) for k in MACHINE_KEYS} if machine is not None else {
-        k: v for k, v in asked.items() if k in MACHINE_KEYS}
+        k: v for k, v in asked.items() if machine_key(k)}
     return _updated(saved, {**local, "out": str(folder.path)})
 
 
@@ -423,7 +423,7 @@ def _differences(saved: RunConfig, mine: RunConfig) -> list[str]:
 
     a, b = flat(saved.model_dump()), flat(mine.model_dump())
     return [f"{k} {_shown(b.get(k))} (saved: {_shown(a.get(k))})" for k in sorted(a.keys() | b.keys())
-            if k not in MACHINE_KEYS and k != "out" and a.get(k) != b.get(k)]
+            if not machine_key(k) and k != "out" and a.get(k) != b.get(k)]
 
 
 def auto_resumes(cfg: RunConfig) -> bool:

@@ -26,6 +26,7 @@ from mixkd.models import available_models, model_problem
 from mixkd.models.external import split_name
 from mixkd.registry import KD_METHODS
 from mixkd.run_folder import CHECKPOINT_NAME, CONFIG_NAME
+from mixkd.tracking import tracker_problem
 
 
 def validate_run_config(cfg: RunConfig) -> None:
@@ -50,6 +51,7 @@ def run_config_problems(cfg: RunConfig) -> list[str]:
     problems += _model_problems(cfg)
     problems += _device_problems(cfg.device)
     problems += _out_problems(cfg.out)
+    problems += _tracker_problems(cfg.track.backend)
     if cfg.task == "distill" and cfg.kd.teacher:
         problems += teacher_problems(cfg.kd.teacher, cfg.kd.teacher_model,
                                      dataset_num_classes(cfg.dataset, cfg.data_dir), cfg.dataset)
@@ -65,6 +67,8 @@ def machine_problems(configs: list[dict[str, Any]]) -> list[str]:
     problems: list[str] = []
     for device in dict.fromkeys(str(c.get("device", "auto")) for c in configs):
         problems += _device_problems(device)
+    for backend in dict.fromkeys(str((c.get("track") or {}).get("backend", "none")) for c in configs):
+        problems += _tracker_problems(backend)
     data = dict.fromkeys((c.get("dataset", "cifar100"), c.get("data_dir", "./data"), bool(c.get("download")),
                           c.get("image_size")) for c in configs)
     for dataset, data_dir, download, image_size in data:
@@ -133,6 +137,11 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         names.append(cfg.kd.teacher_model)
     problems = [(i, model_problem(n)) for i, n in enumerate(names)]
     return [("" if i == 0 else "teacher: ") + p for i, p in problems if p]
+
+
+def _tracker_problems(backend: str) -> list[str]:
+    problem = tracker_problem(backend)
+    return [problem] if problem else []
 
 
 # ---- device and output folder ----------------------------------------------------------------

@@ -26,7 +26,8 @@ LAYERS = [
                           "mixkd.mlkd_loss"]),
     ("step", ["mixkd.step"]),
     ("run", ["mixkd.run_folder", "mixkd.validate", "mixkd.engine", "mixkd.pack", "mixkd.run", "mixkd.learner",
-             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation"]),
+             "mixkd.budget", "mixkd.output", "mixkd.loading", "mixkd.device", "mixkd.teacher", "mixkd.evaluation",
+             "mixkd.tracking"]),
     ("analysis", ["mixkd.analysis"]),  # mixkd analyze: reads a finished run
     ("study", ["mixkd.study"]),
     ("results/claims", ["mixkd.results", "mixkd.claims", "mixkd.study.results", "mixkd.study.claims",

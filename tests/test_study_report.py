@@ -39,9 +39,9 @@ def _student(out, student, teacher, method, top1, seed, temperature=4.0, mix=Non
          {"top1": top1, "best_top1": top1 + 1, "teacher_top1": teacher_top1, "teacher_model": model})
 
 
-@pytest.fixture
-def study_folder(tmp_path):
-    out = tmp_path / "study"
+def fabricated_study(out):
+    """A study folder of fabricated runs (teachers, students over methods, temperatures, mixing and seeds,
+    a failed and a blocked run) in ``out``; also used by tests/test_report_html.py."""
     for name, (model, mix, top1) in TEACHERS.items():
         _run(out, f"teachers/{name}-s0", {"model": model, "mix": {"method": mix}}, {"top1": top1, "best_top1": top1})
     for seed, top1 in enumerate([69.0, 70.0]):
@@ -63,6 +63,11 @@ def study_folder(tmp_path):
         "students/resnet8-from-resnet8_huge-kd-T4-s0": {"status": "blocked", "error": "its teacher did not finish"}}}))
     (out / "study.yaml").write_text("name: fabricated\ndescription: A folder made by a test.\n")
     return out
+
+
+@pytest.fixture
+def study_folder(tmp_path):
+    return fabricated_study(tmp_path / "study")
 
 
 def test_results_csv_has_one_row_per_run_with_every_swept_value(study_folder):

@@ -44,6 +44,7 @@ from mixkd.models.external import split_name
 from mixkd.models.preprocess import Preprocessing
 from mixkd.run_folder import ANALYSIS_NAME as ANALYSIS_FILE
 from mixkd.run_folder import CHECKPOINT_NAME, RunFolder, resolve_teacher
+from mixkd.tracking import log_files
 
 FORMAT = "mixkd-analysis-1"
 PNG_FILES = {"reliability": "reliability.png", "logit_std": "logit_std.png", "tsne": "tsne.png",
@@ -255,9 +256,12 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
             "teacher_checkpoint": teacher, "teacher_model": teacher_arch,
             "task": cfg.task if cfg else None}
     student_label = label or (f"{arch} ({run_dir.name})" if run_dir else arch)
-    return analyze_models(student, spec, target, teacher=teacher_net, device=dev, options=options,
-                          student_label=student_label, teacher_label=f"teacher {teacher_arch}",
-                          info=info, log=log)
+    result = analyze_models(student, spec, target, teacher=teacher_net, device=dev, options=options,
+                            student_label=student_label, teacher_label=f"teacher {teacher_arch}",
+                            info=info, log=log)
+    if run_dir is not None and target == run_dir:  # a tracked run (--track): its analysis as artifacts
+        log_files(run_dir, [target / ANALYSIS_FILE, *sorted(target.glob("*.png"))], warn=log)
+    return result
 
 
 # ---- reading analyses back (for reports over many runs) ----------------------------------------

@@ -3,6 +3,6 @@ this package registers them in :data:`mixkd.registry.KD_METHODS`, in this order 
 ``--help``, of the report's columns and of the claims)."""
 
 # isort: skip_file
-from mixkd.methods import alone, kd, std, dkd, lskd, dist, fitnet  # noqa: F401, I001  (each registers itself)
+from mixkd.methods import alone, kd, std, dkd, lskd, lsdkd, dist, fitnet  # noqa: F401, I001  (each registers itself)
 # mdistiller's feature methods (distillers/*.py) and CTKD
 from mixkd.methods import at, nst, sp, pkt, rkd, kdsvd, vid, ofd, reviewkd, crd, ctkd  # noqa: F401, I001

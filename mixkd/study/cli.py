@@ -64,6 +64,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("--device", help="device for every run, overriding the study file: auto, cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="print one line per finished run instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--track", choices=["none", "mlflow", "wandb"],
+                   help="log the study to an experiment tracker: a parent run with a child per run (the same as "
+                        "--set track.backend=...; track.uri and track.project with --set)")
     p.add_argument("--set", **over)
     p.set_defaults(handler=cmd_run, stops=True)
 
@@ -81,6 +84,9 @@ def add_study_parser(sub) -> None:
     p.add_argument("dir", help="study folder")
     p.add_argument("--metric", choices=["top1", "best_top1"], default="top1",
                    help="top1: last epoch, as the study reports (default); best_top1: best epoch")
+    p.add_argument("--html", action="store_true",
+                   help="also write report.html: one self-contained page (tables, figures embedded, the claims' "
+                        "intervals drawn) to open in a browser or send on")
     p.set_defaults(handler=cmd_report)
 
 
@@ -186,7 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     limit = parse_duration(args.time_limit) if args.time_limit else None
-    study = load_study(args.file, args.overrides, plugins=args.plugins)
+    study = load_study(args.file, args.overrides + ([f"track.backend={args.track}"] if args.track else []),
+                       plugins=args.plugins)
     return run_and_report(study, _out(args, study), args.executor, args.workers, args.pack, args.address,
                           args.device, progress=not args.no_progress and sys.stderr.isatty(), report=not args.no_report,
                           threads=args.threads, time_limit=limit)
@@ -200,7 +207,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mixkd.study.report import write_report
+    from mixkd.study.report import write_html, write_report
 
     print(f"report: {write_report(args.dir, args.metric)} (and results.csv beside it)")
+    if args.html:
+        print(f"report: {write_html(args.dir)}")
     return 0

@@ -212,3 +212,33 @@ def plot_tsne_montage(out: Path, rows: list[dict[str, Any]], pair: tuple[str, st
         return []
     tsne_montage(items, titles, path, columns=min(4, len(items)))
     return titles
+
+
+VERDICT_COLOURS = {"holds": "tab:green", "does not hold": "tab:red", "inconclusive": "tab:orange"}
+
+
+def plot_claim_intervals(claims, path: Path) -> bool:
+    """The claims' comparisons as a forest plot: each comparison's difference A - B (points) and its 95%
+    interval, coloured by verdict, beside the threshold it must clear (0 for a strict comparison, -margin
+    for an 'at least as well' one); comparisons that measured no spread are left out. False: nothing to draw."""
+    rows = [(claim.number, c) for claim in claims for c in claim.comparisons if c.interval.se is not None]
+    if not rows:
+        return False
+    fig = _figure(9.0, 0.9 + 0.32 * len(rows))
+    ax = fig.add_subplot()
+    for y, (_, c) in enumerate(reversed(rows)):
+        iv, colour = c.interval, VERDICT_COLOURS.get(c.verdict, "tab:gray")
+        ax.plot([iv.low, iv.high], [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
+        ax.plot([iv.difference], [y], "o", color=colour, markersize=5)
+        threshold = 0.0 if c.margin is None else -c.margin
+        ax.plot([threshold, threshold], [y - 0.4, y + 0.4], color="black", linewidth=1)
+    ax.axvline(0.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{n}: {c.context.label}: {c.statement}" for n, c in reversed(rows)], fontsize=7)
+    ax.set_xlabel("A − B (points), 95% interval; black tick: the threshold the interval must clear")
+    handles = [ax.plot([], [], color=colour, linewidth=2.5, label=verdict)[0]
+               for verdict, colour in VERDICT_COLOURS.items()]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_title("Claims: every comparison", fontsize=9)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    return True

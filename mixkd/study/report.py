@@ -19,7 +19,10 @@ figures (:mod:`mixkd.study.figures`) and claims (:mod:`mixkd.claims`).
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from mixkd.results import write_csv as results_table
 from mixkd.run_folder import ANALYSIS_NAME
 from mixkd.study.figures import (
     METRICS,
+    plot_claim_intervals,
     plot_fraction_curves,
     plot_heatmaps,
     plot_robustness,
@@ -62,14 +66,16 @@ from mixkd.study.tables import (
     policy_table,
     teacher_name,
 )
+from mixkd.tracking import log_files
 
 OTHER_METRIC = {"top1": "best_top1", "best_top1": "top1"}  # reported beside the chosen one
 OTHER_WHY = {"best_top1": "mdistiller's and most published KD figures are best-epoch",
              "top1": "the study and the released code report the last epoch"}
 CLAIMS_TABLE = "claims-table.csv"  # the finished students as a results table: mixkd claims reads it
-__all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_report"]
+__all__ = ["claims_text", "collect", "paper_table", "study_claims", "write_html", "write_report"]
 FIGURES = {"heatmap": "heatmap.png", "temperature": "top1-vs-temperature.png", "fraction": "top1-vs-fraction.png",
-           "robustness": "analysis-robustness.png", "tsne": "analysis-tsne.png"}
+           "claims": "claims-intervals.png", "robustness": "analysis-robustness.png", "tsne": "analysis-tsne.png"}
+HTML_NAME = "report.html"
 
 
 def _analysis_section(out: Path, rows: list[dict[str, Any]], wanted_pair: tuple[str, str] | None) -> list[str]:
@@ -259,6 +265,11 @@ def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
                           "claims": [{"claim": c.number, "verdict": c.verdict, "answer": c.answer} for c in beside[1]]}
     atomic_write_text(out / "claims.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     lines += claims_markdown(claims, METRICS[metric], [schedule_note(results_of(rows, metric))], beside)
+    if plot_claim_intervals(claims, out / FIGURES["claims"]):
+        title = "Each comparison's difference and 95% interval"
+        lines += [f"### {title}", "", f"![{title}]({FIGURES['claims']})", ""]
+    else:
+        (out / FIGURES["claims"]).unlink(missing_ok=True)
     lines += _analysis_section(out, rows, _wanted_pair(spec))
     unfinished = [r for r in rows if r["status"] != "done"]
     if unfinished:
@@ -266,4 +277,51 @@ def _write_report(out: Path, rows: list[dict[str, Any]], metric: str) -> Path:
         lines += [f"- `{r['id']}`: {r['status']}" + (f": {r['error']}" if r["error"] else "") for r in unfinished]
         lines.append("")
     atomic_write_text(out / "report.md", "\n".join(lines))
+    # a tracked study (--track): the report, tables, claims and figures as its parent run's artifacts
+    log_files(out, [out / "report.md", out / "results.csv", out / "claims.json", out / CLAIMS_TABLE,
+                    *(out / f for f in FIGURES.values())], warn=print,
+              summary={f"runs_{k}": v for k, v in counts.items()})
     return out / "report.md"
+
+
+# ---- the HTML page ----------------------------------------------------------------------------
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+img { max-width: 100%; display: block; margin: 1em 0; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_html(out: str | Path) -> Path:
+    """``report.html`` from the study folder's ``report.md`` (:func:`write_report` first): one file that
+    holds everything, its figures embedded as data URIs, so it can be mailed or moved on its own."""
+    import markdown
+
+    out = Path(out)
+    source = out / "report.md"
+    if not source.is_file():
+        raise MixkdError(f"{source} not found: write the report first (mixkd study report {out})")
+    body = markdown.markdown(source.read_text(), extensions=["tables"], output_format="html")
+
+    def embed(match: re.Match) -> str:
+        name = html.unescape(match.group(1))
+        figure = out / name
+        if "/" in name or not figure.is_file():
+            raise MixkdError(f"the report names a figure that is not in {out}: {name}; write the report again")
+        return f'src="{_data_uri(figure)}"'
+
+    body = re.sub(r'src="([^"]+)"', embed, body)
+    title = re.search(r"<h1>(.*?)</h1>", body)
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{title.group(1) if title else 'mixkd study report'}</title>\n<style>{HTML_STYLE}</style>\n"
+            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
+    atomic_write_text(out / HTML_NAME, page)
+    return out / HTML_NAME

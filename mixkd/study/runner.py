@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mixkd.config import RunConfig, TrackConfig
 from mixkd.control import StopControl
 from mixkd.errors import MixkdError, StorageError
 from mixkd.files import atomic_write_text, make_dir
@@ -48,6 +49,7 @@ from mixkd.study.folder import (
 )
 from mixkd.study.spec import PlannedRun, Study, check_device
 from mixkd.study.worker import Job
+from mixkd.tracking import study_parent
 
 
 @dataclass
@@ -116,11 +118,12 @@ def run_study(study: Study, out: str | Path, executor: Executor, device: str | N
         for run_id, error in state.error.items():
             echo(f"FAILED  {run_id}: {error}")
         state.save()
+        track = _study_tracking(study, out, echo)
         bar = _progress(len(study.runs), counts["done"] + counts["failed"], progress)
         started: dict[str, float] = {}
         try:
             executor.attach(out, state.id)  # workers elsewhere (Ray nodes) check that they see this folder
-            storage = _loop(study, out, executor, device, state, bar, started, echo, control)
+            storage = _loop(study, out, executor, device, state, bar, started, echo, control, track)
         except KeyboardInterrupt:
             executor.shutdown(terminate=True)
             for run_id in started:
@@ -169,9 +172,21 @@ def _slots_line(executor: Executor) -> str:
     return f" | {shown}{more} | {total:.0f} images/s"
 
 
+def _study_tracking(study: Study, out: Path, echo) -> TrackConfig | None:
+    """Where the study's runs set ``track`` (the study file's defaults, ``--set track=mlflow``): the
+    study's parent tracked run, opened or created; the ``track`` settings its runs get (children of it)."""
+    track = next((r.config.track for r in study.runs if r.config.track.backend != "none"), None)
+    return study_parent(out, study.name, track, len(study.runs), warn=echo) if track is not None else None
+
+
 def _loop(study: Study, out: Path, executor: Executor, device: str | None, state: StudyState, bar,
-          started: dict[str, float], echo, control: StopControl) -> str | None:
-    """Submit, wait, record; returns why the storage refused a write (the study stopped), or None."""
+          started: dict[str, float], echo, control: StopControl, track: TrackConfig | None = None) -> str | None:
+    """Submit, wait, record; returns why the storage refused a write (the study stopped), or None.
+    ``track``: the tracking settings of the runs that track (children of the study's parent run)."""
+    def config(run: PlannedRun) -> RunConfig:
+        cfg = run.config_for(out, device)
+        return cfg.model_copy(update={"track": track}) if track is not None and cfg.track.backend != "none" else cfg
+
     def note(text: str) -> None:
         (bar.write if bar is not None else echo)(text)
 
@@ -207,7 +222,7 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
                 break
             if state.status[run.id] == RunState.PENDING and (not run.teacher_run
                                                              or state.status[run.teacher_run] == RunState.DONE):
-                executor.submit(Job(run.id, run.config_for(out, device), str(out / run.id)))
+                executor.submit(Job(run.id, config(run), str(out / run.id)))
                 state.set(run.id, RunState.RUNNING)
                 started[run.id] = time.perf_counter()
                 changed = True
@@ -215,7 +230,7 @@ def _loop(study: Study, out: Path, executor: Executor, device: str | None, state
             if control.reason is not None or executor.capacity() <= 0:
                 break
             if state.status[run.id] == RunState.DONE and state.analysis.get(run.id) == AnalysisState.PENDING:
-                executor.submit(Job(run.id, run.config_for(out, device), str(out / run.id), run.analysis))
+                executor.submit(Job(run.id, config(run), str(out / run.id), run.analysis))
                 state.set_analysis(run.id, AnalysisState.RUNNING)
                 started[run.id] = time.perf_counter()
                 changed = True

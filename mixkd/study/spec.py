@@ -59,6 +59,7 @@ from mixkd.config import (
     TEACHER_KEYS,
     RunConfig,
     load_yaml,
+    machine_key,
     parse_override,
     set_dotted,
 )
@@ -587,9 +588,9 @@ class _Expander:
             parts += ["ref"] if sampling == "reference" else []
             parts += [augment] if augment is not None else []
             run_id = f"students/{model_slug(model)}-from-{model_slug(ref.label)}-{'-'.join(parts)}-s{seed}"
-            kd = {"method": m.kd, **({"temperature": temp} if temp is not None else {})}
-            if ref.checkpoint:
-                kd["teacher_model"] = ref.model
+            # the teacher's architecture, also for a teacher run not trained yet: the method's per-pair settings
+            # (DKD's beta, ...) resolve here, at planning time, for the pair the run will distill
+            kd = {"method": m.kd, "teacher_model": ref.model, **({"temperature": temp} if temp is not None else {})}
             mix = {"method": mode, "fraction": frac, "alpha": alpha} if mixing else {"method": "none"}
             if sampling is not None and sampling != inherited:
                 mix["sampling"] = sampling
@@ -804,7 +805,8 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
     planned = run.config_for(out).model_dump(mode="json")
     # kd settings saved empty (older versions wrote every method's keys, null where unused) are no difference
     unused = {k for k in _flat_keys(saved) if k.startswith("kd.") and _get(saved, k) is None}
-    unknown = sorted(set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused)
+    unknown = sorted(k for k in set(_flat_keys(saved)) - set(_flat_keys(planned)) - PLACEMENT_KEYS - unused
+                     if not machine_key(k))
     if unknown:
         return (f"keys this mixkd ({__version__}) does not know: {', '.join(unknown)}; it was made by another "
                 "mixkd version")
@@ -813,7 +815,9 @@ def saved_config_mismatch(run: PlannedRun, saved: dict[str, Any], out: str | Pat
         return f"kd.teacher: {teacher!r} -> {run.teacher_path()!r}"
     for key in _flat_keys(planned):
         old = _get(saved, key, _ABSENT)
-        if key in PLACEMENT_KEYS or old is _ABSENT:  # a key added to RunConfig since the run started
+        if key in PLACEMENT_KEYS or machine_key(key) or old is _ABSENT:  # a key added to RunConfig since the run started
+            continue
+        if key == "kd.teacher_model" and old is None:  # planned before studies named their teacher runs' architecture
             continue
         if old != _get(planned, key):
             return f"{key}: {old!r} -> {_get(planned, key)!r}"
