@@ -26,8 +26,16 @@ sigma = 0.5 (``--cases``; the second table of BENCHMARKS.md):
   noise 1.0, the larger); and the issue's one noisy run (sigma 1.0) against three tight ones (0.2), with
   --noise 1.0 and without.
 
+Claim 6 (``--claim6``; the third table): Wang et al.'s rank correlation of the policies' T. stddev with their
+students' mean top-1, in one teacher -> student row for two KD methods (KD, DKD; Holm over the two), k policies
+(k = 5, 7, 9), n seeds a policy (1, 3), sigma = 0.5. Each policy's T. stddev is a distinct random value; its
+students' true mean is 70 (null: no ranking, a "holds" or a "does not hold" is false), or falls by 0.5 sigma per
+rank of T. stddev (effect: the claim true, "holds" is the power, "does not hold" false), or rises so
+(reversed: the claim false, a "holds" is false).
+
     python bench/claims_sim.py [--reps 400] [--seed 0]      # prints the markdown table of BENCHMARKS.md
     python bench/claims_sim.py --cases --reps 400 --seed 0  # the issue-25 cases' table
+    python bench/claims_sim.py --claim6 --reps 400 --seed 0 # claim 6's table
 """
 
 from __future__ import annotations
@@ -225,13 +233,70 @@ def cases_table(reps: int, rng: random.Random) -> None:
           f"{time.time() - start:.0f} s, --cases --reps {reps}")
 
 
+# ---- claim 6: rank correlations of T. stddev -------------------------------------------------------
+
+def claim6_table_rows(k: int, n: int, slope: float, sigma: float, rng: random.Random) -> list[Result]:
+    """One table for claim 6: k policies x n seeds x (KD, DKD) in one row; true mean 70 + slope x rank(T. stddev)."""
+    ctx_of = {}
+    rows = []
+    stddevs = rng.sample(range(1, 1000), k)
+    ranks = {t: i for i, t in enumerate(sorted(stddevs))}
+    for p, t in enumerate(stddevs):
+        ctx_of[p] = Context("resnet56", "none", "resnet20", (("augment", f"policy{p}"),))
+        for kd in ("kd", "dkd"):
+            for seed in range(n):
+                rows.append(Result(ctx_of[p], Cell(kd, 4.0), seed, rng.gauss(BASE + slope * ranks[t], sigma),
+                                   f"{kd}-p{p}-s{seed}", t_stddev=t / 1e4))
+    return rows
+
+
+def claim6_rates(k: int, n: int, slope: float, sigma: float, reps: int, rng: random.Random) -> dict[str, float]:
+    """Shares of claim 6's verdicts ('holds', 'does not hold') and of its single correlations that hold
+    ('one holds': each of KD's and DKD's, as if a table had one method)."""
+    counts = {"holds": 0, "does not hold": 0, "one holds": 0}
+    for _ in range(reps):
+        claim = check(claim6_table_rows(k, n, slope, sigma, rng))[-1]
+        counts[claim.verdict] = counts.get(claim.verdict, 0) + 1
+        counts["one holds"] += sum(c.verdict == "holds" for c in claim.comparisons) / len(claim.comparisons)
+    return {v: counts[v] / reps for v in ("holds", "does not hold", "one holds")}
+
+
+def claim6_table(reps: int, rng: random.Random) -> None:
+    sigma, step = 0.5, 0.5
+    lines = ["| policies | seeds a policy | false holds (null; one correlation) | false does-not-hold (null) | "
+             "false holds (reversed, "
+             f"+{step:g}σ a rank) | false does-not-hold (effect, −{step:g}σ a rank) | power (effect) |",
+             "|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    start = time.time()
+    for k in (5, 7, 9):
+        for n in (1, 3):
+            null = claim6_rates(k, n, 0.0, sigma, reps, rng)
+            reversed_ = claim6_rates(k, n, step * sigma, sigma, reps, rng)
+            effect = claim6_rates(k, n, -step * sigma, sigma, reps, rng)
+            false = [null["does not hold"], reversed_["holds"], effect["does not hold"]]
+            worst = max([worst, null["holds"], null["one holds"], *false])
+            lines.append(f"| {k} | {n} | {100 * null['holds']:.1f} ({100 * null['one holds']:.1f}) | "
+                         + " | ".join(f"{100 * v:.1f}" for v in false) + f" | {100 * effect['holds']:.1f} |")
+    print("\n".join(lines))
+    print(f"\nEach entry: % of {reps} simulated tables (claim 6's verdict over KD and DKD), sigma = {sigma}. Worst "
+          f"false verdict {100 * worst:.1f}% (target 5%; Monte-Carlo error at 5%: "
+          f"±{100 * 2 * math.sqrt(0.05 * 0.95 / reps):.1f} points, 2 s.e.).")
+    print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"{time.time() - start:.0f} s, --claim6 --reps {reps}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=400, help="tables per scenario, seed count and sigma")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", action="store_true", help="issue 25's tables: duplicated, partial, unequal spreads")
+    parser.add_argument("--claim6", action="store_true", help="claim 6's rank correlations: null, reversed, effect")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    if args.claim6:
+        claim6_table(args.reps, rng)
+        return
     if args.cases:
         cases_table(args.reps, rng)
         return

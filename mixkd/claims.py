@@ -1,4 +1,5 @@
-"""The study's five claims, checked on any results table: comparisons, 95% intervals, verdicts.
+"""The study's five claims and Wang et al.'s (claim 6), checked on any results table: comparisons, rank
+correlations, 95% intervals, verdicts.
 
 ``check(rows, noise=None, margin=0.5)`` takes a results table (see :mod:`mixkd.results` for its
 columns: a list of dicts, a pandas DataFrame, or :class:`~mixkd.results.Result` records) and returns
@@ -44,6 +45,21 @@ Holm's method (family-wise error at most 2.5%); it is **inconclusive** otherwise
 and contexts that were not tested; **not tested** when no part has a comparison. These four words are the verdicts
 in the text, ``report.md`` and ``claims.json``.
 
+**Claim 6** (Wang et al., NeurIPS 2022: a teacher's T. stddev under an augmentation policy, ``mixkd
+augment-score``, ranks the policies as their students do) rests on rank correlations, not on differences: in
+each teacher → student row (its other settings equal) and KD method (and temperature), the augmentations
+(the ``augment`` column, and any mixing the run adds) are points, each with its T. stddev (the ``t_stddev``
+column) and its students' mean metric over seeds. Spearman's rho of the two, with a 95% interval from
+Fisher's z = atanh(rho) and Fieller's variance 1.06 / (k − 3) for k points: the part **holds** when the
+interval lies below 0 (lower T. stddev, better students), **does not hold** when the evidence puts rho above
+0 (one-sided p-values, Holm over the claim's correlations, 2.5%); inconclusive otherwise. Where the table
+gives the students' test loss (``test_loss``, Wang et al.'s own measure), a second part per method asks the
+same of it, the other way round (rho above 0: lower T. stddev, lower test loss). A row needs
+at least 5 policies with a T. stddev (at 4 a perfect ranking has probability 1/24 by chance): one with
+fewer, or a policy without a T. stddev, is named in the scope. Its interval comes from the number of
+policies, not from a per-run spread: one seed a policy is enough (``noise`` plays no part), more seeds
+make the means, and so the ranking, less noisy.
+
 Error rates measured by simulation (``bench/claims_sim.py``, tables in BENCHMARKS.md): false "holds"
 and false "does not hold" below 5% at 1 (with ``noise``), 2, 3 and 5 seeds per cell, and (``--cases``)
 on tables duplicated, tied, partial (rows dropped, or a row where the claim is false missing its
@@ -52,6 +68,7 @@ partner cells) and of unequal spreads, claim 5's answer included.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -64,6 +81,7 @@ from scipy import special
 from mixkd.config import reference_mixed_share
 from mixkd.errors import MixkdError
 from mixkd.results import (
+    DEFAULT_AUGMENT,
     METRIC_COLUMNS,
     PARTIAL_FRACTION,
     Cell,
@@ -585,7 +603,7 @@ class ClaimResult:
 
     def seeds(self) -> str:
         """'n = 3 vs 3', 'n = 1 vs 1 to 3 vs 3': the seed counts of its comparisons."""
-        counts = sorted({(c.a.n, c.b.n) for c in self.comparisons})
+        counts = sorted({(c.a.n, c.b.n) for c in self.comparisons if isinstance(c, Comparison)})
         if not counts:
             return "no runs"
         first, last = counts[0], counts[-1]
@@ -670,6 +688,210 @@ def _gaps(grid: Grid, planned: list[Pair]) -> list[Gap]:
     return list(dict.fromkeys(Gap(p.part, p.context, tuple(grid.missing(p))) for p in planned if grid.missing(p)))
 
 
+# ---- claim 6: the teacher's T. stddev ranks the augmentation policies -------------------------------
+
+MIN_POLICIES = 5  # Fisher's z with Fieller's variance needs k - 3 > 0; at k = 4 a perfect ranking has exact p 1/24
+FIELLER_VARIANCE = 1.06  # var(atanh(Spearman's rho)) ~ 1.06 / (k - 3) (Fieller, Hartley, Pearson 1957)
+RHO_CLIP = 1 - 1e-9  # |rho| = 1 (a perfect ranking): atanh finite, the interval then ends within 1e-9 of -1 or 1
+CLAIM6_TEXT = ("(Wang et al., NeurIPS 2022) The teacher's T. stddev ranks the augmentation policies as the students "
+               "do: the lower a policy's T. stddev, the higher its students' mean top-1 (Spearman's rank correlation "
+               "of T. stddev with the students' mean below 0) and, where the table gives it, the lower their mean "
+               "test loss (above 0), per KD method and teacher → student row.")
+CLAIM6_NEEDS = (f"students of that KD method under at least {MIN_POLICIES} augmentation policies (the augment column) of "
+                "one teacher → student row, each with the teacher's T. stddev (the t_stddev column: mixkd augment-score)")
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank: Pearson's correlation of the ranks); 0 where
+    either variable has a single rank (no ordering to compare)."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x), rankdata(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in rx), math.fsum((b - my) ** 2 for b in ry)
+    return 0.0 if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+@dataclass(frozen=True)
+class RankInterval:
+    """Spearman's rho of ``k`` points with its 95% interval: Fisher's z = atanh(rho), standard error
+    sqrt(1.06 / (k - 3)), normal quantiles, back through tanh."""
+
+    rho: float
+    k: int
+    basis: str = "Fisher z, Fieller's variance 1.06/(k−3)"
+    sigma: float | None = None  # (a comparison's field: no sigma is ever assumed for a rank correlation)
+    unmeasured: tuple = ()
+
+    @property
+    def z(self) -> float:
+        return math.atanh(max(-RHO_CLIP, min(RHO_CLIP, self.rho)))
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(FIELLER_VARIANCE / (self.k - 3))
+
+    @property
+    def low(self) -> float:
+        return math.tanh(self.z - _quantile(1 - SIDE, math.inf) * self.se)
+
+    @property
+    def high(self) -> float:
+        return math.tanh(self.z + _quantile(1 - SIDE, math.inf) * self.se)
+
+    def p_negative(self) -> float:
+        """One-sided p-value against "the true rho is at least 0" (small: rho below 0, the claim's way)."""
+        return float(special.ndtr(self.z / self.se))
+
+    def p_positive(self) -> float:
+        """One-sided p-value against "the true rho is at most 0" (small: rho above 0, against the claim)."""
+        return float(special.ndtr(-self.z / self.se))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One augmentation of a rank correlation: its label, the teacher's T. stddev, the students' runs."""
+
+    label: str
+    t_stddev: float
+    side: Side
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.label, "t_stddev": self.t_stddev, **self.side.as_dict()}
+
+
+@dataclass
+class Correlation:
+    """Claim 6 in one row and KD method: the policies' T. stddev against their students' mean metric."""
+
+    part: str
+    context: Context
+    method: str  # 'KD T=4'
+    points: list[Point]
+    interval: RankInterval
+    p_holds: float
+    p_against: float
+    p_against_holm: float = 1.0
+    verdict: str = "inconclusive"
+    margin: float | None = None
+    direct: bool = False
+    qualifier: str = ""
+    measure: str = "top-1"  # or "test loss"
+    sign: int = -1  # the claim's direction: rho < 0 (top-1) or rho > 0 (test loss)
+
+    @property
+    def statement(self) -> str:
+        return f"{self.method}: ρ(T. stddev, {self.measure}) {'<' if self.sign < 0 else '>'} 0 over {len(self.points)} policies"
+
+    @property
+    def decided_for(self) -> bool:
+        """The interval lies on the claim's side of 0."""
+        return self.interval.high < 0 if self.sign < 0 else self.interval.low > 0
+
+    @property
+    def outcome(self) -> str:
+        return self.verdict
+
+    def as_dict(self) -> dict[str, Any]:
+        iv = self.interval
+        return {"part": self.part, "teacher": self.context.teacher_label if self.context.teacher else None,
+                "student": self.context.student, "settings": dict(self.context.settings), "statement": self.statement,
+                "kind": "rank correlation", "method": self.method, "measure": self.measure, "points": [p.as_dict() for p in self.points],
+                "rho": iv.rho, "k": iv.k, "interval_95": [iv.low, iv.high], "se_z": iv.se, "basis": iv.basis,
+                "p_holds": self.p_holds, "p_against": self.p_against, "p_against_holm": self.p_against_holm,
+                "verdict": self.verdict}
+
+
+def _policy_label(cell: Cell) -> str:
+    """'flip_crop+cutout', 'flip_crop+mixup', 'flip_crop+mixup f=0.1': the augmentation a point stands for, named as
+    ``--augment`` and ``mixkd augment-score`` name it (the cell's policies, and the mixing its mix settings add)."""
+    policy = cell.augment or DEFAULT_AUGMENT
+    if cell.mix == "none" or cell.mix in policy.split("+"):
+        return policy
+    plain = dataclasses.replace(cell, augment=None)
+    return " ".join([f"{policy}+{cell.mix}", *(s for s in plain._settings(False) if s[:2] != "T=" and s != "cutmix")])
+
+
+def _rank_groups(results: list[Result]) -> dict[tuple, dict[str, list[Result]]]:
+    """{(row, KD method, T): {augmentation label: runs}} over the distilled runs of the rows and methods where a
+    run names an augmentation policy (the augment column) or a T. stddev."""
+    groups: dict[tuple, dict[str, list[Result]]] = defaultdict(lambda: defaultdict(list))
+    named: set[tuple] = set()
+    for r in results:
+        if r.cell.alone:
+            continue
+        key = (r.context, r.cell.kd, r.cell.temperature)
+        groups[key][_policy_label(r.cell)].append(r)
+        if r.cell.augment is not None or r.t_stddev is not None:
+            named.add(key)
+    return {key: by_policy for key, by_policy in groups.items() if key in named}
+
+
+MEASURES = (("top-1", -1, "better top-1"), ("test loss", 1, "lower test loss"))  # (measure, sign, part's words)
+
+
+def _claim6(results: list[Result], metric: str) -> ClaimResult:
+    """Claim 6: per row and KD method, the rank correlation of the policies' T. stddev with their students' mean
+    top-1 (``metric``), and with their mean test loss where the table gives one (``test_loss``)."""
+    groups, notes = _rank_groups(results), []
+    correlations, gaps = [], []
+    for (ctx, kd, temperature), by_policy in sorted(groups.items(), key=lambda kv: (
+            kd_order(kv[0][1]), natural(kv[0][0].teacher or ""), natural(kv[0][0].student), kv[0][0].settings,
+            kv[0][2] or 0)):
+        method = Cell(kd, temperature).label
+        stddev: dict[str, float] = {}
+        for label, runs in by_policy.items():
+            given = [r.t_stddev for r in runs if r.t_stddev is not None]
+            if given and max(given) - min(given) > 1e-12:
+                notes.append(f"{ctx.label}, {method}, {label}: its runs give different T. stddevs "
+                             f"({', '.join(f'{g:.3g}' for g in sorted(set(given)))}); their mean is used")
+            if given:
+                stddev[label] = statistics.fmean(given)
+        for measure, sign, words in MEASURES:
+            if measure == "test loss" and not any(r.test_loss is not None for runs in by_policy.values() for r in runs):
+                continue  # the table gives no test loss for this row: that part does not apply
+            part = f"{_kd_name(kd)}: lower T. stddev, {words}"
+            points, lacking = [], []
+            for label, runs in sorted(by_policy.items(), key=lambda kv: natural(kv[0])):
+                values = [r.value(metric) if measure == "top-1" else r.test_loss for r in runs]
+                if label not in stddev or any(v is None for v in values):
+                    lacking.append(f"T. stddev of {label}" if label not in stddev else f"test loss of {label}")
+                    continue
+                side = Side(ctx, runs[0].cell, [r.run for r in runs], [r.seed for r in runs], values)
+                points.append(Point(label, stddev[label], side))
+            if len(points) < MIN_POLICIES:
+                more = MIN_POLICIES - len(points)
+                gaps.append(Gap(part, ctx, (f"{more} more polic{'y' if more == 1 else 'ies'} with T. stddev "
+                                            f"(has {len(points)})", *lacking)))
+                continue
+            if lacking:
+                gaps.append(Gap(part, ctx, tuple(lacking)))  # tested on the policies that have one; named in the scope
+            iv = RankInterval(spearman([p.t_stddev for p in points], [p.side.mean for p in points]), len(points))
+            toward, away = (iv.p_negative(), iv.p_positive()) if sign < 0 else (iv.p_positive(), iv.p_negative())
+            correlations.append(Correlation(part, ctx, method, points, iv, toward, away, measure=measure, sign=sign))
+    for c, adjusted in zip(correlations, holm([c.p_against for c in correlations])):
+        c.p_against_holm = adjusted
+        if c.decided_for:
+            c.verdict = "holds"
+        elif adjusted < SIDE:
+            c.verdict = "does not hold"
+    names = list(dict.fromkeys([*(c.part for c in correlations), *(g.part for g in gaps)])) or [
+        "lower T. stddev, better top-1"]
+    parts = [Part(n, CLAIM6_NEEDS, [c for c in correlations if c.part == n], [g for g in gaps if g.part == n])
+             for n in names]
+    return ClaimResult(6, CLAIM6_TEXT, parts, notes)
+
+
+def correlation_text(c: Correlation) -> str:
+    """'resnet56 (plain) → resnet20: KD T=4: ρ(T. stddev, top-1) < 0 over 7 policies: ρ = -0.89, 95% interval
+    [-0.98, -0.42] (Fisher z, ...): holds'."""
+    iv = c.interval
+    return (f"{c.context.label}: {c.statement}: ρ = {iv.rho:+.2f}, 95% interval [{iv.low:+.2f}, {iv.high:+.2f}] "
+            f"({iv.basis}): {c.verdict}; " + ", ".join(f"{p.label} {p.t_stddev:.3g} → {p.side.mean:.2f}"
+                                                       for p in sorted(c.points, key=lambda p: p.t_stddev)))
+
+
 def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN,
           metric: str = "top1") -> list[ClaimResult]:
     """Every claim of :data:`CLAIMS` on a results table (a list of dicts with the columns of
@@ -719,6 +941,9 @@ def check(rows: Any, noise: float | None = None, margin: float = DEFAULT_MARGIN,
         if spec.number == 5:
             result.answer = _answer_5(result)
         out.append(result)
+    six = _claim6(results, metric)
+    six.notes[:0] = grid.notes
+    out.append(six)
     return out
 
 
@@ -833,7 +1058,26 @@ def plan(rows: Any, sigma: float | None = None, noise: float | None = None,
                        f"per comparison, {every:.2f} for all {k} to hold together"
                        + (f" (a single run: assuming sigma = {noise:g})" if single else ""))
         lines.append(f"  claim {spec.number}: {verdict}")
+    lines.append(f"  claim 6: {_plan_6(results)}")
     return lines
+
+
+def _plan_6(results: list[Result]) -> str:
+    """Whether the runs can decide claim 6, and the smallest rank correlation each of its tests detects."""
+    groups = _rank_groups(results)
+    if not groups:
+        return ("cannot decide: no runs name an augmentation policy (a study's augment: list, or the table's augment "
+                "column)")
+    counts = sorted({len(by_policy) for by_policy in groups.values()})
+    if counts[0] < MIN_POLICIES:
+        return (f"cannot decide: {counts[0]} policies in a row and KD method, fewer than the {MIN_POLICIES} a rank "
+                "correlation's interval needs")
+    rhos = [-math.tanh((_quantile(1 - SIDE, math.inf) + _quantile(POWER, math.inf))
+                       * RankInterval(0.0, k).se) for k in counts]
+    return (f"decidable once each policy's T. stddev is given (mixkd augment-score on each teacher; the t_stddev "
+            f"column): {len(groups)} rank correlations over {', '.join(map(str, counts))} policies; smallest "
+            f"detectable correlation ρ = {', '.join(f'{r:.2f}' for r in rhos)} ({POWER:.0%} power, where the policies' "
+            "mean top-1s rank as their true ones: noisier means detect less)")
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -904,7 +1148,8 @@ def format_claims(claims: list[ClaimResult], details: bool = True, metric: str =
             lines.append(f"  {part.name}{label}: {part.outcome} ({len(part.comparisons)} comparison"
                          f"{'s' * (len(part.comparisons) > 1)})")
             if details:
-                lines += [f"    {comparison_text(c)}" for c in part.comparisons]
+                lines += [f"    {correlation_text(c) if isinstance(c, Correlation) else comparison_text(c)}"
+                          for c in part.comparisons]
         if claim.answer:
             lines.append(f"  answer: {claim.answer}")
         lines += [f"  note: {n}" for n in claim.notes if n not in shared]
@@ -962,7 +1207,19 @@ def claims_markdown(claims: list[ClaimResult], metric_label: str = "top-1 at the
     notes = list(dict.fromkeys([*notes, *(n for c in claims for n in c.notes)]))
     if notes:
         lines += [f"- note: {n}" for n in notes] + [""]
-    rows = [(c.number, cmp) for c in claims for cmp in c.comparisons]
+    rows = [(c.number, cmp) for c in claims for cmp in c.comparisons if isinstance(cmp, Comparison)]
+    ranks = [cmp for c in claims for cmp in c.comparisons if isinstance(cmp, Correlation)]
+    if ranks:
+        lines += ["### Rank correlations (claim 6)", "",
+                  "| teacher → student | KD method | measure | policies: T. stddev → students' mean | ρ | 95% interval "
+                  "| verdict |", "|---|---|---|---|---|---|---|"]
+        for cmp in ranks:
+            iv = cmp.interval
+            points = "; ".join(f"{p.label}: {p.t_stddev:.3g} → {_side_text(p.side)}"
+                               for p in sorted(cmp.points, key=lambda p: p.t_stddev))
+            lines.append(f"| {cmp.context.label} | {cmp.method} | {cmp.measure} | {points} | {iv.rho:+.2f} | "
+                         f"[{iv.low:+.2f}, {iv.high:+.2f}] | {cmp.verdict} |")
+        lines.append("")
     if rows:
         lines += ["### Comparisons", "",
                   "| # | teacher → student | comparison | A | B | A − B | 95% interval | basis | verdict |",

@@ -306,6 +306,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=f"print {ANALYSIS_NAME} to stdout")
     p.set_defaults(handler=_cmd_analyze)
 
+    p = sub.add_parser("augment-score", help="score augmentation policies before training: the teacher's T. stddev (Wang et al. 2022)",
+                       description="Per policy, Wang et al.'s T. stddev: the standard deviation over N augmented "
+                                   "training batches of the teacher's batch-mean class probability (at the KD "
+                                   "temperature), averaged over classes, with a 95%% bootstrap interval over "
+                                   "batches, and the teacher's mean entropy; lower predicts a better student. "
+                                   "Runs the teacher only.")
+    p.add_argument("--teacher", required=True, help=f"the teacher: a run directory, a {CHECKPOINT_NAME}, or a RepDistiller .pth")
+    p.add_argument("--teacher-model", help="teacher architecture (needed for a RepDistiller .pth)")
+    p.add_argument("--augment", help="comma-separated policy specs (default: none,flip_crop,cutout,autoaugment,"
+                                     "mixup,cutmix,cutmix_pick)")
+    p.add_argument("--batches", type=int_in(2, 1_000_000, "--batches"),
+                   help="augmented batches per policy (default: 200: fewer widen the interval and make it miss more often)")
+    p.add_argument("--batch-size", type=int_in(2, 65_536, "--batch-size"),
+                   help="images per batch (default: 64, the recipe's: the statistic depends on it)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (default: a distillation run's kd.temperature, else 4)")
+    p.add_argument("--dataset", choices=["cifar100", "cifar10", "digits"], help="dataset (default: the run's, else cifar100)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's, else ./data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1, "--seed"), default=0, help="seed of the batches, the policies' draws and the bootstrap (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.set_defaults(handler=_cmd_augment_score)
+
     p = sub.add_parser("models", help="list the available architectures",
                        description="List the model zoo (RepDistiller's CIFAR models and the tv_* ones), or with --source "
                                    "the architectures of timm or torchvision, named timm:NAME / tv:NAME (the library's "
@@ -507,6 +529,43 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(f"{a['model']} on {a['dataset']} ({a['num_images']} images): top-1 {s['top1']:.2f}%  ECE {100 * s['ece']:.2f}%  "
           f"entropy {s['entropy']:.3f}{fid}  PGD {rob['eps_255'][-1]}/255 {rob['pgd'][-1]:.2f}%; "
           f"{ANALYSIS_NAME} and PNGs written to {a['out_dir']} in {a['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_augment_score(args: argparse.Namespace) -> int:
+    from mixkd.analysis import augment_score as score
+
+    policies = score.parse_policies(args.augment or ",".join(score.DEFAULT_POLICIES))
+    bar = None
+
+    def progress(policy: str, done: int, total: int) -> None:
+        nonlocal bar
+        if args.json:
+            return
+        from tqdm.auto import tqdm
+
+        if bar is None or bar.desc != policy:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, unit="batch", desc=policy, dynamic_ncols=True, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        scores = score.augment_score(args.teacher, policies, teacher_model=args.teacher_model, dataset=args.dataset,
+                                     data_dir=args.data_dir, batches=args.batches or score.DEFAULT_BATCHES,
+                                     batch_size=args.batch_size or score.DEFAULT_BATCH_SIZE,
+                                     temperature=args.temperature, device=args.device, seed=args.seed,
+                                     progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    saved = None
+    if Path(args.teacher).is_dir():  # a run folder keeps its scores: a study's report reads them (claim 6)
+        saved = score.save_scores(args.teacher, scores, args.batch_size or score.DEFAULT_BATCH_SIZE)
+    if args.json:
+        print(json.dumps([s.as_dict() for s in scores]))
+    else:
+        print(score.format_scores(scores) + (f"\nsaved in {saved}" if saved else ""))
     return 0
 
 

@@ -23,8 +23,10 @@ A results table has one row per trained student with the columns of :data:`COLUM
 
 Optional columns: ``best_top1`` (the best epoch's top-1, in %: ``mixkd claims --metric best_top1``),
 ``mix_alpha`` (the mixup alpha; empty: 1), ``augment`` (the per-sample augmentation policies, and
-cutmix_pick, as ``--augment`` names them: ``flip_crop+cutout``; empty: ``flip_crop``), and the settings ``dataset``, ``epochs``, ``batch_size`` and
-``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
+cutmix_pick, as ``--augment`` names them: ``flip_crop+cutout``; empty: ``flip_crop``), ``t_stddev`` (the
+teacher's T. stddev under the run's augmentation, ``mixkd augment-score``: claim 6), ``test_loss`` (the
+student's test loss, last epoch: claim 6's other measure), and the settings ``dataset``, ``epochs``,
+``batch_size`` and ``lr``: runs are pooled (their seeds taken as repeats of one experiment) only when they agree in every
 setting but the seed, those included (a table without ``epochs`` cannot tell schedules apart: ``mixkd
 claims`` says so; one that names the schedule otherwise, e.g. ``num_epochs``, is refused). Other columns
 are ignored, except ``id`` (the run's name). A (cell, seed) given twice is refused. A study folder's runs become the same records (:mod:`mixkd.study.report`); the claims
@@ -213,6 +215,8 @@ class Result:
     run: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     best_top1: float | None = field(default=None, compare=False)
+    t_stddev: float | None = field(default=None, compare=False)  # the teacher's T. stddev under the run's policy
+    test_loss: float | None = field(default=None, compare=False)  # the student's test loss (NLL), last epoch
 
     def value(self, metric: str = "top1") -> float | None:
         """The run's ``top1`` (last epoch) or ``best_top1`` (best epoch)."""
@@ -316,13 +320,15 @@ def result_from_row(row: dict[str, Any], where: str = "row") -> Result:
     seed = r.number("seed", integer=True)
     top1 = r.number("top1", required=True, low=0.0, high=100.0)
     best = r.number("best_top1", low=0.0, high=100.0)
+    t_stddev = r.number("t_stddev", low=0.0, high=1.0)
+    test_loss = r.number("test_loss", low=0.0, high=1e6)
     settings = tuple((k, _text(row.get(k))) for k in SETTING_COLUMNS if not _empty(row.get(k)))
     context = Context(teacher, teacher_mix, student, settings)
     augment = _text(row.get("augment")) or None
     cell = Cell(kd, temperature, mix, fraction, None if alpha in (None, 1.0) else alpha, sampling,
                 None if augment == DEFAULT_AUGMENT else augment)
     return Result(context, cell, None if seed is None else int(seed), float(top1), _text(row.get("id")) or where,
-                  {"where": where, "id": _text(row.get("id"))}, best)
+                  {"where": where, "id": _text(row.get("id"))}, best, t_stddev, test_loss)
 
 
 def _records(rows: Any) -> list[dict[str, Any]]:
@@ -385,7 +391,8 @@ def percent(source: str, results: list[Result]) -> list[Result]:
     for r in results:
         top1 = 100 * r.top1 if "top1" in scaled else r.top1
         best = 100 * r.best_top1 if "best_top1" in scaled and r.best_top1 is not None else r.best_top1
-        out.append(Result(r.context, r.cell, r.seed, top1, r.run, {**r.extra, "fraction": scaled}, best))
+        out.append(Result(r.context, r.cell, r.seed, top1, r.run, {**r.extra, "fraction": scaled}, best, r.t_stddev,
+                          r.test_loss))
     return out
 
 
@@ -507,6 +514,8 @@ def table_rows(results: list[Result]) -> list[dict[str, Any]]:
                      "best_top1": "" if r.best_top1 is None else r.best_top1,
                      "mix_alpha": "" if cell.alpha is None else f"{cell.alpha:g}",
                      "augment": cell.augment or DEFAULT_AUGMENT,
+                     "t_stddev": "" if r.t_stddev is None else r.t_stddev,
+                     "test_loss": "" if r.test_loss is None else r.test_loss,
                      **{k: dict(ctx.settings).get(k, "") for k in SETTING_COLUMNS}, "id": r.run})
     return rows
 
@@ -515,7 +524,8 @@ def write_csv(results: list[Result], path: str | Path) -> None:
     """A results table (CSV) that ``mixkd claims`` reads: one row per result."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "augment", *SETTING_COLUMNS, "id"])
+            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "best_top1", "mix_alpha", "augment", "t_stddev", "test_loss",
+                                                   *SETTING_COLUMNS, "id"])
             writer.writeheader()
             writer.writerows(table_rows(results))
 

@@ -216,7 +216,7 @@ def test_claims_command_on_the_repdistiller_example(tmp_path, capsys):
     assert "resnet32x4 (plain) → resnet8x4: KD T=4 > student alone: +0.83 points" in text
     data = json.loads(out.read_text())
     assert [c["verdict"] for c in data["claims"]] == ["not tested", "not tested", "not tested", "inconclusive",
-                                                      "not tested"]
+                                                      "not tested", "not tested"]
     assert data["noise"] == 0.4 and data["verdicts"] == ["holds", "does not hold", "inconclusive", "not tested"]
     assert sum(c["verdict"] == "holds" for c in data["claims"][3]["comparisons"]) == 12
 
@@ -283,7 +283,7 @@ def test_report_has_the_claims_section_and_claims_json_with_the_study_files_sigm
     assert kd4["interval_95"] == pytest.approx([3.9 - 2.776445 * math.sqrt(0.5), 3.9 + 2.776445 * math.sqrt(0.5)],
                                                abs=1e-5)
     assert kd4["no_spread"] == {"a": "one run"} and kd4["df"] == pytest.approx(4.0)
-    assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5]
+    assert data["noise"] == 0.5 and [c["claim"] for c in data["claims"]] == [1, 2, 3, 4, 5, 6]
     # the finished students as a results table: mixkd claims reads it back to the same verdicts
     assert main(["claims", str(out / "claims-table.csv"), "--noise", "0.5", "--json", str(tmp_path / "c.json")]) == 0
     again = json.loads((tmp_path / "c.json").read_text())
@@ -314,8 +314,9 @@ def test_the_cifar100_studies_decide_every_claim(tmp_path, capsys):
         lines = capsys.readouterr().out.split("\nclaims (")[1].splitlines()
         # 1 vs 1 assuming sigma 0.4: (1.96 + 0.8416) x 0.4 x sqrt(2) = 1.585; 3 vs 3: (2.7764 + 0.9410) x 0.4 x
         # sqrt(2/3) = 1.214
-        assert [line.split(":")[1].strip() for line in lines[1:]] == ["decidable"] * 5
-        assert all(f"smallest detectable difference {smallest} points per comparison" in line for line in lines[1:])
+        assert [line.split(":")[1].strip() for line in lines[1:6]] == ["decidable"] * 5
+        assert all(f"smallest detectable difference {smallest} points per comparison" in line for line in lines[1:6])
+        assert lines[6].startswith("  claim 6: cannot decide: no runs name an augmentation policy")  # no augment:
     # claim 4 of the full study: 22 comparisons, each to hold with 0.8 ** (1/22) = 0.98991: t(0.98991, 4) = 3.7365,
     # (2.7764 + 3.7365) x 0.4 x sqrt(2/3) = 2.13
     assert "22 comparisons, seeds 3 vs 3; smallest detectable difference 1.21 points per comparison, 2.13 for all 22" \

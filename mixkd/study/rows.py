@@ -67,7 +67,28 @@ def _row(out: Path, run_id: str, cfg: dict[str, Any], result: dict[str, Any] | N
     _analysis_columns(out, run_id, row)
     row["cell"] = cell
     row["context"] = context_from_config(cfg, teacher_model, row["teacher_mix"])
+    if cfg.get("task") == "distill":
+        row["t_stddev"] = _t_stddev(out, row["teacher"], cfg)
     return row
+
+
+def _t_stddev(out: Path, teacher: str | None, cfg: dict[str, Any]) -> float | None:
+    """The T. stddev that ``mixkd augment-score`` saved in the student's teacher run folder for the student's
+    augmentation (its ``augment`` spec, with ``+mixup`` / ``+cutmix`` where it mixes every sample by ``mix:``);
+    None where none was saved (claim 6 then names the policy as lacking one)."""
+    spec = cfg.get("augment")
+    if not teacher or not spec:
+        return None
+    mix = cfg.get("mix") or {}
+    method = mix.get("method") or "none"
+    if method != "none" and method not in spec.split("+"):
+        if float(mix.get("fraction", 1.0)) < 1.0:
+            return None  # partial mixing: not a policy augment-score scores
+        spec = f"{spec}+{method}"
+    from mixkd.analysis.augment_score import read_scores
+
+    folder = out / teacher if (out / teacher).is_dir() else Path(teacher)
+    return read_scores(folder).get(spec) if folder.is_dir() else None
 
 
 def _analysis_columns(out: Path, run_id: str, row: dict[str, Any]) -> None:
@@ -137,7 +158,8 @@ def results_of(rows: list[dict[str, Any]], metric: str = "top1") -> list[Result]
             continue
         best = r.get("best_top1")
         out.append(Result(r["context"], r["cell"], r.get("seed"), float(r["top1"]) if r.get("top1") is not None else math.nan, r["id"],
-                          best_top1=None if best is None else float(best)))
+                          best_top1=None if best is None else float(best), t_stddev=r.get("t_stddev"),
+                          test_loss=None if r.get("nll") is None else float(r["nll"])))
     return out
 
 
