@@ -108,12 +108,13 @@ def test_imagenet_dkd_runs_take_the_authors_imagenet_defaults_unless_set():
     def kd(dataset: str, **flags):
         return build_config(flags={"task": "distill", "dataset": dataset, "kd.teacher": "t.pth", **flags}).kd.params()
 
-    assert kd("imagefolder", **{"kd.method": "dkd"}) == {
+    assert kd("imagefolder", **{"kd.method": "dkd"}) == {"standardize": False,
         "temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 0.5, "warmup_epochs": 1}
-    assert kd("imagefolder", **{"kd.method": "dkd", "kd.beta": 2.0, "kd.temperature": 4.0}) == {
+    assert kd("imagefolder", **{"kd.method": "dkd", "kd.beta": 2.0, "kd.temperature": 4.0}) == {"standardize": False,
         "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 2.0, "warmup_epochs": 1}
-    assert kd("cifar100", **{"kd.method": "dkd"}) == {
+    assert kd("cifar100", **{"kd.method": "dkd"}) == {"standardize": False,
         "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20}
-    assert kd("imagefolder") == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}  # Hinton KD: its own
+    assert kd("imagefolder") == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9,  # Hinton KD: its own
+                                 "standardize": False}
     cfg = build_config(flags={"task": "distill", "dataset": "imagefolder", "kd.teacher": "t.pth", "kd.method": "dkd"})
     assert RunConfig.model_validate(cfg.model_dump()) == cfg
