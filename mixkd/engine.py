@@ -155,9 +155,19 @@ class Run:
         self._clock: tuple[float, int] | None = None  # (time, steps) at the last timing point
         # The folder is this process's while the run lives (mixkd.run_folder): from now on where it
         # holds a run already, else from the first write (_create), which makes the folder.
-        # A finished run is only read (its result printed), also where its folder is read-only.
+        # A finished run is only read (its result printed): its folder is still held (refused while another
+        # process holds it), except where it cannot be locked at all (a read-only folder).
         finished = not self.fresh and self.folder.result.exists()
-        self._lock = None if self.fresh or finished or not self.writes else self.folder.lock()  # rank 0 writes, and locks
+        self._lock = None if self.fresh or not self.writes else self._hold(finished)  # rank 0 writes, and locks
+
+    def _hold(self, finished: bool):
+        """The folder's lock; for a finished run (only read) none where the storage refuses the lock file."""
+        try:
+            return self.folder.lock()
+        except StorageError:
+            if not finished:
+                raise
+            return None
 
     # ---- paths -----------------------------------------------------------------------------
     @property

@@ -209,7 +209,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _args(data_dir: Path, out: Path, epochs: int, *extra: str) -> list[str]:
     return ["train", "--dataset", "cifar10", "--data-dir", str(data_dir), "--model", "resnet8", "--epochs", str(epochs),
-            "--batch-size", "64", "--lr", "0.02", "--milestones", "5", "--device", "cpu", "--no-progress", "--save-every", "1",
+            "--batch-size", "64", "--lr", "0.02", "--milestones", str(min(5, epochs)), "--device", "cpu", "--no-progress",
+            "--save-every", "1",
             "--sync-bn",
             "--out", str(out), *extra]
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from mixkd.errors import MixkdError
 
 DEFAULT_BATCHES = 200  # batches per policy (200 x 64 = 12,800 images): the interval covered 92% at 200, 80% at 50 (BENCHMARKS.md)
-DEFAULT_BATCH_SIZE = 64  # the recipe's batch (REFERENCE.md): the statistic depends on it (a mean over the batch)
-DEFAULT_TEMPERATURE = 4.0  # the KD temperature of the study's recipe (RepDistiller, REFERENCE.md)
+DEFAULT_BATCH_SIZE = 64  # the recipe's batch (docs/study-claims-reference.md): the statistic depends on it (a mean over the batch)
+DEFAULT_TEMPERATURE = 4.0  # the KD temperature of the study's recipe (RepDistiller; docs/study-claims-reference.md)
 BOOTSTRAP_REPS = 2000
 LEVEL = 0.95
 DEFAULT_POLICIES = ("none", "flip_crop", "cutout", "autoaugment", "mixup", "cutmix", "cutmix_pick")
