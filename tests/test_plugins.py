@@ -20,14 +20,13 @@ from mixkd.config import build_config
 from mixkd.errors import MixkdError
 from mixkd.registry import KD_METHODS
 
-# The README's "A new KD method" moved with the rest of its Python API section to the documentation (issue 30).
-README = Path(__file__).parents[1] / "docs" / "python-api.md"
+README = Path(__file__).parents[1] / "README.md"
 
 
 def readme_plugin() -> tuple[str, list[str]]:
-    """The documentation's "A new KD method" (once the README's): its plugin file and its commands."""
+    """The README's "A new KD method": its plugin file and its commands."""
     text = README.read_text()
-    section = text[text.index("**A new KD method**"):].split("\n## ", 1)[0]
+    section = text[text.index("## A new KD method"):].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", section, re.S)
     commands = re.findall(r"```bash\n(.*?)```", section, re.S)
     assert len(code) == 1 and len(commands) == 1
