@@ -152,6 +152,10 @@ class Distiller:
 
     needs_teacher: ClassVar[bool] = True
     loss_names: ClassVar[tuple[str, ...]] = ("loss", "ce", "kd")
+    # What the method reads besides the (mixed) images and labels, as keyword arguments of forward_train:
+    # "index" (the samples' dataset indices, (B,) int64), "strong" (a strong view of each sample, mixed as
+    # the images are); the loaders then put them in the batch (mixkd.data.layout).
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, settings: Settings):
         if self.needs_teacher and teacher is None:
@@ -177,13 +181,16 @@ class Distiller:
         raise NotImplementedError
 
     # ---- what the step, the engine and the checkpoints use ------------------------------------
-    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The named losses of one (mixed) batch (see :meth:`forward_train`)."""
+    def losses(self, x: torch.Tensor, target: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named losses of one (mixed) batch (see :meth:`forward_train`); ``inputs``: what the method
+        reads besides (:attr:`inputs`)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+            if "strong" in inputs:
+                inputs["strong"] = inputs["strong"].contiguous(memory_format=torch.channels_last)
         if self._parallel is not None:
-            return self._parallel(x, target)
-        return self.forward_train(x, target)
+            return self._parallel(x, target, **inputs)
+        return self.forward_train(x, target, **inputs)
 
     def data_parallel(self, device: torch.device, broadcast_buffers: bool = True) -> None:
         """Train data-parallel: the student and the method's modules go under one
@@ -254,8 +261,8 @@ class _Trainable(torch.nn.Module):
         self.student, self.extra = distiller.student, distiller.modules
         self._forward = distiller.forward_train
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._forward(x, target)
+    def forward(self, x: torch.Tensor, target: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._forward(x, target, **inputs)
 
 
 

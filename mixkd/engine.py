@@ -46,6 +46,7 @@ from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, TrackConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
 from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
+from mixkd.data.layout import BatchLayout
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, StorageError, TrainingDiverged
@@ -58,7 +59,7 @@ from mixkd.models.preprocess import Preprocessing
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
-from mixkd.registry import load_plugins, plugin_records
+from mixkd.registry import KD_METHODS, load_plugins, plugin_records
 from mixkd.run_folder import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -76,6 +77,15 @@ DISTILLER_STATE = "distiller."  # checkpoint state keys of the KD method's own m
 EAGER_UNDER_DDP = ("note: under DDP the step runs eagerly (no CUDA graph, no torch.compile): a captured graph "
                    "cannot replay DDP's gradient all-reduce across processes safely, and compile with DDP is untested "
                    "in mixkd")
+
+
+def batch_layout(cfg: RunConfig) -> BatchLayout:
+    """What a training batch of ``cfg`` holds: the teacher's view, and what its KD method reads besides."""
+    inputs = KD_METHODS.get(cfg.kd.method).obj.inputs if cfg.task == "distill" else ()
+    try:
+        return BatchLayout.for_method(tuple(inputs), cfg.teacher_view)
+    except ValueError as exc:
+        raise MixkdError(f"kd.method {cfg.kd.method} with teacher_view {cfg.teacher_view}: {exc}") from None
 
 
 def mix_stream(rank: int) -> int:
@@ -199,13 +209,18 @@ class Run:
         if cfg.teacher_view != "same" and self.world > 1:
             raise MixkdError(f"teacher_view: {cfg.teacher_view} runs on one process (the data-parallel wrapper hands "
                              "the teacher the student's batch); use teacher_view: same, or run without torchrun/srun")
+        self.layout = batch_layout(cfg)
+        if pick is not None and self.layout != BatchLayout():
+            raise MixkdError(f"augment: cutmix_pick picks among images: kd.method {cfg.kd.method} (it reads "
+                             f"{', '.join(self.layout.views[1:] + (('index',) if self.layout.index else ()))}) and "
+                             "teacher_view other than same do not combine with it")
         if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
                 raise MixkdError(mismatch)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
-            rank=self.rank, world=self.world, pipeline=self.augment, teacher_view=cfg.teacher_view)
+            rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout)
         if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
             self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
                               "run in the loader on the device, per sample (torchvision v2), outside the "
@@ -242,7 +257,7 @@ class Run:
             self.distiller.data_parallel(self.device, broadcast_buffers=not cfg.sync_bn)
         step_cls = GraphedTrainStep if self.uses_graph else TrainStep
         self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
-                             self.precision, compile=compile_step, teacher_view=cfg.teacher_view, pick=pick)
+                             self.precision, compile=compile_step, layout=self.layout, pick=pick)
         self.steps_per_epoch = len(self.train_loader)
 
     @property

@@ -28,6 +28,7 @@ import torch
 
 from mixkd import distributed
 from mixkd.augment.base import BatchPolicy
+from mixkd.data.layout import BatchLayout
 from mixkd.distiller import Distiller
 from mixkd.errors import MixkdError
 from mixkd.files import make_dir
@@ -200,13 +201,19 @@ class TrainStep:
     graph_owns_grads = False
 
     def __init__(self, distiller: Distiller, optimizer: SGD, mix: MixSpec, num_classes: int, generator: torch.Generator,
-                 precision: str = "fp32", compile: bool | CompileSpec | None = None, teacher_view: str = "same",
+                 precision: str = "fp32", compile: bool | CompileSpec | None = None, layout: BatchLayout | None = None,
                  pick: BatchPolicy | None = None):
         self.distiller, self.optimizer, self.mix = distiller, optimizer, mix
         self.num_classes, self.generator, self.precision = num_classes, generator, precision
-        self.teacher_view, self.pick = teacher_view, pick
-        if pick is not None and (mix.active or teacher_view != "same"):
-            raise ValueError("cutmix_pick is the batch stage itself: no other mixing, teacher_view same")
+        self.layout = layout or BatchLayout.for_method(distiller.inputs)
+        teacher_view = self.teacher_view = self.layout.teacher_view
+        self.pick = pick
+        missing = sorted(set(distiller.inputs) - {k for k in ("index", "strong") if getattr(self.layout, k)})
+        if missing:
+            raise ValueError(f"the {distiller.name} method reads {missing}: the batch layout must hold them")
+        if pick is not None and (mix.active or self.layout != BatchLayout()):
+            raise ValueError("cutmix_pick is the batch stage itself: no other mixing, teacher_view same, "
+                             "and a method that reads nothing but the images and labels")
         self.device = optimizer.params[0].device
         self.loss_names = distiller.loss_names + (("pick_kd",) if pick is not None else ())
         self.sums = torch.zeros(len(self.loss_names), device=self.device)  # sums of per-batch mean losses
@@ -243,23 +250,28 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
     def _mixed_losses(self, x: torch.Tensor, y: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
-        target = one_hot(y, self.num_classes)
-        x_teacher = None
-        if x.dim() == 5:  # (2, B, C, H, W): the student's view, the teacher's (mixkd.data.loaders.TEACHER_VIEWS)
-            x, x_teacher = x[0], x[1]
+        batch = self.layout.unpack(x, y)  # (mixkd.data.layout: the views and indices a batch holds)
+        x, target = batch.x, one_hot(batch.y, self.num_classes)
         if self.pick is not None:
             return self._picked_losses(x, target, cache_enabled)
         clean_target = target
         rank, world = distributed.rank(), distributed.world()
-        x, target = mix_batch(x, target, self.mix, self.generator, rank, world)
+        inputs: dict[str, torch.Tensor] = {}
+        if batch.strong is not None:  # both views mixed alike: same partners, weights and boxes
+            channels = x.shape[1]
+            both, target = mix_batch(torch.cat([x, batch.strong], dim=1), target, self.mix, self.generator, rank, world)
+            x, inputs["strong"] = both[:, :channels], both[:, channels:]
+        else:
+            x, target = mix_batch(x, target, self.mix, self.generator, rank, world)
+        if batch.index is not None:  # a mixed image's index is that of the sample it was mixed into
+            inputs["index"] = batch.index
         if self._teacher_input is not None:
-            if x_teacher is None:
-                raise ValueError(f"teacher_view {self.teacher_view} needs the loader's (2, B, C, H, W) batches")
+            x_teacher = batch.teacher
             if self.teacher_view == "independent":  # its own draw of the mixing too
                 x_teacher, _ = mix_batch(x_teacher, clean_target, self.mix, self.generator, rank, world)
             self._teacher_input.x = x_teacher
         with self.autocast(cache_enabled=cache_enabled):
-            return self._compute.losses(x, target)
+            return self._compute.losses(x, target, **inputs)
 
     def _picked_losses(self, x: torch.Tensor, target: torch.Tensor, cache_enabled: bool) -> dict[str, torch.Tensor]:
         """CutMixPick (mixkd/augment/cutmix_pick.py): the method's losses on the clean batch plus the

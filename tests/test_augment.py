@@ -11,6 +11,7 @@ import torch
 from mixkd.augment import AUGMENTATIONS, augment_label, effective_spec, make_pipeline, parse_augment
 from mixkd.augment.cutmix_pick import entropy
 from mixkd.cli import main
+from mixkd.data.layout import BatchLayout
 from mixkd.data.loaders import DeviceLoader
 from mixkd.data.spec import ArraySplit
 from mixkd.distiller import make_distiller
@@ -35,7 +36,7 @@ def loader(split, spec="flip_crop", view="same", **kw):
     pipe = make_pipeline(spec, image_size=32, mean=MEAN, std=STD)
     return DeviceLoader(split, 8, "cpu", MEAN, STD, shuffle=True, augment=True, drop_last=True, seed=3,
                         crop=pipe.crop, flip=pipe.flip, sample=pipe.sample_extra if pipe.extra else None,
-                        teacher_view=view, **kw)
+                        layout=BatchLayout(teacher_view=view), **kw)
 
 
 def normalized(u8):
@@ -172,7 +173,8 @@ def view_step(view, mix):
     torch.manual_seed(0)
     teacher = Recorder().eval()
     d = make_distiller("kd", create_model("resnet8", 4), teacher)
-    step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 4, torch.Generator().manual_seed(0), teacher_view=view)
+    step = TrainStep(d, SGD(d.parameters(), lr=0.01), mix, 4, torch.Generator().manual_seed(0),
+                     layout=BatchLayout(teacher_view=view))
     return step, teacher
 
 

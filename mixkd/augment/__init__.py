@@ -36,7 +36,7 @@ from mixkd.augment import (  # noqa: F401  (each file registers its entry)
     trivialaugment,
 )
 from mixkd.augment.base import BatchPolicy, Context, SamplePolicy
-from mixkd.data.loaders import TEACHER_VIEWS
+from mixkd.data.layout import TEACHER_VIEWS
 from mixkd.errors import MixkdError
 from mixkd.mix import MixSpec, mix_batch
 from mixkd.registry import AUGMENTATIONS, Entry

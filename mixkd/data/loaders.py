@@ -27,14 +27,11 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mixkd.data.cache import shared_to_device
+from mixkd.data.layout import BatchLayout
 from mixkd.data.spec import ArraySplit, DataSpec
 from mixkd.errors import MixkdError
 
 CROP_PADDING = 4  # RandomCrop(32, padding=4)
-# What the teacher sees (issue 28): same: the student's batch; independent: its own draw of the
-# per-sample policies (and of the mixing, in the step); clean: the un-augmented image. With a view other
-# than same a DeviceLoader yields x of shape (2, B, C, H, W): x[0] the student's, x[1] the teacher's.
-TEACHER_VIEWS = ("same", "independent", "clean")
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -141,11 +138,11 @@ class DeviceLoader:
         crop: bool = True,
         flip: bool = True,
         sample: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-        teacher_view: str = "same",
+        layout: BatchLayout | None = None,
     ) -> None:
         _check_batch(batch_size, rank, world, drop_last)
-        if teacher_view not in TEACHER_VIEWS:
-            raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
+        self.layout = layout or BatchLayout()
+        teacher_view = self.layout.teacher_view
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank yields its part of each
         self.rank, self.world = rank, world
@@ -233,14 +230,14 @@ class DeviceLoader:
                     xb = self._crop_flip(idx, off_y[s:e], off_x[s:e], flip[s:e])
                 else:
                     xb = self.images.index_select(0, idx)
-            x = self._finish(xb, b, 0)
+            x, teacher = self._finish(xb, b, 0), None
             if self.teacher_view == "clean":
-                x = torch.stack([x, self._normalize(self.images.index_select(0, idx))])
+                teacher = self._normalize(self.images.index_select(0, idx))
             elif self.teacher_view == "independent":
                 xt = (self._crop_flip(idx, t_off_y[s:e], t_off_x[s:e], t_flip[s:e]) if self.augment
                       else self.images.index_select(0, idx))
-                x = torch.stack([x, self._finish(xt, b, 1)])
-            yield x, yb
+                teacher = self._finish(xt, b, 1)
+            yield self.layout.pack(x, yb, teacher=teacher, index=idx if self.layout.index else None)
 
     def _crop_flip(
         self, idx: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, flip: torch.Tensor
@@ -289,25 +286,39 @@ class _SeededBatchSampler(Sampler):
 
 
 class _SeededFolder(Dataset):
-    """An ImageFolder whose transform runs under a per-sample seed, leaving global RNGs intact."""
+    """An ImageFolder whose transform runs under a per-sample seed, leaving global RNGs intact.
 
-    def __init__(self, folder: torchvision.datasets.ImageFolder, transform: Any) -> None:
+    A sample is ``(views, target, index)``: ``views`` the student's image, then, with a
+    ``teacher_transform``, the teacher's (``independent_teacher``: the same transform under a seed of its
+    own; else the transform, e.g. the folder's test view, under the sample's seed)."""
+
+    def __init__(self, folder: torchvision.datasets.ImageFolder, transform: Any, teacher_transform: Any = None,
+                 independent_teacher: bool = False) -> None:
         self.folder, self.transform = folder, transform
+        self.teacher_transform, self.independent_teacher = teacher_transform, independent_teacher
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    @staticmethod
+    def _seeded(transform: Any, img: Any, seed: int) -> Any:
+        if transform is None:
+            return img
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return transform(img)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int, int]:
         index, seed = key
         path, target = self.folder.samples[index]
         img = self.folder.loader(path)
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                img = self.transform(img)
+        views = (self._seeded(self.transform, img, seed),)
+        if self.teacher_transform is not None:
+            teacher_seed = (seed * 1_000_003 + 1) % (2**63 - 1) if self.independent_teacher else seed
+            views += (self._seeded(self.teacher_transform, img, teacher_seed),)
         if self.folder.target_transform is not None:
             target = self.folder.target_transform(target)
-        return img, target
+        return views, target, index
 
 
 class FolderLoader:
@@ -333,8 +344,15 @@ class FolderLoader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        layout: BatchLayout | None = None,
+        teacher_transform: Any = None,
     ) -> None:
         _check_batch(batch_size, rank, world, drop_last)
+        self.layout = layout or BatchLayout()
+        if (teacher_transform is None) != (self.layout.teacher_view == "same"):
+            raise ValueError("a FolderLoader gets a teacher_transform exactly when its teacher_view is not same")
+        if self.layout.strong:
+            raise ValueError("image folders do not build a strong view yet")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank loads its part of each
         self.rank, self.world = rank, world
@@ -345,7 +363,8 @@ class FolderLoader:
         self._gen.manual_seed(seed)
         self._sampler = _SeededBatchSampler(self.num_samples, self.batch_size, shuffle, drop_last, self._gen,
                                             rank, world)
-        dataset = _SeededFolder(folder, folder.transform if transform is None else transform)
+        dataset = _SeededFolder(folder, folder.transform if transform is None else transform, teacher_transform,
+                                independent_teacher=self.layout.teacher_view == "independent")
         self._loader = DataLoader(
             dataset,
             batch_sampler=self._sampler,
@@ -382,11 +401,11 @@ class FolderLoader:
         return self._batches()
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self._loader:
-            yield (
-                x.to(self.device, non_blocking=True),
-                y.to(self.device, dtype=torch.int64, non_blocking=True),
-            )
+        for views, y, index in self._loader:
+            x, *rest = (v.to(self.device, non_blocking=True) for v in views)
+            yield self.layout.pack(x, y.to(self.device, dtype=torch.int64, non_blocking=True),
+                                   teacher=rest[0] if rest else None,
+                                   index=index.to(self.device, non_blocking=True) if self.layout.index else None)
 
 
 def make_loaders(
@@ -401,7 +420,7 @@ def make_loaders(
     rank: int = 0,
     world: int = 1,
     pipeline: Any = None,
-    teacher_view: str = "same",
+    layout: BatchLayout | None = None,
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader]:
     """(train_loader, test_loader) for ``spec``.
 
@@ -413,8 +432,11 @@ def make_loaders(
 
     ``pipeline``: the run's augmentation (:class:`mixkd.augment.Pipeline`; None: flip + crop): in-memory
     datasets draw its flip / crop here and run its other per-sample policies on the device, image
-    folders get its ``folder_transform``. ``teacher_view`` (in-memory datasets): see :data:`TEACHER_VIEWS`.
+    folders get its ``folder_transform``. ``layout``: what a training batch holds (:mod:`mixkd.data.layout`;
+    None: the student's view and the labels). A ``clean`` teacher view of an image folder is its test view
+    (resize and centre crop); an ``independent`` one its training transform under a seed of its own.
     """
+    layout = layout or BatchLayout()
     if spec.train is None:
         raise ValueError("make_loaders needs the train split: load the dataset with both splits")
     train: DeviceLoader | FolderLoader
@@ -422,17 +444,16 @@ def make_loaders(
         native = {} if pipeline is None else {"crop": pipeline.crop, "flip": pipeline.flip,
                                               "sample": pipeline.sample_extra if pipeline.extra else None}
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
-                             drop_last=drop_last, rank=rank, world=world, teacher_view=teacher_view, **native)
+                             drop_last=drop_last, rank=rank, world=world, layout=layout, **native)
     else:
-        if teacher_view != "same":
-            raise MixkdError(f"teacher_view: {teacher_view} needs an in-memory dataset (cifar100, cifar10, digits); "
-                             "image folders give the teacher the student's view: use teacher_view: same")
         test_tf = spec.test.transform if spec.test is not None else None
         transform = None if augment else test_tf
         if augment and pipeline is not None:  # flip + crop: the folder's RandomResizedCrop + flip; else its test view
             transform = pipeline.folder_transform(spec.train.transform if pipeline.crop else test_tf)
+        student_tf = spec.train.transform if transform is None else transform
+        teacher_tf = {"same": None, "independent": student_tf, "clean": test_tf}[layout.teacher_view]
         train = FolderLoader(spec.train, batch_size, device, shuffle=True, drop_last=drop_last, workers=workers,
-                             transform=transform, rank=rank, world=world)
+                             transform=transform, rank=rank, world=world, layout=layout, teacher_transform=teacher_tf)
     if len(train) == 0:
         raise MixkdError(
             f"batch size {batch_size} is larger than the {train.num_samples} training samples of "
