@@ -231,7 +231,7 @@ class Run:
         self.model = create_model(cfg.model, self.data.num_classes, self.data.image_size).to(
             self.device, memory_format=memory_format)
         if cfg.sync_bn and self.world > 1:
-            self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl")
+            self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl", owner=cfg.model)
         self.teacher, self.teacher_arch = None, None
         if cfg.task == "distill":
             self.teacher, self.teacher_arch = load_teacher(
@@ -243,7 +243,8 @@ class Run:
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
                                         channels_last=channels_last)
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
-            convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
+            convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl",
+                                   owner=f"kd.method {cfg.kd.method}'s modules")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
         self.optimizer = SGD(self.distiller.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                              weight_decay=cfg.optim.weight_decay)

@@ -6,13 +6,24 @@ rank's part, through autograd-aware all-reduces (:class:`AllReduceSum`, whose ba
 gradients over the ranks, as ``torch.distributed.nn.functional.all_reduce`` did), and the running statistics updated as
 ``BatchNorm`` updates them (with the unbiased variance of the global batch). Both keep
 ``BatchNorm``'s state_dict keys, so checkpoints do not depend on them.
+
+timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` modules; timm's EfficientNets,
+MobileNetV3s, ...) keeps its dropout and activation: under NCCL through timm's own
+``convert_sync_batchnorm`` (its ``SyncBatchNormAct``), under gloo as :class:`GlooSyncBatchNormAct`.
+A BatchNorm of another class with a forward of its own (timm's ``SplitBatchNorm2d``, a plugin's) is
+refused in one line: replaced by a plain synchronised BatchNorm, what its forward adds would be lost
+without a word.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mixkd.errors import MixkdError
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -67,14 +78,64 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, use_torch: bool) -> nn.Module:
+class GlooSyncBatchNormAct(GlooSyncBatchNorm):
+    """timm's ``BatchNormAct2d`` synchronised: :class:`GlooSyncBatchNorm`, then the layer's own
+    ``drop`` and ``act`` modules, in its order (the state_dict keys stay the layer's)."""
+
+    def __init__(self, *args, drop: nn.Module, act: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _norm_act():
+    """timm's ``norm_act`` module where timm is loaded (a model holding its layers has loaded it), else None."""
+    return sys.modules.get("timm.layers.norm_act")
+
+
+def _plain_forward(cls: type) -> bool:
+    """Whether BatchNorm class ``cls`` normalises as BatchNorm does (torch's BatchNorm1d/2d/3d and
+    subclasses that keep their forward), or is synchronised already."""
+    synced = (nn.SyncBatchNorm, GlooSyncBatchNorm)
+    return cls.forward is nn.modules.batchnorm._BatchNorm.forward or issubclass(cls, synced)
+
+
+def _refuse_unknown_norms(module: nn.Module, owner: str) -> None:
+    norm_act = _norm_act()
+    known = (norm_act.BatchNormAct2d,) if norm_act is not None else ()
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, known) and not _plain_forward(type(m)):
+            cls = type(m)
+            raise MixkdError(f"--sync-bn: layer {name or '(the whole module)'!r} of {owner} is a "
+                             f"{cls.__module__}.{cls.__qualname__}, a BatchNorm with a forward of its own that mixkd "
+                             "cannot synchronise over the ranks (a plain SyncBatchNorm would drop what it adds); "
+                             "run without --sync-bn")
+
+
+def convert_sync_batchnorm(module: nn.Module, use_torch: bool, owner: str = "the model") -> nn.Module:
     """``module`` with every BatchNorm layer synchronised over the process group: torch's
-    ``SyncBatchNorm`` when ``use_torch`` (CUDA tensors under NCCL), else :class:`GlooSyncBatchNorm`."""
+    ``SyncBatchNorm`` when ``use_torch`` (CUDA tensors under NCCL), else :class:`GlooSyncBatchNorm`;
+    timm's ``BatchNormAct2d`` keeps its activation (:class:`GlooSyncBatchNormAct`, timm's
+    ``SyncBatchNormAct``). A BatchNorm class with a forward of its own is a :class:`MixkdError`
+    naming the layer of ``owner`` (what the message calls ``module``)."""
+    _refuse_unknown_norms(module, owner)
+    return _convert(module, use_torch, _norm_act())
+
+
+def _convert(module: nn.Module, use_torch: bool, norm_act) -> nn.Module:
     if use_torch:
+        if norm_act is not None:  # timm's own conversion: BatchNormAct2d to its SyncBatchNormAct, the rest to torch's
+            return norm_act.convert_sync_batchnorm(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
-        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, device=_device_of(module))
+        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if norm_act is not None and isinstance(module, norm_act.BatchNormAct2d):
+            new = GlooSyncBatchNormAct(*args, drop=module.drop, act=module.act, device=_device_of(module))
+        else:
+            new = GlooSyncBatchNorm(*args, device=_device_of(module))
         with torch.no_grad():
             if module.affine:
                 new.weight.copy_(module.weight)
@@ -86,7 +147,7 @@ def convert_sync_batchnorm(module: nn.Module, use_torch: bool) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, use_torch))
+        module.add_module(name, _convert(child, use_torch, norm_act))
     return module
 
 
@@ -95,4 +156,4 @@ def _device_of(module: nn.Module) -> torch.device | None:
     return None if t is None else t.device
 
 
-__all__ = ["AllReduceSum", "GlooSyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["AllReduceSum", "GlooSyncBatchNorm", "GlooSyncBatchNormAct", "convert_sync_batchnorm"]
