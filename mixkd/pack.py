@@ -4,6 +4,9 @@ One batch-64 run leaves most of a large GPU idle, and separate processes only ti
 process, each run's step (a CUDA graph replay) is queued on the run's own stream, so the small
 kernels of different runs overlap. On the CPU the same code runs without streams, one step of each
 run in turn: that is how the tests show that a packed run computes exactly what it computes alone.
+Each run draws from torch's global generators (CPU, and the device's on CUDA: dropout, a model's
+stochastic depth, what its checkpoint saves) as if it ran alone: the pack keeps each run's generator
+states and puts them in place around every call into the run (:meth:`Pack._own_rng`).
 
 A job is anything with the :class:`mixkd.engine.Run` protocol: ``start()``, ``advance() -> bool``,
 ``stop(reason)``, ``fail()``, ``next_cost()``, ``checkpoint_cost()``, ``phase``, ``device``, ``created``,
@@ -43,6 +46,7 @@ class Pack:
         self.jobs: list[Any] = [None] * slots
         self.streams = [torch.cuda.Stream(self.device) if self.cuda else None for _ in range(slots)]
         self.images: list[int] = [0] * slots  # training images of the current timing window, per slot
+        self.rng: list[tuple | None] = [None] * slots  # each run's global generator states between its calls
         self._window = time.perf_counter()
 
     @property
@@ -60,12 +64,35 @@ class Pack:
         s = self.streams[i]
         return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextlib.contextmanager
+    def _own_rng(self, i: int):
+        """Slot ``i``'s run with its own global generator states (a new run: the process's, as alone),
+        on its stream; afterwards the run's states are kept and the process's put back."""
+        outside = self._rng_state()
+        if self.rng[i] is not None:
+            self._set_rng_state(self.rng[i])
+        try:
+            with self._stream(i):
+                yield
+        finally:
+            self.rng[i] = self._rng_state()
+            self._set_rng_state(outside)
+
     def admit(self, job) -> dict[str, Any] | None:
         """Start ``job`` in a free slot. Returns None, or the outcome of a job that ended at once
         (finished already, or failed to start; ``error`` holds the exception)."""
         i = self.jobs.index(None)
+        self.rng[i] = None
         try:
-            with self._stream(i):
+            with self._own_rng(i):
                 job.start()
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # its tensors (and shared data) are ready for every stream
@@ -84,7 +111,7 @@ class Pack:
         Returns None, or the outcome of a job that failed doing so (it stops alone; its slot is free)."""
         i = self.jobs.index(job)
         try:
-            with self._stream(i):
+            with self._own_rng(i):
                 job.measure_step()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -109,7 +136,7 @@ class Pack:
                 continue
             before = job.step_in_epoch
             try:
-                with self._stream(i):
+                with self._own_rng(i):
                     alive = job.advance()
             except Exception as e:  # noqa: BLE001 - one failed run stops alone
                 job.fail()
@@ -126,6 +153,7 @@ class Pack:
     def _release(self, i: int) -> None:
         self.jobs[i] = None
         self.images[i] = 0
+        self.rng[i] = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -144,7 +172,7 @@ class Pack:
                 continue
             begun = job.created
             try:
-                with self._stream(i):
+                with self._own_rng(i):
                     job.stop(reason)
             except Exception as e:  # noqa: BLE001 - its checkpoint failed (a full disk): it ends alone
                 job.fail()
