@@ -7,6 +7,7 @@ models computing what each run computes alone. CPU, tiny random models, nothing 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import subprocess
 import sys
@@ -246,3 +247,33 @@ def test_a_pack_of_library_models_computes_what_each_run_computes_alone(tmp_path
         assert rows[0] == rows[1], name
         a, b = (load_checkpoint(tmp_path / d / name).state_dict for d in ("alone", "packed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ---- a study's report ----------------------------------------------------------------------------
+
+
+def test_a_study_report_labels_library_models_by_their_names(tmp_path):
+    """A study folder of a timm teacher and torchvision students (the ids `mixkd study run` gives them):
+    the report's row, results.csv and the claims' scope name the models as the study file does."""
+    from test_study_report import _run
+
+    from mixkd.study import write_report
+
+    out = tmp_path / "study"
+    teacher = "teachers/timm_test_resnet_plain-s0"
+    _run(out, teacher, {"model": "timm:test_resnet"}, {"top1": 70.0, "best_top1": 70.0})
+    for seed, top1 in enumerate([60.0, 62.0]):
+        _run(out, f"students/tv_mobilenet_v3_small-alone-s{seed}", {"model": "tv:mobilenet_v3_small", "seed": seed},
+             {"top1": top1, "best_top1": top1})
+        _run(out, f"students/tv_mobilenet_v3_small-from-timm_test_resnet_plain-kd-T4-s{seed}",
+             {"task": "distill", "model": "tv:mobilenet_v3_small", "seed": seed,
+              "kd": {"teacher": f"../../{teacher}", "method": "kd"}},
+             {"top1": top1 + 3, "best_top1": top1 + 3, "teacher_top1": 70.0, "teacher_model": "timm:test_resnet"})
+    (out / "study.yaml").write_text("name: library\n")
+    text = write_report(out).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| timm:")]
+    assert rows[0] == "| timm:test_resnet (plain) → tv:mobilenet_v3_small | 70.00 | 61.00 ± 1.41 | 64.00 ± 1.41 |"
+    assert "tested on timm:test_resnet (plain) → tv:mobilenet_v3_small" in text
+    with open(out / "results.csv") as f:
+        kd = {r["id"]: r for r in csv.DictReader(f)}["students/tv_mobilenet_v3_small-from-timm_test_resnet_plain-kd-T4-s1"]
+    assert (kd["model"], kd["teacher_model"], kd["teacher"]) == ("tv:mobilenet_v3_small", "timm:test_resnet", teacher)
