@@ -1,7 +1,7 @@
 """timm / torchvision models (``timm:<name>``, ``tv:<name>``) in data-parallel runs and packs: timm's
-norm + activation layers under ``--sync-bn``; 2-rank gloo runs under torchrun (a timm teacher into a
-timm student, resumed across world sizes; FitNet from a timm teacher into a RepDistiller student)
-whose ranks end with the same weights and whose figures are their checkpoint's; a pack of library
+norm + activation layers under ``--sync-bn``; 2-rank gloo runs under torchrun (FitNet from a timm
+teacher into a timm student with --sync-bn, resumed across world sizes; into a RepDistiller student
+with mixup) whose ranks end with the same weights and whose figures are their checkpoint's; a pack of library
 models computing what each run computes alone. CPU, tiny random models, nothing downloaded."""
 
 from __future__ import annotations
@@ -165,14 +165,16 @@ def _distill(data: Path, teacher: Path, out: Path, **extra) -> object:
     return build_config(flags=flags)
 
 
-def test_a_timm_student_with_sync_bn_resumed_by_two_ranks_computes_the_one_process_run(
+def test_fitnet_into_a_timm_student_with_sync_bn_resumed_by_two_ranks_computes_the_one_process_run(
         tmp_path, data_dir, timm_teacher, one_thread):
-    """KD from a timm teacher into timm's test_efficientnet (BatchNormAct2d throughout), --sync-bn, 2 epochs
-    of 2 steps (64 images, global batch 32): one process stops after its first step; torchrun's 2 ranks
-    (gloo, 16 images each) resume it mid-epoch and finish. Every step, test figure and final weight is the
-    uninterrupted one-process run's; both ranks end with the same weights; the figures are the checkpoint's."""
-    settings = {"model": "timm:test_efficientnet", "kd.method": "kd", "epochs": 2, "batch_size": 32,
-                "optim.lr": 0.05, "optim.milestones": [1], "sync_bn": True}
+    """FitNet from a timm teacher's layer1 into the blocks.1 of timm's test_efficientnet (BatchNormAct2d
+    throughout; the regressor's BatchNorm too), --sync-bn, 2 epochs of 2 steps (64 images, global batch
+    32): one process stops after its first step; torchrun's 2 ranks (gloo, 16 images each) resume it
+    mid-epoch, student and regressor, and finish. Every step's losses, the test figures and the final
+    weights are the uninterrupted one-process run's; both ranks end with the same student and regressor;
+    the figures are the checkpoint's."""
+    settings = {"model": "timm:test_efficientnet", "kd.method": "fitnet", "kd.hint_layer": "blocks.1,layer1",
+                "epochs": 2, "batch_size": 32, "optim.lr": 0.05, "optim.milestones": [1], "sync_bn": True}
     whole, run = tmp_path / "whole", tmp_path / "run"
     run_job(_distill(data_dir, timm_teacher, whole, **settings))
     job = Run(_distill(data_dir, timm_teacher, run, **settings))
@@ -187,6 +189,8 @@ def test_a_timm_student_with_sync_bn_resumed_by_two_ranks_computes_the_one_proce
     assert "resume at epoch 1 step 1" in log and "x 2 processes (gloo, batch 16 each)" in log, log
     assert json.loads((run / "result.json").read_text())["sync_bn"] is True
     _assert_same_run(run, whole, rtol=1e-4, weights_tol=1e-3)
+    assert [r["train_hint"] for r in _rows(run)] == pytest.approx([r["train_hint"] for r in _rows(whole)], rel=1e-4)
+    assert any(k.startswith("method.") for k in states[0])  # the regressor
     _same_on_every_rank(states)
     _figures_are_the_checkpoints(run)
 
