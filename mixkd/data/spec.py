@@ -74,6 +74,9 @@ class DataSpec:
     class_names: list[str]
     train: Split | None
     test: Split | None
+    # the fraction of an image's shorter side its test view keeps (an image folder's resize-then-centre-
+    # crop: 224 / 256); 1: the whole image (in-memory datasets)
+    crop_pct: float = 1.0
 
 
 def one_line(e: BaseException) -> str:
