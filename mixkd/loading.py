@@ -31,6 +31,7 @@ model is evaluated or sees an evaluation view:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -264,7 +265,8 @@ def _with_own(model: torch.nn.Module, arch: str, source: WeightsSource, data: Pr
         crop_note = f"its crop is the dataset's ({data.crop_pct:g})"
     crop_note = f"; {crop_note}" if crop_note else ""
     if own.same_input(data) and crop is None:
-        return model, f"{label}: the dataset's preprocessing, which is its pretrained config's ({data.describe()}){crop_note}"
+        return model, (f"{label}: the dataset's batches as they are, which have its pretrained config's size, mean and "
+                       f"std ({dataclasses.replace(data, crop_pct=None).describe()}){crop_note}")
     where = "its hub config.json" if source.hub_config and source.hub_config.get("pretrained_cfg") else "its pretrained config"
     return Preprocessed(model, data, own, crop), (
         f"{label}: its own preprocessing from {where} ({own.describe()}{crop_note}), applied on the device to "
