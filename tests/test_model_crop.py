@@ -173,3 +173,21 @@ def test_a_teachers_accuracy_check_on_an_image_folder_uses_its_own_transform(fol
     own = create_transform(**resolve_data_config(pretrained_cfg=CFG))
     for i, img in enumerate(_images(folder)):
         assert torch.equal(view[0].test[i][0], own(img))  # timm's own output for the same image
+
+
+def test_torchvision_weights_give_their_own_transform_where_it_differs_from_the_folders(folder):
+    from torchvision.models import get_model_weights
+
+    from mixkd.loading import own_test_view
+    from mixkd.models.preprocess import pretrained_preprocessing
+
+    spec = load_dataset("imagefolder", str(folder), image_size=224, splits=("test",))
+    # ResNet-18's weights (IMAGENET1K_V1): resize 256, centre crop 224, bilinear: the folder's test view, kept
+    assert own_test_view(spec, pretrained_preprocessing("tv:resnet18"), "tv:resnet18") is None
+    own = pretrained_preprocessing("tv:resnet50")  # IMAGENET1K_V2: resize 232, centre crop 224
+    view, note = own_test_view(spec, own, "tv:resnet50")
+    assert note.startswith("tv:resnet50 evaluated with its own eval transform (224x224 bilinear, mean (0.485, 0.456, "
+                           "0.406), std (0.229, 0.224, 0.225), crop 0.9655 (resize 232, centre crop 224)), not the")
+    img = _images(folder)[0]
+    assert torch.equal(view.test[0][0], get_model_weights("resnet50").DEFAULT.transforms()(img))
+    assert not torch.equal(view.test[0][0], spec.test[0][0])
