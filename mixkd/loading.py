@@ -49,7 +49,8 @@ from mixkd.run_folder import HUB_PREFIX
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 TEACHER_INPUTS = ("auto", "model", "dataset", "model_crop")
-EVAL_VIEWS = ("clean",)  # teacher views that are the dataset's evaluation view (mixkd.data.layout)
+# views that are the dataset's evaluation view: the clean teacher view (mixkd.data.layout), the test split
+EVAL_VIEWS = ("clean", "test")
 
 
 class WeightsSource:
@@ -201,8 +202,9 @@ def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device, ch
                  ) -> tuple[torch.nn.Module, str]:
     """A frozen teacher in eval mode (see :func:`load_model`), fed its own preprocessing when its weights
     ask for it and ``data`` (the dataset's: its ``crop_pct`` that of the dataset's test view) differs (see
-    the module docstring); ``view``: the teacher view of the distillation (``same``, ``independent``,
-    ``clean``: :data:`mixkd.data.layout.TEACHER_VIEWS`), which decides whether its crop applies. Then the
+    the module docstring); ``view``: what the teacher reads, a teacher view of the distillation (``same``, ``independent``,
+    ``clean``: :data:`mixkd.data.layout.TEACHER_VIEWS`) or ``test`` (the test split, as ``mixkd analyze``
+    reads it), which decides whether its crop applies. Then the
     returned model has a ``preprocess_note`` saying which preprocessing it gets, and, where it gets its
     own, ``pretrained_preprocessing`` (for :func:`own_test_view`)."""
     if teacher_input not in TEACHER_INPUTS:
