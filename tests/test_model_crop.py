@@ -191,3 +191,35 @@ def test_torchvision_weights_give_their_own_transform_where_it_differs_from_the_
     img = _images(folder)[0]
     assert torch.equal(view.test[0][0], get_model_weights("resnet50").DEFAULT.transforms()(img))
     assert not torch.equal(view.test[0][0], spec.test[0][0])
+
+
+def test_a_distillation_on_an_image_folder_checks_its_teacher_through_its_own_transform(folder, resnet, tmp_path,
+                                                                                          monkeypatch):
+    import mixkd.engine
+    from mixkd.config import build_config
+    from mixkd.engine import run_job
+
+    model, snap = resnet
+    seen = []
+
+    def recording(net, loader, *args, **kwargs):
+        seen.append((net, loader))
+        return evaluate(net, loader, *args, **kwargs)
+
+    monkeypatch.setattr(mixkd.engine, "evaluate", recording)
+    cfg = build_config(flags={"task": "distill", "dataset": "imagefolder", "data_dir": str(folder), "image_size": 32,
+                              "model": "resnet8", "kd.teacher": str(snap), "epochs": 1, "batch_size": 8,
+                              "eval_batch_size": 8, "workers": 0, "device": "cpu", "progress": False, "compile": "off",
+                              "optim.milestones": [1], "out": str(tmp_path / "run")})
+    job = run_job(cfg)
+    teacher_loaders = [loader for net, loader in seen  # the teacher itself, unwrapped: the transform gives its input
+                       if getattr(net, "mixkd_name", None) == "timm:resnet10t" and not isinstance(net, Preprocessed)]
+    assert teacher_loaders, "the teacher's check fed the teacher its own transform's images"
+    own = create_transform(**resolve_data_config(pretrained_cfg=CFG))
+    img = _images(folder)[0]
+    assert torch.equal(next(iter(teacher_loaders[0]))[0][0], own(img))  # timm's own output for the first image
+    with torch.no_grad():
+        top1, _ = _metrics(model(torch.stack([own(i) for i in _images(folder)])))
+    assert job.result["teacher_top1"] == pytest.approx(top1)
+    log = (Path(job.dir) / "log.txt").read_text()
+    assert "teacher timm:resnet10t: its accuracy evaluated with its own eval transform (32x32 bicubic" in log
