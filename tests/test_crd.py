@@ -133,3 +133,51 @@ def test_crd_trains_on_digits_through_the_cli_and_a_run_stopped_mid_epoch_resume
         k: v for k, v in rows[1].items() if k.startswith("train_")}
     a, b = load_checkpoint(reference).state_dict, load_checkpoint(out).state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+WORKER = """
+import sys, torch
+from mixkd import distributed
+from mixkd.distiller import make_distiller
+from mixkd.models import create_model
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+distributed.setup(torch.device("cpu"), "gloo", distributed.Launch(rank, 2, rank, 2, "127.0.0.1", port, "torchrun"))
+torch.manual_seed(rank)  # each rank draws another initial memory: rank 0's must win
+d = make_distiller("crd", create_model("resnet8", 3), create_model("resnet8", 3).eval(), {"nce_k": 6})
+labels = torch.tensor([0, 2, 1, 2, 0, 2] * 5)
+d.set_training_set(labels)
+d.data_parallel(torch.device("cpu"))
+m = d.memory["contrast"]
+before = m.memory_s.clone()
+index = torch.tensor([[7, 2], [9, 4]])[rank]  # each rank's part of the global batch
+d.losses(torch.randn(2, 3, 32, 32), torch.eye(3)[labels[index]], index=index)["loss"].backward()
+torch.save({"before": before, "memory_s": m.memory_s, "memory_t": m.memory_t, "z": torch.stack([m.z_s, m.z_t])},
+           f"{out}/{rank}.pt")
+distributed.shutdown()
+"""
+
+
+def test_under_data_parallelism_every_rank_holds_the_same_memory(tmp_path):
+    """2 gloo ranks, each with half of a batch: the memory starts as rank 0's, and after a step every rank
+    holds the rows of both halves refreshed (the same on both), and the same Z."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(port), str(tmp_path)], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(a["before"], b["before"])
+    assert torch.equal(a["memory_s"], b["memory_s"]) and torch.equal(a["memory_t"], b["memory_t"])
+    assert torch.equal(a["z"], b["z"]) and (a["z"] > 0).all()
+    changed = (a["memory_s"] != a["before"]).any(dim=1)
+    assert sorted(torch.nonzero(changed).flatten().tolist()) == [2, 4, 7, 9]
