@@ -219,8 +219,8 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` (the same shape on every rank) concatenated along dim 0 in rank order, on ``t``'s
-    device and without gradient; ``t`` itself for a process alone."""
+    """Every rank's ``t`` (the same shape on every rank: the training loaders' equal parts of a full batch)
+    concatenated along dim 0 in rank order, on ``t``'s device, detached; ``t`` itself for a process alone."""
     if not active():
         return t
     work = _on_backend(t.detach().contiguous())
