@@ -45,7 +45,15 @@ from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, TrackConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders, make_test_loader
+from mixkd.data import (
+    DeviceLoader,
+    fingerprint,
+    fingerprint_mismatch,
+    load_dataset,
+    make_loaders,
+    make_test_loader,
+    split_labels,
+)
 from mixkd.data.layout import BatchLayout
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
@@ -244,6 +252,7 @@ class Run:
             self.notes += [f"note: {n}" for n in notes]
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
                                         channels_last=channels_last)
+        self.distiller.set_training_set(split_labels(self.data.train))  # before the restore: per-sample state
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl")
         self.base_lr = cfg.optim.lr or default_lr(cfg.model)
