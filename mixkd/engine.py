@@ -235,10 +235,12 @@ class Run:
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
             rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout, strong=strong)
-        if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
-            self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
-                              "run in the loader on the device, per sample (torchvision v2), outside the "
-                              "(graphed) step, which cannot capture their data-dependent choices")
+        in_loader = [(cfg.augment, self.augment)] + ([(f"{strong.spec} (the strong view)", strong)] if strong else [])
+        for spec, pipeline in in_loader:
+            if pipeline.extra and isinstance(self.train_loader, DeviceLoader):
+                self.notes.append(f"note: augment {spec}: {', '.join(type(p).registry_entry.name for p in pipeline.extra)} "
+                                  "run in the loader on the device, per sample (torchvision v2), outside the "
+                                  "(graphed) step, which cannot capture their data-dependent choices")
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
