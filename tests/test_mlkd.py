@@ -157,7 +157,7 @@ def test_mlkd_forward_is_mlkd_losses_on_each_model_s_two_views():
 
 # ---- the CLI -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mix", ["none", "mixup"])
-def test_mixkd_distill_kd_mlkd_trains_on_digits(teacher_file, tmp_path, one_thread, mix):
+def test_mixkd_distill_kd_mlkd_trains_on_digits(teacher_file, tmp_path, capsys, one_thread, mix):
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher_file), "--student", "resnet8", "--kd", "mlkd", "--dataset",
                  "digits", "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--no-progress", "--mix", mix,
@@ -169,6 +169,8 @@ def test_mixkd_distill_kd_mlkd_trains_on_digits(teacher_file, tmp_path, one_thre
     assert all(t > 0 for t in terms) and row["train_loss"] == pytest.approx(sum(terms), rel=1e-5)
     saved = (out / "config.yaml").read_text()
     assert "strong_augment: flip_crop+randaugment" in saved
+    printed = capsys.readouterr()
+    assert "note: augment flip_crop+randaugment (the strong view): randaugment run in the loader" in printed.out + printed.err
 
 
 @pytest.mark.parametrize("flags, words", [
