@@ -174,7 +174,7 @@ def test_mixkd_distill_kd_mlkd_trains_on_digits(teacher_file, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--teacher-view", "independent"], "teacher_view: kd.method mlkd shows both models the same two views"),
+    (["--teacher-view", "independent"], "teacher_view: independent with kd.method mlkd: a strong view is seen by both models: it needs teacher_view same"),
     (["--augment", "flip_crop+cutmix_pick"], "augment: cutmix_pick picks among images: kd.method mlkd"),
     (["--strong-augment", "flip_crop+mixup"], "kd.strong_augment: Value error, mixup is a batch policy"),
 ])
