@@ -64,10 +64,12 @@ def distiller(name: str, student: torch.nn.Module, teacher: torch.nn.Module):
     return d
 
 
-def batch(d, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as the loaders give them to ``d``'s step: with the samples' indices (the first B) where it reads them."""
-    index = torch.arange(len(y), device=y.device) if "index" in d.inputs else None
-    return BatchLayout.for_method(d.inputs).pack(x, y, index=index)
+def method_batch(d, x: torch.Tensor, y: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch ``d``'s step reads (mixkd.data.layout): ``(x, y)``, plus ``strong`` as its strong view for a
+    method that reads one (MLKD; the loader's RandAugment is not timed here) and the indices for one that reads them."""
+    layout = BatchLayout.for_method(d.inputs)
+    return layout.pack(x, y, strong=strong if layout.strong else None,
+                       index=torch.arange(len(y), device=y.device) if layout.index else None)
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -109,7 +111,11 @@ def main() -> None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student0 = create_model(student_name, 100).to(device)
-    steps = {}
+    steps, batches = {}, {}
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+    strong = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
     for m in methods:
         student = create_model(student_name, 100).to(device)
         student.load_state_dict(student0.state_dict())
@@ -117,10 +123,7 @@ def main() -> None:
         d.set_epoch(10, 240)
         steps[m] = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                              torch.Generator(device=device).manual_seed(1))
-    g = torch.Generator(device=device).manual_seed(2)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
-    batches = {m: batch(steps[m].distiller, x, y) for m in methods}
+        batches[m] = method_batch(d, x, y, strong)
     order = random.Random(0)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.warmup + args.rounds):
@@ -201,7 +204,7 @@ def peak_step_memory(args, method: str, steps: int = 3) -> float:
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
     y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
-    x, y = batch(d, x, y)
+    x, y = method_batch(d, x, y, torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g))
     step(x, y)  # the first step allocates the optimizer's state; the peak is measured over what stays after it
     if device.type == "cuda":
         torch.cuda.synchronize(device)

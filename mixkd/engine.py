@@ -96,6 +96,16 @@ def batch_layout(cfg: RunConfig) -> BatchLayout:
         raise MixkdError(f"kd.method {cfg.kd.method} with teacher_view {cfg.teacher_view}: {exc}") from None
 
 
+def strong_spec(cfg: RunConfig) -> str:
+    """The augmentation of the strong view a method reads (``Distiller.inputs`` holding ``strong``): its
+    ``kd.strong_augment`` setting, a spec of per-sample policies (the step mixes both views with the run's mix)."""
+    spec = cfg.kd.params().get("strong_augment")
+    if not isinstance(spec, str):
+        raise MixkdError(f"kd.method {cfg.kd.method} reads a strong view but has no strong_augment setting: "
+                         "give its settings a strong_augment (e.g. flip_crop+randaugment)")
+    return spec
+
+
 def mix_stream(rank: int) -> int:
     """The :func:`epoch_seed` stream of rank ``rank``'s mixing generator (rank 0: 1, as a process alone)."""
     return 1 if rank == 0 else 1000 + rank
@@ -226,13 +236,19 @@ class Run:
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
                 raise MixkdError(mismatch)
+        strong = None
+        if self.layout.strong:  # the method's strong view (MLKD's): its kd.strong_augment, per-sample policies
+            strong = make_pipeline(strong_spec(cfg), image_size=self.data.image_size, mean=self.data.mean,
+                                   std=self.data.std, device=self.device, dataset=cfg.dataset)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
-            rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout)
-        if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
-            self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
-                              "run in the loader on the device, per sample (torchvision v2), outside the "
-                              "(graphed) step, which cannot capture their data-dependent choices")
+            rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout, strong=strong)
+        in_loader = [(cfg.augment, self.augment)] + ([(f"{strong.spec} (the strong view)", strong)] if strong else [])
+        for spec, pipeline in in_loader:
+            if pipeline.extra and isinstance(self.train_loader, DeviceLoader):
+                self.notes.append(f"note: augment {spec}: {', '.join(type(p).registry_entry.name for p in pipeline.extra)} "
+                                  "run in the loader on the device, per sample (torchvision v2), outside the "
+                                  "(graphed) step, which cannot capture their data-dependent choices")
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
