@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from scipy.stats import binom
 
+from mixkd.data.layout import BatchLayout
 from mixkd.distiller import make_distiller
 from mixkd.losses import DISTILLATION_DEFAULTS, distillation_loss
 from mixkd.mix import MixSpec
@@ -50,6 +51,7 @@ from mixkd.step import SGD, TrainStep
 METHODS = ("kd", "std", "dkd", "lskd", "dist", "fitnet")
 FEATURE_METHODS = ("kd", "at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
 LOGIT_METHODS = ("kd", "std", "dkd", "lskd", "dist", "ctkd", "kd+ls", "dkd+ls", "dist+ls")
+TRAIN_SIZE = 50_000  # CIFAR-100's training set (500 a class): what per-sample state (CRD's memory) is sized for
 
 
 def distiller(name: str, student: torch.nn.Module, teacher: torch.nn.Module):
@@ -57,7 +59,17 @@ def distiller(name: str, student: torch.nn.Module, teacher: torch.nn.Module):
     method, _, variant = name.partition("+")
     if variant not in ("", "ls"):
         raise SystemExit(f"--methods: {name!r}: the only variant is NAME+ls (logit standardization)")
-    return make_distiller(method, student, teacher, {"standardize": True} if variant else None)
+    d = make_distiller(method, student, teacher, {"standardize": True} if variant else None)
+    d.set_training_set(torch.arange(TRAIN_SIZE) % 100)
+    return d
+
+
+def method_batch(d, x: torch.Tensor, y: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch ``d``'s step reads (mixkd.data.layout): ``(x, y)``, plus ``strong`` as its strong view for a
+    method that reads one (MLKD; the loader's RandAugment is not timed here) and the indices for one that reads them."""
+    layout = BatchLayout.for_method(d.inputs)
+    return layout.pack(x, y, strong=strong if layout.strong else None,
+                       index=torch.arange(len(y), device=y.device) if layout.index else None)
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -99,7 +111,11 @@ def main() -> None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student0 = create_model(student_name, 100).to(device)
-    steps = {}
+    steps, batches = {}, {}
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+    strong = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
     for m in methods:
         student = create_model(student_name, 100).to(device)
         student.load_state_dict(student0.state_dict())
@@ -107,15 +123,13 @@ def main() -> None:
         d.set_epoch(10, 240)
         steps[m] = TrainStep(d, SGD(d.parameters(), lr=0.05), MixSpec("mixup", 1.0, 0.1), 100,
                              torch.Generator(device=device).manual_seed(1))
-    g = torch.Generator(device=device).manual_seed(2)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+        batches[m] = method_batch(d, x, y, strong)
     order = random.Random(0)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.warmup + args.rounds):
         for m in order.sample(methods, len(methods)):
             t0 = clock()
-            steps[m](x, y)
+            steps[m](*batches[m])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if r >= args.warmup:
@@ -190,6 +204,7 @@ def peak_step_memory(args, method: str, steps: int = 3) -> float:
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
     y = torch.randint(0, 100, (args.batch_size,), device=device, generator=g)
+    x, y = method_batch(d, x, y, torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g))
     step(x, y)  # the first step allocates the optimizer's state; the peak is measured over what stays after it
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -81,7 +81,7 @@ DISTILL_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--teacher-model",), "kd.teacher_model", {}, "teacher architecture (needed for a .pth: tv:resnet34 for torchvision's resnet34 weights, timm:resnet18 for timm's; a hub folder names its own)"),
     (("--kd",), "kd.method", {}, "the KD method (its settings are below, each defaulting to its authors'; "
                                  "--plugin FILE adds your own)"),
-    (("--teacher-input",), "kd.teacher_input", {"choices": ["auto", "model", "dataset"]}, "the teacher's preprocessing: auto (its pretrained config's for a timm:/tv: teacher from a library weights file), model, or dataset (default: auto)"),
+    (("--teacher-input",), "kd.teacher_input", {"choices": ["auto", "model", "dataset", "model_crop"]}, "the teacher's preprocessing: auto (its pretrained config's for a timm:/tv: teacher from a library weights file; its crop on evaluation views only), model, dataset, or model_crop (its crop on the training views too) (default: auto)"),
 ]
 PLUGIN_HELP = ("a plugin: a .py file (or an importable module) registering KD methods of your own (see docs/methods.md); "
                "repeatable; its path and SHA-256 are recorded in the run")
@@ -503,6 +503,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     m = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, model=args.model, device=args.device,
                             download=args.download, batch_size=args.batch_size, image_size=args.image_size,
                             workers=args.workers, precision=args.precision)
+    if m.get("preprocessing") and not args.json:
+        print(f"note: {m['preprocessing']}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(m))
     else:

@@ -131,7 +131,7 @@ class KDConfig(_Section):
     teacher: str | None = Field(None, description="teacher checkpoint: a mixkd run dir/checkpoint, a RepDistiller .pth, a timm .safetensors/.pth or torchvision .pth, a Hugging Face hub cache folder or hf-hub:ORG/NAME (local cache, offline)")
     teacher_model: str | None = Field(None, description="teacher architecture (needed for a .pth: tv:resnet34 for torchvision's resnet34 weights, timm:resnet18 for timm's; a hub folder names its own)")
     method: str = Field("kd", description="a registered KD method (mixkd.registry.KD_METHODS: mixkd/methods/, or a plugin's)")
-    teacher_input: Literal["auto", "model", "dataset"] = Field("auto", description="the teacher's input preprocessing: auto: its pretrained config's (size, mean, std, interpolation) when its weights come from a library file and its name is timm:/tv:, else the dataset's; model: its pretrained config's for the tv_* names too; dataset: always the dataset's (docs/models.md)")
+    teacher_input: Literal["auto", "model", "dataset", "model_crop"] = Field("auto", description="the teacher's input preprocessing: auto: its pretrained config's (size, mean, std, interpolation; its crop on evaluation views only) when its weights come from a library file and its name is timm:/tv:, else the dataset's; model: its pretrained config's for the tv_* names too; dataset: always the dataset's; model_crop: as model, its crop applied to the training views too (docs/models.md)")
 
     @model_validator(mode="before")
     @classmethod

@@ -48,6 +48,14 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   are trained with the student (:meth:`Distiller.parameters`), switched with it between train and
   eval (:meth:`Distiller.train`), saved in the run's step-exact checkpoints
   (:meth:`Distiller.state_dict`) and captured with it in the CUDA graph (:meth:`Distiller.state_tensors`).
+- ``memory``: a ``torch.nn.ModuleDict`` of the method's untrained state that it updates itself in the
+  step (CRD's per-sample memory), empty for most methods: buffers saved and captured as ``modules``'
+  are, but kept out of the data-parallel wrapper (which would broadcast them from rank 0 every step);
+  a method keeps them the same on every rank itself (CRD gathers what it writes,
+  :func:`mixkd.distributed.all_gather`).
+- :meth:`Distiller.set_training_set`: the training split's labels, sample ``i``'s at ``i`` (the
+  indices a method reading ``index`` is handed), given once by the engine before a checkpoint is
+  restored and before the first step; a method whose state is per training sample sizes it there.
 - ``epoch``: a float32 device tensor holding the number (from 1) of the epoch being trained, and
   ``epochs`` the run's length; the engine sets them with :meth:`Distiller.set_epoch` at each epoch's
   start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
@@ -129,6 +137,7 @@ def make_distiller(method: str, student: torch.nn.Module, teacher: torch.nn.Modu
                          f"not {type(settings).__name__}")
     distiller = entry.obj(student, teacher, settings)
     distiller.modules.to(distiller.device)
+    distiller.memory.to(distiller.device)
     distiller.channels_last = channels_last
     return distiller
 
@@ -166,6 +175,7 @@ class Distiller:
         self.channels_last = False  # bf16 runs feed the models channels-last images
         self.device = next(student.parameters()).device
         self.modules = torch.nn.ModuleDict()  # the method's own trainable modules
+        self.memory = torch.nn.ModuleDict()  # its untrained state outside the data-parallel wrapper (see the module)
         self.epoch = torch.ones((), dtype=torch.float32, device=self.device)  # from 1; see set_epoch
         self.epochs = 1
         self._parallel: torch.nn.Module | None = None  # the DDP wrapper of a data-parallel run
@@ -179,6 +189,12 @@ class Distiller:
     # ---- what a subclass writes -------------------------------------------------------------
     def forward_train(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def set_training_set(self, labels: torch.Tensor) -> None:
+        """The training split the run trains on: its labels, int64 ``(N,)``, sample ``i``'s at ``i`` (the
+        dataset indices the step hands a method reading ``index``). The engine calls it once, after
+        building the distiller and before a checkpoint's state is restored or a step is taken; a method
+        whose state is per training sample (CRD's memory, in :attr:`memory`) builds it here. Nothing by default."""
 
     # ---- what the step, the engine and the checkpoints use ------------------------------------
     def losses(self, x: torch.Tensor, target: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,22 +240,26 @@ class Distiller:
         self.epochs = epochs
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The method's own trainable state (``{}`` for logit methods), saved in checkpoints."""
-        return self.modules.state_dict()
+        """The method's own state (``{}`` for logit methods): its modules' and its memory's, saved in checkpoints."""
+        clash = set(self.modules) & set(self.memory)
+        if clash:
+            raise ValueError(f"the {self.name} distiller names {sorted(clash)} both a module and a memory")
+        return {**self.modules.state_dict(), **self.memory.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.modules.state_dict()
+        own = self.state_dict()
         if set(own) != set(state):
             raise MixkdError(f"the checkpoint's {self.name} state has {sorted(state) or 'nothing'} but the "
                              f"method needs {sorted(own) or 'nothing'}; was it written by another kd.method?")
-        self.modules.load_state_dict(state)
+        for part in (self.modules, self.memory):
+            part.load_state_dict({k: v for k, v in state.items() if k.partition(".")[0] in part})
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a training step changes, besides the optimizer's (what a step that must leave
         no trace saves and restores): parameters and buffers of the student and the method's
-        modules, and the teacher's buffers."""
+        modules, the method's memory, and the teacher's buffers."""
         tensors = list(self.student.parameters()) + list(self.student.buffers())
-        tensors += list(self.modules.parameters()) + list(self.modules.buffers())
+        tensors += list(self.modules.parameters()) + list(self.modules.buffers()) + list(self.memory.buffers())
         if self.teacher is not None:
             tensors += list(self.teacher.buffers())
         return tensors

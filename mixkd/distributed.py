@@ -218,6 +218,17 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape on every rank: the training loaders' equal parts of a full batch)
+    concatenated along dim 0 in rank order, on ``t``'s device, detached; ``t`` itself for a process alone."""
+    if not active():
+        return t
+    work = _on_backend(t.detach().contiguous())
+    parts = [torch.empty_like(work) for _ in range(_world)]
+    dist.all_gather(parts, work)
+    return torch.cat(parts).to(t.device)
+
+
 def broadcast_(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values of ``tensors`` on every rank, in place (in one flat message per dtype)."""
     if not active() or not tensors:

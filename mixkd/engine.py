@@ -45,17 +45,25 @@ from mixkd.augment import effective_spec, make_pipeline
 from mixkd.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from mixkd.config import RunConfig, TrackConfig, resolve_precision
 from mixkd.control import STOP_CODES, STOP_REASONS, STOP_WORDS, StopControl, check_first_step
-from mixkd.data import DeviceLoader, fingerprint, fingerprint_mismatch, load_dataset, make_loaders
+from mixkd.data import (
+    DeviceLoader,
+    fingerprint,
+    fingerprint_mismatch,
+    load_dataset,
+    make_loaders,
+    make_test_loader,
+    split_labels,
+)
 from mixkd.data.layout import BatchLayout
 from mixkd.device import device_name, library_versions, resolve_device
 from mixkd.distiller import make_distiller
 from mixkd.errors import MixkdError, StorageError, TrainingDiverged
 from mixkd.files import link_refused, make_dir, storage_error
-from mixkd.loading import load_teacher
+from mixkd.loading import load_teacher, teacher_accuracy_input
 from mixkd.metrics import evaluate
 from mixkd.mix import MixSpec
 from mixkd.models import create_model, default_lr
-from mixkd.models.preprocess import Preprocessing
+from mixkd.models.preprocess import Preprocessed, Preprocessing
 from mixkd.models.sync_bn import convert_sync_batchnorm
 from mixkd.output import RunOutput
 from mixkd.pack import Pack
@@ -86,6 +94,16 @@ def batch_layout(cfg: RunConfig) -> BatchLayout:
         return BatchLayout.for_method(tuple(inputs), cfg.teacher_view)
     except ValueError as exc:
         raise MixkdError(f"kd.method {cfg.kd.method} with teacher_view {cfg.teacher_view}: {exc}") from None
+
+
+def strong_spec(cfg: RunConfig) -> str:
+    """The augmentation of the strong view a method reads (``Distiller.inputs`` holding ``strong``): its
+    ``kd.strong_augment`` setting, a spec of per-sample policies (the step mixes both views with the run's mix)."""
+    spec = cfg.kd.params().get("strong_augment")
+    if not isinstance(spec, str):
+        raise MixkdError(f"kd.method {cfg.kd.method} reads a strong view but has no strong_augment setting: "
+                         "give its settings a strong_augment (e.g. flip_crop+randaugment)")
+    return spec
 
 
 def mix_stream(rank: int) -> int:
@@ -218,13 +236,19 @@ class Run:
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))
             if mismatch:
                 raise MixkdError(mismatch)
+        strong = None
+        if self.layout.strong:  # the method's strong view (MLKD's): its kd.strong_augment, per-sample policies
+            strong = make_pipeline(strong_spec(cfg), image_size=self.data.image_size, mean=self.data.mean,
+                                   std=self.data.std, device=self.device, dataset=cfg.dataset)
         self.train_loader, self.test_loader = make_loaders(
             self.data, cfg.batch_size, self.device, eval_batch_size=cfg.eval_batch_size, workers=cfg.workers,
-            rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout)
-        if self.augment.extra and isinstance(self.train_loader, DeviceLoader):
-            self.notes.append(f"note: augment {cfg.augment}: {', '.join(type(p).registry_entry.name for p in self.augment.extra)} "
-                              "run in the loader on the device, per sample (torchvision v2), outside the "
-                              "(graphed) step, which cannot capture their data-dependent choices")
+            rank=self.rank, world=self.world, pipeline=self.augment, layout=self.layout, strong=strong)
+        in_loader = [(cfg.augment, self.augment)] + ([(f"{strong.spec} (the strong view)", strong)] if strong else [])
+        for spec, pipeline in in_loader:
+            if pipeline.extra and isinstance(self.train_loader, DeviceLoader):
+                self.notes.append(f"note: augment {spec}: {', '.join(type(p).registry_entry.name for p in pipeline.extra)} "
+                                  "run in the loader on the device, per sample (torchvision v2), outside the "
+                                  "(graphed) step, which cannot capture their data-dependent choices")
         torch.manual_seed(cfg.seed)
         channels_last = self.precision == "bf16"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -232,16 +256,19 @@ class Run:
             self.device, memory_format=memory_format)
         if cfg.sync_bn and self.world > 1:
             self.model = convert_sync_batchnorm(self.model, use_torch=distributed.backend() == "nccl", owner=cfg.model)
-        self.teacher, self.teacher_arch = None, None
+        self.teacher, self.teacher_arch, self.teacher_test, self.teacher_eval = None, None, None, None
         if cfg.task == "distill":
+            data_view = Preprocessing(self.data.image_size, self.data.mean, self.data.std, crop_pct=self.data.crop_pct)
             self.teacher, self.teacher_arch = load_teacher(
-                self.teacher_path, cfg.kd.teacher_model, self.data.num_classes, self.device, channels_last,
-                data=Preprocessing(self.data.image_size, self.data.mean, self.data.std),
-                teacher_input=cfg.kd.teacher_input)
+                self.teacher_path, cfg.kd.teacher_model, self.data.num_classes, self.device, channels_last, data=data_view,
+                teacher_input=cfg.kd.teacher_input, view=self.layout.teacher_view)
             if getattr(self.teacher, "preprocess_note", None):
                 self.notes.append(f"note: {self.teacher.preprocess_note}")
+            self.teacher_test, self.teacher_eval, notes = teacher_accuracy_input(self.teacher, self.data, data_view)
+            self.notes += [f"note: {n}" for n in notes]
         self.distiller = make_distiller(cfg.kd.method, self.model, self.teacher, cfg.kd.settings() if self.teacher is not None else None,
                                         channels_last=channels_last)
+        self.distiller.set_training_set(split_labels(self.data.train))  # before the restore: per-sample state
         if cfg.sync_bn and self.world > 1:  # the method's own BatchNorms too (FitNet's regressor)
             convert_sync_batchnorm(self.distiller.modules, use_torch=distributed.backend() == "nccl",
                                    owner=f"kd.method {cfg.kd.method}'s modules")
@@ -396,10 +423,20 @@ class Run:
         self.wall_start = time.perf_counter()
         if self.teacher is not None:
             t0 = time.perf_counter()
-            self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
+            self.teacher_metrics = self._teacher_accuracy()
             self.eval_seconds = time.perf_counter() - t0
         distributed.barrier()  # every rank has opened the run folder before rank 0 writes to it
         self.phase = "training"
+
+    def _teacher_accuracy(self) -> dict[str, float]:
+        """The teacher's test metrics: on an image folder through its own eval transform where it has one
+        that differs from the dataset's (mixkd.loading.own_test_view), else on the run's test batches."""
+        if self.teacher_test is None:
+            return evaluate(self.teacher_eval, self.test_loader, self.precision)
+        loader = make_test_loader(self.teacher_test[0], self.device, self.cfg.eval_batch_size, workers=self.cfg.workers,
+                                  rank=self.rank, world=self.world)
+        own_input = self.teacher.model if isinstance(self.teacher, Preprocessed) else self.teacher  # the transform gives it
+        return evaluate(own_input, loader, self.precision)
 
     def _create(self) -> None:
         """The first write: the run directory and its config (or, resuming, the log line); rank 0's alone."""
@@ -706,7 +743,7 @@ class Run:
         }
         if self.teacher is not None:
             if self.teacher_metrics is None:
-                self.teacher_metrics = evaluate(self.teacher, self.test_loader, self.precision)
+                self.teacher_metrics = self._teacher_accuracy()
             # as config.yaml names it (a command line's absolute, a study's relative to the run), so that
             # a resumed run records what an uninterrupted one does
             result.update(teacher=self._saved_config().kd.teacher, teacher_model=self.teacher_arch,

@@ -12,7 +12,7 @@ from mixkd.data import load_dataset, make_test_loader
 from mixkd.device import resolve_device
 from mixkd.errors import MixkdError
 from mixkd.header import checkpoint_header
-from mixkd.loading import load_model
+from mixkd.loading import load_for_eval
 from mixkd.metrics import evaluate
 from mixkd.run_folder import CHECKPOINT_NAME, RunFolder
 
@@ -39,7 +39,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
     ``config.yaml`` (a run directory, or its checkpoint file), else from the checkpoint's metadata,
     else cifar100 in ./data at batch 1024. ``precision``: see :func:`eval_precision` (the run's own
     where it has one); the result says which (``precision``, ``precision_from``). Only the test split
-    is loaded."""
+    is loaded. A ``timm:``/``tv:`` model with a library's weights is evaluated with its own preprocessing
+    (:func:`mixkd.loading.load_for_eval`: on an image folder its own eval transform, crop included, where
+    it differs from the dataset's); ``preprocessing`` then says which."""
     p = Path(checkpoint)
     run_dir = p if p.is_dir() else p.parent if p.name == CHECKPOINT_NAME else None
     folder = RunFolder(run_dir) if run_dir else None
@@ -63,10 +65,10 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
     dev = resolve_device(device)
     chosen, why = eval_precision(precision, run_precision, dev.type)
     data = load_dataset(dataset, data_dir or "./data", download=download, image_size=image_size, splits=("test",))
-    net, arch = load_model(checkpoint, model, data.num_classes, image_size=data.image_size)
+    net, arch, data, note = load_for_eval(checkpoint, model, data)  # data: maybe read through the model's transform
     test_loader = make_test_loader(data, dev, batch_size or 1024, workers=workers)
     # as the run evaluates: bf16 autocast on channels-last weights (mixkd.engine), else fp32
     memory_format = torch.channels_last if chosen == "bf16" else torch.contiguous_format
     metrics = evaluate(net.to(dev, memory_format=memory_format), test_loader, chosen)
     return {"checkpoint": str(checkpoint), "model": arch, "dataset": dataset, **metrics,
-            "precision": chosen, "precision_from": why}
+            "precision": chosen, "precision_from": why, **({"preprocessing": note} if note else {})}

@@ -12,11 +12,26 @@ expect.
 A teacher whose weights come from a library (not from a mixkd run) and whose name is ``timm:``/``tv:``
 gets that preprocessing (:class:`mixkd.models.preprocess.Preprocessed`) when it differs from the
 dataset's (``kd.teacher_input``: ``auto``, the default; ``model`` for the ``tv_*`` names too;
-``dataset`` never); the choice is said in the run's log.
+``dataset`` never; ``model_crop`` as ``model``, its crop applied to the training views too); the
+choice is said in the run's log.
+
+The model's crop (its pretrained config's ``crop_pct``) is an evaluation setting, applied where the
+model is evaluated or sees an evaluation view:
+
+* its accuracy on an image folder (``mixkd eval`` of library weights, a distillation's teacher check):
+  the test split is read through the model's own eval transform when it differs from the dataset's
+  (:func:`own_test_view`);
+* its evaluation views on the device (the ``clean`` teacher view, an in-memory dataset's test batches):
+  a tighter crop than the dataset's is a centre crop then the resize; a wider one is kept, said in the log;
+* the training views (``same``/``independent`` teacher views: random crops that the student sees too)
+  keep the student's field of view: the teacher was trained on such random crops, not on its
+  evaluation crop, and its logits should describe the image the student is fitted on;
+  ``kd.teacher_input: model_crop`` crops them too (the teacher then sees a narrower field than the student).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,14 +39,18 @@ from pathlib import Path
 import torch
 
 from mixkd.checkpoint import load_checkpoint, load_weights
+from mixkd.data import ArraySplit, DataSpec
+from mixkd.data.imagefolder import IndexedImageFolder, with_test_transform
 from mixkd.errors import MixkdError
 from mixkd.header import CHECKPOINT_NAME
 from mixkd.models import create_model, model_problem
-from mixkd.models.preprocess import Preprocessed, Preprocessing, pretrained_preprocessing
+from mixkd.models.preprocess import Preprocessed, Preprocessing, crop_ratio, pretrained_preprocessing
 from mixkd.run_folder import HUB_PREFIX
 
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-TEACHER_INPUTS = ("auto", "model", "dataset")
+TEACHER_INPUTS = ("auto", "model", "dataset", "model_crop")
+# views that are the dataset's evaluation view: the clean teacher view (mixkd.data.layout), the test split
+EVAL_VIEWS = ("clean", "test")
 
 
 class WeightsSource:
@@ -124,6 +143,44 @@ def load_model(checkpoint: str, arch: str | None, num_classes: int, flag: str = 
     return model, arch
 
 
+def load_for_eval(checkpoint: str, arch: str | None, spec: DataSpec
+                  ) -> tuple[torch.nn.Module, str, DataSpec, str | None]:
+    """:func:`load_model` for evaluating on ``spec``'s test split: a ``timm:``/``tv:`` model with a library's
+    weights gets its own preprocessing (on an image folder its own eval transform, see :func:`own_test_view`;
+    on an in-memory dataset on the device, crop included). Returns the model, its name, the spec to
+    evaluate on (``spec``, or its test split read through the model's eval transform) and the log line
+    saying which preprocessing was used (None: the dataset's, no model's)."""
+    model, arch, source, from_library = _load(checkpoint, arch, spec.num_classes, "--model", spec.image_size)
+    own = _own(arch, source, "auto") if from_library else None
+    if own is None:
+        return model, arch, spec, None
+    if isinstance(spec.test, IndexedImageFolder):
+        view = own_test_view(spec, own, arch)
+        return (model, arch, spec, None) if view is None else (model, arch, *view)
+    model, note = _with_own(model, arch, source, _data_preprocessing(spec), own, crop_view=True)
+    return model, arch, spec, note
+
+
+def _data_preprocessing(spec: DataSpec) -> Preprocessing:
+    """The dataset's test view as a :class:`Preprocessing` (an image folder's: bilinear resize, centre crop)."""
+    return Preprocessing(spec.image_size, spec.mean, spec.std, "bilinear", spec.crop_pct,
+                         resize=round(spec.image_size / spec.crop_pct))
+
+
+def own_test_view(spec: DataSpec, own: Preprocessing | None, label: str) -> tuple[DataSpec, str] | None:
+    """An image folder's ``spec`` whose test split is read through ``own``'s eval transform (the library's
+    own), and the log line saying so, where ``own``'s evaluation view differs from the dataset's test
+    view; None where the dataset's is kept (the same view, no model preprocessing, not an image folder)."""
+    if own is None or own.transforms is None or not isinstance(spec.test, IndexedImageFolder):
+        return None
+    data = _data_preprocessing(spec)
+    if own.same_eval(data):
+        return None
+    return with_test_transform(spec, own.eval_transform()), (
+        f"{label} evaluated with its own eval transform ({own.describe()}), not the dataset's test "
+        f"transform ({data.describe()})")
+
+
 def _load(checkpoint: str, arch: str | None, num_classes: int, flag: str, image_size: int | None):
     source = resolve_source(checkpoint)
     ckpt = load_checkpoint(source.path)
@@ -141,40 +198,100 @@ def _load(checkpoint: str, arch: str | None, num_classes: int, flag: str, image_
 
 
 def load_teacher(checkpoint: str, arch: str | None, num_classes: int, device, channels_last: bool = False,
-                 data: Preprocessing | None = None, teacher_input: str = "auto"
+                 data: Preprocessing | None = None, teacher_input: str = "auto", view: str = "same"
                  ) -> tuple[torch.nn.Module, str]:
     """A frozen teacher in eval mode (see :func:`load_model`), fed its own preprocessing when its weights
-    ask for it and ``data`` (the dataset's) differs (see the module docstring); then the returned model
-    has a ``preprocess_note`` saying which preprocessing it gets."""
+    ask for it and ``data`` (the dataset's: its ``crop_pct`` that of the dataset's test view) differs (see
+    the module docstring); ``view``: what the teacher reads, a teacher view of the distillation (``same``, ``independent``,
+    ``clean``: :data:`mixkd.data.layout.TEACHER_VIEWS`) or ``test`` (the test split, as ``mixkd analyze``
+    reads it), which decides whether its crop applies. Then the
+    returned model has a ``preprocess_note`` saying which preprocessing it gets, and, where it gets its
+    own, ``pretrained_preprocessing`` (for :func:`own_test_view`)."""
+    if teacher_input not in TEACHER_INPUTS:
+        raise ValueError(f"teacher_input must be one of {TEACHER_INPUTS}, got {teacher_input!r}")
     teacher, arch, source, from_library = _load(checkpoint, arch, num_classes, "--teacher-model",
                                                 data.size if data is not None else None)
-    note = None
+    note, own = None, None
     if data is not None and from_library:
-        teacher, note = _with_preprocessing(teacher, arch, source, data, teacher_input)
+        own = _own(arch, source, teacher_input)
+        if own is None:
+            note = _dataset_note(arch, source, data, teacher_input)
+        else:
+            crop_view = view in EVAL_VIEWS or teacher_input == "model_crop"
+            teacher, note = _with_own(teacher, arch, source, data, own, crop_view, view)
     teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if note:
         teacher.preprocess_note = note
+    if own is not None:
+        teacher.pretrained_preprocessing = own
     return teacher, arch
 
 
-def _with_preprocessing(teacher: torch.nn.Module, arch: str, source: WeightsSource, data: Preprocessing,
-                        teacher_input: str) -> tuple[torch.nn.Module, str | None]:
-    if teacher_input not in TEACHER_INPUTS:
-        raise ValueError(f"teacher_input must be one of {TEACHER_INPUTS}, got {teacher_input!r}")
+def _own(arch: str, source: WeightsSource, teacher_input: str) -> Preprocessing | None:
+    """The pretrained config's preprocessing that ``teacher_input`` gives the model; None: the dataset's."""
+    if teacher_input == "dataset" or (teacher_input == "auto" and ":" not in arch):
+        return None
+    return pretrained_preprocessing(arch, source.hub_config)
+
+
+def _dataset_note(arch: str, source: WeightsSource, data: Preprocessing, teacher_input: str) -> str | None:
     own = pretrained_preprocessing(arch, source.hub_config)
-    library_name = ":" in arch
-    if own is None or teacher_input == "dataset" or (teacher_input == "auto" and not library_name):
-        if own is None or own.same_input(data):
-            return teacher, None
-        why = "kd.teacher_input: dataset" if teacher_input == "dataset" else f"{arch} is a mixkd name; kd.teacher_input: model uses it"
-        return teacher, (f"teacher {arch}: the dataset's preprocessing ({data.describe()}), not its pretrained "
-                         f"config's ({own.describe()}; {why})")
-    if own.same_input(data):
-        return teacher, (f"teacher {arch}: the dataset's preprocessing, which is its pretrained config's "
-                         f"({data.describe()})")
+    if own is None or own.same_input(data):
+        return None
+    why = "kd.teacher_input: dataset" if teacher_input == "dataset" else f"{arch} is a mixkd name; kd.teacher_input: model uses it"
+    return (f"teacher {arch}: the dataset's preprocessing ({data.describe()}), not its pretrained "
+            f"config's ({own.describe()}; {why})")
+
+
+def _with_own(model: torch.nn.Module, arch: str, source: WeightsSource, data: Preprocessing, own: Preprocessing,
+              crop_view: bool, view: str = "evaluation") -> tuple[torch.nn.Module, str]:
+    """``model`` fed ``own`` on the device (renormalised, cropped where ``crop_view`` and its crop is
+    tighter than ``data``'s, resized), and the log line saying so."""
+    label = f"teacher {arch}" if view != "evaluation" else arch
+    ratio = crop_ratio(own, data) if crop_view else None
+    crop = ratio if ratio is not None and ratio < 1 - 1e-6 else None
+    if not crop_view:
+        crop_note = (f"its crop {own.crop_pct:g} is an evaluation setting: the {view} training view is "
+                     "kept, as the student sees it (kd.teacher_input: model_crop applies it)") if own.crop_pct else None
+    elif ratio is None:
+        crop_note = "the dataset's crop is kept"
+    elif crop is not None:
+        crop_note = (f"its crop {own.crop_pct:g} applied: a centre crop of {crop:.4g} of the {view} view's side "
+                     f"(the dataset's crop {data.crop_pct:g}), then resized to {own.size}")
+    elif ratio > 1 + 1e-6:
+        crop_note = (f"its crop {own.crop_pct:g} is wider than the dataset's {data.crop_pct:g}, which cannot be "
+                     "recovered from the cropped images: the dataset's crop is kept")
+    else:
+        crop_note = f"its crop is the dataset's ({data.crop_pct:g})"
+    crop_note = f"; {crop_note}" if crop_note else ""
+    if own.same_input(data) and crop is None:
+        return model, (f"{label}: the dataset's batches as they are, which have its pretrained config's size, mean and "
+                       f"std ({dataclasses.replace(data, crop_pct=None).describe()}){crop_note}")
     where = "its hub config.json" if source.hub_config and source.hub_config.get("pretrained_cfg") else "its pretrained config"
-    return Preprocessed(teacher, data, own), (
-        f"teacher {arch}: its own preprocessing from {where} ({own.describe()}; the dataset's crop is kept), "
-        f"applied on the device to the batches normalised for the student ({data.describe()})")
+    return Preprocessed(model, data, own, crop), (
+        f"{label}: its own preprocessing from {where} ({own.describe()}{crop_note}), applied on the device to "
+        f"the batches normalised for the {'student' if view != 'evaluation' else 'dataset'} ({data.describe()})")
+
+
+
+def teacher_accuracy_input(teacher: torch.nn.Module, spec: DataSpec, data: Preprocessing
+                           ) -> tuple[tuple[DataSpec, str] | None, torch.nn.Module, list[str]]:
+    """What the accuracy check of a teacher of :func:`load_teacher` reads: on an image folder, the test split
+    through its own eval transform (:func:`own_test_view`, or None: the run's test batches); the module to
+    evaluate on the run's test batches (``data``: the dataset's test view): the teacher, with its crop on
+    the device where its distillation view is an uncropped training view; and the log lines saying so."""
+    own = getattr(teacher, "pretrained_preprocessing", None)
+    name = getattr(teacher, "mixkd_name", "")
+    test_view = own_test_view(spec, own, f"teacher {name}: its accuracy")
+    if test_view is not None:
+        return test_view, teacher, [test_view[1]]
+    ratio = crop_ratio(own, data) if own is not None and isinstance(spec.test, ArraySplit) else None
+    if ratio is None or ratio >= 1 - 1e-6 or (isinstance(teacher, Preprocessed) and teacher.crop is not None):
+        return None, teacher, []
+    inner = teacher.model if isinstance(teacher, Preprocessed) else teacher
+    device = next(inner.parameters()).device
+    return None, Preprocessed(inner, data, own, ratio).to(device), [
+        f"teacher {name}: its accuracy on the test batches with its crop {own.crop_pct:g} (a centre crop of "
+        f"{ratio:.4g} of their side, then resized to {own.size}, on the device)"]

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from mixkd.augment import batch_method, parse_augment
 from mixkd.config import RunConfig, read_yaml
 from mixkd.data import check_dataset, dataset_num_classes
+from mixkd.data.layout import BatchLayout
 from mixkd.distiller import method_names
 from mixkd.errors import MixkdError
 from mixkd.header import checkpoint_header
@@ -125,6 +126,11 @@ def augment_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"teacher_view: {cfg.teacher_view} needs distill (train has no teacher); remove it")
     if cfg.teacher_view != "same" and batch == "cutmix_pick":
         problems.append("teacher_view: cutmix_pick scores the student's candidates with the teacher: use teacher_view: same")
+    if cfg.task == "distill" and cfg.kd.method in KD_METHODS:  # what the method reads, against the teacher's view
+        try:
+            BatchLayout.for_method(tuple(KD_METHODS.get(cfg.kd.method).obj.inputs), cfg.teacher_view)
+        except ValueError as exc:
+            problems.append(f"teacher_view: {cfg.teacher_view} with kd.method {cfg.kd.method}: {exc}")
     if cfg.teacher_view != "same" and cfg.dataset == "imagefolder":
         problems.append(f"teacher_view: {cfg.teacher_view} needs an in-memory dataset (cifar100, cifar10, digits); "
                         "use teacher_view: same for image folders")

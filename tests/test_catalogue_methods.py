@@ -12,7 +12,7 @@ from test_kd_methods import Fixed
 
 from mixkd.cli import main
 from mixkd.distiller import make_distiller
-from mixkd.methods.crd import Memory, contrast_loss
+from mixkd.methods.crd import contrast_loss
 from mixkd.methods.ctkd import CTKDSettings, reversal_factor
 from mixkd.methods.ofd import margins, ofd_distill_loss
 from mixkd.mix import MixSpec
@@ -22,7 +22,7 @@ from mixkd.step import SGD, TrainStep
 
 NEW = ("at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd")
 # CRD's memory and negatives, ReviewKD's fusion width at test size
-SMALL = {"crd": {"nce_k": 16, "memory_size": 64}, "reviewkd": {"max_mid_channel": 8}}
+SMALL = {"crd": {"nce_k": 16}, "reviewkd": {"max_mid_channel": 8}}
 
 
 def test_the_methods_are_registered_with_their_authors_defaults():
@@ -123,16 +123,6 @@ def test_crd_nce_loss_by_hand():
     assert contrast_loss(torch.tensor([[0.5, 0.25, 0.25]]), 0.25).item() == pytest.approx(math.log(4.5), rel=1e-6)
 
 
-def test_crd_memory_is_a_ring_of_the_last_embeddings():
-    m = Memory(5, 2)
-    for i in range(3):  # 3 batches of 2 rows into 5 rows: the third wraps around to row 0
-        m.push(torch.full((2, 2), float(i)), torch.full((2, 2), 10.0 + i))
-    assert m.memory_s[:, 0].tolist() == [2.0, 0.0, 1.0, 1.0, 2.0]
-    assert m.memory_t[:, 0].tolist() == [12.0, 10.0, 11.0, 11.0, 12.0]
-    assert m.pointer.item() == 1
-    assert set(m.state_dict()) == {"memory_s", "memory_t", "pointer", "z_s", "z_t"}  # saved: runs resume exactly
-
-
 # ---- in the step --------------------------------------------------------------------------------------------
 def test_losses_trace_as_one_graph_without_host_syncs(one_thread):
     """Dynamo with fullgraph=True refuses a graph break (an .item(), a branch on a tensor, a boolean
@@ -152,10 +142,12 @@ def test_losses_trace_as_one_graph_without_host_syncs(one_thread):
             continue
         d = make_distiller(method, create_model("resnet8", 10), create_model("resnet8", 10).eval(), SMALL.get(method))
         d.set_epoch(3, 10)
+        d.set_training_set(torch.arange(40) % 10)
+        inputs = {"index": torch.tensor([3, 17, 25, 38])} if "index" in d.inputs else {}
         feats_s, _ = d.student(x, is_feat=True, preact=d.student_preact)
         with torch.no_grad():
             feats_t, _ = d.teacher(x, is_feat=True, preact=d.teacher_preact)
-        term = torch.compile(d.feature_term, backend="eager", fullgraph=True)(feats_s, feats_t)
+        term = torch.compile(d.feature_term, backend="eager", fullgraph=True)(feats_s, feats_t, **inputs)
         assert term.dim() == 0 and torch.isfinite(term), method
 
 
@@ -164,7 +156,7 @@ def digits_batch():
     from mixkd.data.digits import load_digits
 
     train = load_digits(("train",)).train
-    return train.images[:16].float() / 255, train.labels[:16]
+    return train.images[:16].float() / 255, train.labels[:16], train.labels
 
 
 @pytest.mark.parametrize("method", NEW)
@@ -182,9 +174,12 @@ def test_each_method_trains_an_epoch_on_digits_with_partial_mixup_and_steps_with
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     assert json.loads((tmp_path / "result.json").read_text())["kd_method"] == method
 
-    x, y = digits_batch
+    x, y, labels = digits_batch
     torch.manual_seed(0)
     d = make_distiller(method, create_model("resnet8", 10), create_model("resnet8", 10).eval(), SMALL.get(method))
+    d.set_training_set(labels)
+    if "index" in d.inputs:  # the batch's samples are the training set's first 16
+        y = torch.stack([y, torch.arange(16)])
     before = [p.detach().clone() for p in d.modules.parameters()]
     for mix in (MixSpec("none"), MixSpec("mixup", 1.0, 1.0)):
         step = TrainStep(d, SGD(d.parameters(), lr=0.05), mix, 10, torch.Generator().manual_seed(0))

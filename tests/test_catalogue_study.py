@@ -20,6 +20,8 @@ from mixkd.study.rows import planned_results
 
 STUDY = Path(__file__).parents[1] / "configs" / "studies" / "cifar100-catalogue.yaml"
 PAIRS = {"resnet20": "resnet56", "resnet8x4": "resnet32x4"}
+# every method but MLKD, whose authors' recipe is its own (480 epochs, two views: configs/cifar100/student_mlkd.yaml)
+CATALOGUE = [m for m in method_names() if m != "mlkd"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def study():
 
 
 def test_the_catalogue_study_runs_every_method_with_either_mixup_on_both_pairs(study):
-    methods = method_names()
+    methods = CATALOGUE
     assert len(methods) == 18  # kd, std, dkd, lskd, lsdkd, dist, fitnet and mdistiller's 10 + CTKD
     # 2 teachers + 2 pairs x (the student alone + 18 methods x 3 mixings) x 3 seeds, as the file's header says
     assert len(study.runs) == 2 + 2 * (1 + 18 * 3) * 3 == 332
@@ -70,7 +72,7 @@ def test_the_plan_and_the_claims_give_claims_2_and_4_per_method(study):
     results = [dataclasses.replace(r, top1=(60.0 if r.cell.alone else 60.0 + bonus[r.cell.mixing]) + 0.1 * r.seed)
                for r in planned_results(study)]
     claims = {c.number: c for c in check(results)}
-    labels = [kd_label(m) for m in method_names()]
+    labels = [kd_label(m) for m in CATALOGUE]
     assert "DKD+LS" in labels and len(set(labels)) == 18
     assert [(p.name, len(p.comparisons)) for p in claims[2].parts] == [(f"{k}: PMU > FMU", 2) for k in labels]
     assert [(p.name, len(p.comparisons)) for p in claims[4].parts] == [(f"{k} > student alone", 6) for k in labels]

@@ -80,8 +80,7 @@ def test_shipped_configs_are_valid(path):
 
 
 # Recipes on another schedule: patient function matching (Beyer et al.: 1,200 epochs, the decays at the study's
-# fractions of the run); MLKD's (480 epochs, the decays where the 240-epoch recipe has them, lr 0.025) joins when
-# its method does (configs/cifar100/pending/student_mlkd.yaml)
+# fractions of the run); MLKD's (480 epochs, the decays where the 240-epoch recipe has them, lr 0.025)
 LONGER = {"student_function_matching_patient.yaml": (1200, [750, 900, 1050]),
           "student_mlkd.yaml": (480, [150, 180, 210])}
 

@@ -37,7 +37,7 @@ class Fixed(torch.nn.Module):
 
 
 def test_registry_lists_the_methods_that_take_a_teacher():
-    catalogue = ["at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd"]
+    catalogue = ["at", "nst", "sp", "pkt", "rkd", "kdsvd", "vid", "ofd", "reviewkd", "crd", "ctkd", "mlkd"]
     assert method_names() == ["kd", "std", "dkd", "lskd", "lsdkd", "dist", "fitnet", *catalogue]
     assert method_names(teacher=False) == ["alone"]
     assert method_names(None) == ["alone", "kd", "std", "dkd", "lskd", "lsdkd", "dist", "fitnet", *catalogue]
@@ -64,7 +64,7 @@ def test_without_a_teacher_the_student_is_trained_alone():
 
 def test_unknown_method_is_one_clear_problem():
     line = ("kd.method: unknown KD method 'dkdd'; did you mean 'dkd'?; choose one of alone, kd, std, dkd, lskd, lsdkd, dist, "
-            "fitnet, at, nst, sp, pkt, rkd, kdsvd, vid, ofd, reviewkd, crd, ctkd (one of your own: load its file with "
+            "fitnet, at, nst, sp, pkt, rkd, kdsvd, vid, ofd, reviewkd, crd, ctkd, mlkd (one of your own: load its file with "
             "--plugin FILE)")
     with pytest.raises(MixkdError) as err:
         make_distiller("dkdd", Fixed(S), Fixed(T))

@@ -249,8 +249,8 @@ def analyze_run(path: str | Path, *, teacher: str | None = None, teacher_model: 
     teacher_net, teacher_arch = (None, None)
     if teacher is not None:
         teacher_net, teacher_arch = load_teacher(teacher, teacher_model, spec.num_classes, dev,
-                                                 data=Preprocessing(spec.image_size, spec.mean, spec.std),
-                                                 teacher_input=cfg.kd.teacher_input if cfg else "auto")
+                                                 data=Preprocessing(spec.image_size, spec.mean, spec.std, crop_pct=spec.crop_pct),
+                                                 teacher_input=cfg.kd.teacher_input if cfg else "auto", view="test")
     target = Path(out) if out is not None else run_dir or make_dir(p.parent / f"{p.stem}-analysis")  # mixkd's name: never a link
     info = {"checkpoint": str(p), "run_dir": str(run_dir) if run_dir else None, "model": arch,
             "teacher_checkpoint": teacher, "teacher_model": teacher_arch,

@@ -48,6 +48,7 @@ from mixkd.data.spec import (
     DataSpec,
     fingerprint,
     fingerprint_mismatch,
+    split_labels,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "make_test_loader",
     "rank_part",
     "resolve_workers",
+    "split_labels",
 ]

@@ -2,13 +2,17 @@
 
 A split is an :class:`IndexedImageFolder`: torchvision's ``ImageFolder`` whose file listing comes
 from :func:`~mixkd.data.folder_index.folder_index` (listed once, then read from an index file while
-the folder is unchanged). Images are read lazily, in the loader's worker processes; an image that
+the folder is unchanged). The test view is torchvision's ImageNet one: the shorter side resized to
+:func:`test_resize` (``int(size * 256 / 224)``, bilinear), centre-cropped to ``size`` (the spec's
+``crop_pct``: ``size / test_resize``); :func:`with_test_transform` reads the same files through a
+model's own eval transform instead. Images are read lazily, in the loader's worker processes; an image that
 cannot be read raises :class:`UnreadableImageError`, one line naming the file, also from a
 ``DataLoader`` worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,20 @@ class IndexedImageFolder(torchvision.datasets.ImageFolder):
         self.targets = index.targets  # type: ignore[assignment]
 
 
+def test_resize(image_size: int) -> int:
+    """The shorter side the test view resizes an image to before its centre crop of ``image_size``."""
+    return int(image_size * 256 / 224)
+
+
+def with_test_transform(spec: DataSpec, transform: Any) -> DataSpec:
+    """``spec`` (an image folder's) whose test split reads the same files, in the same order, through
+    ``transform`` (a model's own eval transform); the training split is left out."""
+    test = spec.test
+    if not isinstance(test, IndexedImageFolder):
+        raise ValueError("with_test_transform takes an image folder's spec with its test split")
+    return dataclasses.replace(spec, train=None, test=IndexedImageFolder(test.root, transform=transform))
+
+
 def check_imagefolder(data_dir: str | Path | None, image_size: int | None = None,
                       splits: Sequence[str] = ("train", "test")) -> list[str]:
     """What stops :func:`load_imagefolder` from working, from the folder layout only (one directory
@@ -128,7 +146,7 @@ def load_imagefolder(data_dir: str | Path | None, image_size: int = DEFAULT_IMAG
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     transforms = {
         "train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]),
-        "test": T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), normalize]),
+        "test": T.Compose([T.Resize(test_resize(image_size)), T.CenterCrop(image_size), T.ToTensor(), normalize]),
     }
     loaded = {}
     for split in splits:
@@ -147,4 +165,5 @@ def load_imagefolder(data_dir: str | Path | None, image_size: int = DEFAULT_IMAG
         class_names=list(first.classes),
         train=loaded.get("train"),
         test=loaded.get("test"),
+        crop_pct=image_size / test_resize(image_size),
     )

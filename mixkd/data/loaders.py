@@ -139,9 +139,13 @@ class DeviceLoader:
         flip: bool = True,
         sample: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         layout: BatchLayout | None = None,
+        strong: Any = None,
     ) -> None:
         _check_batch(batch_size, rank, world, drop_last)
         self.layout = layout or BatchLayout()
+        if (strong is None) == self.layout.strong:
+            raise ValueError("a DeviceLoader gets a strong pipeline exactly when its layout has a strong view")
+        self.strong = strong  # the strong view's pipeline (mixkd.augment.Pipeline: crop, flip, extra, sample_extra)
         teacher_view = self.layout.teacher_view
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank yields its part of each
@@ -177,30 +181,37 @@ class DeviceLoader:
         _check_start(start, len(self))
         return self._batches(start)
 
-    def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draw(self, n: int, crop: bool | None = None, flip: bool | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Crop offsets and flips of ``n`` samples from the loader's generator (today's draws, in
-        today's order, for flip + crop; flip alone keeps the offsets at the padding, i.e. no shift)."""
+        today's order, for flip + crop; flip alone keeps the offsets at the padding, i.e. no shift).
+        ``crop``, ``flip``: None, the loader's (the strong view passes its pipeline's)."""
         g, dev = self._gen, self.device
-        if self.crop:
+        crop = self.crop if crop is None else crop
+        flip_on = self.flip if flip is None else flip
+        if crop:
             span = 2 * CROP_PADDING + 1
             off_y = torch.randint(0, span, (n,), generator=g, device=dev)
             off_x = torch.randint(0, span, (n,), generator=g, device=dev)
         else:
             off_y = off_x = torch.full((n,), CROP_PADDING, dtype=torch.long, device=dev)
-        if self.flip:
+        if flip_on:
             flip = torch.rand(n, generator=g, device=dev) < 0.5  # like RandomHorizontalFlip(p=0.5)
         else:
             flip = torch.zeros(n, dtype=torch.bool, device=dev)
         return off_y, off_x, flip
 
     def _batch_seed(self, b: int, view: int) -> int:
-        """The seed of batch ``b``'s per-sample policies (view 0: the student's, 1: the teacher's own draw)."""
-        return (self._epoch_seed * 1_000_003 + 2 * b + view) % (2**63 - 1)
+        """The seed of batch ``b``'s per-sample policies (view 0: the student's, 1: the teacher's own draw,
+        2: the strong view's, offset by 2**31 so that it meets no batch's view 0 or 1: torch's CPU generator
+        reads only a seed's low 32 bits, so an offset of 2**32 would give view 0's draws)."""
+        return (self._epoch_seed * 1_000_003 + 2 * b + view + (view // 2) * 2**31) % (2**63 - 1)
 
     def _finish(self, x: torch.Tensor, b: int, view: int) -> torch.Tensor:
-        if self.sample is None:
+        sample = self.strong.sample_extra if view == 2 and self.strong.extra else self.sample if view < 2 else None
+        if sample is None:
             return self._normalize(x)
-        return self.sample(x, self._batch_seed(b, view))
+        return sample(x, self._batch_seed(b, view))
 
     def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The whole epoch's randomness is drawn first, whatever ``start``: batch b is the same
@@ -211,6 +222,11 @@ class DeviceLoader:
             off_y, off_x, flip = self._draw(n)
             if self.teacher_view == "independent":  # drawn after the student's: those stay today's
                 t_off_y, t_off_x, t_flip = self._draw(n)
+            if order is None:
+                order = torch.arange(n, device=dev)
+        strong_native = self.strong is not None and self.strong.flip
+        if strong_native:  # drawn after the student's and the teacher's: those stay today's
+            s_off_y, s_off_x, s_flip = self._draw(n, self.strong.crop, self.strong.flip)
             if order is None:
                 order = torch.arange(n, device=dev)
         for b in range(start, len(self)):
@@ -237,7 +253,12 @@ class DeviceLoader:
                 xt = (self._crop_flip(idx, t_off_y[s:e], t_off_x[s:e], t_flip[s:e]) if self.augment
                       else self.images.index_select(0, idx))
                 teacher = self._finish(xt, b, 1)
-            yield self.layout.pack(x, yb, teacher=teacher, index=idx if self.layout.index else None)
+            strong = None
+            if self.strong is not None:  # its own draw of its pipeline's flip / crop and per-sample policies
+                xs = (self._crop_flip(idx, s_off_y[s:e], s_off_x[s:e], s_flip[s:e]) if strong_native
+                      else self.images.index_select(0, idx))
+                strong = self._finish(xs, b, 2)
+            yield self.layout.pack(x, yb, teacher=teacher, strong=strong, index=idx if self.layout.index else None)
 
     def _crop_flip(
         self, idx: torch.Tensor, off_y: torch.Tensor, off_x: torch.Tensor, flip: torch.Tensor
@@ -290,12 +311,14 @@ class _SeededFolder(Dataset):
 
     A sample is ``(views, target, index)``: ``views`` the student's image, then, with a
     ``teacher_transform``, the teacher's (``independent_teacher``: the same transform under a seed of its
-    own; else the transform, e.g. the folder's test view, under the sample's seed)."""
+    own; else the transform, e.g. the folder's test view, under the sample's seed), then, with a
+    ``strong_transform``, the strong view (that transform under a seed of its own)."""
 
     def __init__(self, folder: torchvision.datasets.ImageFolder, transform: Any, teacher_transform: Any = None,
-                 independent_teacher: bool = False) -> None:
+                 independent_teacher: bool = False, strong_transform: Any = None) -> None:
         self.folder, self.transform = folder, transform
         self.teacher_transform, self.independent_teacher = teacher_transform, independent_teacher
+        self.strong_transform = strong_transform
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -316,6 +339,8 @@ class _SeededFolder(Dataset):
         if self.teacher_transform is not None:
             teacher_seed = (seed * 1_000_003 + 1) % (2**63 - 1) if self.independent_teacher else seed
             views += (self._seeded(self.teacher_transform, img, teacher_seed),)
+        if self.strong_transform is not None:
+            views += (self._seeded(self.strong_transform, img, (seed * 1_000_003 + 2) % (2**63 - 1)),)
         if self.folder.target_transform is not None:
             target = self.folder.target_transform(target)
         return views, target, index
@@ -346,13 +371,14 @@ class FolderLoader:
         world: int = 1,
         layout: BatchLayout | None = None,
         teacher_transform: Any = None,
+        strong_transform: Any = None,
     ) -> None:
         _check_batch(batch_size, rank, world, drop_last)
         self.layout = layout or BatchLayout()
         if (teacher_transform is None) != (self.layout.teacher_view == "same"):
             raise ValueError("a FolderLoader gets a teacher_transform exactly when its teacher_view is not same")
-        if self.layout.strong:
-            raise ValueError("image folders do not build a strong view yet")
+        if (strong_transform is None) == self.layout.strong:
+            raise ValueError("a FolderLoader gets a strong_transform exactly when its layout has a strong view")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)  # the global batch; this rank loads its part of each
         self.rank, self.world = rank, world
@@ -364,7 +390,8 @@ class FolderLoader:
         self._sampler = _SeededBatchSampler(self.num_samples, self.batch_size, shuffle, drop_last, self._gen,
                                             rank, world)
         dataset = _SeededFolder(folder, folder.transform if transform is None else transform, teacher_transform,
-                                independent_teacher=self.layout.teacher_view == "independent")
+                                independent_teacher=self.layout.teacher_view == "independent",
+                                strong_transform=strong_transform)
         self._loader = DataLoader(
             dataset,
             batch_sampler=self._sampler,
@@ -403,8 +430,9 @@ class FolderLoader:
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for views, y, index in self._loader:
             x, *rest = (v.to(self.device, non_blocking=True) for v in views)
+            strong = rest.pop() if self.layout.strong else None  # the last view (see _SeededFolder)
             yield self.layout.pack(x, y.to(self.device, dtype=torch.int64, non_blocking=True),
-                                   teacher=rest[0] if rest else None,
+                                   teacher=rest[0] if rest else None, strong=strong,
                                    index=index.to(self.device, non_blocking=True) if self.layout.index else None)
 
 
@@ -421,6 +449,7 @@ def make_loaders(
     world: int = 1,
     pipeline: Any = None,
     layout: BatchLayout | None = None,
+    strong: Any = None,
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader]:
     """(train_loader, test_loader) for ``spec``.
 
@@ -435,6 +464,10 @@ def make_loaders(
     folders get its ``folder_transform``. ``layout``: what a training batch holds (:mod:`mixkd.data.layout`;
     None: the student's view and the labels). A ``clean`` teacher view of an image folder is its test view
     (resize and centre crop); an ``independent`` one its training transform under a seed of its own.
+    ``strong``: the strong view's pipeline (a :class:`mixkd.augment.Pipeline` of per-sample policies), exactly
+    when ``layout`` has a strong view: its own draw of that pipeline for every sample (in-memory datasets: its
+    flip / crop drawn after the other views', its other policies seeded per batch; image folders: its
+    ``folder_transform`` under a seed of its own).
     """
     layout = layout or BatchLayout()
     if spec.train is None:
@@ -444,7 +477,7 @@ def make_loaders(
         native = {} if pipeline is None else {"crop": pipeline.crop, "flip": pipeline.flip,
                                               "sample": pipeline.sample_extra if pipeline.extra else None}
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
-                             drop_last=drop_last, rank=rank, world=world, layout=layout, **native)
+                             drop_last=drop_last, rank=rank, world=world, layout=layout, strong=strong, **native)
     else:
         test_tf = spec.test.transform if spec.test is not None else None
         transform = None if augment else test_tf
@@ -452,8 +485,10 @@ def make_loaders(
             transform = pipeline.folder_transform(spec.train.transform if pipeline.crop else test_tf)
         student_tf = spec.train.transform if transform is None else transform
         teacher_tf = {"same": None, "independent": student_tf, "clean": test_tf}[layout.teacher_view]
+        strong_tf = None if strong is None else strong.folder_transform(spec.train.transform if strong.crop else test_tf)
         train = FolderLoader(spec.train, batch_size, device, shuffle=True, drop_last=drop_last, workers=workers,
-                             transform=transform, rank=rank, world=world, layout=layout, teacher_transform=teacher_tf)
+                             transform=transform, rank=rank, world=world, layout=layout, teacher_transform=teacher_tf,
+                             strong_transform=strong_tf)
     if len(train) == 0:
         raise MixkdError(
             f"batch size {batch_size} is larger than the {train.num_samples} training samples of "

@@ -58,6 +58,13 @@ class ArraySplit:
 Split = ArraySplit | torchvision.datasets.ImageFolder
 
 
+def split_labels(split: Split) -> torch.Tensor:
+    """Every sample's label, int64 ``(N,)``, sample ``i``'s at ``i`` (the dataset index the loaders put in a batch)."""
+    if isinstance(split, ArraySplit):
+        return split.labels
+    return torch.as_tensor(split.targets, dtype=torch.int64)
+
+
 @dataclass
 class DataSpec:
     """A loaded dataset: its splits plus everything a model and the loaders need to know.
@@ -74,6 +81,9 @@ class DataSpec:
     class_names: list[str]
     train: Split | None
     test: Split | None
+    # the fraction of an image's shorter side its test view keeps (an image folder's resize-then-centre-
+    # crop: 224 / 256); 1: the whole image (in-memory datasets)
+    crop_pct: float = 1.0
 
 
 def one_line(e: BaseException) -> str:

@@ -65,19 +65,21 @@ class FeatureDistiller(Distiller):
     student_preact: ClassVar[bool] = False
     teacher_preact: ClassVar[bool] = False
 
-    def feature_term(self, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> torch.Tensor:
+    def feature_term(self, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor], **inputs: torch.Tensor
+                     ) -> torch.Tensor:
+        """The feature term; ``inputs``: what the method reads besides images and labels (its ``inputs``)."""
         raise NotImplementedError
 
     def feat_factor(self) -> torch.Tensor | float:
         """What multiplies the term: ``feat_weight`` (a warm-up makes it a device tensor)."""
         return self.settings.feat_weight
 
-    def forward_train(self, x, target):
+    def forward_train(self, x, target, **inputs):
         feats_s, logits_s = self.student(x, is_feat=True, preact=self.student_preact)
         with torch.no_grad():
             feats_t, _ = self.teacher(x, is_feat=True, preact=self.teacher_preact)
         ce = soft_cross_entropy(logits_s, target)
-        feat = self.feature_term(feats_s, feats_t)
+        feat = self.feature_term(feats_s, feats_t, **inputs)
         return {"loss": self.settings.ce_weight * ce + self.feat_factor() * feat, "ce": ce, "feat": feat}
 
     def shapes(self, preact: bool = False) -> tuple[list[torch.Size], list[torch.Size]]:
