@@ -125,9 +125,6 @@ def augment_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"teacher_view: {cfg.teacher_view} needs distill (train has no teacher); remove it")
     if cfg.teacher_view != "same" and batch == "cutmix_pick":
         problems.append("teacher_view: cutmix_pick scores the student's candidates with the teacher: use teacher_view: same")
-    if cfg.teacher_view != "same" and cfg.dataset == "imagefolder":
-        problems.append(f"teacher_view: {cfg.teacher_view} needs an in-memory dataset (cifar100, cifar10, digits); "
-                        "use teacher_view: same for image folders")
     return problems
 
 
