@@ -368,47 +368,6 @@ def test_a_policy_plugin_file_from_outside_the_package(tmp_path, split):
     assert augment_label("flip_crop+invert28") == "flip+crop+Invert"
 
 
-# ---- mixkd distill --augment on digits -------------------------------------------------------------
-PLUGIN = '''\
-from mixkd.augment.base import SamplePolicy
-from mixkd.registry import AUGMENTATIONS
-
-
-@AUGMENTATIONS.register("invert_cli", label="Invert", stage="sample")
-class Invert(SamplePolicy):
-    """255 - x."""
-
-    def __call__(self, x):
-        return 255 - x
-'''
-
-
-@pytest.fixture(scope="module")
-def plugin_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plugin") / "invert_cli.py"
-    path.write_text(PLUGIN)  # a policy plugin file from outside the package
-    return path
-
-
-@pytest.mark.parametrize("augment,flags", [
-    ("none+cutout+invert_cli+cutmix_pick", ["augment_settings.cutmix_pick.pool=1"]),
-    ("flip+autoaugment+trivialaugment+randaugment+random_erasing+mixup",
-     ["--mix-fraction", "0.1", "--teacher-view", "independent"]),
-])
-def test_mixkd_distill_trains_on_digits_with_the_policies(teacher_file, plugin_file, tmp_path, one_thread, augment,
-                                                          flags):
-    out, plugin = tmp_path / "run", plugin_file
-    args = ["distill", "--plugin", str(plugin), "--teacher", str(teacher_file), "--student", "resnet8",
-            "--dataset", "digits", "--epochs", "1",
-            "--batch-size", "512", "--device", "cpu", "--no-progress", "--augment", augment, "--out", str(out), *flags]
-    assert main(args) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["augment"] == augment and result["mix"]["method"] == augment.split("+")[-1].replace("cutmix_pick", "none")
-    assert result["top1"] >= 0
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert ("train_pick_kd" in row) == ("cutmix_pick" in augment)
-
-
 # ---- the study axis ---------------------------------------------------------------------------------
 AUGMENT_STUDY = """\
 name: augment
