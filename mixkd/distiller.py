@@ -52,7 +52,8 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   ``epochs`` the run's length; the engine sets them with :meth:`Distiller.set_epoch` at each epoch's
   start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
   inside a captured graph without host syncs.
-- The teacher is in eval mode, without gradients, and sees the same mixed batch as the student.
+- The teacher is in eval mode, without gradients, and sees the same mixed batch as the student (with
+  ``teacher_view`` independent or clean, the step makes it read its own view instead).
 """
 
 from __future__ import annotations
