@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from mixkd.augment import make_pipeline
+from mixkd.augment import AUGMENTATIONS, make_pipeline
 from mixkd.data.loaders import DeviceLoader
 from mixkd.data.spec import ArraySplit
 from mixkd.distiller import make_distiller
@@ -34,9 +34,10 @@ from mixkd.models import create_model
 from mixkd.step import SGD, TrainStep
 
 MEAN, STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
-SPECS = ["flip_crop", "none", "flip", "flip_crop+cutout", "flip_crop+autoaugment", "flip_crop+randaugment",
-         "flip_crop+trivialaugment", "flip_crop+random_erasing", "flip_crop+mixup", "flip_crop+cutmix",
-         "flip_crop+cutmix_pick"]
+# every registered policy: the base views alone, the others on top of flip_crop (sample policies, then batch ones)
+BASE = ["flip_crop", "none", "flip"]
+SPECS = BASE + [f"flip_crop+{n}" for n in sorted(AUGMENTATIONS.names(), key=lambda n: AUGMENTATIONS.get(n).extra.get("stage")
+                                                  == "batch") if n not in BASE]
 
 
 def step_seconds(spec, split, args, teacher, student_state):
