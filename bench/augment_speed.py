@@ -117,9 +117,10 @@ def main() -> None:
     for k, v in stage.items():
         print(f"| {k} | {1000 * v:.1f} |")
     seconds = {s: [] for s in SPECS}
-    for _ in range(2):
+    for r in range(2):
         for s in SPECS:
             seconds[s].append(step_seconds(s, split, args, teacher, student_state))
+            print(f"round {r + 1}/2 {s}: {1000 * seconds[s][-1]:.0f} ms / step", file=sys.stderr, flush=True)
     base = statistics.mean(seconds["flip_crop"])
     print(f"\nStep time (device loader batch + one KD step, median of {args.steps} steps after 1 untimed; two "
           "rounds in ABAB order, \"rounds\" shows each; baseline: flip_crop of the same run):\n")
