@@ -462,12 +462,12 @@ def test_the_slurm_example_requeues_a_stop_whatever_srun_reports_and_scales_the_
 
 
 def test_under_ddp_the_teacher_sees_its_own_view(tmp_path, data_dir, teacher_file):
-    """``--teacher-view clean`` with 2 ranks x 32 (torchrun, gloo, --sync-bn): what one process x 64
+    """``--teacher-view clean`` with 2 ranks x 32 (torchrun, gloo, --sync-bn; one step): what one process x 64
     computes, so the teacher under the data-parallel wrapper reads its clean images (before, the wrapper
     handed it the student's augmented batch: the KD term, hence the losses and weights, differed); the
     view matters here: the student seeing it with the teacher on its own batch (same) trains otherwise."""
     def args(out: Path, view: str) -> list[str]:
-        a = _args(data_dir, out, 2, "--teacher", str(teacher_file), "--teacher-view", view)
+        a = _args(data_dir, out, 1, "--teacher", str(teacher_file), "--teacher-view", view)
         return ["distill", *[{"--model": "--student"}.get(w, w) for w in a[1:]]]
 
     one, same, two = tmp_path / "one", tmp_path / "same", tmp_path / "two"
