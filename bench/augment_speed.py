@@ -1,6 +1,11 @@
 """Step time of each augmentation policy against today's flip + crop (issue 28), on this machine.
 
-    python bench/augment_speed.py [--steps 6] [--batch 64] [--student resnet20] [--teacher resnet56]
+    python bench/augment_speed.py [--steps 6] [--batch 64] [--student resnet20] [--teacher resnet56] [--threads 2]
+
+Prints markdown ready for BENCHMARKS.md: the device and command, then a table of the per-sample stage
+alone and a table of the step time per policy (with the same-run flip_crop baseline). With its defaults
+it takes a few minutes on an idle 2-core CPU (22 policy rounds of 7 steps; CutMixPick's run the teacher
+on the pool too).
 
 A synthetic CIFAR-sized in-memory split (uint8 3x32x32, 100 classes), the device loader producing each
 batch (per-sample policies run there) and one KD step (mixkd.step.TrainStep); the median of ``--steps``
@@ -12,12 +17,15 @@ per sample, kornia per sample, kornia batched: one sub-policy for the whole batc
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from mixkd.augment import make_pipeline
+from mixkd.augment import AUGMENTATIONS, make_pipeline
 from mixkd.data.loaders import DeviceLoader
 from mixkd.data.spec import ArraySplit
 from mixkd.distiller import make_distiller
@@ -26,9 +34,10 @@ from mixkd.models import create_model
 from mixkd.step import SGD, TrainStep
 
 MEAN, STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
-SPECS = ["flip_crop", "none", "flip", "flip_crop+cutout", "flip_crop+autoaugment", "flip_crop+randaugment",
-         "flip_crop+trivialaugment", "flip_crop+random_erasing", "flip_crop+mixup", "flip_crop+cutmix",
-         "flip_crop+cutmix_pick"]
+# every registered policy: the base views alone, the others on top of flip_crop (sample policies, then batch ones)
+BASE = ["flip_crop", "none", "flip"]
+SPECS = BASE + [f"flip_crop+{n}" for n in sorted(AUGMENTATIONS.names(), key=lambda n: AUGMENTATIONS.get(n).extra.get("stage")
+                                                  == "batch") if n not in BASE]
 
 
 def step_seconds(spec, split, args, teacher, student_state):
@@ -98,19 +107,38 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = create_model(args.teacher, 100).eval()
     student_state = create_model(args.student, 100).state_dict()
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.teacher} -> {args.student}")
-    for k, v in sample_stage(args, split).items():
-        print(f"  per-sample stage, {k}: {1000 * v:.1f} ms / batch")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"Device: {platform.machine()} CPU, {cores} cores, {args.threads} threads; torch {torch.__version__}. "
+          f"Command: `python bench/augment_speed.py {' '.join(sys.argv[1:])}`".rstrip() + " (batch "
+          f"{args.batch}, random uint8 3x32x32, 100 classes, {args.teacher} -> {args.student}).\n")
+    stage = sample_stage(args, split)
+    print(f"Per-sample stage alone, one batch of {args.batch} (mean of 3):\n")
+    print("| per-sample stage | ms / batch |\n|---|---|")
+    for k, v in stage.items():
+        print(f"| {k} | {1000 * v:.1f} |")
     seconds = {s: [] for s in SPECS}
-    for _ in range(2):
+    for r in range(2):
         for s in SPECS:
             seconds[s].append(step_seconds(s, split, args, teacher, student_state))
+            print(f"round {r + 1}/2 {s}: {1000 * seconds[s][-1]:.0f} ms / step", file=sys.stderr, flush=True)
     base = statistics.mean(seconds["flip_crop"])
-    print("| --augment | step (ms) | ratio vs flip_crop | rounds (ms) |")
-    print("|---|---|---|---|")
+    print(f"\nStep time (device loader batch + one KD step, median of {args.steps} steps after 1 untimed; two "
+          "rounds in ABAB order, \"rounds\" shows each; baseline: flip_crop of the same run):\n")
+    print("| --augment | step (ms) | ratio vs flip_crop | rounds (ms) | extra forward passes per step |")
+    print("|---|---|---|---|---|")
     for s in SPECS:
         m = statistics.mean(seconds[s])
-        print(f"| {s} | {1000 * m:.0f} | {m / base:.2f} | {' / '.join(f'{1000 * v:.0f}' for v in seconds[s])} |")
+        print(f"| {s} | {1000 * m:.0f} | {m / base:.2f} | {' / '.join(f'{1000 * v:.0f}' for v in seconds[s])} | "
+              f"{extra_passes(s, args.batch)} |")
+
+
+def extra_passes(spec: str, batch: int) -> str:
+    """What a step of ``spec`` runs besides the teacher and student on the batch (CutMixPick's pool)."""
+    pick = make_pipeline(spec, image_size=32, mean=MEAN, std=STD).batch
+    if pick is None or not pick.needs_models:
+        return ""
+    s = pick.settings
+    return f"teacher on {s.pool} x {batch} candidates, student on {pick.kept(batch)} picked"
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ The contract (modelled on mdistiller's ``distillers/_base.py``):
   ``epochs`` the run's length; the engine sets them with :meth:`Distiller.set_epoch` at each epoch's
   start, as it sets the learning rate, so a schedule (DKD's warm-up of its KD weight) follows them
   inside a captured graph without host syncs.
-- The teacher is in eval mode, without gradients, and sees the same mixed batch as the student.
+- The teacher is in eval mode, without gradients, and sees the same mixed batch as the student (with
+  ``teacher_view`` independent or clean, the step makes it read its own view instead).
 """
 
 from __future__ import annotations
@@ -204,8 +205,8 @@ class Distiller:
             x = x.contiguous(memory_format=torch.channels_last)
             if "strong" in inputs:
                 inputs["strong"] = inputs["strong"].contiguous(memory_format=torch.channels_last)
-        if self._parallel is not None:
-            return self._parallel(x, target, **inputs)
+        if self._parallel is not None:  # through the DDP wrapper, computed by this view's forward_train
+            return self._parallel(x, target, forward=self.forward_train, **inputs)
         return self.forward_train(x, target, **inputs)
 
     def data_parallel(self, device: torch.device, broadcast_buffers: bool = True) -> None:
@@ -273,16 +274,17 @@ class Distiller:
 
 
 class _Trainable(torch.nn.Module):
-    """The student and a distiller's own modules as one module whose forward is the distiller's
-    :meth:`Distiller.forward_train` (what ``DistributedDataParallel`` wraps)."""
+    """The student and a distiller's own modules as one module (what ``DistributedDataParallel`` wraps)
+    whose forward is ``forward``: the :meth:`Distiller.forward_train` of the distiller, or of the view
+    of it the step computes with (:meth:`Distiller.with_models`: compiled models, or a teacher reading
+    its own view of the batch); they train the same parameters, so DDP's hooks see every gradient."""
 
     def __init__(self, distiller: Distiller):
         super().__init__()
         self.student, self.extra = distiller.student, distiller.modules
-        self._forward = distiller.forward_train
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._forward(x, target, **inputs)
+    def forward(self, x: torch.Tensor, target: torch.Tensor, *, forward, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return forward(x, target, **inputs)
 
 
 

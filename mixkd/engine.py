@@ -224,9 +224,6 @@ class Run:
         if pick is not None and self.world > 1:
             raise MixkdError("augment: cutmix_pick runs on one process (its extra student pass is outside the "
                              "data-parallel wrapper); run it without torchrun/srun")
-        if cfg.teacher_view != "same" and self.world > 1:
-            raise MixkdError(f"teacher_view: {cfg.teacher_view} runs on one process (the data-parallel wrapper hands "
-                             "the teacher the student's batch); use teacher_view: same, or run without torchrun/srun")
         self.layout = batch_layout(cfg)
         if pick is not None and self.layout != BatchLayout():
             raise MixkdError(f"augment: cutmix_pick picks among images: kd.method {cfg.kd.method} (it reads "

@@ -459,3 +459,28 @@ def test_the_slurm_example_requeues_a_stop_whatever_srun_reports_and_scales_the_
     lr, batch = float(args[args.index("--lr") + 1]), int(args[args.index("--batch-size") + 1])
     assert (batch, lr / batch) == (1024, config["optim"]["lr"] / config["batch_size"])  # 0.4 at 1024 for 0.2 at 512
     assert "--kill-on-bad-exit=1" in args and "--resume" in args
+
+
+def test_under_ddp_the_teacher_sees_its_own_view(tmp_path, data_dir, teacher_file):
+    """``--teacher-view clean`` with 2 ranks x 32 (torchrun, gloo, --sync-bn; one step): what one process x 64
+    computes, so the teacher under the data-parallel wrapper reads its clean images (before, the wrapper
+    handed it the student's augmented batch: the KD term, hence the losses and weights, differed); the
+    view matters here: the student seeing it with the teacher on its own batch (same) trains otherwise."""
+    def args(out: Path, view: str) -> list[str]:
+        a = _args(data_dir, out, 1, "--teacher", str(teacher_file), "--teacher-view", view)
+        return ["distill", *[{"--model": "--student"}.get(w, w) for w in a[1:]]]
+
+    one, same, two = tmp_path / "one", tmp_path / "same", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args(one, "clean")) == 0
+        assert main(args(same, "same")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    proc = _torchrun(args(two, "clean"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads((two / "result.json").read_text())
+    assert (result["processes"], result["teacher_view"]) == (2, "clean")
+    _assert_same_run(one, two, rtol=1e-4, weights_tol=1e-3)
+    assert abs(_rows(same)[0]["train_loss"] - _rows(one)[0]["train_loss"]) > 1e-3 * _rows(one)[0]["train_loss"]

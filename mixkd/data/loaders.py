@@ -470,8 +470,8 @@ def make_loaders(
     ``folder_transform`` under a seed of its own).
     """
     layout = layout or BatchLayout()
-    if spec.train is None:
-        raise ValueError("make_loaders needs the train split: load the dataset with both splits")
+    if spec.train is None or spec.test is None:  # (an image folder's test view is also its clean teacher view)
+        raise ValueError("make_loaders needs the train and test splits: load the dataset with both splits")
     train: DeviceLoader | FolderLoader
     if isinstance(spec.train, ArraySplit):
         native = {} if pipeline is None else {"crop": pipeline.crop, "flip": pipeline.flip,
@@ -479,7 +479,7 @@ def make_loaders(
         train = DeviceLoader(spec.train, batch_size, device, spec.mean, spec.std, shuffle=True, augment=augment,
                              drop_last=drop_last, rank=rank, world=world, layout=layout, strong=strong, **native)
     else:
-        test_tf = spec.test.transform if spec.test is not None else None
+        test_tf = spec.test.transform
         transform = None if augment else test_tf
         if augment and pipeline is not None:  # flip + crop: the folder's RandomResizedCrop + flip; else its test view
             transform = pipeline.folder_transform(spec.train.transform if pipeline.crop else test_tf)
