@@ -120,6 +120,18 @@ def test_each_policy_changes_samples_with_draws_of_their_own(split, name):
         assert len({tuple(r.flatten()[::7].tolist()) for r in rep}) > 2
 
 
+def test_each_rank_s_part_gets_draws_of_its_own(split):
+    # cutout draws its boxes per position in the batch it is given: with one seed for every rank's part,
+    # rank 1's sample k would get rank 0's sample k's box; flip and crop are drawn for the global batch
+    def boxes(rank, world):
+        x, _ = next(iter(loader(split, "flip_crop+cutout", rank=rank, world=world)))
+        return (x == 0).all(dim=1)  # cutout zeroes every channel after normalization (channel 0 is never 0 else)
+
+    r0, r1 = boxes(0, 2), boxes(1, 2)
+    assert r0.any(dim=(1, 2)).all() and r1.any(dim=(1, 2)).all()
+    assert not torch.equal(r0, r1)
+
+
 def test_cutout_zeroes_a_16_square_after_normalization_clipped_at_the_border():
     pipe = make_pipeline("cutout", image_size=32, mean=MEAN, std=STD)
     x = torch.full((400, 3, 32, 32), 200, dtype=torch.uint8)

@@ -204,8 +204,13 @@ class DeviceLoader:
     def _batch_seed(self, b: int, view: int) -> int:
         """The seed of batch ``b``'s per-sample policies (view 0: the student's, 1: the teacher's own draw,
         2: the strong view's, offset by 2**31 so that it meets no batch's view 0 or 1: torch's CPU generator
-        reads only a seed's low 32 bits, so an offset of 2**32 would give view 0's draws)."""
-        return (self._epoch_seed * 1_000_003 + 2 * b + view + (view // 2) * 2**31) % (2**63 - 1)
+        reads only a seed's low 32 bits, so an offset of 2**32 would give view 0's draws). In a data-parallel
+        run rank r's part is offset by r x 0x9E3779B1 (Knuth's golden-ratio constant: no rank meets another's
+        seeds in those 32 bits), so that the ranks' parts get draws of their own: the policies draw per
+        position in the batch they are given, so one seed would give every rank the same boxes. Their draws
+        in an N-rank run differ from one process's (those of flip and crop, drawn here for the global batch, do not)."""
+        return (self._epoch_seed * 1_000_003 + 2 * b + view + (view // 2) * 2**31
+                + self.rank * 0x9E3779B1) % (2**63 - 1)
 
     def _finish(self, x: torch.Tensor, b: int, view: int) -> torch.Tensor:
         sample = self.strong.sample_extra if view == 2 and self.strong.extra else self.sample if view < 2 else None
