@@ -116,6 +116,19 @@ def mix_state_key(rank: int) -> str:
     return "mix" if rank == 0 else f"mix.{rank}"
 
 
+def torch_state_key(rank: int) -> str:
+    """The checkpoint's RNG key of rank ``rank``'s torch generator (dropout's masks, a method's draws such as
+    CRD's negatives; rank 0: ``torch_cpu``, as a process alone)."""
+    return "torch_cpu" if rank == 0 else f"torch_cpu.{rank}"
+
+
+def torch_stream(rank: int) -> int:
+    """The :func:`epoch_seed` stream rank ``rank`` > 0 reseeds torch's generator from once its models are built
+    (every rank builds them from the run's seed, rank 0 then goes on as a process alone), so that ranks do not
+    draw the same dropout masks for their parts."""
+    return 2000 + rank
+
+
 def loss_sums_key(rank: int) -> str:
     """The checkpoint's state key of rank ``rank``'s loss sums of a part-done epoch (rank 0: as a process alone)."""
     return "loss_sums" if rank == 0 else f"loss_sums.{rank}"
@@ -284,6 +297,8 @@ class Run:
         self.step = step_cls(self.distiller, self.optimizer, self.mix, self.data.num_classes, self.mix_generator,
                              self.precision, compile=compile_step, layout=self.layout, pick=pick)
         self.steps_per_epoch = len(self.train_loader)
+        if self.rank > 0:  # after everything drew its initial values, the same on every rank
+            torch.manual_seed(epoch_seed(cfg.seed, 0, torch_stream(self.rank)))
 
     @property
     def uses_graph(self) -> bool:
@@ -306,8 +321,8 @@ class Run:
         if stopped:
             meta["stopped"] = stopped
         state, rng = {}, {}
-        if not final:
-            rng = {"torch_cpu": torch.get_rng_state()}
+        if not final:  # every rank's torch generator
+            rng = {torch_state_key(r): t for r, t in enumerate(distributed.gather_objects(torch.get_rng_state()))}
             state = {f"{DISTILLER_STATE}{k}": v for k, v in self.distiller.state_dict().items()}
             if self.step_in_epoch:  # every rank's mixing generator and loss sums
                 ranks = distributed.gather_objects((self.mix_generator.get_state(), self.step.sums.cpu()))
@@ -342,14 +357,19 @@ class Run:
         if ckpt.optimizer_state is not None:
             self.distiller.load_state_dict({k.removeprefix(DISTILLER_STATE): v for k, v in ckpt.state.items()
                                             if k.startswith(DISTILLER_STATE)})
-        if "torch_cpu" in ckpt.rng:
-            torch.set_rng_state(ckpt.rng["torch_cpu"])
         self.epoch, self.step_in_epoch = ckpt.epoch, ckpt.step
+        saved_world = int(ckpt.meta.get("world", 1))
+        key = torch_state_key(self.rank)
+        if key in ckpt.rng and saved_world == self.world:
+            torch.set_rng_state(ckpt.rng[key])
+        elif self.rank > 0:  # written by another number of processes: this rank's draws afresh
+            torch.manual_seed(epoch_seed(self.cfg.seed, self.epoch, torch_stream(self.rank)) + self.step_in_epoch)
+        elif "torch_cpu" in ckpt.rng:
+            torch.set_rng_state(ckpt.rng["torch_cpu"])
         segments = ckpt.meta.get("segments")  # None: a checkpoint of an older mixkd (the count unknown)
         self.segments = list(segments) if isinstance(segments, list) else [{"epoch": 0, "step": 0, "threads": None}]
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
         self.train_images = int(ckpt.meta.get("train_images", 0))
-        saved_world = int(ckpt.meta.get("world", 1))
         if self.step_in_epoch:
             key = mix_state_key(self.rank)
             if saved_world == self.world or not self.mix.active:

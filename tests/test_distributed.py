@@ -369,6 +369,9 @@ def test_a_time_limit_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path,
     assert [p.returncode for p in procs] == [75, 75], outs
     _stopped_at("\n".join(outs), "stopped before the time limit", "stopped on time")
     assert not (run / "result.json").exists() and (run / "checkpoint.safetensors").exists()
+    # each rank's torch generator (dropout's masks) is its own, and saved: the ranks draw no same masks
+    rng = load_checkpoint(run / "checkpoint.safetensors").rng
+    assert {"torch_cpu", "torch_cpu.1"} <= set(rng) and not torch.equal(rng["torch_cpu"], rng["torch_cpu.1"])
 
 
 def test_without_sync_bn_the_figures_are_the_saved_models_and_the_ranks_extract_the_archive_once(tmp_path):
