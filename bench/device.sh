@@ -4,7 +4,7 @@
 #   OUT=/tmp/out bash bench/device.sh tests    # call 1, at most 140 s: the CUDA correctness tests
 #   OUT=/tmp/out bash bench/device.sh bench    # call 2, at most 160 s: the benchmark
 #   OUT=/tmp/out bash bench/device.sh try      # not in the window plan (does not fit): max-autotune, 75 s
-#   OUT=/tmp/out bash bench/device.sh methods  # not in the window plan: the KD methods' CUDA tests, 40 s
+#   OUT=/tmp/out bash bench/device.sh methods  # not in the window plan: the KD methods' CUDA tests, 130 s
 #   OUT=/tmp/out bash bench/device.sh data     # not in the window plan: image-folder data rates, 90 s
 #   OUT=/tmp/out bash bench/device.sh ddp      # call 1 after tests, at most 60 s: one run in 2 processes on the GPU
 #   OUT=/tmp/out bash bench/device.sh          # tests, bench, try, ddp in one call (~8 min)
@@ -29,8 +29,10 @@
 #      1 and 8 compiled runs from an empty dynamo cache, s (mixing and losses compiled too): issue 12's
 #      targets for that pair and its "also try" s.
 # try (try.txt/.json, cap 75 s): m (inductor's max-autotune-no-cudagraphs) beside g.
-# methods (methods.txt, cap 40 s): DKD, LS-KD, DIST and FitNet, graphed == eager over 20 steps (fp32, bf16)
-#   and 3 steps under torch.cuda.set_sync_debug_mode("error") (no host synchronization in their losses).
+# methods (methods.txt, cap 40 s + 90 s): DKD, LS-KD, DIST and FitNet, graphed == eager over 20 steps (fp32, bf16)
+#   and 3 steps under torch.cuda.set_sync_debug_mode("error") (no host synchronization in their losses); then
+#   mdistiller's catalogue, CTKD and MLKD (tests/test_catalogue_methods.py: the same two checks, fp32; CRD, whose
+#   negatives come from torch's generator, is checked captured with finite losses and its memory written).
 # data (data.txt/.json, cap 90 s): bench/data_bench.py on generated ImageNet-sized JPEGs: decoded-and-augmented
 #   images/s per DataLoader worker count (0, 1, 2, 4, 8, 16) on the machine's CPU, then
 #   torchvision.io.decode_jpeg(device='cuda') batches of 64 and 256 (+ RandomResizedCrop 224 + flip on the GPU).
@@ -57,7 +59,7 @@ export TORCHINDUCTOR_CACHE_DIR=$WINDOW/compile-cache
 PAIRS=resnet32x4:resnet8x4,resnet56:resnet20,wrn_40_2:wrn_16_2
 FIRST=resnet32x4:resnet8x4
 SIZES=(--steps 100 --warmup 10)
-CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40 CAP_DATA=90 CAP_DDP=60
+CAP_TESTS=70 CAP_COMPILE=60 CAP_BENCH=70 CAP_COMPILED=80 CAP_TRY=75 CAP_METHODS=40 CAP_CATALOGUE=90 CAP_DATA=90 CAP_DDP=60
 DATA_ARGS=(--workers 0,1,2,4,8,16)
 DDP_DATA=(--dataset digits --epochs 2 --device cuda)
 if [ "$SMOKE" = 1 ]; then  # the tiny pair twice (so that the mixed pack runs), CPU-sized caps
@@ -156,6 +158,10 @@ for s in "${steps[@]}"; do
                tests/test_kd_methods.py::test_graphed_step_equals_eager_for_each_method_on_cuda \
                tests/test_kd_methods.py::test_each_method_steps_without_host_sync_on_cuda >>"$OUT/methods.txt" 2>&1 \
                || rc=1
+             capped "$CAP_CATALOGUE" "$OUT/methods.txt" python3 -m pytest -q -rs -p no:cacheprovider \
+               tests/test_catalogue_methods.py::test_each_catalogue_method_is_captured_by_the_cuda_graph \
+               tests/test_catalogue_methods.py::test_each_catalogue_method_steps_without_host_sync_on_cuda \
+               >>"$OUT/methods.txt" 2>&1 || rc=1
              fit "$OUT/methods.txt" ;;
     data) with_header "$OUT/data.txt"
           echo "command: python3 bench/data_bench.py ${DATA_ARGS[*]} (cap $CAP_DATA s)" >>"$OUT/data.txt"

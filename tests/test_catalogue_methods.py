@@ -225,3 +225,75 @@ def test_dkd_and_dist_with_standardize_equal_the_authors_terms_on_z_scored_logit
     dist = make_distiller("dist", Fixed(s.tolist()), Fixed(t.tolist()), {"standardize": True})
     assert dist.losses(torch.zeros(16), y)["kd"].item() == pytest.approx(
         authors_dist(normalize(s), normalize(t), 1.0, 1.0, 4.0).item(), rel=1e-5)
+
+
+# ---- CUDA (bench/device.sh methods runs these on the GPU) ----------------------------------------------------
+CUDA_METHODS = NEW + ("mlkd",)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda_step(method: str, step_cls, mix: MixSpec):
+    """A resnet8 pair's step of ``method`` on CUDA, and a function giving the batches it reads in its
+    layout (mixkd.data.layout: MLKD's strong view, CRD's sample indices)."""
+    from mixkd.data.layout import BatchLayout
+
+    torch.manual_seed(0)
+    d = make_distiller(method, create_model("resnet8", 10).cuda(), create_model("resnet8", 10).cuda().eval(),
+                       SMALL.get(method))
+    d.set_epoch(2, 10)
+    d.set_training_set(torch.arange(640, device="cuda") % 10)
+    layout = BatchLayout.for_method(d.inputs)
+    step = step_cls(d, SGD(d.parameters(), lr=0.05), mix, 10, torch.Generator(device="cuda").manual_seed(1))
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def batch(i: int):
+        x = torch.randn(64, 3, 32, 32, device="cuda", generator=g)
+        y = torch.randint(0, 10, (64,), device="cuda", generator=g)
+        strong = torch.randn(64, 3, 32, 32, device="cuda", generator=g) if layout.strong else None
+        index = torch.arange(64 * i, 64 * (i + 1), device="cuda") % 640 if layout.index else None
+        return layout.pack(x, y, strong=strong, index=index)
+
+    return d, step, batch
+
+
+@cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+def test_each_catalogue_method_is_captured_by_the_cuda_graph(method):
+    """The graphed step (one CUDA graph a step) computes what the eager step computes over 20 steps (CRD: its
+    negatives are drawn from torch's generator, which eager and graphed steps consume differently: there the
+    graphed run's losses are finite and its memory rows of the batches' samples are written)."""
+    from mixkd.step import GraphedTrainStep
+
+    results = []
+    for cls in (TrainStep, GraphedTrainStep):
+        d, step, batch = cuda_step(method, cls, MixSpec("mixup", 1.0, 0.5))
+        memory = [t.detach().clone() for t in d.memory.buffers()] if method == "crd" else []
+        for i in range(20):
+            step(*batch(i % 10))
+        means = step.epoch_means()
+        assert all(math.isfinite(v) for v in means.values()), (cls.__name__, means)
+        if method == "crd":
+            assert any(not torch.equal(a, b) for a, b in zip(memory, d.memory.buffers(), strict=True))
+        results.append((means, [p.detach().clone() for p in d.parameters()]))
+    if method == "crd":
+        return
+    (eager, w_eager), (graph, w_graph) = results
+    for k in eager:
+        assert graph[k] == pytest.approx(eager[k], rel=1e-4, abs=1e-4), k
+    for a, b in zip(w_eager, w_graph, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("method", CUDA_METHODS)
+def test_each_catalogue_method_steps_without_host_sync_on_cuda(method):
+    """No step of the method reads a value back to the host (KDSVD's SVD, CRD's draws, MLKD's medians)."""
+    _, step, batch = cuda_step(method, TrainStep, MixSpec("cutmix", 1.0, 0.5))
+    step(*batch(0))  # the first step may set things up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 4):
+            step(*batch(i))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
