@@ -121,6 +121,7 @@ class Registry:
 
     def __init__(self, kind: str, builtins: str | None = None, option: str = ""):
         self.kind, self.builtins, self.option = kind, builtins, option
+        self.plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"  # "augmentation policies"
         self._entries: dict[str, Entry] = {}
         self._loaded = builtins is None
         self._loading = False
@@ -150,7 +151,7 @@ class Registry:
         source = _source_of(obj)
         old = self._entries.get(name)
         if old is not None and old.source != source:
-            raise MixkdError(f"two {self.kind}s are named {name!r}: one from {old.source}, one from {source}; "
+            raise MixkdError(f"two {self.plural} are named {name!r}: one from {old.source}, one from {source}; "
                              "rename one of them")
         for key, overrides in (context_defaults or {}).items():
             if "=" not in key:

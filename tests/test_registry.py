@@ -114,3 +114,7 @@ def test_two_sources_for_one_name_are_refused():
     reg.add("x", type("A", (), {"__module__": "one"}))
     with pytest.raises(MixkdError, match="two KD methods are named 'x': one from one, one from two"):
         reg.add("x", type("B", (), {"__module__": "two"}))
+    policies = Registry("augmentation policy")
+    policies.add("x", type("A", (), {"__module__": "one"}))
+    with pytest.raises(MixkdError, match="two augmentation policies are named 'x'"):
+        policies.add("x", type("B", (), {"__module__": "two"}))
