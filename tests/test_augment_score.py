@@ -25,6 +25,7 @@ from mixkd.analysis.augment_score import (
     score_policy,
     t_stddev,
 )
+from mixkd.data.spec import DIGITS_MEAN, DIGITS_STD
 from mixkd.errors import MixkdError
 
 
@@ -231,3 +232,22 @@ def test_scores_saved_in_the_teacher_folder_reach_a_study_row(tmp_path):
     (teacher / "augment-score.json").write_text("[1]")
     with pytest.raises(MixkdError, match="not an augment-score file"):
         read_scores(teacher)
+
+
+def test_the_teacher_gets_the_preprocessing_a_distillation_gives_it(digits_teacher, monkeypatch):
+    """As in a distillation (mixkd.engine), the teacher is loaded with the dataset's preprocessing and the
+    student's view, so that library weights (timm, torchvision) get their own mean, std and size."""
+    import mixkd.loading
+
+    calls, load = [], mixkd.loading.load_teacher
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(mixkd.loading, "load_teacher", recording)
+    augment_score(str(digits_teacher), ["none"], dataset="digits", batches=2, batch_size=8, reps=10)
+    (kw,) = calls
+    data = kw["data"]
+    assert (kw["view"], kw["teacher_input"], data.size, data.crop_pct) == ("same", "auto", 32, 1.0)
+    assert tuple(data.mean) == pytest.approx(DIGITS_MEAN) and tuple(data.std) == pytest.approx(DIGITS_STD)

@@ -186,6 +186,7 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
     from mixkd.data import load_dataset
     from mixkd.device import resolve_device
     from mixkd.loading import load_teacher
+    from mixkd.models.preprocess import Preprocessing
     from mixkd.run_folder import RunFolder
 
     if batches < 2:
@@ -214,7 +215,10 @@ def augment_score(teacher_path: str, policies: Sequence[str], *, teacher_model: 
     if not hasattr(train, "images"):
         raise MixkdError(f"mixkd augment-score scores in-memory datasets (CIFAR, digits); {dataset} is an image "
                          "folder")
-    teacher, _ = load_teacher(str(p), teacher_model, spec.num_classes, dev)
+    # as a distillation feeds it: library weights get their own preprocessing of the student's view
+    data_view = Preprocessing(spec.image_size, spec.mean, spec.std, crop_pct=spec.crop_pct)
+    teacher, _ = load_teacher(str(p), teacher_model, spec.num_classes, dev, data=data_view,
+                              teacher_input=cfg.kd.teacher_input if cfg is not None else "auto", view="same")
     scores = []
     for policy in policies:
         gen = torch.Generator(device=dev).manual_seed(seed)
