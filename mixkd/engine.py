@@ -240,7 +240,7 @@ class Run:
         self.layout = batch_layout(cfg)
         if pick is not None and self.layout != BatchLayout():
             raise MixkdError(f"augment: cutmix_pick picks among images: kd.method {cfg.kd.method} (it reads "
-                             f"{', '.join(self.layout.views[1:] + (('index',) if self.layout.index else ()))}) and "
+                             f"{', '.join(self.layout.inputs)}) and "
                              "teacher_view other than same do not combine with it")
         if self.world > 1:  # every rank must see the same data, else the shards are wrong or the ranks hang
             mismatch = fingerprint_mismatch(distributed.gather_objects(fingerprint(self.data)))

@@ -208,7 +208,7 @@ class TrainStep:
         self.layout = layout or BatchLayout.for_method(distiller.inputs)
         teacher_view = self.teacher_view = self.layout.teacher_view
         self.pick = pick
-        missing = sorted(set(distiller.inputs) - {k for k in ("index", "strong") if getattr(self.layout, k)})
+        missing = sorted(set(distiller.inputs) - set(self.layout.inputs))
         if missing:
             raise ValueError(f"the {distiller.name} method reads {missing}: the batch layout must hold them")
         if pick is not None and (mix.active or self.layout != BatchLayout()):

@@ -63,6 +63,11 @@ class BatchLayout:
         return cls(teacher_view=teacher_view, strong="strong" in inputs, index="index" in inputs)
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The method inputs (:data:`METHOD_INPUTS`) this layout's batches hold."""
+        return tuple(k for k in METHOD_INPUTS if getattr(self, k))
+
+    @property
     def views(self) -> tuple[str, ...]:
         """The views of each sample, in the order ``x`` stacks them."""
         return ("student",) + (("teacher",) if self.teacher_view != "same" else ()) + (("strong",) if self.strong else ())

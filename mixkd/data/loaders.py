@@ -209,8 +209,7 @@ class DeviceLoader:
         seeds in those 32 bits), so that the ranks' parts get draws of their own: the policies draw per
         position in the batch they are given, so one seed would give every rank the same boxes. Their draws
         in an N-rank run differ from one process's (those of flip and crop, drawn here for the global batch, do not)."""
-        return (self._epoch_seed * 1_000_003 + 2 * b + view + (view // 2) * 2**31
-                + self.rank * 0x9E3779B1) % (2**63 - 1)
+        return view_seed(self._epoch_seed, 2 * b + view + (view // 2) * 2**31 + self.rank * 0x9E3779B1)
 
     def _finish(self, x: torch.Tensor, b: int, view: int) -> torch.Tensor:
         sample = self.strong.sample_extra if view == 2 and self.strong.extra else self.sample if view < 2 else None
@@ -285,6 +284,13 @@ class DeviceLoader:
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)  # a new tensor: .to copies
 
 
+def view_seed(seed: int, offset: int) -> int:
+    """A seed derived from ``seed`` for another draw (a view, a batch, a rank: ``offset``), as the loaders
+    derive them: ``seed * 1,000,003 + offset`` (a prime factor: the derived seeds of two seeds do not meet
+    for small offsets), kept a positive int64."""
+    return (seed * 1_000_003 + offset) % (2**63 - 1)
+
+
 class _SeededBatchSampler(Sampler):
     """Yields batches of (index, sample_seed) pairs: the order and each sample's augmentation seed
     are drawn in the main process from one generator, for the whole epoch, so they depend neither on
@@ -342,10 +348,10 @@ class _SeededFolder(Dataset):
         img = self.folder.loader(path)
         views = (self._seeded(self.transform, img, seed),)
         if self.teacher_transform is not None:
-            teacher_seed = (seed * 1_000_003 + 1) % (2**63 - 1) if self.independent_teacher else seed
+            teacher_seed = view_seed(seed, 1) if self.independent_teacher else seed
             views += (self._seeded(self.teacher_transform, img, teacher_seed),)
         if self.strong_transform is not None:
-            views += (self._seeded(self.strong_transform, img, (seed * 1_000_003 + 2) % (2**63 - 1)),)
+            views += (self._seeded(self.strong_transform, img, view_seed(seed, 2)),)
         if self.folder.target_transform is not None:
             target = self.folder.target_transform(target)
         return views, target, index
